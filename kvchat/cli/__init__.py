@@ -1,0 +1,86 @@
+"""The `kvchat` command: a Typer app and the one place errors become exit codes.
+
+Importing this package must stay cheap: `llama_cpp` is only imported by the
+commands that load a model.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from typing import Annotated, Optional
+
+import click
+import typer
+
+from kvchat import __version__
+from kvchat.config import debug_enabled
+from kvchat.errors import ExitCode, KvchatError
+
+app = typer.Typer(
+    name="kvchat",
+    help="Local chat over GGUF models, with the KV cache at the centre.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"kvchat {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        Optional[bool],
+        typer.Option("--version", "-V", callback=_version, is_eager=True, help="Show the version."),
+    ] = None,
+) -> None:
+    """Local chat over GGUF models, with the KV cache at the centre."""
+
+
+from kvchat.cli import run as _run  # noqa: E402,F401  (registers its command)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app, turn every failure into one line and an exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_enabled()
+    if "--debug" in args:
+        args.remove("--debug")
+        debug = True
+    try:
+        app(args=args, prog_name="kvchat", standalone_mode=False)
+    except KvchatError as exc:
+        if debug:
+            traceback.print_exc()
+        sys.stderr.write(f"kvchat: error: {exc}\n")
+        sys.exit(int(exc.exit_code))
+    except click.exceptions.NoArgsIsHelpError as exc:
+        exc.show()
+        sys.exit(int(ExitCode.USAGE))
+    except click.UsageError as exc:
+        if debug:
+            traceback.print_exc()
+        hint = f" — see `{exc.ctx.command_path} --help`" if exc.ctx else ""
+        sys.stderr.write(f"kvchat: error: {exc.format_message()}{hint}\n")
+        sys.exit(int(ExitCode.USAGE))
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        sys.stderr.write("\nkvchat: interrupted\n")
+        sys.exit(int(ExitCode.INTERRUPTED))
+    except BrokenPipeError:
+        sys.stderr.close()
+        sys.exit(int(ExitCode.ERROR))
+    except Exception as exc:  # a bug: say so in one line, traceback only with --debug
+        if debug:
+            traceback.print_exc()
+        sys.stderr.write(
+            f"kvchat: internal error: {type(exc).__name__}: {exc} (rerun with --debug for details)\n"
+        )
+        sys.exit(int(ExitCode.ERROR))

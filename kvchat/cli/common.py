@@ -1,0 +1,99 @@
+"""Turning shared options into loaded objects; used by run, chat and bench."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kvchat import config
+from kvchat.cache_types import CacheType, parse_cache_type, resolve_flash_attn
+from kvchat.errors import UsageError
+from kvchat.registry import resolve_model
+from kvchat.ui.environment import Environment
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    """Model and context settings after flag/env/config resolution and checks."""
+
+    model_path: Path
+    n_ctx: int
+    type_k: CacheType
+    type_v: CacheType
+    flash_attn: str
+    n_gpu_layers: int
+    n_threads: int
+
+
+def _as_int(name: str, value: Any, minimum: int) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{name} must be a whole number, got '{value}'") from None
+    if number < minimum:
+        raise UsageError(f"{name} must be at least {minimum}, got {number}")
+    return number
+
+
+def default_threads() -> int:
+    import psutil
+
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+def resolve_load_request(
+    *,
+    model: str | None,
+    ctx: int | None,
+    cache_type_k: str | None,
+    cache_type_v: str | None,
+    flash_attn: str | None,
+    ngl: int | None,
+    threads: int | None,
+) -> LoadRequest:
+    """Validate everything that can be checked before llama.cpp is touched."""
+    type_k = parse_cache_type(str(config.setting("cache_type_k", cache_type_k)))
+    type_v = parse_cache_type(str(config.setting("cache_type_v", cache_type_v)))
+    fa = resolve_flash_attn(str(config.setting("flash_attn", flash_attn)), type_v)
+    n_ctx = _as_int("--ctx", config.setting("ctx", ctx), 1)
+    n_gpu_layers = _as_int("--ngl", config.setting("ngl", ngl), -1)
+    threads_value = config.setting("threads", threads)
+    n_threads = default_threads() if threads_value is None else _as_int("--threads", threads_value, 1)
+    model_path = resolve_model(config.setting("model", model))
+    return LoadRequest(model_path, n_ctx, type_k, type_v, fa, n_gpu_layers, n_threads)
+
+
+def load_engine(request: LoadRequest, env: Environment, *, verbose: bool = False):  # noqa: ANN201
+    """Load the model; warn on stderr when the context exceeds its training length."""
+    from kvchat.engine import Engine, EngineSettings
+
+    engine = Engine(
+        request.model_path,
+        EngineSettings(
+            n_ctx=request.n_ctx,
+            type_k=request.type_k,
+            type_v=request.type_v,
+            flash_attn=request.flash_attn,
+            n_gpu_layers=request.n_gpu_layers,
+            n_threads=request.n_threads,
+            verbose=verbose,
+        ),
+    )
+    if engine.n_ctx_train and request.n_ctx > engine.n_ctx_train:
+        env.warn(
+            f"--ctx {request.n_ctx} is above the model's training context "
+            f"({engine.n_ctx_train}); answers may degrade past it"
+        )
+    return engine
+
+
+def chat_template_for(engine):  # noqa: ANN001,ANN201
+    from kvchat.chat_template import ChatTemplate
+
+    return ChatTemplate(
+        engine.chat_template(),
+        bos_token=engine.token_text(engine.bos_token),
+        eos_token=engine.token_text(engine.eos_token),
+    )

@@ -1,0 +1,37 @@
+"""Options shared by several commands, defined once so they are spelled alike.
+
+Every option defaults to None: `kvchat.config.setting` then applies the order
+flag > KVCHAT_* environment variable > config file > built-in default.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+ModelOpt = Annotated[
+    Optional[str],
+    typer.Option("--model", "-m", help="Model: a .gguf path (default: bundled SmolLM2-135M)."),
+]
+CtxOpt = Annotated[
+    Optional[int], typer.Option("--ctx", "-c", help="Context length in tokens.", min=1)
+]
+CacheTypeKOpt = Annotated[
+    Optional[str],
+    typer.Option("--cache-type-k", "-ctk", help="K cache type: f32 f16 bf16 q8_0 q4_0 q4_1 iq4_nl q5_0 q5_1."),
+]
+CacheTypeVOpt = Annotated[
+    Optional[str],
+    typer.Option("--cache-type-v", "-ctv", help="V cache type (quantized types need flash attention)."),
+]
+FlashAttnOpt = Annotated[
+    Optional[str], typer.Option("--flash-attn", "-fa", help="Flash attention: auto, on or off.")
+]
+NglOpt = Annotated[
+    Optional[int],
+    typer.Option("--ngl", help="Layers to offload to the GPU (-1: all).", min=-1),
+]
+ThreadsOpt = Annotated[
+    Optional[int], typer.Option("--threads", "-t", help="CPU threads (default: physical cores).", min=1)
+]

@@ -1,0 +1,164 @@
+"""`kvchat run`: one prompt in (arguments and/or stdin), the answer out on stdout."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Optional
+
+import typer
+
+from kvchat import config
+from kvchat.cli import app
+from kvchat.cli.common import chat_template_for, load_engine, resolve_load_request
+from kvchat.cli.options import (
+    CacheTypeKOpt,
+    CacheTypeVOpt,
+    CtxOpt,
+    FlashAttnOpt,
+    ModelOpt,
+    NglOpt,
+    ThreadsOpt,
+)
+from kvchat.errors import UsageError
+from kvchat.registry import looks_like_path
+from kvchat.ui.environment import Environment
+from kvchat.ui.render import stats_line
+
+
+def split_model_and_prompt(
+    words: list[str], model: str | None
+) -> tuple[str | None, list[str]]:
+    """`run [MODEL] [PROMPT...]`: the first word is a model only if it looks like one."""
+    if model is None and words and looks_like_path(words[0]) and " " not in words[0]:
+        return words[0], words[1:]
+    return model, words
+
+
+def build_prompt(piped: str, words: list[str]) -> str:
+    parts = [p for p in (piped.strip("\n"), " ".join(words).strip()) if p.strip()]
+    if not parts:
+        raise UsageError(
+            "no prompt given",
+            hint='pass it as arguments (kvchat run "Why is the sky blue?") or pipe it on stdin',
+        )
+    return "\n\n".join(parts)
+
+
+@app.command()
+def run(
+    words: Annotated[
+        Optional[list[str]],
+        typer.Argument(metavar="[MODEL] [PROMPT]...", help="A .gguf path (optional), then the prompt."),
+    ] = None,
+    model: ModelOpt = None,
+    ctx: CtxOpt = None,
+    cache_type_k: CacheTypeKOpt = None,
+    cache_type_v: CacheTypeVOpt = None,
+    flash_attn: FlashAttnOpt = None,
+    ngl: NglOpt = None,
+    threads: ThreadsOpt = None,
+    max_tokens: Annotated[
+        Optional[int], typer.Option("--max-tokens", "-n", help="Stop after this many tokens.", min=1)
+    ] = None,
+    temperature: Annotated[
+        Optional[float], typer.Option("--temperature", "--temp", help="0 = greedy.", min=0.0)
+    ] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", min=0)] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p", min=0.0, max=1.0)] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling seed.")] = None,
+    system: Annotated[Optional[str], typer.Option("--system", "-s", help="System prompt.")] = None,
+    stats: Annotated[bool, typer.Option("--stats", help="One timings line on stderr.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show llama.cpp's log.")] = False,
+) -> None:
+    """Answer one prompt. stdin comes first, then the arguments, a blank line between.
+
+    \b
+    Examples:
+      echo "Why is the sky blue?" | kvchat run
+      kvchat run ./model.gguf "Name three colours" --temperature 0 --seed 1
+      git diff | kvchat run "Write a commit message for this diff" --json
+    """
+    from kvchat.engine import SamplingSettings
+    from kvchat.session import Session
+
+    env = Environment()
+    model_ref, prompt_words = split_model_and_prompt(list(words or []), model)
+    request = resolve_load_request(
+        model=model_ref, ctx=ctx, cache_type_k=cache_type_k, cache_type_v=cache_type_v,
+        flash_attn=flash_attn, ngl=ngl, threads=threads,
+    )
+    prompt = build_prompt(env.read_stdin(), prompt_words)
+    sampling = SamplingSettings(
+        temperature=float(config.setting("temperature", temperature)),
+        top_k=int(config.setting("top_k", top_k)),
+        top_p=float(config.setting("top_p", top_p)),
+        min_p=float(config.setting("min_p")),
+        seed=None if (s := config.setting("seed", seed)) is None else int(s),
+    )
+    limit = config.setting("max_tokens", max_tokens)
+    system_prompt = config.setting("system", system)
+
+    engine = load_engine(request, env, verbose=verbose)
+    try:
+        session = Session(engine, chat_template_for(engine), sampling, None if limit is None else int(limit))
+        if system_prompt:
+            session.set_system(system_prompt)
+        pieces: list[str] = []
+        interrupted = False
+        stream = session.send(prompt)
+        try:
+            for event in stream:
+                pieces.append(event.text)
+                if not as_json:
+                    env.stdout.write(event.text)
+                    env.stdout.flush()
+        except KeyboardInterrupt:
+            stream.close()
+            interrupted = True
+        turn = session.last_turn
+        assert turn is not None
+        text = "".join(pieces)
+        if as_json:
+            record = {
+                "text": text,
+                "model": str(request.model_path),
+                "settings": {
+                    "n_ctx": engine.n_ctx,
+                    "cache_type_k": request.type_k.name,
+                    "cache_type_v": request.type_v.name,
+                    "flash_attn": request.flash_attn,
+                    "n_gpu_layers": request.n_gpu_layers,
+                    "n_threads": request.n_threads,
+                    "temperature": sampling.temperature,
+                    "top_k": sampling.top_k,
+                    "top_p": sampling.top_p,
+                    "seed": sampling.seed,
+                    "max_tokens": session.max_tokens,
+                },
+                "usage": {
+                    "prompt_tokens": turn.prompt_tokens,
+                    "completion_tokens": turn.completion_tokens,
+                },
+                "cache": {
+                    "reused_tokens": turn.reused_tokens,
+                    "evaluated_tokens": turn.evaluated_tokens,
+                },
+                "timings": {
+                    "load_s": round(engine.load_s, 4),
+                    "ttft_s": round(turn.ttft_s, 4),
+                    "prefill_tok_s": round(turn.prefill_tok_s, 2),
+                    "decode_tok_s": round(turn.decode_tok_s, 2),
+                },
+                "stop_reason": turn.stop_reason,
+            }
+            env.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+        elif text and not text.endswith("\n"):
+            env.stdout.write("\n")
+        env.stdout.flush()
+        if stats:
+            env.stderr.write(stats_line(turn, engine.load_s) + "\n")
+        if interrupted:
+            raise KeyboardInterrupt
+    finally:
+        engine.close()

@@ -1,0 +1,427 @@
+"""The one seam around llama.cpp: the only module that imports `llama_cpp`.
+
+It loads a model and a context with every setting chosen deliberately (context
+length, K and V cache types, flash attention, SWA cache size, threads), evaluates
+only the tokens it is given, and samples through llama.cpp's native sampler chain,
+so no logits ever cross into Python. It also captures llama.cpp's log to learn
+what llama.cpp allocated (model, KV, compute and output buffers).
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import re
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import llama_cpp.llama_cpp as llama
+
+from kvchat.cache_types import CacheType
+from kvchat.errors import KvchatError, ModelLoadError, UsageError
+
+_FLASH_ATTN = {
+    "auto": llama.LLAMA_FLASH_ATTN_TYPE_AUTO,
+    "on": llama.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+    "off": llama.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+}
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Everything that shapes the context llama.cpp creates."""
+
+    n_ctx: int
+    type_k: CacheType
+    type_v: CacheType
+    flash_attn: str = "auto"
+    n_gpu_layers: int = -1
+    n_threads: int = 1
+    n_batch: int = 512
+    n_ubatch: int = 512
+    swa_full: bool = False
+    verbose: bool = False
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token: its id and the text it completes (may be '')."""
+
+    token: int
+    text: str
+    is_eog: bool
+
+
+@dataclass
+class BufferSizes:
+    """What llama.cpp reported allocating, in bytes, keyed by device name."""
+
+    model: dict[str, int] = field(default_factory=dict)
+    kv: dict[str, int] = field(default_factory=dict)
+    k: int = 0
+    v: int = 0
+    recurrent: dict[str, int] = field(default_factory=dict)
+    output: dict[str, int] = field(default_factory=dict)
+    compute: dict[str, int] = field(default_factory=dict)
+    kv_cells: int = 0
+
+    def total(self) -> int:
+        return sum(
+            sum(d.values())
+            for d in (self.model, self.kv, self.recurrent, self.output, self.compute)
+        )
+
+
+@dataclass(frozen=True)
+class PerfCounters:
+    """llama.cpp's own in-process timings (llama_perf_context)."""
+
+    prompt_eval_ms: float
+    prompt_tokens: int
+    eval_ms: float
+    eval_tokens: int
+
+
+_MIB = 1024 * 1024
+_BUFFER_RE = re.compile(
+    r"(?P<dev>\S+) (?P<kind>model|KV|RS|output|compute) buffer size =\s*(?P<mib>[\d.]+) MiB"
+)
+_KV_SUMMARY_RE = re.compile(
+    r"size =\s*[\d.]+ MiB \(\s*(?P<cells>\d+) cells.*K \(\w+\):\s*(?P<k>[\d.]+) MiB, "
+    r"V \(\w+\):\s*(?P<v>[\d.]+) MiB"
+)
+
+
+class _Log:
+    """Process-wide llama.cpp log sink: records lines, echoes them when verbose."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.echo = False
+        self._partial = ""
+        self._lock = threading.Lock()
+
+    def write(self, text: str) -> None:
+        with self._lock:
+            if self.echo:
+                sys.stderr.write(text)
+            self._partial += text
+            *complete, self._partial = self._partial.split("\n")
+            self.lines.extend(complete)
+
+    def mark(self) -> int:
+        with self._lock:
+            return len(self.lines)
+
+    def since(self, mark: int) -> list[str]:
+        with self._lock:
+            return self.lines[mark:]
+
+
+_LOG = _Log()
+
+
+@llama.llama_log_callback
+def _log_callback(level: int, text: bytes | None, user_data: ctypes.c_void_p) -> None:
+    if text:
+        _LOG.write(text.decode("utf-8", errors="replace"))
+
+
+llama.llama_log_set(_log_callback, ctypes.c_void_p(0))
+llama.llama_backend_init()
+
+
+def parse_buffer_sizes(lines: Sequence[str]) -> BufferSizes:
+    """Collect the buffer sizes llama.cpp printed while loading (see REFERENCE.md)."""
+    sizes = BufferSizes()
+    targets = {
+        "model": sizes.model,
+        "KV": sizes.kv,
+        "RS": sizes.recurrent,
+        "output": sizes.output,
+        "compute": sizes.compute,
+    }
+    for line in lines:
+        match = _BUFFER_RE.search(line)
+        if match:
+            target = targets[match["kind"]]
+            dev = match["dev"]
+            target[dev] = target.get(dev, 0) + round(float(match["mib"]) * _MIB)
+            continue
+        match = _KV_SUMMARY_RE.search(line)
+        if match:
+            sizes.kv_cells += int(match["cells"])
+            sizes.k += round(float(match["k"]) * _MIB)
+            sizes.v += round(float(match["v"]) * _MIB)
+    return sizes
+
+
+def system_info() -> str:
+    return (llama.llama_print_system_info() or b"").decode("utf-8", errors="replace")
+
+
+def supports_gpu_offload() -> bool:
+    return bool(llama.llama_supports_gpu_offload())
+
+
+class Engine:
+    """A loaded model with one context and one sequence (seq 0)."""
+
+    def __init__(self, model_path: Path, settings: EngineSettings) -> None:
+        self.model_path = model_path
+        self.settings = settings
+        self._model = None
+        self._ctx = None
+        self._sampler = None
+        self.n_past = 0
+        _LOG.echo = settings.verbose
+        mark = _LOG.mark()
+        started = time.perf_counter()
+        try:
+            self._load(model_path, settings)
+        except BaseException:
+            self.close()
+            raise
+        self.load_s = time.perf_counter() - started
+        self.load_log = _LOG.since(mark)
+        self.buffers = parse_buffer_sizes(self.load_log)
+
+    def _load(self, model_path: Path, settings: EngineSettings) -> None:
+        mparams = llama.llama_model_default_params()
+        mparams.n_gpu_layers = settings.n_gpu_layers
+        model = llama.llama_model_load_from_file(str(model_path).encode(), mparams)
+        if not model:
+            raise ModelLoadError(
+                f"llama.cpp could not load '{model_path}'",
+                hint="run with --verbose to see llama.cpp's reason",
+            )
+        self._model = model
+        self._vocab = llama.llama_model_get_vocab(model)
+        cparams = llama.llama_context_default_params()
+        cparams.n_ctx = settings.n_ctx
+        cparams.n_batch = settings.n_batch
+        cparams.n_ubatch = settings.n_ubatch
+        cparams.n_seq_max = 1
+        cparams.n_threads = settings.n_threads
+        cparams.n_threads_batch = settings.n_threads
+        cparams.flash_attn_type = _FLASH_ATTN[settings.flash_attn]
+        cparams.type_k = settings.type_k.ggml_type
+        cparams.type_v = settings.type_v.ggml_type
+        cparams.swa_full = settings.swa_full
+        cparams.no_perf = False
+        ctx = llama.llama_init_from_model(model, cparams)
+        if not ctx:
+            raise ModelLoadError(
+                f"llama.cpp could not create a context (n_ctx {settings.n_ctx}, "
+                f"K {settings.type_k.name}, V {settings.type_v.name}, "
+                f"flash attention {settings.flash_attn})",
+                hint="try a smaller --ctx or other cache types; --verbose shows why",
+            )
+        self._ctx = ctx
+        self._memory = llama.llama_get_memory(ctx)
+        self.n_ctx = llama.llama_n_ctx(ctx)
+        self.n_ctx_train = llama.llama_model_n_ctx_train(model)
+        self.n_vocab = llama.llama_vocab_n_tokens(self._vocab)
+        self.n_layer = llama.llama_model_n_layer(model)
+        self._piece_buf = ctypes.create_string_buffer(256)
+        self._one_token = (llama.llama_token * 1)()
+
+    # -- model facts -------------------------------------------------------
+
+    def metadata(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(4096)
+        n = llama.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        if n < 0:
+            return None
+        return buf.value.decode("utf-8", errors="replace")
+
+    def chat_template(self) -> str | None:
+        raw = llama.llama_model_chat_template(self._model, None)
+        return raw.decode("utf-8", errors="replace") if raw else None
+
+    def token_text(self, token: int) -> str:
+        raw = llama.llama_vocab_get_text(self._vocab, token)
+        return raw.decode("utf-8", errors="replace") if raw else ""
+
+    @property
+    def bos_token(self) -> int:
+        return llama.llama_vocab_bos(self._vocab)
+
+    @property
+    def eos_token(self) -> int:
+        return llama.llama_vocab_eos(self._vocab)
+
+    @property
+    def add_bos(self) -> bool:
+        return bool(llama.llama_vocab_get_add_bos(self._vocab))
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama.llama_vocab_is_eog(self._vocab, token))
+
+    # -- tokens ------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        buf = (llama.llama_token * capacity)()
+        n = llama.llama_tokenize(self._vocab, data, len(data), buf, capacity, add_special, parse_special)
+        if n < 0:
+            capacity = -n
+            buf = (llama.llama_token * capacity)()
+            n = llama.llama_tokenize(self._vocab, data, len(data), buf, capacity, add_special, parse_special)
+        return list(buf[:n])
+
+    def token_piece(self, token: int, *, special: bool = False) -> bytes:
+        n = llama.llama_token_to_piece(self._vocab, token, self._piece_buf, len(self._piece_buf), 0, special)
+        if n < 0:
+            self._piece_buf = ctypes.create_string_buffer(-n)
+            n = llama.llama_token_to_piece(self._vocab, token, self._piece_buf, len(self._piece_buf), 0, special)
+        return self._piece_buf.raw[:n]
+
+    def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:
+        return b"".join(self.token_piece(t, special=special) for t in tokens).decode(
+            "utf-8", errors="replace"
+        )
+
+    # -- evaluation ----------------------------------------------------------
+
+    def eval(self, tokens: Sequence[int]) -> None:
+        """Append `tokens` to the sequence in the KV cache, n_batch at a time."""
+        if self.n_past + len(tokens) > self.n_ctx:
+            raise UsageError(
+                f"{self.n_past + len(tokens)} tokens do not fit the {self.n_ctx}-token context",
+                hint="raise --ctx or shorten the prompt",
+            )
+        step = self.settings.n_batch
+        for start in range(0, len(tokens), step):
+            chunk = tokens[start : start + step]
+            arr = (llama.llama_token * len(chunk))(*chunk)
+            self._decode(llama.llama_batch_get_one(arr, len(chunk)), len(chunk))
+
+    def _decode(self, batch: llama.llama_batch, n_tokens: int) -> None:
+        rc = llama.llama_decode(self._ctx, batch)
+        if rc != 0:
+            raise KvchatError(
+                f"llama_decode failed (code {rc}) after {self.n_past} tokens",
+                hint="the context may be full; raise --ctx",
+            )
+        self.n_past += n_tokens
+
+    def set_sampling(self, sampling: SamplingSettings) -> None:
+        """Build llama.cpp's sampler chain; sampling then happens in C."""
+        if self._sampler is not None:
+            llama.llama_sampler_free(self._sampler)
+        chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
+        seed = llama.LLAMA_DEFAULT_SEED if sampling.seed is None else sampling.seed & 0xFFFFFFFF
+        if sampling.temperature <= 0:
+            llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_greedy())
+        else:
+            if sampling.top_k > 0:
+                llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_top_k(sampling.top_k))
+            llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_top_p(sampling.top_p, 1))
+            if sampling.min_p > 0:
+                llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_min_p(sampling.min_p, 1))
+            llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_temp(sampling.temperature))
+            llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_dist(seed))
+        self._sampler = chain
+
+    def generate(self, max_tokens: int | None) -> Iterator[TokenEvent]:
+        """Sample after the last eval, feeding each token back, until end of turn.
+
+        The last token yielded (an end-of-generation token, or the token that hit
+        `max_tokens` or the context end) is *not* evaluated into the KV cache yet:
+        the caller owns the token history and evaluates it with the next turn.
+        """
+        if self._sampler is None:
+            self.set_sampling(SamplingSettings())
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        produced = 0
+        one = self._one_token
+        while True:
+            token = llama.llama_sampler_sample(self._sampler, self._ctx, -1)
+            produced += 1
+            eog = bool(llama.llama_vocab_is_eog(self._vocab, token))
+            text = "" if eog else decoder.decode(self.token_piece(token))
+            last = eog or (max_tokens is not None and produced >= max_tokens) or self.n_past + 1 >= self.n_ctx
+            if last:
+                text += decoder.decode(b"", final=True)
+            yield TokenEvent(token, text, eog)
+            if last:
+                return
+            one[0] = token
+            self._decode(llama.llama_batch_get_one(one, 1), 1)
+
+    # -- KV memory -----------------------------------------------------------
+
+    def kv_remove(self, start: int, end: int) -> bool:
+        """Remove positions [start, end) of seq 0; end -1 means to the end."""
+        ok = bool(llama.llama_memory_seq_rm(self._memory, 0, start, end))
+        if ok:
+            self.n_past = llama.llama_memory_seq_pos_max(self._memory, 0) + 1
+        return ok
+
+    def kv_shift(self, start: int, end: int, delta: int) -> None:
+        llama.llama_memory_seq_add(self._memory, 0, start, end, delta)
+        self.n_past = llama.llama_memory_seq_pos_max(self._memory, 0) + 1
+
+    def can_shift(self) -> bool:
+        return bool(llama.llama_memory_can_shift(self._memory))
+
+    def kv_clear(self) -> None:
+        llama.llama_memory_clear(self._memory, True)
+        self.n_past = 0
+
+    def state_bytes(self) -> bytes:
+        """The sequence's KV state only (no logits), for saving to disk."""
+        size = llama.llama_state_seq_get_size(self._ctx, 0)
+        buf = (ctypes.c_uint8 * size)()
+        written = llama.llama_state_seq_get_data(self._ctx, buf, size, 0)
+        return bytes(buf[:written])
+
+    def load_state_bytes(self, data: bytes, n_tokens: int) -> None:
+        self.kv_clear()
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        read = llama.llama_state_seq_set_data(self._ctx, buf, len(data), 0)
+        if read == 0:
+            raise KvchatError("llama.cpp refused the saved KV state", hint="use --rebuild")
+        self.n_past = n_tokens
+
+    # -- counters ----------------------------------------------------------------
+
+    def perf(self) -> PerfCounters:
+        data = llama.llama_perf_context(self._ctx)
+        return PerfCounters(data.t_p_eval_ms, data.n_p_eval, data.t_eval_ms, data.n_eval)
+
+    def perf_reset(self) -> None:
+        llama.llama_perf_context_reset(self._ctx)
+
+    def close(self) -> None:
+        """Free the sampler, context and model now (VRAM is released here)."""
+        if self._sampler is not None:
+            llama.llama_sampler_free(self._sampler)
+            self._sampler = None
+        if self._ctx is not None:
+            llama.llama_free(self._ctx)
+            self._ctx = None
+        if self._model is not None:
+            llama.llama_model_free(self._model)
+            self._model = None
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,1 @@
+"""Everything that draws on the terminal: rich rendering and the REPL."""

@@ -1,0 +1,54 @@
+"""The outside world in one object: streams, whether they are terminals, width.
+
+Commands take an Environment instead of touching sys.* directly, so that "piped
+in, piped out" is testable without a terminal.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import TextIO
+
+from rich.console import Console
+
+
+@dataclass
+class Environment:
+    stdin: TextIO = field(default_factory=lambda: sys.stdin)
+    stdout: TextIO = field(default_factory=lambda: sys.stdout)
+    stderr: TextIO = field(default_factory=lambda: sys.stderr)
+
+    @property
+    def stdin_isatty(self) -> bool:
+        try:
+            return self.stdin is not None and self.stdin.isatty()
+        except ValueError:
+            return False
+
+    @property
+    def stdout_isatty(self) -> bool:
+        try:
+            return self.stdout.isatty()
+        except ValueError:
+            return False
+
+    def read_stdin(self) -> str:
+        """All of stdin when it is piped; '' when it is a terminal or closed."""
+        if self.stdin is None or self.stdin_isatty:
+            return ""
+        try:
+            return self.stdin.read()
+        except (OSError, ValueError):
+            return ""
+
+    def err_console(self) -> Console:
+        return Console(file=self.stderr, no_color="NO_COLOR" in os.environ, highlight=False)
+
+    def out_console(self) -> Console:
+        return Console(file=self.stdout, no_color="NO_COLOR" in os.environ, highlight=False)
+
+    def warn(self, message: str) -> None:
+        self.stderr.write(f"kvchat: warning: {message}\n")
+        self.stderr.flush()
