@@ -10,8 +10,12 @@ import sys
 import traceback
 from typing import Annotated, Optional
 
-import click
 import typer
+
+try:  # Typer >= 0.26 vendors its own copy of click
+    from typer._click import exceptions as click_exc
+except ImportError:  # pragma: no cover - older Typer on real click
+    from click import exceptions as click_exc
 
 from kvchat import __version__
 from kvchat.config import debug_enabled
@@ -60,18 +64,18 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         sys.stderr.write(f"kvchat: error: {exc}\n")
         sys.exit(int(exc.exit_code))
-    except click.exceptions.NoArgsIsHelpError as exc:
+    except click_exc.NoArgsIsHelpError as exc:
         exc.show()
         sys.exit(int(ExitCode.USAGE))
-    except click.UsageError as exc:
+    except click_exc.UsageError as exc:
         if debug:
             traceback.print_exc()
         hint = f" — see `{exc.ctx.command_path} --help`" if exc.ctx else ""
         sys.stderr.write(f"kvchat: error: {exc.format_message()}{hint}\n")
         sys.exit(int(ExitCode.USAGE))
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, typer.Abort):
         sys.stderr.write("\nkvchat: interrupted\n")
         sys.exit(int(ExitCode.INTERRUPTED))
     except BrokenPipeError:
