@@ -285,11 +285,12 @@ class Engine:
         return list(buf[:n])
 
     def token_piece(self, token: int, *, special: bool = False) -> bytes:
-        n = llama.llama_token_to_piece(self._vocab, token, self._piece_buf, len(self._piece_buf), 0, special)
+        buf = self._piece_buf
+        n = llama.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
         if n < 0:
-            self._piece_buf = ctypes.create_string_buffer(-n)
-            n = llama.llama_token_to_piece(self._vocab, token, self._piece_buf, len(self._piece_buf), 0, special)
-        return self._piece_buf.raw[:n]
+            buf = self._piece_buf = ctypes.create_string_buffer(-n)
+            n = llama.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
 
     def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:
         return b"".join(self.token_piece(t, special=special) for t in tokens).decode(
@@ -355,7 +356,8 @@ class Engine:
             produced += 1
             eog = bool(llama.llama_vocab_is_eog(self._vocab, token))
             text = "" if eog else decoder.decode(self.token_piece(token))
-            last = eog or (max_tokens is not None and produced >= max_tokens) or self.n_past + 1 >= self.n_ctx
+            at_limit = max_tokens is not None and produced >= max_tokens
+            last = eog or at_limit or self.n_past + 1 >= self.n_ctx
             if last:
                 text += decoder.decode(b"", final=True)
             yield TokenEvent(token, text, eog)

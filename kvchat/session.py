@@ -72,7 +72,7 @@ class Session:
         add_bos = self.engine.add_bos and not (bos_text and rendered.startswith(bos_text))
         full = self.engine.tokenize(rendered, add_special=add_bos)
         keep = 0
-        for have, want in zip(self.tokens, full):
+        for have, want in zip(self.tokens, full, strict=False):
             if have != want:
                 break
             keep += 1

