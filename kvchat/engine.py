@@ -339,12 +339,14 @@ class Engine:
             llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_dist(seed))
         self._sampler = chain
 
-    def generate(self, max_tokens: int | None) -> Iterator[TokenEvent]:
+    def generate(self, max_tokens: int | None, *, stop_at_eog: bool = True) -> Iterator[TokenEvent]:
         """Sample after the last eval, feeding each token back, until end of turn.
 
         The last token yielded (an end-of-generation token, or the token that hit
         `max_tokens` or the context end) is *not* evaluated into the KV cache yet:
         the caller owns the token history and evaluates it with the next turn.
+        `stop_at_eog=False` keeps going past end-of-generation tokens, as
+        llama-bench's tg test does (benchmarks).
         """
         if self._sampler is None:
             self.set_sampling(SamplingSettings())
@@ -357,7 +359,7 @@ class Engine:
             eog = bool(llama.llama_vocab_is_eog(self._vocab, token))
             text = "" if eog else decoder.decode(self.token_piece(token))
             at_limit = max_tokens is not None and produced >= max_tokens
-            last = eog or at_limit or self.n_past + 1 >= self.n_ctx
+            last = (eog and stop_at_eog) or at_limit or self.n_past + 1 >= self.n_ctx
             if last:
                 text += decoder.decode(b"", final=True)
             yield TokenEvent(token, text, eog)
