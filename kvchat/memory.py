@@ -1,0 +1,505 @@
+"""The memory planner: pure functions from a ModelSpec and settings to bytes per device.
+
+`plan_memory` sizes what llama.cpp allocates when it loads a model and creates a
+context: weights, K and V cells, recurrent state, the output (logits) buffer and
+the compute buffer, on the CPU and each GPU. The KV and recurrent figures follow
+llama.cpp's code exactly (cited per function); the compute buffer is measured by
+llama.cpp's graph allocator, so here it is an estimate from the largest tensors
+alive at once. `largest_ctx`, `fit_gpu_layers` and `fit` search for what fits a
+memory budget, as llama.cpp's `--fit` does, without loading anything.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+
+from kvchat.cache_types import CACHE_TYPES, CacheType
+from kvchat.errors import UsageError
+from kvchat.model_spec import ModelSpec
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+CTX_PAD = 256  # llama-context.cpp: cparams.n_ctx = GGML_PAD(cparams.n_ctx, 256)
+DEFAULT_MARGIN = 1 * GiB  # what llama.cpp's --fit leaves free per device by default
+CPU = "CPU"
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """Context settings that shape memory; defaults match kvchat's engine."""
+
+    n_ctx: int = 4096  # 0: the model's training context, as llama.cpp does
+    type_k: CacheType = CACHE_TYPES["f16"]
+    type_v: CacheType = CACHE_TYPES["f16"]
+    flash_attn: bool = True
+    swa_full: bool = False
+    n_batch: int = 512
+    n_ubatch: int = 512
+    n_gpu_layers: int = -1  # -1: all layers and the output layer (ignored without GPUs)
+    gpus: tuple[str, ...] = ()  # GPU names; empty: a CPU-only plan
+    tensor_split: tuple[float, ...] = ()  # share of layers per GPU (default: even)
+    n_seq: int = 1
+    kv_unified: bool = False
+    offload_kqv: bool = True
+
+
+@dataclass
+class DevicePlan:
+    """Bytes one device holds."""
+
+    name: str
+    weights: int = 0
+    k: int = 0
+    v: int = 0
+    recurrent: int = 0
+    output: int = 0
+    compute: int = 0
+
+    @property
+    def kv(self) -> int:
+        return self.k + self.v
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.k + self.v + self.recurrent + self.output + self.compute
+
+
+@dataclass
+class MemoryPlan:
+    """What llama.cpp would allocate for one model and context, device by device."""
+
+    settings: PlanSettings
+    n_ctx: int  # after llama.cpp's rounding
+    n_ctx_seq: int
+    kv_cells: int  # cells of the full-attention cache, per stream
+    swa_cells: int  # cells of the sliding-window cache, per stream (0: none)
+    n_stream: int
+    n_batch: int
+    n_ubatch: int
+    n_gpu_layers: int  # layers (and output) actually on GPUs
+    output_on_gpu: bool
+    devices: list[DevicePlan]
+    warnings: list[str] = field(default_factory=list)
+
+    def device(self, name: str) -> DevicePlan:
+        for dev in self.devices:
+            if dev.name == name:
+                return dev
+        raise KeyError(name)
+
+    @property
+    def cpu(self) -> DevicePlan:
+        return self.devices[0]
+
+    @property
+    def gpus(self) -> list[DevicePlan]:
+        return self.devices[1:]
+
+    def _sum(self, attr: str) -> int:
+        return sum(getattr(d, attr) for d in self.devices)
+
+    @property
+    def weights(self) -> int:
+        return self._sum("weights")
+
+    @property
+    def k(self) -> int:
+        return self._sum("k")
+
+    @property
+    def v(self) -> int:
+        return self._sum("v")
+
+    @property
+    def kv(self) -> int:
+        return self.k + self.v
+
+    @property
+    def recurrent(self) -> int:
+        return self._sum("recurrent")
+
+    @property
+    def output(self) -> int:
+        return self._sum("output")
+
+    @property
+    def compute(self) -> int:
+        return self._sum("compute")
+
+    @property
+    def total(self) -> int:
+        return self._sum("total")
+
+
+def round_ctx(n_ctx: int, n_ctx_train: int, n_seq: int = 1, kv_unified: bool = False) -> tuple[int, int]:
+    """(n_ctx, n_ctx_seq) as llama_context's constructor rounds them (src/llama-context.cpp)."""
+    if n_ctx < 0:
+        raise UsageError(f"context length must be positive, got {n_ctx}")
+    if n_seq < 1:
+        raise UsageError(f"number of sequences must be at least 1, got {n_seq}")
+    n = n_ctx or n_ctx_train
+    n = -(-n // CTX_PAD) * CTX_PAD
+    if kv_unified:
+        return n, n
+    n_ctx_seq = -(-(n // n_seq) // CTX_PAD) * CTX_PAD
+    if n_ctx_seq == 0:
+        raise UsageError(f"a {n_ctx}-token context cannot be split over {n_seq} sequences")
+    return n_ctx_seq * n_seq, n_ctx_seq
+
+
+def _layer_devices(spec: ModelSpec, s: PlanSettings) -> tuple[list[str], str, int]:
+    """Device of each layer and of the output layer (llama_model::load_tensors).
+
+    The last `n_gpu_layers` of the n_layer + 1 "layers" (blocks, then the output
+    layer) go to the GPUs, split by `tensor_split`; the input embeddings stay on
+    the CPU.
+    """
+    n_layer = spec.n_layer
+    if not s.gpus:
+        return [CPU] * n_layer, CPU, 0
+    ngl = n_layer + 1 if s.n_gpu_layers < 0 else s.n_gpu_layers
+    i_gpu_start = max(n_layer + 1 - ngl, 0)
+    act = min(ngl, n_layer + 1)
+    shares = list(s.tensor_split) if s.tensor_split else [1.0] * len(s.gpus)
+    if len(shares) != len(s.gpus) or sum(shares) <= 0 or min(shares) < 0:
+        raise UsageError("tensor split needs one non-negative share per GPU")
+    bounds, acc = [], 0.0
+    for share in shares:
+        acc += share
+        bounds.append(acc / sum(shares))
+
+    def device(il: int) -> str:
+        if il < i_gpu_start or il - i_gpu_start >= act:
+            return CPU
+        frac = (il - i_gpu_start) / act
+        # std::upper_bound over the cumulative split points
+        for gpu, bound in zip(s.gpus, bounds, strict=True):
+            if frac < bound:
+                return gpu
+        return s.gpus[-1]
+
+    return [device(il) for il in range(n_layer)], device(n_layer), act
+
+
+def kv_cells(spec: ModelSpec, s: PlanSettings) -> tuple[int, int, int, int, int]:
+    """(n_ctx, n_ctx_seq, cells, swa_cells, n_ubatch) for these settings.
+
+    Full-attention caches hold n_ctx_seq cells per stream; sliding-window caches
+    PAD(min(cells, n_swa * (unified ? n_seq : 1) + n_ubatch), 256), or the full
+    size with swa_full (src/llama-kv-cache-iswa.cpp).
+    """
+    n_ctx, n_ctx_seq = round_ctx(s.n_ctx, spec.n_ctx_train, s.n_seq, s.kv_unified)
+    requested = s.n_ctx or spec.n_ctx_train
+    n_batch = min(requested, s.n_batch)  # causal attention: the batch is capped by the context
+    n_ubatch = min(n_batch, s.n_ubatch or s.n_batch)
+    cells = n_ctx if s.kv_unified else n_ctx_seq
+    swa_cells = 0
+    if any(spec.is_swa):
+        window = spec.n_swa * (s.n_seq if s.kv_unified else 1) + n_ubatch
+        swa_cells = cells if s.swa_full else -(-min(cells, window) // CTX_PAD) * CTX_PAD
+    return n_ctx, n_ctx_seq, cells, swa_cells, n_ubatch
+
+
+def plan_memory(spec: ModelSpec, settings: PlanSettings) -> MemoryPlan:
+    """Bytes per device for this model and context: the heart of `kvchat estimate`."""
+    s = settings
+    warnings: list[str] = []
+    if s.type_v.quantized and not s.flash_attn:
+        raise UsageError(
+            f"a {s.type_v.name} V cache needs flash attention",
+            hint="use --flash-attn on, or --cache-type-v f16",
+        )
+    n_ctx, n_ctx_seq, cells, swa_cells, n_ubatch = kv_cells(spec, s)
+    n_batch = min(s.n_ctx or spec.n_ctx_train, s.n_batch)
+    n_stream = 1 if s.kv_unified else s.n_seq
+    if n_ctx_seq > spec.n_ctx_train > 0:
+        warnings.append(
+            f"context {n_ctx_seq} is above the model's training context ({spec.n_ctx_train})"
+        )
+
+    layer_dev, output_dev, n_gpu_layers = _layer_devices(spec, s)
+    devices = {CPU: DevicePlan(CPU)}
+    for gpu in s.gpus:
+        devices[gpu] = DevicePlan(gpu)
+
+    # weights: input embeddings on the CPU, blocks where placed, output head with the
+    # output layer; a tied head is a copy of token_embd when it leaves the CPU
+    devices[CPU].weights += spec.input_bytes
+    for il, dev in enumerate(layer_dev):
+        devices[dev].weights += spec.layer_bytes[il]
+    devices[output_dev].weights += spec.output_bytes
+    if spec.output_is_tied and output_dev != CPU:
+        devices[output_dev].weights += spec.tied_output_bytes
+
+    if spec.has_memory:
+        _plan_kv(spec, s, layer_dev, devices, cells, swa_cells, n_stream)
+        _plan_recurrent(spec, s, layer_dev, devices)
+
+    # output buffer: logits for n_seq outputs, reserved at context creation
+    # (llama_context::output_reserve), in host memory
+    devices[CPU].output = 4 * spec.n_vocab * max(1, s.n_seq)
+
+    _plan_compute(spec, s, devices, layer_dev, output_dev, cells, n_ubatch, n_batch)
+
+    if s.gpus and s.type_k.name != s.type_v.name:
+        warnings.append(
+            f"K {s.type_k.name} with V {s.type_v.name}: stock CUDA builds have no fused flash "
+            "attention for mixed types, so attention may run on the CPU"
+        )
+    return MemoryPlan(
+        settings=s,
+        n_ctx=n_ctx,
+        n_ctx_seq=n_ctx_seq,
+        kv_cells=cells,
+        swa_cells=swa_cells,
+        n_stream=n_stream,
+        n_batch=n_batch,
+        n_ubatch=n_ubatch,
+        n_gpu_layers=n_gpu_layers,
+        output_on_gpu=output_dev != CPU,
+        devices=list(devices.values()),
+        warnings=warnings,
+    )
+
+
+def _plan_kv(
+    spec: ModelSpec,
+    s: PlanSettings,
+    layer_dev: list[str],
+    devices: dict[str, DevicePlan],
+    cells: int,
+    swa_cells: int,
+    n_stream: int,
+) -> None:
+    """K and V tensors per layer (llama_kv_cache's constructor, src/llama-kv-cache.cpp).
+
+    K is `type_k` rows of head_dim_k * n_head_kv per cell and stream; V likewise,
+    except that without flash attention V is stored transposed and every layer is
+    padded to the widest V row, and that MLA caches have no V at all.
+    """
+    v_trans = not s.flash_attn
+    v_width_max = spec.n_embd_v_gqa_max()
+    for il in range(spec.n_layer):
+        if not spec.has_kv[il]:
+            continue
+        dev = devices[layer_dev[il] if s.offload_kqv else CPU]
+        n_cells = (swa_cells if spec.is_swa[il] else cells) * n_stream
+        dev.k += _row_bytes(s.type_k, spec.n_embd_k_gqa(il), "K") * n_cells
+        if not spec.is_mla:
+            width = v_width_max if v_trans else spec.n_embd_v_gqa(il)
+            dev.v += _row_bytes(s.type_v, width, "V") * n_cells
+
+
+def _row_bytes(cache_type: CacheType, n: int, which: str) -> int:
+    if n % cache_type.block_size:
+        raise UsageError(
+            f"a {cache_type.name} {which} cache needs rows that are a multiple of "
+            f"{cache_type.block_size} values; this model's are {n}",
+            hint="pick f16, bf16 or f32 for this model",
+        )
+    return cache_type.row_bytes(n)
+
+
+def _plan_recurrent(
+    spec: ModelSpec, s: PlanSettings, layer_dev: list[str], devices: dict[str, DevicePlan]
+) -> None:
+    """Recurrent state per layer (llama_memory_recurrent, src/llama-memory-recurrent.cpp).
+
+    f32 rows of n_embd_r (conv/shift) and n_embd_s (ssm/wkv) per sequence, whatever
+    the context length or cache types.
+    """
+    mem_size = max(1, s.n_seq)
+    per_layer = 4 * (spec.n_embd_r + spec.n_embd_s) * mem_size
+    for il in range(spec.n_layer_main):
+        if spec.is_recurrent[il]:
+            devices[layer_dev[il] if s.offload_kqv else CPU].recurrent += per_layer
+
+
+def _plan_compute(
+    spec: ModelSpec,
+    s: PlanSettings,
+    devices: dict[str, DevicePlan],
+    layer_dev: list[str],
+    output_dev: str,
+    cells: int,
+    n_ubatch: int,
+    n_batch: int,
+) -> None:
+    """Estimate the compute buffers that llama.cpp's graph allocator reserves.
+
+    The reserve graph processes one micro-batch of n_tokens = min(n_ctx, n_ubatch)
+    with every token an output (llama_context::graph_reserve). Its peak is either
+    the logits (n_vocab floats per output, next to two n_embd activations) or,
+    without flash attention, the attention scores: n_kv floats per token and head,
+    plus the f32 mask, plus a few n_embd-wide activations. Flash attention never
+    materialises the scores; its mask is f16. Measured against llama.cpp on
+    SmolLM2 this is within ~2%; for other models treat it as an estimate.
+    """
+    n_tokens = n_ubatch
+    n_outputs = min(n_tokens, n_batch)
+    logits_phase = 4 * n_tokens * 2 * spec.n_embd + 4 * n_outputs * spec.n_vocab
+    n_head = max(spec.n_head, default=0)
+    n_kv = cells if any(spec.has_kv) else 0
+    if s.flash_attn:
+        attn_phase = 2 * n_tokens * n_kv + 4 * n_tokens * 6 * spec.n_embd
+    else:
+        attn_phase = 4 * n_tokens * n_kv * (n_head + 1) + 4 * n_tokens * 6 * spec.n_embd
+    if any(spec.is_recurrent):
+        # the scan keeps a copy of the state of every sequence in the batch
+        attn_phase = max(attn_phase, 4 * (spec.n_embd_r + spec.n_embd_s) * max(1, s.n_seq) * 2)
+    gpu_layers = {d for d in layer_dev if d != CPU}
+    if not gpu_layers:
+        devices[CPU].compute = max(logits_phase, attn_phase)
+        return
+    # split graph: each GPU holds the activations of its layers; the CPU keeps the
+    # input embeddings and, when the output layer stays there, the logits
+    for gpu in gpu_layers:
+        devices[gpu].compute = max(attn_phase, logits_phase if output_dev == gpu else 0)
+    host = 4 * n_tokens * spec.n_embd
+    if output_dev == CPU:
+        host = max(host, logits_phase)
+    if any(d == CPU for d in layer_dev):
+        host = max(host, attn_phase)
+    devices[CPU].compute = host
+
+
+# -- budgets and fitting ------------------------------------------------------------
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(i?)(b?)\s*$", re.IGNORECASE)
+_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '8GB', '6.5GiB', '512MiB', '512M', '1024' (bytes).
+
+    'GB' and 'GiB' both mean 1024**3 here, as memory is sold and reported in binary
+    units; say '8000MB' for decimal precision.
+    """
+    match = _SIZE_RE.match(str(text))
+    if not match:
+        raise UsageError(
+            f"cannot read the size '{text}'", hint="use a number with a unit, e.g. 8GB, 6.5GiB, 512MiB"
+        )
+    number, prefix, _, _ = match.groups()
+    value = float(number) * 1024 ** _POWERS[prefix.lower()]
+    return int(value)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Memory a plan may use: RAM, and free VRAM per GPU, each minus `margin`."""
+
+    ram: int
+    vram: tuple[int, ...] = ()
+    gpu_names: tuple[str, ...] = ()
+    margin: int = DEFAULT_MARGIN
+
+    def limit(self, device: str) -> int:
+        if device == CPU:
+            return self.ram - self.margin
+        return self.vram[self.gpu_names.index(device)] - self.margin
+
+
+def detect_budget(margin: int = DEFAULT_MARGIN) -> Budget:
+    """Free memory now: RAM via psutil, VRAM via NVML when a driver is present."""
+    import psutil
+
+    ram = int(psutil.virtual_memory().available)
+    names: list[str] = []
+    free: list[int] = []
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            for i in range(pynvml.nvmlDeviceGetCount()):
+                handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+                free.append(int(pynvml.nvmlDeviceGetMemoryInfo(handle).free))
+                names.append(f"CUDA{i}")
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no NVML library, no driver, no GPU: a CPU-only budget
+        names, free = [], []
+    return Budget(ram=ram, vram=tuple(free), gpu_names=tuple(names), margin=margin)
+
+
+def fits(plan: MemoryPlan, budget: Budget) -> bool:
+    """Every device's total within its budget."""
+    return all(dev.total <= budget.limit(dev.name) for dev in plan.devices)
+
+
+def _with_gpus(settings: PlanSettings, budget: Budget) -> PlanSettings:
+    if budget.gpu_names and not settings.gpus:
+        return replace(settings, gpus=budget.gpu_names)
+    return settings
+
+
+def largest_ctx(
+    spec: ModelSpec, settings: PlanSettings, budget: Budget, *, max_ctx: int | None = None
+) -> int | None:
+    """The largest context (a multiple of 256, at most the training context or
+    `max_ctx`) whose plan fits the budget with the settings' GPU layers; None if
+    not even 256 tokens fit. This is what `run --ctx auto` needs.
+    """
+    settings = _with_gpus(settings, budget)
+    top = max_ctx if max_ctx else spec.n_ctx_train
+    hi = max(top // CTX_PAD, 1)
+    lo = 0  # in units of 256 tokens; lo fits (0 meaning nothing does yet)
+
+    def ok(units: int) -> bool:
+        return fits(plan_memory(spec, replace(settings, n_ctx=units * CTX_PAD)), budget)
+
+    if ok(hi):
+        return hi * CTX_PAD
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo * CTX_PAD if lo else None
+
+
+def fit_gpu_layers(spec: ModelSpec, settings: PlanSettings, budget: Budget) -> int | None:
+    """The most layers (0..n_layer+1, the +1 being the output layer) that fit the GPUs
+    at the settings' context; None if the model does not fit even on the CPU."""
+    settings = _with_gpus(settings, budget)
+    if not settings.gpus:
+        return 0 if fits(plan_memory(spec, replace(settings, n_gpu_layers=0)), budget) else None
+    for ngl in range(spec.n_layer + 1, -1, -1):
+        if fits(plan_memory(spec, replace(settings, n_gpu_layers=ngl)), budget):
+            return ngl
+    return None
+
+
+@dataclass(frozen=True)
+class FitResult:
+    n_ctx: int
+    n_gpu_layers: int
+    plan: MemoryPlan
+
+
+def fit(
+    spec: ModelSpec, settings: PlanSettings, budget: Budget, *, n_ctx_min: int = 4096
+) -> FitResult | None:
+    """Context and GPU layers that fit, in llama.cpp's `--fit` order: keep every
+    layer on the GPU and shrink the context, down to `n_ctx_min`; below that keep
+    `n_ctx_min` and move layers back to the CPU. None when nothing fits.
+    """
+    settings = _with_gpus(settings, budget)
+    n_ctx_min = min(n_ctx_min, spec.n_ctx_train) or CTX_PAD
+    full = replace(settings, n_gpu_layers=-1)
+    n_ctx = largest_ctx(spec, full, budget)
+    if n_ctx is not None and n_ctx >= n_ctx_min:
+        plan = plan_memory(spec, replace(full, n_ctx=n_ctx))
+        return FitResult(n_ctx, plan.n_gpu_layers if settings.gpus else 0, plan)
+    at_min = replace(settings, n_ctx=n_ctx_min)
+    ngl = fit_gpu_layers(spec, at_min, budget)
+    if ngl is None:
+        n_ctx = largest_ctx(spec, replace(settings, n_gpu_layers=0), budget)
+        if n_ctx is None:
+            return None
+        return FitResult(n_ctx, 0, plan_memory(spec, replace(settings, n_gpu_layers=0, n_ctx=n_ctx)))
+    plan = plan_memory(spec, replace(at_min, n_gpu_layers=ngl))
+    return FitResult(plan.n_ctx, ngl, plan)
