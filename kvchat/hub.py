@@ -35,7 +35,8 @@ _HASH_CHUNK = 4 * 1024 * 1024
 # A GGUF header (metadata + tensor infos) is a few MiB even with a 256k-token vocabulary;
 # a remote read going past this is reading tensor data, which an estimate never needs.
 REMOTE_READ_LIMIT_BYTES = 64 * 1024 * 1024
-REMOTE_BLOCK_BYTES = 1024 * 1024
+REMOTE_FIRST_FETCH_BYTES = 256 * 1024
+REMOTE_MAX_FETCH_BYTES = 8 * 1024 * 1024
 
 
 class AccessDeniedError(NetworkError):
@@ -207,16 +208,16 @@ def cached_ggufs() -> list[CachedGGUF]:
     return models
 
 
-def delete_cached(model: CachedGGUF) -> int:
+def delete_cached(repo: str, parts: tuple[Path, ...]) -> int:
     """Remove a cached model's snapshot links and the blobs nothing else links to; bytes freed."""
-    folder = _repo_folder(model.repo)
+    folder = _repo_folder(repo)
     blobs_in_use: dict[Path, int] = {}
     for link in (folder / "snapshots").rglob("*"):
         if link.is_symlink():
             target = link.resolve()
             blobs_in_use[target] = blobs_in_use.get(target, 0) + 1
     freed = 0
-    for part in model.parts:
+    for part in parts:
         target = part.resolve() if part.is_symlink() else None
         size = part.stat().st_size if part.exists() else 0
         part.unlink(missing_ok=True)
@@ -533,14 +534,17 @@ def _verify(path: Path, info: RemoteFileInfo, label: str, progress: DownloadProg
 class RemoteFile(io.RawIOBase):
     """A read-only, seekable view of one file on the Hub, read through HTTP range requests.
 
-    Reads are served from 1 MiB blocks fetched on demand and kept, so a header parser that
-    reads many small fields makes few requests. `bytes_fetched` counts body bytes received;
-    a read past `limit_bytes` of fetched data raises instead of pulling tensor data.
+    What was fetched is kept, so a header parser reading many small fields makes few
+    requests: a miss fetches `first_fetch_bytes`, and each miss right after the previous
+    fetch doubles that (up to `max_fetch_bytes`), as a sequential header read does.
+    `bytes_fetched` counts body bytes received; past `limit_bytes` a read raises rather
+    than pull tensor data.
     """
 
     def __init__(
         self, url: str, size: int, *, name: str, headers: dict[str, str] | None = None,
-        limit_bytes: int = REMOTE_READ_LIMIT_BYTES, block_bytes: int = REMOTE_BLOCK_BYTES,
+        limit_bytes: int = REMOTE_READ_LIMIT_BYTES, first_fetch_bytes: int = REMOTE_FIRST_FETCH_BYTES,
+        max_fetch_bytes: int = REMOTE_MAX_FETCH_BYTES,
     ) -> None:
         super().__init__()
         self.url = url
@@ -550,8 +554,11 @@ class RemoteFile(io.RawIOBase):
         self.requests = 0
         self.limit_bytes = limit_bytes
         self._headers = dict(headers or {})
-        self._block_bytes = block_bytes
-        self._blocks: dict[int, bytes] = {}
+        self._first_fetch = first_fetch_bytes
+        self._max_fetch = max_fetch_bytes
+        self._next_fetch = first_fetch_bytes
+        self._spans: list[tuple[int, bytes]] = []  # (start offset, data), fetched so far
+        self._last_end = -1
         self._pos = 0
 
     def readable(self) -> bool:
@@ -572,15 +579,11 @@ class RemoteFile(io.RawIOBase):
 
     def read(self, size: int | None = -1) -> bytes:
         end = self.size if size is None or size < 0 else min(self.size, self._pos + size)
-        if self._pos >= end:
-            return b""
         pieces = []
         pos = self._pos
         while pos < end:
-            index = pos // self._block_bytes
-            block = self._block(index)
-            start = pos - index * self._block_bytes
-            piece = block[start : start + (end - pos)]
+            span_start, data = self._span_at(pos, end)
+            piece = data[pos - span_start : end - span_start]
             if not piece:
                 break
             pieces.append(piece)
@@ -593,14 +596,19 @@ class RemoteFile(io.RawIOBase):
         buffer[: len(data)] = data
         return len(data)
 
-    def _block(self, index: int) -> bytes:
-        block = self._blocks.get(index)
-        if block is None:
-            start = index * self._block_bytes
-            stop = min(self.size, start + self._block_bytes)
-            block = self._fetch(start, stop)
-            self._blocks[index] = block
-        return block
+    def _span_at(self, pos: int, end: int) -> tuple[int, bytes]:
+        for start, data in self._spans:
+            if start <= pos < start + len(data):
+                return start, data
+        if pos == self._last_end:
+            self._next_fetch = min(self._next_fetch * 2, self._max_fetch)
+        else:
+            self._next_fetch = self._first_fetch
+        stop = min(self.size, pos + max(self._next_fetch, end - pos))
+        data = self._fetch(pos, stop)
+        self._spans.append((pos, data))
+        self._last_end = pos + len(data)
+        return pos, data
 
     def _fetch(self, start: int, stop: int) -> bytes:
         """Bytes [start, stop): a Range request, read no further than asked even on a 200."""

