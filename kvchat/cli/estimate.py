@@ -18,7 +18,8 @@ from kvchat.cache_types import CACHE_TYPES, parse_cache_type, resolve_flash_attn
 from kvchat.cli import app
 from kvchat.cli.options import CacheTypeKOpt, CacheTypeVOpt, FlashAttnOpt
 from kvchat.errors import UsageError
-from kvchat.gguf import read_header_file
+from kvchat.gguf import read_header, read_header_file
+from kvchat.hub import open_remote
 from kvchat.memory import (
     CPU,
     DEFAULT_MARGIN,
@@ -33,7 +34,7 @@ from kvchat.memory import (
     plan_memory,
 )
 from kvchat.model_spec import ModelSpec, spec_from_header
-from kvchat.registry import resolve_model
+from kvchat.registry import find_local, parse_ref, resolve_model
 from kvchat.ui.environment import Environment
 from kvchat.ui.render import format_bytes
 
@@ -294,8 +295,17 @@ def estimate(
     type_v = parse_cache_type(str(config.setting("cache_type_v", cache_type_v)))
     # llama.cpp resolves flash attention 'auto' to on wherever the kernels exist (CPU, CUDA)
     fa = resolve_flash_attn(str(config.setting("flash_attn", flash_attn)), type_v) != "off"
-    model_path = resolve_model(config.setting("model", model))
-    spec = spec_from_header(read_header_file(model_path))
+    ref = config.setting("model", model)
+    fetched = None
+    if not exact and find_local(ref) is None and parse_ref(ref).kind == "hub":
+        with open_remote(ref) as remote:  # header only, through HTTP range requests
+            header = read_header(remote)
+        model_path, fetched = Path(remote.name), remote.bytes_fetched
+        env.stderr.write(f"kvchat: read {format_bytes(fetched)} of {remote.name} (header only)\n")
+    else:
+        model_path = resolve_model(ref)
+        header = read_header_file(model_path)
+    spec = spec_from_header(header)
     budget = _budget(ram, vram, margin)
     contexts = parse_ctx_list(ctx) if ctx else [int(config.setting("ctx"))]
     gpu_layers = _ngl(ngl, bool(budget.gpu_names))
@@ -315,6 +325,7 @@ def estimate(
     fitted = fit(spec, base, budget) if budget.gpu_names else None
     record: dict[str, Any] = {
         "model": str(model_path),
+        "remote_bytes_fetched": fetched,
         "architecture": spec.architecture,
         "name": spec.name,
         "n_layer": spec.n_layer,
