@@ -348,14 +348,16 @@ def _plan_compute(
     if any(spec.is_recurrent):
         # the scan keeps a copy of the state of every sequence in the batch
         attn_phase = max(attn_phase, 4 * (spec.n_embd_r + spec.n_embd_s) * max(1, s.n_seq) * 2)
-    gpu_layers = {d for d in layer_dev if d != CPU}
-    if not gpu_layers:
+    gpu_devs = {d for d in [*layer_dev, output_dev] if d != CPU}
+    if not gpu_devs:
         devices[CPU].compute = max(logits_phase, attn_phase)
         return
     # split graph: each GPU holds the activations of its layers; the CPU keeps the
     # input embeddings and, when the output layer stays there, the logits
-    for gpu in gpu_layers:
-        devices[gpu].compute = max(attn_phase, logits_phase if output_dev == gpu else 0)
+    for gpu in gpu_devs:
+        devices[gpu].compute = max(
+            attn_phase if gpu in layer_dev else 0, logits_phase if output_dev == gpu else 0
+        )
     host = 4 * n_tokens * spec.n_embd
     if output_dev == CPU:
         host = max(host, logits_phase)
