@@ -374,7 +374,7 @@ def _resolve_remote(model: ModelRef) -> RemoteTarget:
 
 
 def pull(ref: str, progress: DownloadProgress | None = None) -> Path:
-    """Download a reference's file(s) into the Hugging Face cache (if missing); the first part."""
+    """Download a reference's file(s) into the Hugging Face cache unless already there; the first part."""
     from kvchat.hub import download
 
     model = parse_ref(ref)
@@ -383,9 +383,9 @@ def pull(ref: str, progress: DownloadProgress | None = None) -> Path:
     if model.kind == "path":
         assert model.path is not None
         return check_gguf_file(model.path)
-    bundled = _bundled_path(model)
-    if bundled is not None:
-        return bundled
+    cached = _find_cached(model)  # the bundled file, or one already in the cache: no network
+    if cached is not None:
+        return cached
     target = _resolve_remote(model)
     paths = download(target.listing, list(target.parts), progress)
     return paths[0]
