@@ -1,0 +1,132 @@
+"""`kvchat estimate` as users run it: a real process, tables, JSON, errors, no llama_cpp."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvchat.cli.estimate import compare_contexts, parse_ctx_list
+from kvchat.errors import ExitCode, UsageError
+from kvchat.memory import MiB
+
+
+def test_parse_ctx_list() -> None:
+    assert parse_ctx_list("4096") == [4096]
+    assert parse_ctx_list("4k, 8K,32k") == [4096, 8192, 32768]
+    for bad in ("", "four", "0", "4k,x"):
+        with pytest.raises(UsageError):
+            parse_ctx_list(bad)
+
+
+def test_compare_contexts() -> None:
+    assert compare_contexts(8192) == [4096, 8192]
+    assert compare_contexts(131072) == [4096, 8192, 16384, 32768, 65536, 131072]
+    assert compare_contexts(40960) == [4096, 8192, 16384, 32768, 40960]
+
+
+def test_table_by_component(kvchat, model_path: Path) -> None:  # noqa: ANN001
+    r = kvchat("estimate", str(model_path), "--ctx", "4096", "-fa", "off")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "n_ctx 4096" in out and "flash attention off" in out
+    for label, figure in (("weights", "92.10 MiB"), ("K cache", "45.00 MiB"), ("V cache", "45.00 MiB"),
+                          ("output (logits)", "0.19 MiB"), ("compute", "98.25 MiB")):
+        line = next(ln for ln in out.splitlines() if label in ln)
+        assert figure in line
+    assert "largest context for K f16 / V f16" in out
+    assert r.stderr == ""
+
+
+def test_json_and_several_contexts(kvchat, model_path: Path) -> None:  # noqa: ANN001
+    r = kvchat("estimate", str(model_path), "--ctx", "1000,8k", "-ctk", "q8_0", "-ctv", "q8_0", "--json")
+    assert r.returncode == 0, r.stderr
+    record = json.loads(r.stdout)
+    assert record["architecture"] == "llama" and record["n_ctx_train"] == 8192
+    first, second = record["plans"]
+    assert (first["n_ctx"], second["n_ctx"]) == (1024, 8192)  # rounded as llama.cpp rounds
+    assert first["cache_type_k"] == "q8_0" and first["flash_attn"] is True
+    assert f"{first['total']['k'] / MiB:.2f}" == "5.98"
+    assert first["devices"]["CPU"]["total"] == first["total"]["total"]
+
+
+def test_compare_grid(kvchat, model_path: Path) -> None:  # noqa: ANN001
+    r = kvchat("estimate", str(model_path), "--compare", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)["compare"]
+    assert [(row["cache_type_k"], row["cache_type_v"]) for row in rows] == [
+        ("f16", "f16"), ("q8_0", "q8_0"), ("q8_0", "q4_0"), ("q4_0", "q4_0")]
+    assert [p["n_ctx"] for p in rows[0]["plans"]] == [4096, 8192]
+    kv = [row["plans"][1]["total"]["k"] + row["plans"][1]["total"]["v"] for row in rows]
+    assert kv == sorted(kv, reverse=True)
+    table = kvchat("estimate", str(model_path), "--compare")
+    assert "q4_0 / q4_0" in table.stdout and "8k" in table.stdout
+
+
+def test_budget_flags(kvchat, model_path: Path) -> None:  # noqa: ANN001
+    r = kvchat("estimate", str(model_path), "--ram", "250MiB", "--margin", "0", "--json")
+    record = json.loads(r.stdout)
+    assert record["budget"]["ram"] == 250 * MiB
+    assert 0 < record["largest_ctx"] < 8192
+    gpu = json.loads(kvchat("estimate", str(model_path), "--vram", "8GB", "--json").stdout)
+    assert "GPU0" in gpu["plans"][0]["devices"] and gpu["plans"][0]["n_gpu_layers"] == 31
+    auto_args = ("--vram", "150MiB", "--margin", "0", "--ngl", "auto", "--json")
+    auto = json.loads(kvchat("estimate", str(model_path), *auto_args).stdout)
+    assert 0 < auto["plans"][0]["n_gpu_layers"] < 31
+    assert auto["plans"][0]["devices"]["GPU0"]["total"] <= 150 * MiB
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "text"),
+    [
+        (["--ram", "lots"], ExitCode.USAGE, "cannot read the size"),
+        (["--ctx", "big"], ExitCode.USAGE, "token count"),
+        (["-ctv", "q8_0", "-fa", "off"], ExitCode.USAGE, "flash attention"),
+        (["-ctk", "q3"], ExitCode.USAGE, "unknown cache type"),
+        (["--ngl", "many"], ExitCode.USAGE, "--ngl"),
+    ],
+)
+def test_usage_errors(kvchat, model_path: Path, args: list[str], code: int, text: str) -> None:  # noqa: ANN001
+    r = kvchat("estimate", str(model_path), *args)
+    assert r.returncode == code
+    assert text in r.stderr and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert r.stdout == ""
+
+
+def test_model_errors(kvchat, tmp_path: Path) -> None:  # noqa: ANN001
+    missing = kvchat("estimate", str(tmp_path / "nope.gguf"))
+    assert missing.returncode == ExitCode.NOT_FOUND and "Traceback" not in missing.stderr
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"GGUF" + b"\xff" * 64)
+    bad = kvchat("estimate", str(fake))
+    assert bad.returncode == ExitCode.BAD_MODEL
+    assert bad.stderr.startswith("kvchat: error:") and bad.stderr.count("\n") == 1
+
+
+def test_exact_prints_llama_cpp_figures(kvchat, model_path: Path) -> None:  # noqa: ANN001
+    r = kvchat("estimate", str(model_path), "--ctx", "512", "--exact", "--json")
+    assert r.returncode == 0, r.stderr
+    record = json.loads(r.stdout)
+    exact, plan = record["exact"][0], record["plans"][0]
+    assert exact["kv_cells"] == 512
+    assert f"{exact['k'] / MiB:.2f}" == f"{plan['total']['k'] / MiB:.2f}"
+    assert exact["output"] > 0
+    table = kvchat("estimate", str(model_path), "--ctx", "512", "--exact")
+    assert "plan vs llama.cpp" in table.stdout and "difference" in table.stdout
+
+
+def test_estimate_does_not_import_llama_cpp(model_path: Path, kv_env: dict[str, str]) -> None:
+    code = (
+        "import sys\n"
+        "from kvchat.cli import main\n"
+        f"main(['estimate', {str(model_path)!r}, '--compare', '--ctx', '4k,8k'])\n"
+        "print('LLAMA_CPP_IMPORTED' if any(m.startswith('llama_cpp') for m in sys.modules) else 'CLEAN')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=kv_env, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("CLEAN")
