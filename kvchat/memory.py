@@ -11,7 +11,9 @@ memory budget, as llama.cpp's `--fit` does, without loading anything.
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 from dataclasses import dataclass, field, replace
 
 from kvchat.cache_types import CACHE_TYPES, CacheType
@@ -404,26 +406,42 @@ class Budget:
 
 
 def detect_budget(margin: int = DEFAULT_MARGIN) -> Budget:
-    """Free memory now: RAM via psutil, VRAM via NVML when a driver is present."""
+    """Free memory now: RAM via /proc/meminfo or psutil, VRAM via NVML when a driver is present."""
+    return Budget(ram=_available_ram(), margin=margin, **_free_vram())
+
+
+def _available_ram() -> int:
+    try:  # Linux: one small read, without importing psutil
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     import psutil
 
-    ram = int(psutil.virtual_memory().available)
-    names: list[str] = []
-    free: list[int] = []
+    return int(psutil.virtual_memory().available)
+
+
+def _free_vram() -> dict[str, tuple]:
+    """Free bytes per NVIDIA GPU, named as llama.cpp names CUDA devices."""
+    if sys.platform == "linux" and not os.path.exists("/proc/driver/nvidia"):
+        return {}  # no NVIDIA driver loaded: skip importing NVML
     try:
         import pynvml
 
         pynvml.nvmlInit()
-        try:
-            for i in range(pynvml.nvmlDeviceGetCount()):
-                handle = pynvml.nvmlDeviceGetHandleByIndex(i)
-                free.append(int(pynvml.nvmlDeviceGetMemoryInfo(handle).free))
-                names.append(f"CUDA{i}")
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:  # no NVML library, no driver, no GPU: a CPU-only budget
-        names, free = [], []
-    return Budget(ram=ram, vram=tuple(free), gpu_names=tuple(names), margin=margin)
+    except Exception:  # no NVML library or driver: a CPU-only budget
+        return {}
+    try:
+        free = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            free.append(int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)).free))
+    except Exception:
+        return {}
+    finally:
+        pynvml.nvmlShutdown()
+    return {"vram": tuple(free), "gpu_names": tuple(f"CUDA{i}" for i in range(len(free)))}
 
 
 def fits(plan: MemoryPlan, budget: Budget) -> bool:
