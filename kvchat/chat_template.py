@@ -67,3 +67,40 @@ class ChatTemplate:
                 f"the model's chat template failed: {exc}",
                 hint="check the roles of the messages (system first, then user/assistant)",
             ) from exc
+
+
+_SENTINELS = ("\x00kvchat-a\x00", "\x00kvchat-b\x00", "\x00kvchat-c\x00")
+
+
+def preamble_length(template: ChatTemplate) -> int:
+    """Characters a template puts before the first user turn (e.g. a default
+    system prompt), so that turn 1 can be dropped without dropping them.
+
+    Found by rendering sentinel messages: the text before the second user
+    message's content, after the first reply, is the user header; what precedes
+    the first user header is the preamble. 0 when the template is not that regular.
+    """
+    one, reply, two = _SENTINELS
+    try:
+        first = template.render([{"role": "user", "content": one}], add_generation_prompt=False)
+        pair = template.render(
+            [{"role": "user", "content": one}, {"role": "assistant", "content": reply}],
+            add_generation_prompt=False,
+        )
+        three = template.render(
+            [
+                {"role": "user", "content": one},
+                {"role": "assistant", "content": reply},
+                {"role": "user", "content": two},
+            ],
+            add_generation_prompt=False,
+        )
+    except ModelFormatError:
+        return 0
+    if not three.startswith(pair) or two not in three or one not in first:
+        return 0
+    header = three[len(pair) : three.index(two)]
+    before_first = first[: first.index(one)]
+    if header and before_first.endswith(header):
+        return len(before_first) - len(header)
+    return 0
