@@ -267,7 +267,15 @@ class Session:
         stats.prompt_tokens = needed
         stats.reused_tokens = self.engine.n_past
         started = time.perf_counter()
-        self.engine.eval(to_eval)
+        n_past_before = self.engine.n_past
+        try:
+            self.engine.eval(to_eval)
+        except BaseException:
+            # Interrupted or failed mid-prefill: take the half-evaluated cells out
+            # again, so that the history stays the truth of the cache.
+            self.engine.kv_remove(n_past_before, -1)
+            stats.stop_reason = "interrupted"
+            raise
         stats.evaluated_tokens = len(to_eval)
         self.tokens.extend(new_tokens)
         self.turns.extend(marks)
@@ -334,3 +342,15 @@ class Session:
         self.kv_text = record["kv_text"]
         self.engine.eval(self.tokens[:n_kv])
         return n_kv
+
+    def restore_from_messages(self, record: dict[str, Any]) -> int:
+        """Rebuild from the transcript alone (another model: tokens do not carry over).
+        Returns tokens evaluated."""
+        self.engine.kv_clear()
+        self.messages = list(record["messages"])
+        self.dropped = list(record.get("dropped", []))
+        self.tokens, self.kv_text, self.turns = [], "", []
+        if self.messages:
+            self._resync(self.template.render(self.messages, add_generation_prompt=False), self.messages)
+        self.engine.eval(self.tokens)
+        return len(self.tokens)

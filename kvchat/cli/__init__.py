@@ -48,8 +48,9 @@ def _root(
 
 
 from kvchat.cli import estimate as _estimate  # noqa: E402,F401
-from kvchat.cli import run as _run  # noqa: E402,F401  (registers its command)
 from kvchat.cli import models as _models  # noqa: E402,F401
+from kvchat.cli import run as _run  # noqa: E402,F401  (registers its command)
+from kvchat.cli import sessions as _sessions  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -97,3 +97,79 @@ def chat_template_for(engine):  # noqa: ANN001,ANN201
         bos_token=engine.token_text(engine.bos_token),
         eos_token=engine.token_text(engine.eos_token),
     )
+
+
+@dataclass
+class ChatSetup:
+    """A loaded engine, its session and (for --session) the named file behind it."""
+
+    engine: Any
+    session: Any
+    named: Any
+    request: LoadRequest
+    resumed_tokens: int = 0
+    rebuilt_tokens: int = 0
+
+    def save(self) -> int | None:
+        if self.named is None:
+            return None
+        return self.named.save(self.session, self.engine)
+
+    def close(self) -> None:
+        try:
+            self.engine.close()
+        finally:
+            if self.named is not None:
+                self.named.close()
+
+
+def open_chat(
+    env: Environment,
+    *,
+    session_name: str | None,
+    rebuild: bool,
+    overflow: str | None,
+    sampling: Any,
+    max_tokens: int | None,
+    system: str | None,
+    verbose: bool,
+    **flags: Any,
+) -> ChatSetup:
+    """Resolve settings (a named session supplies those not given), load the model,
+    and restore or start the conversation."""
+    from kvchat.named_session import ContextSettings, NamedSession, resolve_against_saved
+    from kvchat.session import OVERFLOW_POLICIES, Session
+
+    policy = overflow or "shift"
+    if policy not in OVERFLOW_POLICIES:
+        raise UsageError(f"unknown --overflow '{policy}'", hint="use shift or stop")
+    named = NamedSession(session_name) if session_name else None
+    engine = None
+    try:
+        if named is not None:
+            request = resolve_against_saved(named, resolve_load_request, **flags)
+            named.check(
+                request.model_path,
+                ContextSettings(request.n_ctx, request.type_k.name, request.type_v.name,
+                                request.flash_attn),
+                rebuild=rebuild,
+            )
+        else:
+            request = resolve_load_request(**flags)
+        engine = load_engine(request, env, verbose=verbose)
+        session = Session(engine, chat_template_for(engine), sampling, max_tokens, policy)
+        setup = ChatSetup(engine, session, named, request)
+        if named is not None and named.exists:
+            setup.rebuilt_tokens = named.attach(session, rebuild=rebuild)
+            setup.resumed_tokens = len(session.tokens)
+        current = session.messages[0]["content"] if session.messages and \
+            session.messages[0]["role"] == "system" else None
+        if system and system != current:
+            session.set_system(system)
+        return setup
+    except BaseException:
+        if engine is not None:
+            engine.close()
+        if named is not None:
+            named.close()
+        raise

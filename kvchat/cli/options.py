@@ -37,3 +37,15 @@ NglOpt = Annotated[
 ThreadsOpt = Annotated[
     Optional[int], typer.Option("--threads", "-t", help="CPU threads (default: physical cores).", min=1)
 ]
+SessionOpt = Annotated[
+    Optional[str],
+    typer.Option("--session", "-S", help="Named session: resume it (KV state restored) and save each turn."),
+]
+RebuildOpt = Annotated[
+    bool,
+    typer.Option("--rebuild", help="Re-evaluate a saved session whose model or settings changed."),
+]
+OverflowOpt = Annotated[
+    Optional[str],
+    typer.Option("--overflow", help="When the context is full: shift (drop oldest turns) or stop."),
+]

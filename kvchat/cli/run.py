@@ -9,7 +9,7 @@ import typer
 
 from kvchat import config
 from kvchat.cli import app
-from kvchat.cli.common import chat_template_for, load_engine, resolve_load_request
+from kvchat.cli.common import open_chat
 from kvchat.cli.options import (
     CacheTypeKOpt,
     CacheTypeVOpt,
@@ -17,6 +17,9 @@ from kvchat.cli.options import (
     FlashAttnOpt,
     ModelOpt,
     NglOpt,
+    OverflowOpt,
+    RebuildOpt,
+    SessionOpt,
     ThreadsOpt,
 )
 from kvchat.errors import UsageError
@@ -70,6 +73,9 @@ def run(
     stats: Annotated[bool, typer.Option("--stats", help="One timings line on stderr.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show llama.cpp's log.")] = False,
+    session_name: SessionOpt = None,
+    rebuild: RebuildOpt = False,
+    overflow: OverflowOpt = None,
 ) -> None:
     """Answer one prompt. stdin comes first, then the arguments, a blank line between.
 
@@ -78,16 +84,13 @@ def run(
       echo "Why is the sky blue?" | kvchat run
       kvchat run ./model.gguf "Name three colours" --temperature 0 --seed 1
       git diff | kvchat run "Write a commit message for this diff" --json
+      kvchat run --session work "Remember: my name is Ada."   (then later)
+      kvchat run --session work "What is my name?"
     """
     from kvchat.engine import SamplingSettings
-    from kvchat.session import Session
 
     env = Environment()
     model_ref, prompt_words = split_model_and_prompt(list(words or []), model)
-    request = resolve_load_request(
-        model=model_ref, ctx=ctx, cache_type_k=cache_type_k, cache_type_v=cache_type_v,
-        flash_attn=flash_attn, ngl=ngl, threads=threads,
-    )
     prompt = build_prompt(env.read_stdin(), prompt_words)
     sampling = SamplingSettings(
         temperature=float(config.setting("temperature", temperature)),
@@ -97,13 +100,14 @@ def run(
         seed=None if (s := config.setting("seed", seed)) is None else int(s),
     )
     limit = config.setting("max_tokens", max_tokens)
-    system_prompt = config.setting("system", system)
-
-    engine = load_engine(request, env, verbose=verbose)
+    setup = open_chat(
+        env, session_name=session_name, rebuild=rebuild, overflow=overflow, sampling=sampling,
+        max_tokens=None if limit is None else int(limit), system=config.setting("system", system),
+        verbose=verbose, model=model_ref, ctx=ctx, cache_type_k=cache_type_k,
+        cache_type_v=cache_type_v, flash_attn=flash_attn, ngl=ngl, threads=threads,
+    )
+    engine, session, request = setup.engine, setup.session, setup.request
     try:
-        session = Session(engine, chat_template_for(engine), sampling, None if limit is None else int(limit))
-        if system_prompt:
-            session.set_system(system_prompt)
         pieces: list[str] = []
         interrupted = False
         stream = session.send(prompt)
@@ -158,7 +162,13 @@ def run(
         env.stdout.flush()
         if stats:
             env.stderr.write(stats_line(turn, engine.load_s) + "\n")
+        if turn.dropped_turns:
+            env.warn(
+                f"context full: dropped the {turn.dropped_turns} oldest turn(s) "
+                f"({turn.dropped_tokens} tokens) to make room"
+            )
+        setup.save()
         if interrupted:
             raise KeyboardInterrupt
     finally:
-        engine.close()
+        setup.close()

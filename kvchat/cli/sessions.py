@@ -1,0 +1,132 @@
+"""`kvchat sessions list|show|rm|export`: named conversations saved on disk."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.table import Table
+
+from kvchat import session_store
+from kvchat.cli import app
+from kvchat.errors import UsageError
+from kvchat.ui.environment import Environment
+from kvchat.ui.render import format_bytes
+
+sessions_app = typer.Typer(help="Named sessions saved on disk (see `run/chat --session NAME`).",
+                           no_args_is_help=True)
+app.add_typer(sessions_app, name="sessions")
+
+NameArg = Annotated[str, typer.Argument(help="Session name.")]
+
+
+class ExportFormat(str, Enum):
+    markdown = "markdown"
+    json = "json"
+
+
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M")
+
+
+@sessions_app.command("list")
+def list_cmd(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List saved sessions: turns, KV cells in use, context, size, model."""
+    env = Environment()
+    infos = session_store.list_sessions()
+    if as_json:
+        rows = [{"name": i.name, "turns": i.turns, "n_kv": i.n_kv, "n_ctx": i.n_ctx, "bytes": i.size,
+                 "model": i.model, "updated": i.updated, "path": str(i.path)} for i in infos]
+        env.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    if not infos:
+        env.stderr.write("no saved sessions yet — start one with `kvchat chat --session NAME`\n")
+        return
+    table = Table("name", "turns", "KV cells", "size", "model", "updated", box=None)
+    for i in infos:
+        table.add_row(i.name, str(i.turns), f"{i.n_kv}/{i.n_ctx}", format_bytes(i.size), i.model,
+                      _when(i.updated))
+    env.out_console().print(table)
+
+
+def _load(name: str) -> dict[str, Any]:
+    return session_store.load(session_store.session_path(name), with_state=False).record
+
+
+@sessions_app.command("show")
+def show_cmd(name: NameArg, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Show a session's settings and transcript."""
+    env = Environment()
+    record = _load(name)
+    if as_json:
+        env.stdout.write(json.dumps(_export_record(name, record), indent=2, ensure_ascii=False) + "\n")
+        return
+    s = record["settings"]
+    con = env.out_console()
+    con.print(f"session {name}: model {Path(record['model']['path']).name}, n_ctx {s['n_ctx']}, "
+              f"K {s['type_k']}, V {s['type_v']}, flash attention {s['flash_attn']}, "
+              f"{record['n_kv']} KV cells in use", markup=False)
+    if record.get("dropped"):
+        con.print(f"({len(record['dropped'])} earlier messages dropped from the context)", markup=False)
+    for message in record["messages"]:
+        con.print(f"[{message['role']}] {message['content']}", markup=False)
+
+
+def _export_record(name: str, record: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "model": record["model"],
+        "settings": record["settings"],
+        "created": record.get("created"),
+        "updated": record.get("updated"),
+        "messages": record.get("dropped", []) + record["messages"],
+        "dropped_from_context": len(record.get("dropped", [])),
+    }
+
+
+def to_markdown(name: str, record: dict[str, Any]) -> str:
+    lines = [f"# Session {name}", "",
+             f"Model: `{Path(record['model']['path']).name}` · n_ctx {record['settings']['n_ctx']}", ""]
+    for message in record.get("dropped", []) + record["messages"]:
+        lines += [f"## {message['role']}", "", message["content"].rstrip(), ""]
+    return "\n".join(lines)
+
+
+@sessions_app.command("export")
+def export_cmd(
+    name: NameArg,
+    fmt: Annotated[ExportFormat, typer.Option("--format", "-f")] = ExportFormat.markdown,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="File (default stdout).")] = None,
+) -> None:
+    """Export a transcript as Markdown or JSON (every message, dropped ones included)."""
+    record = _load(name)
+    if fmt is ExportFormat.json:
+        text = json.dumps(_export_record(name, record), indent=2, ensure_ascii=False) + "\n"
+    else:
+        text = to_markdown(name, record)
+    if output is None:
+        Environment().stdout.write(text)
+    else:
+        session_store.atomic_write(output, [text.encode("utf-8")])
+
+
+@sessions_app.command("rm")
+def rm_cmd(
+    name: NameArg,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
+) -> None:
+    """Delete a saved session."""
+    env = Environment()
+    if not session_store.session_path(name).exists():
+        _load(name)  # raises the not-found error
+    if not yes:
+        if not env.stdin_isatty:
+            raise UsageError(f"not deleting session '{name}' without confirmation", hint="add --yes")
+        if not typer.confirm(f"Delete session '{name}'?", default=False, err=True):
+            raise typer.Exit(1)
+    session_store.remove(name)
+    env.stderr.write(f"deleted session '{name}'\n")

@@ -1,0 +1,177 @@
+"""A Session bound to a name on disk: resume without re-evaluating, save after each turn.
+
+On open, the saved model identity and context settings are compared with what
+the user asked for; flags the user did not give take the saved values. Any real
+mismatch is explained in one message, and `rebuild=True` re-evaluates the history
+instead of restoring the KV state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from kvchat import session_store
+from kvchat.cache_types import parse_cache_type
+from kvchat.engine import Engine
+from kvchat.errors import SessionError
+from kvchat.session import Session
+from kvchat.session_store import SavedSession
+
+
+@dataclass(frozen=True)
+class ContextSettings:
+    """The settings a saved KV state depends on."""
+
+    n_ctx: int
+    type_k: str
+    type_v: str
+    flash_attn: str
+
+    def as_record(self) -> dict[str, Any]:
+        return {"n_ctx": self.n_ctx, "type_k": self.type_k, "type_v": self.type_v,
+                "flash_attn": self.flash_attn}
+
+
+def saved_settings(saved: SavedSession) -> ContextSettings:
+    s = saved.record["settings"]
+    return ContextSettings(int(s["n_ctx"]), s["type_k"], s["type_v"], s["flash_attn"])
+
+
+def mismatches(
+    saved: SavedSession, model_identity: dict[str, Any], settings: ContextSettings
+) -> list[str]:
+    """Human-readable differences that make the saved KV state unusable."""
+    problems = []
+    was = saved.record["model"]
+    if was["sha256"] != model_identity["sha256"] or was["size"] != model_identity["size"]:
+        if was["path"] == model_identity["path"]:
+            problems.append(f"the model file {Path(was['path']).name} changed since the session was saved")
+        else:
+            problems.append(
+                f"it was saved with {Path(was['path']).name}, not {Path(model_identity['path']).name}"
+            )
+    old = saved_settings(saved)
+    for field_name, label in (("n_ctx", "--ctx"), ("type_k", "--cache-type-k"),
+                              ("type_v", "--cache-type-v"), ("flash_attn", "--flash-attn")):
+        before, now = getattr(old, field_name), getattr(settings, field_name)
+        if before != now:
+            problems.append(f"{label} was {before}, now {now}")
+    return problems
+
+
+@dataclass
+class OpenResult:
+    session: Session
+    resumed: bool
+    rebuilt_tokens: int
+    load_s: float
+
+
+class NamedSession:
+    """Holds the session's lock from open to close; saves after every turn."""
+
+    def __init__(self, name: str) -> None:
+        self.name = session_store.check_name(name)
+        self.path = session_store.session_path(name)
+        self._lock = contextlib.ExitStack()
+        self._lock.enter_context(session_store.locked(name))
+        self.saved: SavedSession | None = None
+        if self.path.exists():
+            try:
+                self.saved = session_store.load(self.path)
+            except BaseException:
+                self._lock.close()
+                raise
+        self.created = self.saved.record.get("created", time.time()) if self.saved else time.time()
+        self.model_identity: dict[str, Any] | None = None
+        self.settings: ContextSettings | None = None
+
+    @property
+    def exists(self) -> bool:
+        return self.saved is not None
+
+    def saved_model_path(self) -> Path | None:
+        return Path(self.saved.record["model"]["path"]) if self.saved else None
+
+    def saved_settings(self) -> ContextSettings | None:
+        return saved_settings(self.saved) if self.saved else None
+
+    def check(self, model_path: Path, settings: ContextSettings, *, rebuild: bool) -> None:
+        """Refuse a saved session that does not match, unless rebuilding."""
+        self.model_identity = session_store.model_identity(model_path)
+        self.settings = settings
+        if self.saved is None or rebuild:
+            return
+        problems = mismatches(self.saved, self.model_identity, settings)
+        if problems:
+            raise SessionError(
+                f"session '{self.name}' cannot be resumed as saved: " + "; ".join(problems),
+                hint="drop the conflicting flags, or add --rebuild to re-evaluate it from the transcript",
+            )
+
+    def attach(self, session: Session, *, rebuild: bool) -> int:
+        """Put the saved conversation into `session`; returns tokens re-evaluated."""
+        if self.saved is None:
+            return 0
+        same_model = (
+            self.model_identity is not None
+            and self.saved.record["model"]["sha256"] == self.model_identity["sha256"]
+        )
+        if not rebuild:
+            return session.restore(self.saved.record, self.saved.tokens, self.saved.state)
+        if same_model:
+            return session.restore(self.saved.record, self.saved.tokens, None)
+        return session.restore_from_messages(self.saved.record)
+
+    def save(self, session: Session, engine: Engine) -> int:
+        """Write transcript + tokens + KV state atomically; returns bytes written."""
+        assert self.model_identity is not None and self.settings is not None
+        record = {
+            **session.to_record(),
+            "name": self.name,
+            "created": self.created,
+            "updated": time.time(),
+            "model": self.model_identity,
+            "settings": self.settings.as_record(),
+        }
+        return session_store.save(self.path, record, session.tokens, engine.state_bytes())
+
+    def close(self) -> None:
+        self._lock.close()
+
+    def __enter__(self) -> NamedSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def resolve_against_saved(
+    named: NamedSession,
+    resolve: Callable[..., Any],
+    **flags: Any,
+) -> Any:
+    """Call `resolve(**flags)` with the saved values for the flags not given."""
+    saved = named.saved_settings()
+    if saved is not None:
+        defaults = {
+            "model": str(named.saved_model_path()),
+            "ctx": saved.n_ctx,
+            "cache_type_k": saved.type_k,
+            "cache_type_v": saved.type_v,
+            "flash_attn": saved.flash_attn,
+        }
+        flags = {k: (defaults[k] if v is None and k in defaults else v) for k, v in flags.items()}
+    return resolve(**flags)
+
+
+def iter_names() -> Iterator[str]:
+    return (info.name for info in session_store.list_sessions())
+
+
+__all__ = ["ContextSettings", "NamedSession", "mismatches", "parse_cache_type", "replace"]
