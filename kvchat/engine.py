@@ -368,6 +368,44 @@ class Engine:
             one[0] = token
             self._decode(llama.llama_batch_get_one(one, 1), 1)
 
+    def eval_logits(
+        self, tokens: Sequence[int], *, max_rows: int | None = None
+    ) -> Iterator[np.ndarray]:  # noqa: F821  (numpy is imported lazily, with the method)
+        """Append `tokens` like `eval`, yielding the logits of every position as it goes.
+
+        Each decoded batch (n_batch tokens, or `max_rows` when smaller) yields a
+        float32 array of shape [batch tokens, n_vocab], a copy the caller may keep:
+        row i holds the next-token logits after tokens[..i]. Streaming bounds memory
+        (3,000 positions of a 49k vocab would be 590 MB at once). Used for teacher
+        forcing (kvchat bench); the KV cache advances as the caller iterates.
+        """
+        import numpy as np
+
+        if self.n_past + len(tokens) > self.n_ctx:
+            raise UsageError(
+                f"{self.n_past + len(tokens)} tokens do not fit the {self.n_ctx}-token context",
+                hint="raise --ctx or evaluate fewer tokens",
+            )
+        step = min(self.settings.n_batch, max_rows or self.settings.n_batch)
+        batch = llama.llama_batch_init(step, 0, 1)
+        try:
+            for start in range(0, len(tokens), step):
+                chunk = tokens[start : start + step]
+                for i, token in enumerate(chunk):
+                    batch.token[i] = token
+                    batch.pos[i] = self.n_past + i
+                    batch.n_seq_id[i] = 1
+                    batch.seq_id[i][0] = 0
+                    batch.logits[i] = 1
+                batch.n_tokens = len(chunk)
+                self._decode(batch, len(chunk))
+                # With every position an output, llama_get_logits is [n_outputs, n_vocab]
+                # in batch order (llama-context.cpp reorders outputs before returning).
+                logits = llama.llama_get_logits(self._ctx)
+                yield np.ctypeslib.as_array(logits, shape=(len(chunk), self.n_vocab)).copy()
+        finally:
+            llama.llama_batch_free(batch)
+
     # -- KV memory -----------------------------------------------------------
 
     def kv_remove(self, start: int, end: int) -> bool:
