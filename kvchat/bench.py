@@ -1,0 +1,522 @@
+"""Choosing a KV cache type with evidence: memory, speed and quality per K/V pair.
+
+For each K/V cache pair the bench loads one engine and measures
+
+* KV memory: planned (`kvchat.memory`) and as llama.cpp reports it;
+* speed: prefill tok/s over a long prompt, time to first token and decode tok/s
+  after it, as medians over repeats that follow a warm-up;
+* quality against the f16/f16 cache: the same tokens of a fixed public-domain text
+  (`kvchat/data/bench_text.txt`, Lewis Carroll, 1865) are teacher-forced through
+  each context, and every position's next-token distribution is compared with the
+  reference run's: mean and 99th-percentile KL(f16 || pair), top-1 agreement, and
+  each run's perplexity, as llama.cpp's `llama-perplexity --kl-divergence` does.
+
+The reference run's logits are spooled to an unnamed temporary file (float32, as
+llama.cpp returned them) so that one engine at a time is alive and the comparison
+is exact: an f16 run compared with another f16 run gives KL 0 and 100% agreement.
+
+Library only: nothing here prints. Engines come from a factory, so the CLI decides
+how models load and tests can pass their own.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+import numpy as np
+
+from kvchat.cache_types import CacheType, parse_cache_type
+from kvchat.errors import UsageError
+
+if TYPE_CHECKING:
+    from kvchat.engine import Engine
+
+SCHEMA = "kvchat.bench/1"
+DEFAULT_PAIRS = "f16,q8_0,q4_0,q8_0/q4_0"
+REFERENCE = ("f16", "f16")
+QUALITY_ROWS = 256  # positions decoded per teacher-forced batch; the same for every pair
+_REDUCE_ROWS = 64  # rows reduced at once in float64 (64 x 49k vocab x 8 B = 25 MB)
+_WARMUP_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class CachePair:
+    type_k: CacheType
+    type_v: CacheType
+
+    @property
+    def name(self) -> str:
+        return f"{self.type_k.name}/{self.type_v.name}"
+
+    @property
+    def is_reference(self) -> bool:
+        return (self.type_k.name, self.type_v.name) == REFERENCE
+
+
+EngineFactory = Callable[[CachePair], "Engine"]
+Progress = Callable[[int, str], None]
+"""Called with (steps just done, what runs now); `plan_steps` gives the total."""
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    n_ctx: int = 4096
+    prompt_tokens: int = 1024
+    decode_tokens: int = 64
+    repeats: int = 3
+    quality_tokens: int = 2048
+    speed: bool = True
+    quality: bool = True
+
+
+@dataclass(frozen=True)
+class Spread:
+    """A median with the samples it came from."""
+
+    samples: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    @property
+    def min(self) -> float:
+        return min(self.samples)
+
+    @property
+    def max(self) -> float:
+        return max(self.samples)
+
+    @property
+    def spread_pct(self) -> float:
+        """Half the min-max range, as a percentage of the median."""
+        return 50.0 * (self.max - self.min) / self.median if self.median else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "median": round(self.median, 4),
+            "min": round(self.min, 4),
+            "max": round(self.max, 4),
+            "samples": [round(s, 4) for s in self.samples],
+        }
+
+
+@dataclass(frozen=True)
+class SpeedResult:
+    prefill_tok_s: Spread
+    decode_tok_s: Spread
+    ttft_s: Spread
+
+
+@dataclass(frozen=True)
+class QualityResult:
+    """One run's teacher-forced figures against the reference run."""
+
+    n_positions: int
+    perplexity: float
+    kl_mean: float
+    kl_p99: float
+    top1_agreement: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "n_positions": self.n_positions,
+            "perplexity": self.perplexity,
+            "kl_mean": self.kl_mean,
+            "kl_p99": self.kl_p99,
+            "top1_agreement": self.top1_agreement,
+        }
+
+
+@dataclass
+class PairResult:
+    pair: CachePair
+    kv_bytes_reported: int
+    kv_bytes_planned: int | None
+    load_s: float
+    speed: SpeedResult | None = None
+    quality: QualityResult | None = None
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """The best-quality pair for a KV budget (the pareto front of KV bytes and KL)."""
+
+    pair: CachePair
+    kv_bytes: int
+    text: str
+
+
+@dataclass
+class BenchResult:
+    model_path: Path
+    settings: BenchSettings
+    n_ctx: int
+    n_threads: int
+    flash_attn: str
+    pairs: list[PairResult]
+    total_s: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def reference(self) -> PairResult:
+        return next(r for r in self.pairs if r.pair.is_reference)
+
+
+# -- parsing -------------------------------------------------------------------
+
+
+def parse_cache_pairs(text: str) -> list[CachePair]:
+    """'f16,q8_0,q8_0/q4_0' -> pairs; a lone type means the same K and V type.
+
+    The f16/f16 reference is always measured first (quality is relative to it).
+    """
+    pairs: list[CachePair] = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        k_name, _, v_name = item.partition("/")
+        pair = CachePair(parse_cache_type(k_name), parse_cache_type(v_name or k_name))
+        if pair not in pairs:
+            pairs.append(pair)
+    if not pairs:
+        raise UsageError("--cache-types names no cache type", hint=f"e.g. {DEFAULT_PAIRS}")
+    reference = CachePair(parse_cache_type(REFERENCE[0]), parse_cache_type(REFERENCE[1]))
+    return [reference] + [p for p in pairs if p != reference]
+
+
+def check_settings(settings: BenchSettings) -> None:
+    """Refuse settings that cannot run, before any model loads."""
+    if settings.repeats < 1:
+        raise UsageError("--repeats must be at least 1")
+    if not (settings.speed or settings.quality):
+        raise UsageError("--no-speed and --no-quality leave nothing to measure")
+    if settings.speed and settings.prompt_tokens + settings.decode_tokens > settings.n_ctx:
+        raise UsageError(
+            f"a {settings.prompt_tokens}-token prompt and {settings.decode_tokens} decoded "
+            f"tokens do not fit the {settings.n_ctx}-token context",
+            hint="raise --ctx or lower --prompt-tokens",
+        )
+    if settings.quality and settings.quality_tokens > settings.n_ctx:
+        raise UsageError(
+            f"{settings.quality_tokens} quality tokens do not fit the {settings.n_ctx}-token context",
+            hint="raise --ctx or lower --quality-tokens",
+        )
+    if settings.quality and settings.quality_tokens < 2:
+        raise UsageError("--quality-tokens must be at least 2")
+
+
+def bench_text() -> str:
+    """The bundled public-domain text (Alice's Adventures in Wonderland, ch. I-II)."""
+    return importlib.resources.files("kvchat").joinpath("data/bench_text.txt").read_text("utf-8")
+
+
+def bench_tokens(engine: Engine, n_tokens: int) -> list[int]:
+    tokens = engine.tokenize(bench_text(), add_special=True)
+    if len(tokens) < n_tokens:
+        raise UsageError(
+            f"the bundled text is {len(tokens)} tokens for this model, fewer than {n_tokens}",
+            hint=f"use --quality-tokens / --prompt-tokens of at most {len(tokens)}",
+        )
+    return tokens[:n_tokens]
+
+
+def plan_steps(settings: BenchSettings, n_pairs: int) -> int:
+    """How many progress steps `run_bench` reports, for a progress bar's total."""
+    per_pair = 1  # load
+    if settings.speed:
+        per_pair += 1 + settings.repeats  # warm-up, repeats
+    if settings.quality:
+        per_pair += -(-settings.quality_tokens // QUALITY_ROWS)
+    return per_pair * n_pairs
+
+
+# -- quality maths -----------------------------------------------------------------
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax in float64."""
+    x = logits.astype(np.float64)
+    x -= x.max(axis=1, keepdims=True)
+    x -= np.log(np.exp(x).sum(axis=1, keepdims=True))
+    return x
+
+
+@dataclass
+class QualityStats:
+    """Per-position figures of one run against the reference, gathered chunk by chunk."""
+
+    kl: list[np.ndarray] = field(default_factory=list)
+    agree: list[np.ndarray] = field(default_factory=list)
+    nll: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, ref_logits: np.ndarray, logits: np.ndarray, targets: np.ndarray) -> None:
+        """Compare rows of logits with the reference's; `targets` are the next tokens.
+
+        Rows past the end of `targets` (the text's last position) are ignored.
+        """
+        n = len(targets)
+        for start in range(0, n, _REDUCE_ROWS):
+            stop = min(start + _REDUCE_ROWS, n)
+            ref_lp = log_softmax(ref_logits[start:stop])
+            lp = log_softmax(logits[start:stop])
+            # KL(P || Q) = sum_v P(v) (log P(v) - log Q(v)); identical rows give exactly 0.
+            kl = (np.exp(ref_lp) * (ref_lp - lp)).sum(axis=1)
+            self.kl.append(np.maximum(kl, 0.0))
+            self.agree.append(ref_lp.argmax(axis=1) == lp.argmax(axis=1))
+            self.nll.append(-lp[np.arange(stop - start), targets[start:stop]])
+
+    def result(self) -> QualityResult:
+        kl = np.concatenate(self.kl)
+        nll = np.concatenate(self.nll)
+        return QualityResult(
+            n_positions=len(kl),
+            perplexity=float(np.exp(nll.mean())),
+            kl_mean=float(kl.mean()),
+            kl_p99=float(np.percentile(kl, 99)),
+            top1_agreement=float(np.concatenate(self.agree).mean()),
+        )
+
+
+def _teacher_forced(engine: Engine, tokens: Sequence[int]) -> Any:
+    """Yield (logits rows, next tokens for them) over `tokens`, from an empty cache."""
+    engine.kv_clear()
+    targets = np.asarray(tokens[1:], dtype=np.int64)
+    start = 0
+    for logits in engine.eval_logits(tokens, max_rows=QUALITY_ROWS):
+        yield logits, targets[start : start + len(logits)]
+        start += len(logits)
+
+
+def record_reference(
+    engine: Engine, tokens: Sequence[int], spool: IO[bytes], progress: Progress | None = None
+) -> QualityResult:
+    """Teacher-force the reference run, spooling its logits; its own figures are exact."""
+    stats = QualityStats()
+    for logits, targets in _teacher_forced(engine, tokens):
+        spool.write(logits.tobytes())
+        stats.add(logits, logits, targets)
+        if progress:
+            progress(1, "quality")
+    spool.flush()
+    return stats.result()
+
+
+def compare_with_reference(
+    engine: Engine, tokens: Sequence[int], spool: IO[bytes], progress: Progress | None = None
+) -> QualityResult:
+    """Teacher-force `engine` over the same tokens and compare with the spooled reference."""
+    stats = QualityStats()
+    spool.seek(0)
+    for logits, targets in _teacher_forced(engine, tokens):
+        raw = spool.read(logits.nbytes)
+        if len(raw) != logits.nbytes:
+            raise UsageError("the reference run is shorter than this run", hint="rerun kvchat bench")
+        ref = np.frombuffer(raw, dtype=np.float32).reshape(logits.shape)
+        stats.add(ref, logits, targets)
+        if progress:
+            progress(1, "quality")
+    return stats.result()
+
+
+def compare_engines(reference: Engine, other: Engine, tokens: Sequence[int]) -> QualityResult:
+    """Quality of `other` against `reference` over `tokens` (one spool, then compare)."""
+    with tempfile.TemporaryFile() as spool:
+        record_reference(reference, tokens, spool)
+        return compare_with_reference(other, tokens, spool)
+
+
+# -- speed -------------------------------------------------------------------------
+
+
+def measure_speed(
+    engine: Engine, prompt: Sequence[int], decode_tokens: int, repeats: int,
+    progress: Progress | None = None,
+) -> SpeedResult:
+    """Prefill, time to first token and decode speed, after one untimed warm-up.
+
+    Each repeat starts from an empty cache, evaluates the prompt, then samples
+    greedily (without stopping at end of generation, like llama-bench's tg test).
+    """
+    from kvchat.engine import SamplingSettings
+
+    engine.set_sampling(SamplingSettings(temperature=0.0))
+    engine.kv_clear()
+    engine.eval(prompt[:_WARMUP_TOKENS])
+    for _ in engine.generate(4, stop_at_eog=False):
+        pass
+    if progress:
+        progress(1, "speed")
+    prefill, decode, ttft = [], [], []
+    for _ in range(repeats):
+        engine.kv_clear()
+        started = time.perf_counter()
+        engine.eval(prompt)
+        prefilled = time.perf_counter()
+        first = last = prefilled
+        n_events = 0
+        for _event in engine.generate(decode_tokens, stop_at_eog=False):
+            last = time.perf_counter()
+            if n_events == 0:
+                first = last
+            n_events += 1
+        prefill.append(len(prompt) / (prefilled - started))
+        ttft.append(first - started)
+        # Between the first and the last token, n_events - 1 tokens were decoded.
+        decode.append((n_events - 1) / (last - first) if n_events > 1 and last > first else 0.0)
+        if progress:
+            progress(1, "speed")
+    engine.kv_clear()
+    return SpeedResult(Spread(tuple(prefill)), Spread(tuple(decode)), Spread(tuple(ttft)))
+
+
+# -- the whole bench ---------------------------------------------------------------------
+
+
+def run_bench(
+    factory: EngineFactory,
+    pairs: Sequence[CachePair],
+    settings: BenchSettings,
+    *,
+    model_path: Path,
+    n_threads: int,
+    flash_attn: str,
+    planned_kv: Callable[[CachePair], int | None] = lambda pair: None,
+    progress: Progress | None = None,
+) -> BenchResult:
+    """Measure every pair, one engine alive at a time; the reference pair comes first."""
+    check_settings(settings)
+    if not pairs or not pairs[0].is_reference:
+        raise UsageError("the f16/f16 reference must be measured first")
+    started = time.perf_counter()
+    result = BenchResult(model_path, settings, settings.n_ctx, n_threads, flash_attn, [])
+    with tempfile.TemporaryFile(prefix="kvchat-bench-") as spool:
+        for pair in pairs:
+            if progress:
+                progress(0, f"loading {pair.name}")
+            engine = factory(pair)
+            try:
+                kv_reported = sum(engine.buffers.kv.values())
+                row = PairResult(pair, kv_reported, planned_kv(pair), engine.load_s)
+                result.n_ctx = engine.n_ctx
+                if progress:
+                    progress(1, pair.name)
+                if settings.speed:
+                    prompt = bench_tokens(engine, settings.prompt_tokens)
+                    row.speed = measure_speed(
+                        engine, prompt, settings.decode_tokens, settings.repeats, progress
+                    )
+                if settings.quality:
+                    tokens = bench_tokens(engine, settings.quality_tokens)
+                    if pair.is_reference:
+                        row.quality = record_reference(engine, tokens, spool, progress)
+                    else:
+                        row.quality = compare_with_reference(engine, tokens, spool, progress)
+            finally:
+                engine.close()
+            result.pairs.append(row)
+    result.total_s = time.perf_counter() - started
+    return result
+
+
+# -- reading the results ----------------------------------------------------------------
+
+
+def _pct(value: float, base: float) -> str:
+    change = 100.0 * (value - base) / base if base else 0.0
+    return f"{change:+.0f}%".replace("-", "\u2212")
+
+
+def recommend(result: BenchResult) -> list[Recommendation]:
+    """One line per memory budget: the lowest-KL pair that fits it.
+
+    Pairs are taken from the largest KV cache down; a pair is listed only when it
+    saves memory over every pair listed before it and no smaller pair is at least
+    as good (lower or equal KL). Without quality figures, each memory step is listed.
+    """
+    ref = result.reference
+    by_size = sorted(
+        result.pairs,
+        key=lambda r: (-r.kv_bytes_reported, r.quality.kl_mean if r.quality else 0.0, r is not ref),
+    )
+    lines: list[Recommendation] = []
+    for i, row in enumerate(by_size):
+        if lines and row.kv_bytes_reported >= lines[-1].kv_bytes:
+            continue
+        if row.quality is not None and any(
+            other.quality is not None
+            and other.kv_bytes_reported < row.kv_bytes_reported
+            and other.quality.kl_mean <= row.quality.kl_mean
+            for other in by_size[i + 1 :]
+        ):
+            continue
+        parts = [f"{row.pair.name}:"]
+        if row is ref:
+            parts.append("reference")
+        else:
+            parts.append(f"{_pct(row.kv_bytes_reported, ref.kv_bytes_reported)} KV,")
+            if row.quality is not None:
+                parts.append(f"KL {row.quality.kl_mean:.4f}, top-1 {100 * row.quality.top1_agreement:.1f}%,")
+            if row.speed is not None and ref.speed is not None:
+                parts.append(
+                    f"prefill {_pct(row.speed.prefill_tok_s.median, ref.speed.prefill_tok_s.median)}, "
+                    f"decode {_pct(row.speed.decode_tok_s.median, ref.speed.decode_tok_s.median)}"
+                )
+        text = " ".join(parts).rstrip(",")
+        lines.append(Recommendation(row.pair, row.kv_bytes_reported, text))
+    return lines
+
+
+def to_json(result: BenchResult) -> dict[str, Any]:
+    """The --json record; `schema` names its version."""
+    s = result.settings
+
+    def speed(row: PairResult) -> dict[str, Any] | None:
+        if row.speed is None:
+            return None
+        return {
+            "prefill_tok_s": row.speed.prefill_tok_s.to_json(),
+            "decode_tok_s": row.speed.decode_tok_s.to_json(),
+            "ttft_s": row.speed.ttft_s.to_json(),
+        }
+
+    return {
+        "schema": SCHEMA,
+        "model": str(result.model_path),
+        "settings": {
+            "n_ctx": result.n_ctx,
+            "n_threads": result.n_threads,
+            "flash_attn": result.flash_attn,
+            "prompt_tokens": s.prompt_tokens if s.speed else None,
+            "decode_tokens": s.decode_tokens if s.speed else None,
+            "repeats": s.repeats if s.speed else None,
+            "quality_tokens": s.quality_tokens if s.quality else None,
+            "quality_text": "kvchat/data/bench_text.txt",
+        },
+        "reference": result.reference.pair.name,
+        "results": [
+            {
+                "cache_type_k": row.pair.type_k.name,
+                "cache_type_v": row.pair.type_v.name,
+                "kv_bytes": {"planned": row.kv_bytes_planned, "reported": row.kv_bytes_reported},
+                "load_s": round(row.load_s, 4),
+                "speed": speed(row),
+                "quality": None if row.quality is None else row.quality.to_json(),
+            }
+            for row in result.pairs
+        ],
+        "recommendations": [
+            {"cache_type_k": r.pair.type_k.name, "cache_type_v": r.pair.type_v.name,
+             "kv_bytes": r.kv_bytes, "text": r.text}
+            for r in recommend(result)
+        ],
+        "warnings": list(result.warnings),
+        "total_s": round(result.total_s, 2),
+    }

@@ -1,0 +1,186 @@
+"""`kvchat bench`: KV memory, speed and quality of K/V cache types for one model."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from typing import TYPE_CHECKING, Annotated, Optional
+
+import typer
+
+from kvchat.cli import app
+from kvchat.cli.common import LoadRequest, load_engine, resolve_load_request
+from kvchat.cli.options import CtxOpt, FlashAttnOpt, NglOpt, ThreadsOpt
+from kvchat.errors import KvchatError
+from kvchat.ui.environment import Environment
+from kvchat.ui.render import format_bytes
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from kvchat.bench import BenchResult, CachePair
+
+
+def _flash_attn_for(request: LoadRequest, pairs: list[CachePair]) -> str:
+    """One flash-attention mode for every pair, so that speed and quality compare alike."""
+    from kvchat.cache_types import resolve_flash_attn
+
+    modes = {resolve_flash_attn(request.flash_attn, pair.type_v) for pair in pairs}
+    return "on" if "on" in modes else request.flash_attn
+
+
+def _planner(request: LoadRequest, flash_attn: str):  # noqa: ANN202
+    """KV bytes planned by kvchat.memory, or None when the planner cannot say."""
+    try:
+        from kvchat.memory import PlanSettings, plan_memory
+        from kvchat.model_spec import read_spec
+
+        spec = read_spec(str(request.model_path))
+    except (ImportError, KvchatError):
+        return lambda pair: None
+
+    def planned(pair: CachePair) -> int | None:
+        try:
+            plan = PlanSettings(
+                n_ctx=request.n_ctx, type_k=pair.type_k, type_v=pair.type_v,
+                flash_attn=flash_attn != "off",
+            )
+            return plan_memory(spec, plan).kv
+        except KvchatError:
+            return None
+
+    return planned
+
+
+def _speed(spread) -> str:  # noqa: ANN001
+    return f"{spread.median:,.0f} ±{spread.spread_pct:.0f}%"
+
+
+def render_table(result: BenchResult) -> Table:
+    from rich.table import Table
+
+    table = Table(title=f"KV cache types at n_ctx {result.n_ctx} ({result.model_path.name})")
+    for name in ("K/V", "KV planned", "KV llama.cpp", "prefill tok/s", "TTFT", "decode tok/s",
+                 "PPL", "KL mean", "KL p99", "top-1"):
+        table.add_column(name, justify="left" if name == "K/V" else "right")
+    for row in result.pairs:
+        planned = "—" if row.kv_bytes_planned is None else format_bytes(row.kv_bytes_planned)
+        speed = ["—"] * 3
+        if row.speed is not None:
+            speed = [_speed(row.speed.prefill_tok_s), f"{1000 * row.speed.ttft_s.median:,.0f} ms",
+                     _speed(row.speed.decode_tok_s)]
+        quality = ["—"] * 4
+        if row.quality is not None:
+            q = row.quality
+            quality = [f"{q.perplexity:.3f}", f"{q.kl_mean:.5f}", f"{q.kl_p99:.4f}",
+                       f"{100 * q.top1_agreement:.1f}%"]
+        table.add_row(row.pair.name, planned, format_bytes(row.kv_bytes_reported), *speed, *quality)
+    return table
+
+
+@app.command()
+def bench(
+    model: Annotated[
+        Optional[str], typer.Argument(help="A .gguf path or model reference (default: bundled SmolLM2).")
+    ] = None,
+    cache_types: Annotated[
+        Optional[str],
+        typer.Option("--cache-types", help="Comma list; 'q8_0' is K and V alike, 'q8_0/q4_0' is K/V. "
+                     "f16/f16 is always measured as the reference."),
+    ] = None,
+    ctx: CtxOpt = None,
+    threads: ThreadsOpt = None,
+    ngl: NglOpt = None,
+    flash_attn: FlashAttnOpt = None,
+    repeats: Annotated[int, typer.Option("--repeats", "-r", help="Timed runs per pair.", min=1)] = 3,
+    prompt_tokens: Annotated[
+        int, typer.Option("--prompt-tokens", help="Prompt length for prefill speed.", min=1)
+    ] = 1024,
+    decode_tokens: Annotated[
+        int, typer.Option("--decode-tokens", help="Tokens generated for decode speed.", min=2)
+    ] = 64,
+    quality_tokens: Annotated[
+        int, typer.Option("--quality-tokens", help="Tokens of the bundled text teacher-forced.", min=2)
+    ] = 2048,
+    no_speed: Annotated[bool, typer.Option("--no-speed", help="Skip the speed runs.")] = False,
+    no_quality: Annotated[bool, typer.Option("--no-quality", help="Skip the quality runs.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show llama.cpp's log.")] = False,
+) -> None:
+    """Measure KV memory, prefill/decode speed and answer drift for K/V cache types.
+
+    Quality is teacher-forced over a bundled public-domain text and compared with the
+    f16 cache: mean KL divergence, top-1 agreement and perplexity (deterministic).
+    \b
+    Examples:
+      kvchat bench
+      kvchat bench ./model.gguf --cache-types f16,q8_0,q4_0,q8_0/q4_0 --ctx 8192
+      kvchat bench --no-speed --json > quality.json
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from kvchat.bench import (
+        DEFAULT_PAIRS,
+        BenchSettings,
+        check_settings,
+        parse_cache_pairs,
+        plan_steps,
+        recommend,
+        run_bench,
+        to_json,
+    )
+    from kvchat.engine import supports_gpu_offload
+
+    env = Environment()
+    pairs = parse_cache_pairs(cache_types or DEFAULT_PAIRS)
+    request = resolve_load_request(
+        model=model, ctx=ctx, cache_type_k="f16", cache_type_v="f16", flash_attn=flash_attn,
+        ngl=ngl, threads=threads,
+    )
+    fa = _flash_attn_for(request, pairs)
+    settings = BenchSettings(
+        n_ctx=request.n_ctx, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens,
+        repeats=repeats, quality_tokens=quality_tokens, speed=not no_speed, quality=not no_quality,
+    )
+    check_settings(settings)
+    on_gpu = request.n_gpu_layers != 0 and supports_gpu_offload()
+    warnings = [
+        f"{p.name}: mixed K/V types have no fused GPU flash-attention kernel in stock builds; "
+        "attention may run on the CPU" for p in pairs if on_gpu and p.type_k != p.type_v
+    ]
+    for warning in warnings:
+        env.warn(warning)
+
+    def factory(pair: CachePair):  # noqa: ANN202
+        return load_engine(
+            replace(request, type_k=pair.type_k, type_v=pair.type_v, flash_attn=fa), env, verbose=verbose
+        )
+
+    progress = Progress(
+        TextColumn("{task.description:<16}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=env.err_console(), transient=True, disable=verbose,
+    )
+    with progress:
+        task = progress.add_task("bench", total=plan_steps(settings, len(pairs)))
+        result = run_bench(
+            factory, pairs, settings, model_path=request.model_path, n_threads=request.n_threads,
+            flash_attn=fa, planned_kv=_planner(request, fa),
+            progress=lambda done, label: progress.update(task, advance=done, description=label),
+        )
+    result.warnings.extend(warnings)
+
+    if as_json:
+        env.stdout.write(json.dumps(to_json(result), ensure_ascii=False) + "\n")
+        return
+    out = env.out_console()
+    out.print(render_table(result))
+    out.print("Best quality for each KV budget:")
+    for line in recommend(result):
+        out.print(f"  KV ≤ {format_bytes(line.kv_bytes):>10}  {line.text}")
+    notes = [f"{result.n_threads} threads, flash attention {fa}"]
+    if settings.speed:
+        notes.append(f"speed: median ±half-range of {repeats} runs after a warm-up")
+    if settings.quality:
+        notes.append(f"quality: {quality_tokens} tokens of the bundled text vs f16/f16")
+    notes.append(f"total {result.total_s:.0f}s")
+    out.print(" · ".join(notes), style="dim")
