@@ -47,6 +47,20 @@ def build_prompt(piped: str, words: list[str]) -> str:
     return "\n\n".join(parts)
 
 
+def resolve_sampling(temperature: float | None, top_k: int | None, top_p: float | None,
+                     seed: int | None):  # noqa: ANN201  (SamplingSettings: engine is imported lazily)
+    """Sampling settings from flags, KVCHAT_* variables, the config file and defaults."""
+    from kvchat.engine import SamplingSettings
+
+    return SamplingSettings(
+        temperature=float(config.setting("temperature", temperature)),
+        top_k=int(config.setting("top_k", top_k)),
+        top_p=float(config.setting("top_p", top_p)),
+        min_p=float(config.setting("min_p")),
+        seed=None if (s := config.setting("seed", seed)) is None else int(s),
+    )
+
+
 @app.command()
 def run(
     words: Annotated[
@@ -87,18 +101,10 @@ def run(
       kvchat run --session work "Remember: my name is Ada."   (then later)
       kvchat run --session work "What is my name?"
     """
-    from kvchat.engine import SamplingSettings
-
     env = Environment()
     model_ref, prompt_words = split_model_and_prompt(list(words or []), model)
     prompt = build_prompt(env.read_stdin(), prompt_words)
-    sampling = SamplingSettings(
-        temperature=float(config.setting("temperature", temperature)),
-        top_k=int(config.setting("top_k", top_k)),
-        top_p=float(config.setting("top_p", top_p)),
-        min_p=float(config.setting("min_p")),
-        seed=None if (s := config.setting("seed", seed)) is None else int(s),
-    )
+    sampling = resolve_sampling(temperature, top_k, top_p, seed)
     limit = config.setting("max_tokens", max_tokens)
     setup = open_chat(
         env, session_name=session_name, rebuild=rebuild, overflow=overflow, sampling=sampling,

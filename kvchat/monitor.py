@@ -1,0 +1,250 @@
+"""What the machine is doing while the model talks: RSS, VRAM, tok/s, KV fill.
+
+Sampling is kept off the decode path: `HardwareSampler` reads RSS (psutil) and
+VRAM (NVML, when an NVIDIA driver is present) on a background thread every
+`interval_s`, and readers only look at the last sample. `TokenMeter` does two
+subtractions per token and nothing else. No llama_cpp import here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import re
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+_OFFLOADED_RE = re.compile(r"offloaded (\d+)/(\d+) layers to GPU")
+
+
+@dataclass(frozen=True)
+class GpuMemory:
+    """Device memory summed over every NVIDIA GPU NVML sees (bytes)."""
+
+    used: int
+    total: int
+    names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class HardwareSample:
+    """One reading. `vram` is None without NVML; `memory_kind` says why."""
+
+    rss_bytes: int
+    vram: GpuMemory | None
+    memory_kind: str  # "nvidia", "unified" (Apple silicon) or "cpu"
+    taken_at: float
+
+
+class NvmlReader:
+    """A handle on NVML kept open between reads (init costs far more than a read)."""
+
+    def __init__(self, nvml: ModuleType, handles: list[Any], names: tuple[str, ...]) -> None:
+        self._nvml = nvml
+        self._handles = handles
+        self.names = names
+
+    def read(self) -> GpuMemory | None:
+        try:
+            infos = [self._nvml.nvmlDeviceGetMemoryInfo(h) for h in self._handles]
+        except Exception:  # the driver went away or a GPU fell off the bus
+            return None
+        return GpuMemory(sum(int(i.used) for i in infos), sum(int(i.total) for i in infos), self.names)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):  # already shut down: nothing to release
+            self._nvml.nvmlShutdown()
+
+
+def _decode_name(raw: Any) -> str:
+    return raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else str(raw)
+
+
+def _no_nvidia_driver() -> bool:
+    """True where we know for sure there is no NVIDIA driver (Linux without its /proc entry)."""
+    return sys.platform == "linux" and not os.path.exists("/proc/driver/nvidia")
+
+
+def open_nvml() -> NvmlReader | None:
+    """NVML when an NVIDIA GPU and driver are present, else None (never raises)."""
+    if _no_nvidia_driver():
+        return None  # skip importing NVML and loading libnvidia-ml for nothing
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # no NVML library, no driver, or no permission
+        return None
+    try:
+        count = int(pynvml.nvmlDeviceGetCount())
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+        names = tuple(_decode_name(pynvml.nvmlDeviceGetName(h)) for h in handles)
+    except Exception:
+        count = 0
+    if count == 0:
+        with contextlib.suppress(Exception):
+            pynvml.nvmlShutdown()
+        return None
+    return NvmlReader(pynvml, handles, names)
+
+
+def memory_kind(nvml: NvmlReader | None) -> str:
+    """'nvidia' with NVML, 'unified' on Apple silicon, else 'cpu'."""
+    if nvml is not None:
+        return "nvidia"
+    if sys.platform == "darwin" and platform.machine() == "arm64":
+        return "unified"
+    return "cpu"
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process."""
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+class HardwareSampler:
+    """Reads RSS and VRAM on a daemon thread every `interval_s`; `latest` is free.
+
+    Use as a context manager around a reply. The first sample is taken in
+    `start()` so the status line has figures from its first frame.
+    """
+
+    def __init__(self, interval_s: float = 0.25, nvml: NvmlReader | None = None) -> None:
+        import psutil
+
+        self.interval_s = interval_s
+        self._nvml = nvml
+        self._kind = memory_kind(nvml)
+        self._process = psutil.Process()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.latest: HardwareSample = self.sample()
+        self.samples = 0
+
+    def sample(self) -> HardwareSample:
+        vram = self._nvml.read() if self._nvml is not None else None
+        return HardwareSample(int(self._process.memory_info().rss), vram, self._kind, time.monotonic())
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.latest = self.sample()
+            self.samples += 1
+
+    def start(self) -> HardwareSampler:
+        if self._thread is None:
+            self.latest = self.sample()
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="kvchat-monitor", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+
+    def __enter__(self) -> HardwareSampler:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class TokenMeter:
+    """Live timings of one reply, from the caller's clock.
+
+    `start()` when the prompt goes in, `token()` for every token out. TTFT (and
+    with it the prefill speed) is fixed at the first token; decode speed counts the tokens
+    after it, as `session.TurnStats.decode_tok_s` does.
+    """
+
+    def __init__(self, clock: Any = time.perf_counter) -> None:
+        self._clock = clock
+        self.started = 0.0
+        self.first_at: float | None = None
+        self.last_at: float | None = None
+        self.tokens = 0
+
+    def start(self) -> None:
+        self.started = self._clock()
+        self.first_at = self.last_at = None
+        self.tokens = 0
+
+    def token(self) -> None:
+        now = self._clock()
+        if self.first_at is None:
+            self.first_at = now
+        self.last_at = now
+        self.tokens += 1
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_at is None else self.first_at - self.started
+
+    def elapsed_s(self) -> float:
+        return self._clock() - self.started
+
+    def prefill_tok_s(self, prefill_tokens: int) -> float | None:
+        """Speed of the prompt evaluation, `prefill_tokens` long, up to the first token."""
+        ttft = self.ttft_s
+        if ttft is None or ttft <= 0 or prefill_tokens <= 0:
+            return None
+        return prefill_tokens / ttft
+
+    def decode_tok_s(self) -> float | None:
+        if self.first_at is None or self.last_at is None or self.tokens < 2:
+            return None
+        span = self.last_at - self.first_at
+        return (self.tokens - 1) / span if span > 0 else None
+
+
+@dataclass(frozen=True)
+class KvFill:
+    """Cells of the KV cache in use and what they weigh at the chosen types."""
+
+    cells: int
+    n_ctx: int
+    bytes_per_cell: float
+
+    @property
+    def used_bytes(self) -> float:
+        return self.cells * self.bytes_per_cell
+
+    @property
+    def total_bytes(self) -> float:
+        return self.n_ctx * self.bytes_per_cell
+
+    @property
+    def fraction(self) -> float:
+        return self.cells / self.n_ctx if self.n_ctx else 0.0
+
+
+def kv_bytes_per_cell(buffers: Any, n_ctx: int) -> float:
+    """Bytes one KV cell costs, from what llama.cpp reported allocating.
+
+    The `llama_kv_cache: size = ... K (...): ... V (...)` summary gives K and V
+    for all cells; the per-device KV buffers are the fallback (e.g. SWA layers
+    with a smaller cache make this an average, which is what the total obeys).
+    """
+    if buffers.kv_cells and (buffers.k or buffers.v):
+        return (buffers.k + buffers.v) / buffers.kv_cells
+    total = sum(buffers.kv.values())
+    return total / n_ctx if n_ctx else 0.0
+
+
+def gpu_layers(load_log: Sequence[str]) -> tuple[int, int] | None:
+    """(offloaded, total) from llama.cpp's `offloaded N/M layers to GPU` line."""
+    for line in reversed(load_log):
+        match = _OFFLOADED_RE.search(line)
+        if match:
+            return int(match[1]), int(match[2])
+    return None

@@ -1,0 +1,134 @@
+"""Slash commands of the chat REPL: the table, the parser and completion.
+
+Pure functions only (no terminal, no model), so every rule here is unit-tested;
+`kvchat.ui.repl` carries the commands out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from kvchat.errors import UsageError
+
+
+@dataclass(frozen=True)
+class CommandSpec:
+    usage: str
+    help: str
+
+
+COMMANDS: dict[str, CommandSpec] = {
+    "/help": CommandSpec("/help", "list commands and keys"),
+    "/system": CommandSpec("/system [TEXT]", "show or set the system prompt"),
+    "/clear": CommandSpec("/clear", "forget the conversation and empty the KV cache (system prompt stays)"),
+    "/save": CommandSpec("/save NAME", "save the conversation and its KV cache as session NAME"),
+    "/load": CommandSpec("/load NAME", "switch to saved session NAME (KV cache restored, no re-evaluation)"),
+    "/sessions": CommandSpec("/sessions", "list saved sessions"),
+    "/stats": CommandSpec("/stats", "timings of the last reply, KV fill, RAM and VRAM"),
+    "/set": CommandSpec("/set [KEY VALUE]", "show or change a sampling setting"),
+    "/info": CommandSpec("/info", "model, context, K/V cache types, flash attention, GPU layers"),
+    "/exit": CommandSpec("/exit", "leave (also /quit, Ctrl-D, or Ctrl-C twice at an empty prompt)"),
+}
+ALIASES = {"/quit": "/exit", "/q": "/exit", "/?": "/help"}
+
+# /set KEY: (kind, minimum, maximum, help). "none" clears max_tokens and seed.
+SETTINGS: dict[str, tuple[type, float | None, float | None, str]] = {
+    "temperature": (float, 0.0, None, "0 = greedy"),
+    "top_p": (float, 0.0, 1.0, "nucleus sampling, 1 = off"),
+    "top_k": (int, 0, None, "0 = off"),
+    "min_p": (float, 0.0, 1.0, "0 = off"),
+    "max_tokens": (int, 1, None, "reply length limit; none = until end of turn"),
+    "seed": (int, None, None, "none = a new random seed"),
+}
+_NULLABLE = {"max_tokens", "seed"}
+_SETTING_ALIASES = {"temp": "temperature", "top-p": "top_p", "top-k": "top_k", "min-p": "min_p",
+                    "max-tokens": "max_tokens", "n": "max_tokens"}
+
+
+@dataclass(frozen=True)
+class Command:
+    """A parsed slash command. `argument` is the raw rest of the line."""
+
+    name: str
+    argument: str = ""
+    key: str | None = None
+    value: Any = None
+
+
+def is_command(line: str) -> bool:
+    """A line is a command when it starts with '/' and a letter or '?' ('//x' sends '/x')."""
+    return len(line) >= 2 and line[0] == "/" and (line[1].isalpha() or line[1] == "?")
+
+
+def unescape_message(line: str) -> str:
+    """'//etc/hosts' is the message '/etc/hosts'."""
+    return line[1:] if line.startswith("//") else line
+
+
+def command_names() -> list[str]:
+    return [*COMMANDS, *ALIASES]
+
+
+def parse_setting(key: str, raw: str) -> tuple[str, Any]:
+    """Validate `/set KEY VALUE`; returns the canonical key and a typed value."""
+    name = _SETTING_ALIASES.get(key.lower(), key.lower())
+    if name not in SETTINGS:
+        raise UsageError(f"unknown setting '{key}'", hint=f"settings: {', '.join(SETTINGS)}")
+    kind, low, high, _ = SETTINGS[name]
+    if name in _NULLABLE and raw.lower() in ("none", "off", "random", "-"):
+        return name, None
+    try:
+        value = kind(raw)
+    except ValueError:
+        noun = "a whole number" if kind is int else "a number"
+        raise UsageError(f"{name} must be {noun}, got '{raw}'") from None
+    if low is not None and value < low:
+        raise UsageError(f"{name} must be at least {low:g}, got {raw}")
+    if high is not None and value > high:
+        raise UsageError(f"{name} must be at most {high:g}, got {raw}")
+    return name, value
+
+
+def parse_command(line: str) -> Command:
+    """Parse one input line that `is_command`. Raises UsageError with what exists."""
+    head, _, rest = line.strip().partition(" ")
+    name = ALIASES.get(head.lower(), head.lower())
+    argument = rest.strip()
+    if name not in COMMANDS:
+        raise UsageError(f"unknown command {head}", hint="commands: " + " ".join(COMMANDS))
+    if name in ("/save", "/load"):
+        if not argument or len(argument.split()) != 1:
+            raise UsageError(f"usage: {COMMANDS[name].usage}", hint="a session name is one word")
+    elif name == "/set":
+        words = argument.split()
+        if not words:
+            return Command(name)
+        if len(words) != 2:
+            raise UsageError(f"usage: {COMMANDS[name].usage}", hint=f"keys: {', '.join(SETTINGS)}")
+        key, value = parse_setting(words[0], words[1])
+        return Command(name, argument, key, value)
+    elif name not in ("/system",) and argument:
+        raise UsageError(f"{name} takes no argument", hint=f"usage: {COMMANDS[name].usage}")
+    return Command(name, argument)
+
+
+def completions(text: str, session_names: Iterable[str] = ()) -> list[str]:
+    """Candidates for the word being typed at the end of `text` (the line so far).
+
+    The first word completes to command names; after /load or /save, to saved
+    session names; after /set, to setting names.
+    """
+    if not text.startswith("/") or "\n" in text:
+        return []
+    words = text.split(" ")
+    if len(words) == 1:
+        return [name for name in command_names() if name.startswith(text.lower())]
+    head = ALIASES.get(words[0].lower(), words[0].lower())
+    current = words[-1]
+    if len(words) == 2 and head in ("/load", "/save"):
+        return sorted(n for n in session_names if n.startswith(current))
+    if len(words) == 2 and head == "/set":
+        return [key for key in SETTINGS if key.startswith(current.lower())]
+    return []
