@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.table import Table
 
 from kvchat import session_store
 from kvchat.cli import app
@@ -46,6 +45,8 @@ def list_cmd(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     if not infos:
         env.stderr.write("no saved sessions yet — start one with `kvchat chat --session NAME`\n")
         return
+    from rich.table import Table
+
     table = Table("name", "turns", "KV cells", "size", "model", "updated", box=None)
     for i in infos:
         table.add_row(i.name, str(i.turns), f"{i.n_kv}/{i.n_ctx}", format_bytes(i.size), i.model,

@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from rich.console import Console
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 @dataclass
@@ -44,9 +45,13 @@ class Environment:
             return ""
 
     def err_console(self) -> Console:
+        from rich.console import Console
+
         return Console(file=self.stderr, no_color="NO_COLOR" in os.environ, highlight=False)
 
     def out_console(self) -> Console:
+        from rich.console import Console
+
         return Console(file=self.stdout, no_color="NO_COLOR" in os.environ, highlight=False)
 
     def warn(self, message: str) -> None:
