@@ -38,6 +38,7 @@ from kvchat.ui.status import (
     split_finished,
     status_text,
     summary_text,
+    wrap_segments,
 )
 
 GIB = 1024**3
@@ -247,6 +248,13 @@ def test_summary_line() -> None:
     assert line == ("11 tok · prefill 25 tok at 500.0 tok/s (30 cached) · ttft 0.05s · "
                     "decode 100.0 tok/s · KV 66/4096 (2%, 1.5/90.0 MiB) · RSS 300.00 MiB · "
                     "VRAM 2.00/8.00 GiB · GPU layers 31/31 · stop: eog")
+
+
+def test_long_lines_wrap_between_segments() -> None:
+    line = "prefill 1.0 tok/s · ttft 0.10s · KV 1/4096 (0%, 0.0/90.0 MiB) · RSS 1.00 MiB · CPU"
+    assert wrap_segments(line, 200) == line
+    assert wrap_segments(line, 45) == ("prefill 1.0 tok/s · ttft 0.10s\n"
+                                       "KV 1/4096 (0%, 0.0/90.0 MiB) · RSS 1.00 MiB\nCPU")
 
 
 # -- streaming the reply ---------------------------------------------------------------------

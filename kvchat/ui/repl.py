@@ -30,7 +30,15 @@ from kvchat.ui.commands import COMMANDS, SETTINGS, Command, completions, is_comm
 from kvchat.ui.commands import unescape_message as _unescape
 from kvchat.ui.environment import Environment
 from kvchat.ui.render import format_bytes, stats_line
-from kvchat.ui.status import DeviceInfo, ReplyView, hardware_text, kv_text, make_console, status_text
+from kvchat.ui.status import (
+    DeviceInfo,
+    ReplyView,
+    hardware_text,
+    kv_text,
+    make_console,
+    status_text,
+    wrap_segments,
+)
 from kvchat.ui.status import summary_text as _summary
 
 KEYS_HELP = (
@@ -232,7 +240,8 @@ class ChatRepl:
             if turn.stop_reason == "interrupted" and not turn.completion_tokens:
                 self.say("(interrupted before the reply started; nothing was added)", style="dim")
             else:
-                self.say(_summary(turn, self.kv_fill(), self.sampler.latest, self.device), style="dim")
+                summary = _summary(turn, self.kv_fill(), self.sampler.latest, self.device)
+                self.say(wrap_segments(summary, self.console.width), style="dim")
             if turn.dropped_turns:
                 self.env.warn(f"context full: dropped the {turn.dropped_turns} oldest turn(s) "
                               f"({turn.dropped_tokens} tokens) to make room")

@@ -94,6 +94,17 @@ def summary_text(turn: Any, kv: KvFill, hw: HardwareSample, device: DeviceInfo) 
     return SEP.join(parts)
 
 
+def wrap_segments(line: str, width: int) -> str:
+    """Break a ' · '-separated line between segments so that no row exceeds `width`."""
+    rows: list[str] = []
+    for segment in line.split(SEP):
+        if rows and len(rows[-1]) + len(SEP) + len(segment) <= width:
+            rows[-1] += SEP + segment
+        else:
+            rows.append(segment)
+    return "\n".join(rows)
+
+
 def split_finished(pending: str, *, markdown: bool) -> tuple[str, str]:
     """Split streamed text into (finished part, unfinished tail).
 
@@ -188,7 +199,8 @@ class ReplyView:
         if pending:
             parts.append(self._block(pending))
         if self._status is not None:
-            parts.append(Text(self._status(), style="kvchat.status", no_wrap=True, overflow="ellipsis"))
+            line = wrap_segments(self._status(), self.console.width)
+            parts.append(Text(line, style="kvchat.status", no_wrap=True, overflow="ellipsis"))
         return Group(*parts)
 
     def _print(self, text: str) -> None:
