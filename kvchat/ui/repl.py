@@ -100,6 +100,30 @@ def _sigint_ignored() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+@contextlib.contextmanager
+def _echo_off(stream: Any) -> Iterator[None]:
+    """Keys typed while a reply streams are not echoed (they would break the live area's
+    line count); they stay queued for the next prompt. Ctrl-C still interrupts."""
+    try:
+        import termios
+    except ImportError:  # Windows
+        yield
+        return
+    try:
+        fd = stream.fileno()
+        saved = termios.tcgetattr(fd)
+    except (termios.error, OSError, ValueError, AttributeError):  # not a terminal
+        yield
+        return
+    quiet = list(saved)
+    quiet[3] &= ~termios.ECHO  # lflag
+    termios.tcsetattr(fd, termios.TCSADRAIN, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
 class ChatRepl:
     """One interactive chat over `setup` (a kvchat.cli.common.ChatSetup)."""
 
@@ -143,7 +167,7 @@ class ChatRepl:
     # -- output helpers --------------------------------------------------------
 
     def say(self, text: str, style: str | None = None) -> None:
-        self.console.print(text, style=style, markup=False, soft_wrap=True)
+        self.console.print(text, style=style, markup=False)
 
     def error(self, exc: KvchatError) -> None:
         self.env.stderr.write(f"kvchat: error: {exc}\n")
@@ -220,7 +244,8 @@ class ChatRepl:
             return status_text(meter, prefill_tokens(), self.kv_fill(), self.sampler.latest, self.device)
 
         stream = session.send(text)
-        with self.sampler, ReplyView(self.console, markdown=self.markdown, status=status) as view:
+        with _echo_off(self.env.stdin), self.sampler, \
+                ReplyView(self.console, markdown=self.markdown, status=status) as view:
             try:
                 meter.start()
                 for event in stream:
@@ -297,7 +322,8 @@ class ChatRepl:
     def _cmd_stats(self, command: Command) -> None:
         turn = self.session.last_turn
         if turn is not None:
-            self.say("last reply: " + stats_line(turn, self.engine.load_s))
+            self.say(wrap_segments("last reply: " + stats_line(turn, self.engine.load_s),
+                                   self.console.width))
         else:
             self.say(f"no reply yet (model loaded in {self.engine.load_s:.2f}s)")
         req = self.setup.request
@@ -344,6 +370,8 @@ class ChatRepl:
             ("session", self.session_name or "unsaved (/save NAME keeps it)"),
         ]
         table = Table(box=None, show_header=False, pad_edge=False)
+        table.add_column(no_wrap=True)
+        table.add_column(overflow="fold")
         for key, value in rows:
             table.add_row(key, value)
         self.console.print(table)

@@ -214,7 +214,7 @@ class ReplyView:
             self.console.print(self._block(text))
             self._blocks += 1
         else:
-            self.console.print(Text(text), end="", soft_wrap=True)
+            self.console.print(Text(text), end="")  # rich wraps at word boundaries
 
     def _max_pending_chars(self) -> int:
         # Keep the unfinished tail within the screen: Live cannot redraw above its top.
