@@ -68,10 +68,10 @@ Progress = Callable[[int, str], None]
 @dataclass(frozen=True)
 class BenchSettings:
     n_ctx: int = 4096
-    prompt_tokens: int = 1024
+    prompt_tokens: int = 512
     decode_tokens: int = 64
     repeats: int = 3
-    quality_tokens: int = 2048
+    quality_tokens: int = 1024
     speed: bool = True
     quality: bool = True
 

@@ -52,29 +52,37 @@ def _planner(request: LoadRequest, flash_attn: str):  # noqa: ANN202
     return planned
 
 
+_MIB = 1024 * 1024
+
+
 def _speed(spread) -> str:  # noqa: ANN001
-    return f"{spread.median:,.0f} ±{spread.spread_pct:.0f}%"
+    return f"{spread.median:,.0f}±{spread.spread_pct:.0f}%"
 
 
 def render_table(result: BenchResult) -> Table:
+    """One row per pair; speeds as median ±half-range, KV in MiB (planned, then llama.cpp's)."""
+    from rich import box
     from rich.table import Table
 
-    table = Table(title=f"KV cache types at n_ctx {result.n_ctx} ({result.model_path.name})")
-    for name in ("K/V", "KV planned", "KV llama.cpp", "prefill tok/s", "TTFT", "decode tok/s",
+    table = Table(
+        title=f"KV cache types · {result.model_path.name} · n_ctx {result.n_ctx}",
+        box=box.SIMPLE_HEAD, pad_edge=False,
+    )
+    for name in ("K/V", "KV MiB", "planned", "prefill t/s", "TTFT ms", "decode t/s",
                  "PPL", "KL mean", "KL p99", "top-1"):
         table.add_column(name, justify="left" if name == "K/V" else "right")
     for row in result.pairs:
-        planned = "—" if row.kv_bytes_planned is None else format_bytes(row.kv_bytes_planned)
+        planned = "—" if row.kv_bytes_planned is None else f"{row.kv_bytes_planned / _MIB:.2f}"
         speed = ["—"] * 3
         if row.speed is not None:
-            speed = [_speed(row.speed.prefill_tok_s), f"{1000 * row.speed.ttft_s.median:,.0f} ms",
+            speed = [_speed(row.speed.prefill_tok_s), f"{1000 * row.speed.ttft_s.median:,.0f}",
                      _speed(row.speed.decode_tok_s)]
         quality = ["—"] * 4
         if row.quality is not None:
             q = row.quality
-            quality = [f"{q.perplexity:.3f}", f"{q.kl_mean:.5f}", f"{q.kl_p99:.4f}",
+            quality = [f"{q.perplexity:.3f}", f"{q.kl_mean:.4f}", f"{q.kl_p99:.3f}",
                        f"{100 * q.top1_agreement:.1f}%"]
-        table.add_row(row.pair.name, planned, format_bytes(row.kv_bytes_reported), *speed, *quality)
+        table.add_row(row.pair.name, f"{row.kv_bytes_reported / _MIB:.2f}", planned, *speed, *quality)
     return table
 
 
@@ -95,13 +103,13 @@ def bench(
     repeats: Annotated[int, typer.Option("--repeats", "-r", help="Timed runs per pair.", min=1)] = 3,
     prompt_tokens: Annotated[
         int, typer.Option("--prompt-tokens", help="Prompt length for prefill speed.", min=1)
-    ] = 1024,
+    ] = 512,
     decode_tokens: Annotated[
         int, typer.Option("--decode-tokens", help="Tokens generated for decode speed.", min=2)
     ] = 64,
     quality_tokens: Annotated[
         int, typer.Option("--quality-tokens", help="Tokens of the bundled text teacher-forced.", min=2)
-    ] = 2048,
+    ] = 1024,
     no_speed: Annotated[bool, typer.Option("--no-speed", help="Skip the speed runs.")] = False,
     no_quality: Annotated[bool, typer.Option("--no-quality", help="Skip the quality runs.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead.")] = False,
@@ -177,7 +185,8 @@ def bench(
     out.print("Best quality for each KV budget:")
     for line in recommend(result):
         out.print(f"  KV ≤ {format_bytes(line.kv_bytes):>10}  {line.text}")
-    notes = [f"{result.n_threads} threads, flash attention {fa}"]
+    threads_word = "thread" if result.n_threads == 1 else "threads"
+    notes = [f"{result.n_threads} {threads_word}, flash attention {fa}"]
     if settings.speed:
         notes.append(f"speed: median ±half-range of {repeats} runs after a warm-up")
     if settings.quality:
