@@ -28,7 +28,8 @@ ENV_PREFIX = "KVCHAT_"
 
 DEFAULTS: dict[str, Any] = {
     "model": None,
-    "ctx": 4096,
+    "ctx": "auto",  # the largest context that fits free memory, up to ctx_max
+    "ctx_max": 32768,
     "cache_type_k": "f16",
     "cache_type_v": "f16",
     "flash_attn": "auto",

@@ -99,6 +99,12 @@ def check_gguf_file(path: Path) -> Path:
         raise ModelFormatError(
             f"{path} is not a GGUF file", hint="kvchat runs GGUF models; convert it or pick a .gguf"
         )
+    from kvchat.gguf import read_header_file
+
+    try:  # the header only: a damaged or truncated file is named before llama.cpp sees it
+        read_header_file(path)
+    except ModelFormatError as exc:
+        raise ModelFormatError(f"{path.name}: {exc.message}", hint=exc.hint) from None
     return path
 
 

@@ -67,7 +67,8 @@ def test_json_schema(kvchat, model_path: Path) -> None:
     assert set(record) >= {"text", "model", "settings", "usage", "timings", "cache", "stop_reason"}
     assert record["model"] == str(model_path)
     assert record["settings"]["cache_type_k"] == "f16"
-    assert record["settings"]["n_ctx"] >= 512
+    # --ctx auto: the largest context that fits, capped by the model's 8192 training length.
+    assert record["settings"]["n_ctx"] == 8192
     usage = record["usage"]
     assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] == 6
     assert record["stop_reason"] == "length"
@@ -117,6 +118,17 @@ def test_verbose_shows_llama_log_only_when_asked(kvchat) -> None:
     assert quiet.stderr == ""
     assert "KV buffer size" in loud.stderr
     assert loud.stdout == quiet.stdout
+
+
+def test_ctx_accepts_k_suffix(kvchat) -> None:
+    result = kvchat("run", "--json", "--ctx", "2k", "--max-tokens", "1", *GREEDY, "Hi")
+    assert json.loads(result.stdout)["settings"]["n_ctx"] == 2048
+
+
+def test_ctx_auto_respects_ctx_max(kvchat, kv_env: dict[str, str]) -> None:
+    kv_env["KVCHAT_CTX_MAX"] = "256"  # a cap the planner must respect
+    result = kvchat("run", "--json", "--max-tokens", "1", *GREEDY, "Hi")
+    assert json.loads(result.stdout)["settings"]["n_ctx"] == 256
 
 
 def test_ctx_above_training_context_warns(kvchat) -> None:

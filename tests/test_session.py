@@ -149,7 +149,8 @@ def test_named_session_resumes_without_reevaluating(kvchat, kv_env: dict[str, st
     n_tokens = first["usage"]["prompt_tokens"] + first["usage"]["completion_tokens"]
     assert len(saved.tokens) == n_tokens
     assert saved.record["format_version"] == session_store.FORMAT_VERSION
-    assert saved.record["model"]["sha256"] and saved.record["settings"]["n_ctx"] == 4096
+    assert saved.record["model"]["sha256"]
+    assert saved.record["settings"]["n_ctx"] == first["settings"]["n_ctx"]  # --ctx auto, resolved once
     second = _run_json(kvchat, "--session", "work", "What is my name?")
     # Everything cached came from the file: only the new turn was evaluated.
     assert second["cache"]["reused_tokens"] == n_tokens - 1
@@ -169,10 +170,10 @@ def test_session_file_is_about_the_size_of_its_kv(kvchat, kv_env: dict[str, str]
 
 
 def test_changed_settings_are_refused_then_rebuilt(kvchat) -> None:
-    _run_json(kvchat, "--session", "s", "Hello.")
+    n_ctx = _run_json(kvchat, "--session", "s", "Hello.")["settings"]["n_ctx"]
     refused = kvchat("run", "--session", "s", "--ctx", "2048", "Hi again.")
     assert refused.returncode == ExitCode.SESSION
-    assert "--ctx was 4096, now 2048" in refused.stderr and "--rebuild" in refused.stderr
+    assert f"--ctx was {n_ctx}, now 2048" in refused.stderr and "--rebuild" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
     rebuilt = _run_json(kvchat, "--session", "s", "--ctx", "2048", "--rebuild", "Hi again.")
     assert rebuilt["settings"]["n_ctx"] == 2048

@@ -9,7 +9,7 @@ from typing import Any
 
 from kvchat import config
 from kvchat.cache_types import CacheType, parse_cache_type, resolve_flash_attn
-from kvchat.errors import UsageError
+from kvchat.errors import OutOfMemoryError, UsageError
 from kvchat.registry import resolve_model
 from kvchat.ui.environment import Environment
 
@@ -57,12 +57,43 @@ def resolve_load_request(
     type_k = parse_cache_type(str(config.setting("cache_type_k", cache_type_k)))
     type_v = parse_cache_type(str(config.setting("cache_type_v", cache_type_v)))
     fa = resolve_flash_attn(str(config.setting("flash_attn", flash_attn)), type_v)
-    n_ctx = _as_int("--ctx", config.setting("ctx", ctx), 1)
+    ctx_value = str(config.setting("ctx", ctx)).strip().lower()
+    n_ctx = None if ctx_value == "auto" else parse_ctx(ctx_value)
     n_gpu_layers = _as_int("--ngl", config.setting("ngl", ngl), -1)
     threads_value = config.setting("threads", threads)
     n_threads = default_threads() if threads_value is None else _as_int("--threads", threads_value, 1)
     model_path = resolve_model(config.setting("model", model))
+    if n_ctx is None:
+        n_ctx = auto_ctx(model_path, type_k, type_v, fa, n_gpu_layers)
     return LoadRequest(model_path, n_ctx, type_k, type_v, fa, n_gpu_layers, n_threads)
+
+
+def parse_ctx(value: str) -> int:
+    """A context length: 4096, or 8k / 32K (x1024)."""
+    text = value.strip().lower()
+    scale = 1024 if text.endswith("k") else 1
+    number = _as_int("--ctx", text[:-1] if scale > 1 else text, 1)
+    return number * scale
+
+
+def auto_ctx(model_path: Path, type_k: CacheType, type_v: CacheType, flash_attn: str,
+             n_gpu_layers: int) -> int:
+    """`--ctx auto`: the largest context that fits the memory free now, up to the
+    model's training context and the ctx_max setting (the planner, no loading)."""
+    from kvchat.memory import PlanSettings, detect_budget, largest_ctx
+    from kvchat.model_spec import read_spec
+
+    spec = read_spec(str(model_path))
+    cap = _as_int("ctx_max", config.setting("ctx_max"), 256)
+    settings = PlanSettings(type_k=type_k, type_v=type_v, flash_attn=flash_attn != "off",
+                            n_gpu_layers=n_gpu_layers)
+    n_ctx = largest_ctx(spec, settings, detect_budget(), max_ctx=min(cap, spec.n_ctx_train or cap))
+    if n_ctx is None:
+        raise OutOfMemoryError(
+            f"{model_path.name} does not fit in the memory free now, even with a 256-token context",
+            hint="close other programs, pick a smaller quant, or see `kvchat estimate`",
+        )
+    return n_ctx
 
 
 def load_engine(request: LoadRequest, env: Environment, *, verbose: bool = False):  # noqa: ANN201

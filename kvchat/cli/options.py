@@ -15,7 +15,12 @@ ModelOpt = Annotated[
     typer.Option("--model", "-m", help="Model: a .gguf path (default: bundled SmolLM2-135M)."),
 ]
 CtxOpt = Annotated[
-    Optional[int], typer.Option("--ctx", "-c", help="Context length in tokens.", min=1)
+    Optional[str],
+    typer.Option(
+        "--ctx", "-c",
+        help="Context length in tokens (4096, 8k) or 'auto': the largest that fits free memory, "
+        "up to the training length and ctx_max (32768).",
+    ),
 ]
 CacheTypeKOpt = Annotated[
     Optional[str],
