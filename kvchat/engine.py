@@ -97,7 +97,7 @@ class PerfCounters:
 
 _MIB = 1024 * 1024
 _BUFFER_RE = re.compile(
-    r"(?P<dev>\S+) (?P<kind>model|KV|RS|output|compute) buffer size =\s*(?P<mib>[\d.]+) MiB"
+    r"(?P<dev>\S+)\s+(?P<kind>model|KV|RS|output|compute) buffer size =\s*(?P<mib>[\d.]+) MiB"
 )
 _KV_SUMMARY_RE = re.compile(
     r"size =\s*[\d.]+ MiB \(\s*(?P<cells>\d+) cells.*K \(\w+\):\s*(?P<k>[\d.]+) MiB, "
