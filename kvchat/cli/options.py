@@ -12,7 +12,11 @@ import typer
 
 ModelOpt = Annotated[
     Optional[str],
-    typer.Option("--model", "-m", help="Model: a .gguf path (default: bundled SmolLM2-135M)."),
+    typer.Option(
+        "--model", "-m",
+        help="Model: alias[:quant], user/repo[:quant], user/repo/file.gguf or a .gguf path "
+        "(default: the bundled SmolLM2-135M).",
+    ),
 ]
 CtxOpt = Annotated[
     Optional[str],

@@ -65,7 +65,10 @@ def resolve_sampling(temperature: float | None, top_k: int | None, top_p: float 
 def run(
     words: Annotated[
         Optional[list[str]],
-        typer.Argument(metavar="[MODEL] [PROMPT]...", help="A .gguf path (optional), then the prompt."),
+        typer.Argument(
+            metavar="[MODEL] [PROMPT]...",
+            help="A model (optional: path, alias or user/repo[:quant]), then the prompt.",
+        ),
     ] = None,
     model: ModelOpt = None,
     ctx: CtxOpt = None,
