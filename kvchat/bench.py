@@ -380,6 +380,16 @@ def measure_speed(
 # -- the whole bench ---------------------------------------------------------------------
 
 
+def _labelled(progress: Progress | None, pair: CachePair) -> Progress:
+    """A progress callback that names the pair being measured."""
+
+    def step(done: int, what: str) -> None:
+        if progress:
+            progress(done, f"{pair.name} {what}")
+
+    return step
+
+
 def run_bench(
     factory: EngineFactory,
     pairs: Sequence[CachePair],
@@ -399,26 +409,23 @@ def run_bench(
     result = BenchResult(model_path, settings, settings.n_ctx, n_threads, flash_attn, [])
     with tempfile.TemporaryFile(prefix="kvchat-bench-") as spool:
         for pair in pairs:
-            if progress:
-                progress(0, f"loading {pair.name}")
+            step = _labelled(progress, pair)
+            step(0, "load")
             engine = factory(pair)
             try:
                 kv_reported = sum(engine.buffers.kv.values())
                 row = PairResult(pair, kv_reported, planned_kv(pair), engine.load_s)
                 result.n_ctx = engine.n_ctx
-                if progress:
-                    progress(1, pair.name)
+                step(1, "loaded")
                 if settings.speed:
                     prompt = bench_tokens(engine, settings.prompt_tokens)
-                    row.speed = measure_speed(
-                        engine, prompt, settings.decode_tokens, settings.repeats, progress
-                    )
+                    row.speed = measure_speed(engine, prompt, settings.decode_tokens, settings.repeats, step)
                 if settings.quality:
                     tokens = bench_tokens(engine, settings.quality_tokens)
                     if pair.is_reference:
-                        row.quality = record_reference(engine, tokens, spool, progress)
+                        row.quality = record_reference(engine, tokens, spool, step)
                     else:
-                        row.quality = compare_with_reference(engine, tokens, spool, progress)
+                        row.quality = compare_with_reference(engine, tokens, spool, step)
             finally:
                 engine.close()
             result.pairs.append(row)

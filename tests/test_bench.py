@@ -23,8 +23,11 @@ from kvchat.bench import (
     compare_with_reference,
     log_softmax,
     parse_cache_pairs,
+    plan_steps,
     recommend,
     record_reference,
+    run_bench,
+    to_json,
 )
 from kvchat.cache_types import parse_cache_type
 from kvchat.engine import Engine, EngineSettings
@@ -155,6 +158,56 @@ def test_recommend_keeps_the_pareto_front() -> None:
     assert [r.pair.name for r in lines] == ["f16/f16", "q8_0/q8_0", "q4_0/q4_0"]
     assert lines[0].text == "f16/f16: reference"
     assert lines[1].text.startswith("q8_0/q8_0: \u221247% KV, KL 0.0040")
+
+
+class _FakeEngine:
+    """Just enough of Engine for run_bench: logits that depend on the K cache type."""
+
+    def __init__(self, pair: CachePair) -> None:
+        self.pair, self.n_ctx, self.load_s, self.closed = pair, 512, 0.01, False
+        self.buffers = type("B", (), {"kv": {"CPU": int(pair.type_k.bytes_per_element * 2**20)}})()
+
+    def tokenize(self, text: str, *, add_special: bool) -> list[int]:
+        return [ord(c) % 50 for c in text[:1000]]
+
+    def kv_clear(self) -> None: ...
+    def eval(self, tokens: list[int]) -> None: ...
+    def set_sampling(self, sampling: object) -> None: ...
+
+    def generate(self, max_tokens: int, *, stop_at_eog: bool) -> Iterator[int]:
+        yield from range(max_tokens)
+
+    def eval_logits(self, tokens: list[int], *, max_rows: int) -> Iterator[np.ndarray]:
+        rng = np.random.default_rng(0)
+        noise = 0.0 if self.pair.type_k.name == "f16" else 1.0 / self.pair.type_k.bytes_per_element
+        for start in range(0, len(tokens), max_rows):
+            rows = min(max_rows, len(tokens) - start)
+            yield (rng.normal(size=(rows, 50)) * (1 + noise * rng.normal(size=(rows, 50)))).astype(np.float32)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_run_bench_orchestrates_pairs_with_a_fake_engine() -> None:
+    engines: list[_FakeEngine] = []
+    steps: list[int] = []
+
+    def factory(pair: CachePair) -> _FakeEngine:
+        engines.append(_FakeEngine(pair))
+        return engines[-1]
+
+    settings = BenchSettings(n_ctx=512, prompt_tokens=64, decode_tokens=4, repeats=2, quality_tokens=300)
+    pairs = parse_cache_pairs("q8_0,q4_0")
+    result = run_bench(
+        factory, pairs, settings, model_path=Path("fake.gguf"), n_threads=1, flash_attn="on",
+        planned_kv=lambda pair: 7, progress=lambda done, label: steps.append(done),
+    )
+    assert sum(steps) == plan_steps(settings, len(pairs))
+    assert all(engine.closed for engine in engines) and len(engines) == 3
+    f16, q8, q4 = result.pairs
+    assert f16.quality.kl_mean == 0.0 and 0 < q8.quality.kl_mean < q4.quality.kl_mean
+    assert f16.speed.decode_tok_s.median > 0 and len(q4.speed.prefill_tok_s.samples) == 2
+    assert to_json(result)["results"][1]["kv_bytes"]["planned"] == 7
 
 
 # -- the command -----------------------------------------------------------------------------

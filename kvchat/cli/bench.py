@@ -164,9 +164,10 @@ def bench(
             replace(request, type_k=pair.type_k, type_v=pair.type_v, flash_attn=fa), env, verbose=verbose
         )
 
+    console = env.err_console()
     progress = Progress(
-        TextColumn("{task.description:<16}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=env.err_console(), transient=True, disable=verbose,
+        TextColumn("{task.description:<20}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, transient=True, disable=verbose or not console.is_terminal,
     )
     with progress:
         task = progress.add_task("bench", total=plan_steps(settings, len(pairs)))
