@@ -58,3 +58,15 @@ OverflowOpt = Annotated[
     Optional[str],
     typer.Option("--overflow", help="When the context is full: shift (drop oldest turns) or stop."),
 ]
+MaxTokensOpt = Annotated[
+    Optional[int],
+    typer.Option("--max-tokens", "-n", help="Stop each reply after this many tokens.", min=1),
+]
+TemperatureOpt = Annotated[
+    Optional[float], typer.Option("--temperature", "--temp", help="0 = greedy.", min=0.0)
+]
+TopKOpt = Annotated[Optional[int], typer.Option("--top-k", min=0)]
+TopPOpt = Annotated[Optional[float], typer.Option("--top-p", min=0.0, max=1.0)]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Sampling seed.")]
+SystemOpt = Annotated[Optional[str], typer.Option("--system", "-s", help="System prompt.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show llama.cpp's log.")]

@@ -15,12 +15,19 @@ from kvchat.cli.options import (
     CacheTypeVOpt,
     CtxOpt,
     FlashAttnOpt,
+    MaxTokensOpt,
     ModelOpt,
     NglOpt,
     OverflowOpt,
     RebuildOpt,
+    SeedOpt,
     SessionOpt,
+    SystemOpt,
+    TemperatureOpt,
     ThreadsOpt,
+    TopKOpt,
+    TopPOpt,
+    VerboseOpt,
 )
 from kvchat.errors import UsageError
 from kvchat.registry import looks_like_model_ref
@@ -77,19 +84,15 @@ def run(
     flash_attn: FlashAttnOpt = None,
     ngl: NglOpt = None,
     threads: ThreadsOpt = None,
-    max_tokens: Annotated[
-        Optional[int], typer.Option("--max-tokens", "-n", help="Stop after this many tokens.", min=1)
-    ] = None,
-    temperature: Annotated[
-        Optional[float], typer.Option("--temperature", "--temp", help="0 = greedy.", min=0.0)
-    ] = None,
-    top_k: Annotated[Optional[int], typer.Option("--top-k", min=0)] = None,
-    top_p: Annotated[Optional[float], typer.Option("--top-p", min=0.0, max=1.0)] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling seed.")] = None,
-    system: Annotated[Optional[str], typer.Option("--system", "-s", help="System prompt.")] = None,
+    max_tokens: MaxTokensOpt = None,
+    temperature: TemperatureOpt = None,
+    top_k: TopKOpt = None,
+    top_p: TopPOpt = None,
+    seed: SeedOpt = None,
+    system: SystemOpt = None,
     stats: Annotated[bool, typer.Option("--stats", help="One timings line on stderr.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show llama.cpp's log.")] = False,
+    verbose: VerboseOpt = False,
     session_name: SessionOpt = None,
     rebuild: RebuildOpt = False,
     overflow: OverflowOpt = None,
