@@ -25,7 +25,7 @@ import importlib.resources
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -33,7 +33,7 @@ from typing import IO, TYPE_CHECKING, Any
 import numpy as np
 
 from kvchat.cache_types import CacheType, parse_cache_type
-from kvchat.errors import UsageError
+from kvchat.errors import KvchatError, UsageError
 
 if TYPE_CHECKING:
     from kvchat.engine import Engine
@@ -266,7 +266,7 @@ class QualityStats:
         for start in range(0, n, _REDUCE_ROWS):
             stop = min(start + _REDUCE_ROWS, n)
             ref_lp = log_softmax(ref_logits[start:stop])
-            lp = log_softmax(logits[start:stop])
+            lp = ref_lp if logits is ref_logits else log_softmax(logits[start:stop])
             # KL(P || Q) = sum_v P(v) (log P(v) - log Q(v)); identical rows give exactly 0.
             kl = (np.exp(ref_lp) * (ref_lp - lp)).sum(axis=1)
             self.kl.append(np.maximum(kl, 0.0))
@@ -285,7 +285,7 @@ class QualityStats:
         )
 
 
-def _teacher_forced(engine: Engine, tokens: Sequence[int]) -> Any:
+def _teacher_forced(engine: Engine, tokens: Sequence[int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield (logits rows, next tokens for them) over `tokens`, from an empty cache."""
     engine.kv_clear()
     targets = np.asarray(tokens[1:], dtype=np.int64)
@@ -300,6 +300,8 @@ def record_reference(
 ) -> QualityResult:
     """Teacher-force the reference run, spooling its logits; its own figures are exact."""
     stats = QualityStats()
+    spool.seek(0)
+    spool.truncate()
     for logits, targets in _teacher_forced(engine, tokens):
         spool.write(logits.tobytes())
         stats.add(logits, logits, targets)
@@ -318,7 +320,7 @@ def compare_with_reference(
     for logits, targets in _teacher_forced(engine, tokens):
         raw = spool.read(logits.nbytes)
         if len(raw) != logits.nbytes:
-            raise UsageError("the reference run is shorter than this run", hint="rerun kvchat bench")
+            raise KvchatError("the reference run is shorter than this run", hint="rerun kvchat bench")
         ref = np.frombuffer(raw, dtype=np.float32).reshape(logits.shape)
         stats.add(ref, logits, targets)
         if progress:
@@ -470,12 +472,9 @@ def recommend(result: BenchResult) -> list[Recommendation]:
         else:
             parts.append(f"{_pct(row.kv_bytes_reported, ref.kv_bytes_reported)} KV,")
             if row.quality is not None:
-                parts.append(f"KL {row.quality.kl_mean:.4f}, top-1 {100 * row.quality.top1_agreement:.1f}%,")
+                parts.append(f"KL {row.quality.kl_mean:.4f},")
             if row.speed is not None and ref.speed is not None:
-                parts.append(
-                    f"prefill {_pct(row.speed.prefill_tok_s.median, ref.speed.prefill_tok_s.median)}, "
-                    f"decode {_pct(row.speed.decode_tok_s.median, ref.speed.decode_tok_s.median)}"
-                )
+                parts.append(f"decode {_pct(row.speed.decode_tok_s.median, ref.speed.decode_tok_s.median)}")
         text = " ".join(parts).rstrip(",")
         lines.append(Recommendation(row.pair, row.kv_bytes_reported, text))
     return lines

@@ -59,8 +59,20 @@ def _speed(spread) -> str:  # noqa: ANN001
     return f"{spread.median:,.0f}±{spread.spread_pct:.0f}%"
 
 
+def _plan_matches(result: BenchResult) -> bool:
+    """Whether every planned KV figure equals llama.cpp's (which is printed to 0.01 MiB)."""
+    return all(
+        row.kv_bytes_planned is not None and abs(row.kv_bytes_planned - row.kv_bytes_reported) <= _MIB / 100
+        for row in result.pairs
+    )
+
+
 def render_table(result: BenchResult) -> Table:
-    """One row per pair; speeds as median ±half-range, KV in MiB (planned, then llama.cpp's)."""
+    """One row per pair, 80 columns wide: KV in MiB, speeds as median±half-range.
+
+    The planned KV gets its own column only when it differs from llama.cpp's figure;
+    the 99th-percentile KL is in --json.
+    """
     from rich import box
     from rich.table import Table
 
@@ -68,21 +80,25 @@ def render_table(result: BenchResult) -> Table:
         title=f"KV cache types · {result.model_path.name} · n_ctx {result.n_ctx}",
         box=box.SIMPLE_HEAD, pad_edge=False,
     )
-    for name in ("K/V", "KV MiB", "planned", "prefill t/s", "TTFT ms", "decode t/s",
-                 "PPL", "KL mean", "KL p99", "top-1"):
+    show_plan = not _plan_matches(result)
+    columns = ["K/V", "KV\nMiB"] + (["planned\nMiB"] if show_plan else [])
+    if result.settings.speed:
+        columns += ["prefill\ntok/s", "TTFT\nms", "decode\ntok/s"]
+    if result.settings.quality:
+        columns += ["PPL", "KL\nmean", "top-1\nagree"]
+    for name in columns:
         table.add_column(name, justify="left" if name == "K/V" else "right")
     for row in result.pairs:
-        planned = "—" if row.kv_bytes_planned is None else f"{row.kv_bytes_planned / _MIB:.2f}"
-        speed = ["—"] * 3
+        cells = [row.pair.name, f"{row.kv_bytes_reported / _MIB:.2f}"]
+        if show_plan:
+            cells.append("—" if row.kv_bytes_planned is None else f"{row.kv_bytes_planned / _MIB:.2f}")
         if row.speed is not None:
-            speed = [_speed(row.speed.prefill_tok_s), f"{1000 * row.speed.ttft_s.median:,.0f}",
-                     _speed(row.speed.decode_tok_s)]
-        quality = ["—"] * 4
+            cells += [_speed(row.speed.prefill_tok_s), f"{1000 * row.speed.ttft_s.median:,.0f}",
+                      _speed(row.speed.decode_tok_s)]
         if row.quality is not None:
             q = row.quality
-            quality = [f"{q.perplexity:.3f}", f"{q.kl_mean:.4f}", f"{q.kl_p99:.3f}",
-                       f"{100 * q.top1_agreement:.1f}%"]
-        table.add_row(row.pair.name, f"{row.kv_bytes_reported / _MIB:.2f}", planned, *speed, *quality)
+            cells += [f"{q.perplexity:.3f}", f"{q.kl_mean:.4f}", f"{100 * q.top1_agreement:.1f}%"]
+        table.add_row(*cells)
     return table
 
 
@@ -185,12 +201,14 @@ def bench(
     out.print(render_table(result))
     out.print("Best quality for each KV budget:")
     for line in recommend(result):
-        out.print(f"  KV ≤ {format_bytes(line.kv_bytes):>10}  {line.text}")
+        out.print(f"  KV ≤ {format_bytes(line.kv_bytes):>10}  {line.text}", soft_wrap=True)
     threads_word = "thread" if result.n_threads == 1 else "threads"
     notes = [f"{result.n_threads} {threads_word}, flash attention {fa}"]
+    if _plan_matches(result):
+        notes.append("planned KV = llama.cpp's")
     if settings.speed:
         notes.append(f"speed: median ±half-range of {repeats} runs after a warm-up")
     if settings.quality:
         notes.append(f"quality: {quality_tokens} tokens of the bundled text vs f16/f16")
     notes.append(f"total {result.total_s:.0f}s")
-    out.print(" · ".join(notes), style="dim")
+    out.print(" · ".join(notes), style="dim", soft_wrap=True)
