@@ -18,11 +18,15 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import llama_cpp.llama_cpp as llama
 
 from kvchat.cache_types import CacheType
 from kvchat.errors import KvchatError, ModelLoadError, UsageError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 _FLASH_ATTN = {
     "auto": llama.LLAMA_FLASH_ATTN_TYPE_AUTO,
@@ -370,7 +374,7 @@ class Engine:
 
     def eval_logits(
         self, tokens: Sequence[int], *, max_rows: int | None = None
-    ) -> Iterator[np.ndarray]:  # noqa: F821  (numpy is imported lazily, with the method)
+    ) -> Iterator[np.ndarray]:
         """Append `tokens` like `eval`, yielding the logits of every position as it goes.
 
         Each decoded batch (n_batch tokens, or `max_rows` when smaller) yields a
