@@ -315,6 +315,9 @@ class Engine:
             chunk = tokens[start : start + step]
             arr = (llama.llama_token * len(chunk))(*chunk)
             self._decode(llama.llama_batch_get_one(arr, len(chunk)), len(chunk))
+        # Backends may compute asynchronously: wait, so that the tokens really are in
+        # the cache (and llama.cpp's timings recorded) when eval returns.
+        llama.llama_synchronize(self._ctx)
 
     def _decode(self, batch: llama.llama_batch, n_tokens: int) -> None:
         rc = llama.llama_decode(self._ctx, batch)
@@ -448,6 +451,7 @@ class Engine:
     # -- counters ----------------------------------------------------------------
 
     def perf(self) -> PerfCounters:
+        llama.llama_synchronize(self._ctx)  # timings are recorded at synchronisation
         data = llama.llama_perf_context(self._ctx)
         return PerfCounters(data.t_p_eval_ms, data.n_p_eval, data.t_eval_ms, data.n_eval)
 
