@@ -501,23 +501,25 @@ class FitResult:
 
 
 def fit(
-    spec: ModelSpec, settings: PlanSettings, budget: Budget, *, n_ctx_min: int = 4096
+    spec: ModelSpec, settings: PlanSettings, budget: Budget, *, n_ctx_min: int = 4096,
+    max_ctx: int | None = None,
 ) -> FitResult | None:
     """Context and GPU layers that fit, in llama.cpp's `--fit` order: keep every
-    layer on the GPU and shrink the context, down to `n_ctx_min`; below that keep
-    `n_ctx_min` and move layers back to the CPU. None when nothing fits.
+    layer on the GPU and shrink the context (from `max_ctx`, default the training
+    length), down to `n_ctx_min`; below that keep `n_ctx_min` and move layers back
+    to the CPU. None when nothing fits.
     """
     settings = _with_gpus(settings, budget)
     n_ctx_min = min(n_ctx_min, spec.n_ctx_train) or CTX_PAD
     full = replace(settings, n_gpu_layers=-1)
-    n_ctx = largest_ctx(spec, full, budget)
+    n_ctx = largest_ctx(spec, full, budget, max_ctx=max_ctx)
     if n_ctx is not None and n_ctx >= n_ctx_min:
         plan = plan_memory(spec, replace(full, n_ctx=n_ctx))
         return FitResult(n_ctx, plan.n_gpu_layers if settings.gpus else 0, plan)
     at_min = replace(settings, n_ctx=n_ctx_min)
     ngl = fit_gpu_layers(spec, at_min, budget)
     if ngl is None:
-        n_ctx = largest_ctx(spec, replace(settings, n_gpu_layers=0), budget)
+        n_ctx = largest_ctx(spec, replace(settings, n_gpu_layers=0), budget, max_ctx=max_ctx)
         if n_ctx is None:
             return None
         return FitResult(n_ctx, 0, plan_memory(spec, replace(settings, n_gpu_layers=0, n_ctx=n_ctx)))

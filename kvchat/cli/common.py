@@ -64,7 +64,7 @@ def resolve_load_request(
     n_threads = default_threads() if threads_value is None else _as_int("--threads", threads_value, 1)
     model_path = resolve_model(config.setting("model", model))
     if n_ctx is None:
-        n_ctx = auto_ctx(model_path, type_k, type_v, fa, n_gpu_layers)
+        n_ctx, n_gpu_layers = auto_ctx(model_path, type_k, type_v, fa, n_gpu_layers)
     return LoadRequest(model_path, n_ctx, type_k, type_v, fa, n_gpu_layers, n_threads)
 
 
@@ -77,23 +77,34 @@ def parse_ctx(value: str) -> int:
 
 
 def auto_ctx(model_path: Path, type_k: CacheType, type_v: CacheType, flash_attn: str,
-             n_gpu_layers: int) -> int:
+             n_gpu_layers: int) -> tuple[int, int]:
     """`--ctx auto`: the largest context that fits the memory free now, up to the
-    model's training context and the ctx_max setting (the planner, no loading)."""
-    from kvchat.memory import PlanSettings, detect_budget, largest_ctx
+    model's training context and the ctx_max setting (the planner, no loading).
+
+    Where the GPUs cannot hold every layer even at 4096 tokens, it follows
+    llama.cpp's --fit order instead (context first, then layers back to the CPU)
+    and returns the GPU layer count that fits too.
+    """
+    from kvchat.memory import PlanSettings, detect_budget, fit, largest_ctx
     from kvchat.model_spec import read_spec
 
     spec = read_spec(str(model_path))
     cap = _as_int("ctx_max", config.setting("ctx_max"), 256)
+    cap = min(cap, spec.n_ctx_train or cap)
+    budget = detect_budget()
     settings = PlanSettings(type_k=type_k, type_v=type_v, flash_attn=flash_attn != "off",
                             n_gpu_layers=n_gpu_layers)
-    n_ctx = largest_ctx(spec, settings, detect_budget(), max_ctx=min(cap, spec.n_ctx_train or cap))
+    n_ctx = largest_ctx(spec, settings, budget, max_ctx=cap)
+    if budget.gpu_names and (n_ctx is None or n_ctx < min(4096, cap)):
+        fitted = fit(spec, settings, budget, max_ctx=cap)
+        if fitted is not None:
+            return fitted.n_ctx, fitted.n_gpu_layers
     if n_ctx is None:
         raise OutOfMemoryError(
             f"{model_path.name} does not fit in the memory free now, even with a 256-token context",
             hint="close other programs, pick a smaller quant, or see `kvchat estimate`",
         )
-    return n_ctx
+    return n_ctx, n_gpu_layers
 
 
 def load_engine(request: LoadRequest, env: Environment, *, verbose: bool = False):  # noqa: ANN201

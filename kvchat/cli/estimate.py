@@ -307,13 +307,31 @@ def estimate(
         header = read_header_file(model_path)
     spec = spec_from_header(header)
     budget = _budget(ram, vram, margin)
-    contexts = parse_ctx_list(ctx) if ctx else [int(config.setting("ctx"))]
+    ctx_value = ctx or str(config.setting("ctx"))
+    auto_ctx = ctx_value.strip().lower() == "auto"
+    contexts = [min(4096, spec.n_ctx_train or 4096)] if auto_ctx else parse_ctx_list(ctx_value)
     gpu_layers = _ngl(ngl, bool(budget.gpu_names))
     base = PlanSettings(
         n_ctx=contexts[0], type_k=type_k, type_v=type_v, flash_attn=fa, swa_full=swa_full,
         n_batch=batch, n_ubatch=ubatch, n_gpu_layers=-1 if gpu_layers is None else gpu_layers,
         gpus=budget.gpu_names, n_seq=parallel,
     )
+    if auto_ctx:
+        # What `run --ctx auto` would pick: the largest context that fits, up to the
+        # training length and ctx_max (with --ngl auto, llama.cpp's --fit order:
+        # context first, then layers); if nothing fits, show why at 4096.
+        cap = int(config.setting("ctx_max"))
+        cap = min(cap, spec.n_ctx_train or cap)
+        if gpu_layers is None and budget.gpu_names:
+            fitted_auto = fit(spec, base, budget, max_ctx=cap)
+            if fitted_auto is not None:
+                gpu_layers = fitted_auto.n_gpu_layers
+                base = replace(base, n_ctx=fitted_auto.n_ctx, n_gpu_layers=gpu_layers)
+        else:
+            chosen = largest_ctx(spec, base, budget, max_ctx=cap)
+            if chosen:
+                base = replace(base, n_ctx=chosen)
+        contexts = [base.n_ctx]
     if gpu_layers is None:
         found = fit_gpu_layers(spec, base, budget)
         base = replace(base, n_gpu_layers=found if found is not None else 0)
