@@ -14,6 +14,8 @@ tensor count, key/value count, the key/values, the tensor infos, padding up to
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 import struct
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -473,16 +475,23 @@ def _tensor_info(p: _Parser, i: int, names: set[str], alignment: int) -> TensorI
 
 
 def read_header_file(path: str | Path) -> GGUFHeader:
-    """Read the header of a local GGUF file."""
+    """Read the header of a local GGUF file (once per process for an unchanged file:
+    validating a model, resolving it and planning it all need the same header)."""
     try:
-        with open(path, "rb") as fh:
-            return read_header(fh)
+        stat = os.stat(path)
+        return _read_header_cached(os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
     except FileNotFoundError:
         from kvchat.errors import ModelNotFoundError
 
         raise ModelNotFoundError(f"no such model file: {path}", hint="check the path") from None
     except IsADirectoryError:
         raise ModelFormatError(f"{path} is a directory", hint="pass a .gguf file") from None
+
+
+@functools.lru_cache(maxsize=8)
+def _read_header_cached(path: str, size: int, mtime_ns: int) -> GGUFHeader:
+    with open(path, "rb") as fh:
+        return read_header(fh)
 
 
 def iter_layer_tensors(tensors: list[TensorInfo]) -> Iterator[tuple[int | None, TensorInfo]]:
