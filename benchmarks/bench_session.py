@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -43,50 +44,60 @@ def _settings(threads: int) -> EngineSettings:
     return EngineSettings(n_ctx=N_CTX, type_k=F16, type_v=F16, n_threads=threads)
 
 
-def kvchat_turn_ttfts(model: Path, threads: int, turns: int) -> list[float]:
+def _median_per_turn(rounds: list[list[float]]) -> list[float]:
+    return [statistics.median(values) for values in zip(*rounds, strict=True)]
+
+
+def kvchat_turn_ttfts(model: Path, threads: int, turns: int, rounds: int) -> list[float]:
     with Engine(model, _settings(threads)) as engine:
         session = Session(engine, chat_template_for(engine), SamplingSettings(temperature=0), REPLY_TOKENS)
         for _ in session.send("Warm up."):  # first use pages the weights in; not a turn
             pass
-        session.clear()
-        ttfts = []
-        for i in range(turns):
-            for _ in session.send(_message(i)):
-                pass
-            ttfts.append(session.last_turn.ttft_s)
-    return ttfts
+        all_rounds = []
+        for _ in range(rounds):
+            session.clear()
+            ttfts = []
+            for i in range(turns):
+                for _ in session.send(_message(i)):
+                    pass
+                ttfts.append(session.last_turn.ttft_s)
+            all_rounds.append(ttfts)
+    return _median_per_turn(all_rounds)
 
 
-def llama_cpp_python_turn_ttfts(model: Path, threads: int, turns: int) -> list[float]:
+def llama_cpp_python_turn_ttfts(model: Path, threads: int, turns: int, rounds: int) -> list[float]:
     from llama_cpp import Llama
 
     llm = Llama(str(model), n_ctx=N_CTX, n_threads=threads, n_threads_batch=threads, verbose=False)
-    messages: list[dict[str, str]] = []
-    ttfts = []
+    all_rounds = []
     try:
         for _ in llm.create_chat_completion(
             messages=[{"role": "user", "content": "Warm up."}], stream=True, max_tokens=REPLY_TOKENS
         ):
             pass
-        llm.reset()
-        for i in range(turns):
-            messages.append({"role": "user", "content": _message(i)})
-            started = time.perf_counter()
-            first = None
-            reply = []
-            for chunk in llm.create_chat_completion(
-                messages=messages, stream=True, temperature=0, max_tokens=REPLY_TOKENS
-            ):
-                delta = chunk["choices"][0]["delta"].get("content")
-                if delta:
-                    if first is None:
-                        first = time.perf_counter() - started
-                    reply.append(delta)
-            ttfts.append(first or 0.0)
-            messages.append({"role": "assistant", "content": "".join(reply)})
+        for _ in range(rounds):
+            llm.reset()
+            messages: list[dict[str, str]] = []
+            ttfts = []
+            for i in range(turns):
+                messages.append({"role": "user", "content": _message(i)})
+                started = time.perf_counter()
+                first = None
+                reply = []
+                for chunk in llm.create_chat_completion(
+                    messages=messages, stream=True, temperature=0, max_tokens=REPLY_TOKENS
+                ):
+                    delta = chunk["choices"][0]["delta"].get("content")
+                    if delta:
+                        if first is None:
+                            first = time.perf_counter() - started
+                        reply.append(delta)
+                ttfts.append(first or 0.0)
+                messages.append({"role": "assistant", "content": "".join(reply)})
+            all_rounds.append(ttfts)
     finally:
         llm.close()
-    return ttfts
+    return _median_per_turn(all_rounds)
 
 
 def resume_vs_cold(model: Path, threads: int, home: Path) -> dict[str, float]:
@@ -134,11 +145,13 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=default_model_path())
     parser.add_argument("--threads", type=int, default=psutil.cpu_count(logical=False) or 1)
     parser.add_argument("--turns", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3, help="conversations; per-turn medians")
     args = parser.parse_args()
 
-    ours = kvchat_turn_ttfts(args.model, args.threads, args.turns)
-    theirs = llama_cpp_python_turn_ttfts(args.model, args.threads, args.turns)
-    print(f"turn-{args.turns} TTFT / turn-1 TTFT, equal-size messages, {REPLY_TOKENS}-token replies:")
+    ours = kvchat_turn_ttfts(args.model, args.threads, args.turns, args.rounds)
+    theirs = llama_cpp_python_turn_ttfts(args.model, args.threads, args.turns, args.rounds)
+    print(f"turn-{args.turns} TTFT / turn-1 TTFT, equal-size messages, {REPLY_TOKENS}-token replies, "
+          f"median of {args.rounds} conversations:")
     print(f"  kvchat Session            {ours[-1] * 1000:7.1f} ms / {ours[0] * 1000:7.1f} ms = "
           f"{ours[-1] / ours[0]:.2f}  (target <= 1.3)")
     print(f"  llama-cpp-python chat     {theirs[-1] * 1000:7.1f} ms / {theirs[0] * 1000:7.1f} ms = "

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import llama_cpp.llama_cpp as llama
 
-from kvchat.cache_types import CacheType
+from kvchat.cache_types import CacheType, flash_attn_enabled
 from kvchat.errors import KvchatError, ModelLoadError, UsageError
 
 if TYPE_CHECKING:
@@ -221,7 +221,10 @@ class Engine:
         cparams.n_seq_max = 1
         cparams.n_threads = settings.n_threads
         cparams.n_threads_batch = settings.n_threads
-        cparams.flash_attn_type = _FLASH_ATTN[settings.flash_attn]
+        gpu = settings.n_gpu_layers != 0 and supports_gpu_offload()
+        enabled = flash_attn_enabled(settings.flash_attn, settings.type_v, gpu=gpu)
+        self.flash_attn = "auto" if enabled is None else ("on" if enabled else "off")
+        cparams.flash_attn_type = _FLASH_ATTN[self.flash_attn]
         cparams.type_k = settings.type_k.ggml_type
         cparams.type_v = settings.type_v.ggml_type
         cparams.swa_full = settings.swa_full

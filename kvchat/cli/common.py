@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from kvchat import config
-from kvchat.cache_types import CacheType, parse_cache_type, resolve_flash_attn
+from kvchat.cache_types import CacheType, flash_attn_enabled, parse_cache_type, resolve_flash_attn
 from kvchat.errors import OutOfMemoryError, UsageError
 from kvchat.registry import resolve_model
 from kvchat.ui.environment import Environment
@@ -92,8 +92,9 @@ def auto_ctx(model_path: Path, type_k: CacheType, type_v: CacheType, flash_attn:
     cap = _as_int("ctx_max", config.setting("ctx_max"), 256)
     cap = min(cap, spec.n_ctx_train or cap)
     budget = detect_budget()
-    settings = PlanSettings(type_k=type_k, type_v=type_v, flash_attn=flash_attn != "off",
-                            n_gpu_layers=n_gpu_layers)
+    gpu = bool(budget.gpu_names) and n_gpu_layers != 0
+    settings = PlanSettings(type_k=type_k, type_v=type_v, n_gpu_layers=n_gpu_layers,
+                            flash_attn=flash_attn_enabled(flash_attn, type_v, gpu=gpu) is not False)
     n_ctx = largest_ctx(spec, settings, budget, max_ctx=cap)
     if budget.gpu_names and (n_ctx is None or n_ctx < min(4096, cap)):
         fitted = fit(spec, settings, budget, max_ctx=cap)

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from kvchat import config
-from kvchat.cache_types import CACHE_TYPES, parse_cache_type, resolve_flash_attn
+from kvchat.cache_types import CACHE_TYPES, flash_attn_enabled, parse_cache_type, resolve_flash_attn
 from kvchat.cli import app
 from kvchat.cli.options import CacheTypeKOpt, CacheTypeVOpt, FlashAttnOpt
 from kvchat.errors import UsageError
@@ -293,8 +293,7 @@ def estimate(
     env = Environment()
     type_k = parse_cache_type(str(config.setting("cache_type_k", cache_type_k)))
     type_v = parse_cache_type(str(config.setting("cache_type_v", cache_type_v)))
-    # llama.cpp resolves flash attention 'auto' to on wherever the kernels exist (CPU, CUDA)
-    fa = resolve_flash_attn(str(config.setting("flash_attn", flash_attn)), type_v) != "off"
+    fa_mode = resolve_flash_attn(str(config.setting("flash_attn", flash_attn)), type_v)
     ref = config.setting("model", model)
     fetched = None
     if not exact and find_local(ref) is None and parse_ref(ref).kind == "hub":
@@ -311,6 +310,8 @@ def estimate(
     auto_ctx = ctx_value.strip().lower() == "auto"
     contexts = [min(4096, spec.n_ctx_train or 4096)] if auto_ctx else parse_ctx_list(ctx_value)
     gpu_layers = _ngl(ngl, bool(budget.gpu_names))
+    # The engine's rule: auto is off on the CPU; with GPUs llama.cpp turns it on.
+    fa = flash_attn_enabled(fa_mode, type_v, gpu=bool(budget.gpu_names) and gpu_layers != 0) is not False
     base = PlanSettings(
         n_ctx=contexts[0], type_k=type_k, type_v=type_v, flash_attn=fa, swa_full=swa_full,
         n_batch=batch, n_ubatch=ubatch, n_gpu_layers=-1 if gpu_layers is None else gpu_layers,

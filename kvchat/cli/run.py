@@ -143,7 +143,7 @@ def run(
                     "n_ctx": engine.n_ctx,
                     "cache_type_k": request.type_k.name,
                     "cache_type_v": request.type_v.name,
-                    "flash_attn": request.flash_attn,
+                    "flash_attn": engine.flash_attn,
                     "n_gpu_layers": request.n_gpu_layers,
                     "n_threads": request.n_threads,
                     "temperature": sampling.temperature,

@@ -178,7 +178,7 @@ class ChatRepl:
         name = req.model_path.name
         where = hardware_text(self.sampler.sample(), self.device).split(" · ", 1)[1]
         self.say(f"kvchat · {name} · ctx {self.engine.n_ctx} · KV {req.type_k.name}/{req.type_v.name} "
-                 f"· flash attn {req.flash_attn} · {where}", style="bold")
+                 f"· flash attn {self.engine.flash_attn} · {where}", style="bold")
         if self.session_name:
             what = (f"resumed '{self.session_name}': {len(self.session.messages)} messages, "
                     f"{self.setup.resumed_tokens} tokens" if self.setup.resumed_tokens
@@ -363,7 +363,7 @@ class ChatRepl:
             ("context", f"{engine.n_ctx} tokens (trained on {engine.n_ctx_train})"),
             ("KV cache", f"K {req.type_k.name}, V {req.type_v.name} · {format_bytes(kv_total)} "
                          f"({self.bytes_per_cell / 1024:.1f} KiB per cell)"),
-            ("flash attention", req.flash_attn),
+            ("flash attention", f"{engine.flash_attn} (asked: {req.flash_attn})"),
             ("layers", f"{engine.n_layer} · on GPU: {on_gpu}"),
             ("threads", str(req.n_threads)),
             ("sampling", self._settings_line()),
