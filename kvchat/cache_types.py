@@ -105,3 +105,13 @@ def flash_attn_enabled(mode: str, type_v: CacheType, *, gpu: bool) -> bool | Non
     if mode == "off":
         return False
     return None if gpu else False
+
+
+# Stock CUDA builds have fused flash-attention kernels only for these K = V types
+# (ggml-cuda/fattn.cu); other pairs silently run attention on the CPU.
+GPU_FUSED_FA_TYPES = frozenset({"f16", "q8_0", "q4_0", "bf16"})
+
+
+def gpu_fused_fa_pair(type_k: CacheType, type_v: CacheType) -> bool:
+    """Whether a K/V pair has a fused flash-attention kernel on NVIDIA GPUs."""
+    return type_k == type_v and type_k.name in GPU_FUSED_FA_TYPES

@@ -282,3 +282,13 @@ def test_config_file_and_env_precedence(kvchat, kv_env: dict[str, str]) -> None:
     (home / "config.toml").write_text("[defaults]\nbogus = 1\n")
     bad = kvchat("run", "Hi")
     assert bad.returncode == ExitCode.USAGE and "bogus" in bad.stderr
+
+
+def test_gpu_fused_flash_attention_pairs() -> None:
+    from kvchat.cache_types import gpu_fused_fa_pair, parse_cache_type
+
+    def pair(k: str, v: str) -> bool:
+        return gpu_fused_fa_pair(parse_cache_type(k), parse_cache_type(v))
+
+    assert pair("f16", "f16") and pair("q8_0", "q8_0") and pair("q4_0", "q4_0") and pair("bf16", "bf16")
+    assert not pair("q8_0", "q4_0") and not pair("q5_1", "q5_1") and not pair("f32", "f32")

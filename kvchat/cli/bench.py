@@ -153,6 +153,7 @@ def bench(
         run_bench,
         to_json,
     )
+    from kvchat.cache_types import gpu_fused_fa_pair
     from kvchat.engine import supports_gpu_offload
 
     env = Environment()
@@ -169,8 +170,8 @@ def bench(
     check_settings(settings)
     on_gpu = request.n_gpu_layers != 0 and supports_gpu_offload()
     warnings = [
-        f"{p.name}: mixed K/V types have no fused GPU flash-attention kernel in stock builds; "
-        "attention may run on the CPU" for p in pairs if on_gpu and p.type_k != p.type_v
+        f"{p.name}: this K/V pair has no fused GPU flash-attention kernel in stock builds; "
+        "attention may run on the CPU" for p in pairs if on_gpu and not gpu_fused_fa_pair(p.type_k, p.type_v)
     ]
     for warning in warnings:
         env.warn(warning)

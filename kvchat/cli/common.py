@@ -8,7 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from kvchat import config
-from kvchat.cache_types import CacheType, flash_attn_enabled, parse_cache_type, resolve_flash_attn
+from kvchat.cache_types import (
+    CacheType,
+    flash_attn_enabled,
+    gpu_fused_fa_pair,
+    parse_cache_type,
+    resolve_flash_attn,
+)
 from kvchat.errors import OutOfMemoryError, UsageError
 from kvchat.registry import resolve_model
 from kvchat.ui.environment import Environment
@@ -124,6 +130,16 @@ def load_engine(request: LoadRequest, env: Environment, *, verbose: bool = False
             verbose=verbose,
         ),
     )
+    from kvchat.monitor import gpu_layers
+
+    offloaded = gpu_layers(engine.load_log)
+    if (engine.flash_attn != "off" and offloaded and offloaded[0] > 0
+            and not gpu_fused_fa_pair(request.type_k, request.type_v)):
+        env.warn(
+            f"K {request.type_k.name} / V {request.type_v.name} has no fused GPU flash-attention "
+            "kernel in stock builds: attention may run on the CPU, prefill 8-30x slower; "
+            "same-type f16, q8_0, q4_0 or bf16 pairs avoid it"
+        )
     if engine.n_ctx_train and request.n_ctx > engine.n_ctx_train:
         env.warn(
             f"--ctx {request.n_ctx} is above the model's training context "
