@@ -14,8 +14,10 @@ tensor count, key/value count, the key/values, the tensor infos, padding up to
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
+import re
 import struct
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -488,10 +490,53 @@ def read_header_file(path: str | Path) -> GGUFHeader:
         raise ModelFormatError(f"{path} is a directory", hint="pass a .gguf file") from None
 
 
+_SPLIT_NAME_RE = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)
+
+
 @functools.lru_cache(maxsize=8)
 def _read_header_cached(path: str, size: int, mtime_ns: int) -> GGUFHeader:
     with open(path, "rb") as fh:
         return read_header(fh)
+
+
+def merge_split_headers(headers: Sequence[GGUFHeader]) -> GGUFHeader:
+    """One header for a split model: part 1's metadata with every part's tensors
+    (each part's header lists only the tensors stored in it)."""
+    first = headers[0]
+    if len(headers) == 1:
+        return first
+    tensors = [t for h in headers for t in h.tensors]
+    file_size = None if any(h.file_size is None for h in headers) else sum(h.file_size or 0 for h in headers)
+    return dataclasses.replace(first, tensors=tensors, file_size=file_size)
+
+
+def split_count(header: GGUFHeader) -> int:
+    """How many files the model is split into (`split.count`; 1 when not split)."""
+    count = header.metadata.get("split.count", 1)
+    return count if isinstance(count, int) and count > 0 else 1
+
+
+def split_part_paths(path: Path, count: int) -> list[Path]:
+    """The sibling files of a split model, named like llama.cpp's llama_split_path."""
+    match = _SPLIT_NAME_RE.match(path.name)
+    if count <= 1 or match is None:
+        return [path]
+    return [path.with_name(f"{match['stem']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+
+
+def read_model_header_file(path: str | Path) -> GGUFHeader:
+    """The header of a local model, every part of a split model merged."""
+    first = read_header_file(path)
+    parts = split_part_paths(Path(path), split_count(first))
+    if len(parts) == 1:
+        return first
+    missing = [p.name for p in parts if not p.is_file()]
+    if missing:
+        raise ModelFormatError(
+            f"split model is incomplete: {', '.join(missing)} missing next to {Path(path).name}",
+            hint="download every part (kvchat pull does)",
+        )
+    return merge_split_headers([first, *(read_header_file(p) for p in parts[1:])])
 
 
 def iter_layer_tensors(tensors: list[TensorInfo]) -> Iterator[tuple[int | None, TensorInfo]]:

@@ -370,7 +370,7 @@ def _kv_from_start(m: _Meta, arch: str, n_layer: int) -> int:
 
 
 def read_spec(path: str) -> ModelSpec:
-    """Header and spec of a local GGUF file in one call."""
-    from kvchat.gguf import read_header_file
+    """Header and spec of a local GGUF model in one call (all parts of a split model)."""
+    from kvchat.gguf import read_model_header_file
 
-    return spec_from_header(read_header_file(path))
+    return spec_from_header(read_model_header_file(path))

@@ -193,3 +193,18 @@ def test_real_model_pull_survives_a_dropped_connection(tmp_path):
     assert gets[1].range is not None and gets[1].range.startswith("bytes=")
     resumed_at = int(gets[1].range.split("=")[1].rstrip("-"))
     assert 0 < resumed_at <= 45 * 1024 * 1024 and gets[1].body_bytes == model.stat().st_size - resumed_at
+
+
+def test_split_model_estimates_count_every_part(tmp_path, hub):
+    """Each part's header lists only its own tensors: remote and local estimates merge them."""
+    env = kvchat_env(tmp_path, hub)
+    remote = run_kvchat(["estimate", f"{REPO}:Q6_K", "--ctx", "512", "--json"], env)
+    assert remote.returncode == 0, remote.stderr
+    remote_record = json.loads(remote.stdout)
+    weights = remote_record["plans"][0]["total"]["weights"]
+    assert weights >= 2 * 512 * 1024  # both parts' tensor data, not part 1's alone
+    served = sum(r.body_bytes for r in hub.log if "Q6_K" in r.path)
+    assert remote_record["remote_bytes_fetched"] == served
+    assert run_kvchat(["pull", f"{REPO}:Q6_K"], env).returncode == 0
+    local = run_kvchat(["estimate", f"{REPO}:Q6_K", "--ctx", "512", "--json"], env)
+    assert json.loads(local.stdout)["plans"][0]["total"]["weights"] == weights

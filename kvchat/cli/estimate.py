@@ -18,8 +18,8 @@ from kvchat.cache_types import CACHE_TYPES, flash_attn_enabled, parse_cache_type
 from kvchat.cli import app
 from kvchat.cli.options import CacheTypeKOpt, CacheTypeVOpt, FlashAttnOpt
 from kvchat.errors import UsageError
-from kvchat.gguf import read_header, read_header_file
-from kvchat.hub import open_remote
+from kvchat.gguf import GGUFHeader, merge_split_headers, read_header, read_model_header_file
+from kvchat.hub import open_remote_file
 from kvchat.memory import (
     CPU,
     DEFAULT_MARGIN,
@@ -85,6 +85,20 @@ def _budget(ram: str | None, vram: str | None, margin: str | None) -> Budget:
     if ram is not None:
         detected = replace(detected, ram=parse_size(ram))
     return detected
+
+
+def _read_remote_header(ref: str) -> tuple[GGUFHeader, Path, int]:
+    """Header of a Hub model through HTTP range requests, every part of a split model
+    merged; returns it, the first part's name and the bytes fetched."""
+    from kvchat.registry import resolve_remote
+
+    target = resolve_remote(ref)
+    headers, fetched = [], 0
+    for part in target.parts:
+        with open_remote_file(target.repo, part, target.commit) as remote:
+            headers.append(read_header(remote))
+            fetched += remote.bytes_fetched
+    return merge_split_headers(headers), Path(f"{target.repo}/{target.parts[0]}"), fetched
 
 
 def _ngl(value: str | None, has_gpu: bool) -> int | None:
@@ -297,13 +311,11 @@ def estimate(
     ref = config.setting("model", model)
     fetched = None
     if not exact and find_local(ref) is None and parse_ref(ref).kind == "hub":
-        with open_remote(ref) as remote:  # header only, through HTTP range requests
-            header = read_header(remote)
-        model_path, fetched = Path(remote.name), remote.bytes_fetched
-        env.stderr.write(f"kvchat: read {format_bytes(fetched)} of {remote.name} (header only)\n")
+        header, model_path, fetched = _read_remote_header(ref)
+        env.stderr.write(f"kvchat: read {format_bytes(fetched)} of {model_path} (header only)\n")
     else:
         model_path = resolve_model(ref)
-        header = read_header_file(model_path)
+        header = read_model_header_file(model_path)
     spec = spec_from_header(header)
     budget = _budget(ram, vram, margin)
     ctx_value = ctx or str(config.setting("ctx"))
