@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kvchat import session_store
-from kvchat.cache_types import parse_cache_type
 from kvchat.engine import Engine
 from kvchat.errors import SessionError
 from kvchat.session import Session
@@ -62,14 +61,6 @@ def mismatches(
         if before != now:
             problems.append(f"{label} was {before}, now {now}")
     return problems
-
-
-@dataclass
-class OpenResult:
-    session: Session
-    resumed: bool
-    rebuilt_tokens: int
-    load_s: float
 
 
 class NamedSession:
@@ -168,10 +159,3 @@ def resolve_against_saved(
         }
         flags = {k: (defaults[k] if v is None and k in defaults else v) for k, v in flags.items()}
     return resolve(**flags)
-
-
-def iter_names() -> Iterator[str]:
-    return (info.name for info in session_store.list_sessions())
-
-
-__all__ = ["ContextSettings", "NamedSession", "mismatches", "parse_cache_type", "replace"]
