@@ -27,7 +27,6 @@ import re
 import struct
 import sys
 import tempfile
-import time
 from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -308,7 +307,3 @@ def remove(name: str) -> None:
         path.unlink()
     with contextlib.suppress(OSError):
         path.with_suffix(".lock").unlink()
-
-
-def now() -> float:
-    return time.time()
