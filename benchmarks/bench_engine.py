@@ -26,7 +26,8 @@ from pathlib import Path
 import psutil
 
 from kvchat.cache_types import parse_cache_type
-from kvchat.engine import Engine, EngineSettings, SamplingSettings
+from kvchat.engine import Engine, EngineSettings
+from kvchat.engine_api import SamplingSettings
 from kvchat.registry import default_model_path
 
 MIB = 1024 * 1024

@@ -25,9 +25,10 @@ from pathlib import Path
 
 import psutil
 
+from kvchat.app import chat_template_for
 from kvchat.cache_types import parse_cache_type
-from kvchat.cli.common import chat_template_for
-from kvchat.engine import Engine, EngineSettings, SamplingSettings
+from kvchat.engine import Engine, EngineSettings
+from kvchat.engine_api import SamplingSettings
 from kvchat.registry import default_model_path
 from kvchat.session import Session
 

@@ -20,10 +20,12 @@ import statistics
 
 from rich.console import Console
 
+from kvchat.app import chat_template_for
 from kvchat.cache_types import parse_cache_type
-from kvchat.cli.common import chat_template_for
-from kvchat.engine import Engine, EngineSettings, SamplingSettings, supports_gpu_offload
-from kvchat.monitor import HardwareSampler, KvFill, TokenMeter, gpu_layers, kv_bytes_per_cell, open_nvml
+from kvchat.engine import Engine, EngineSettings, supports_gpu_offload
+from kvchat.engine_api import SamplingSettings
+from kvchat.hardware import open_nvml
+from kvchat.monitor import HardwareSampler, KvFill, TokenMeter, kv_bytes_per_cell
 from kvchat.registry import default_model_path
 from kvchat.session import Session
 from kvchat.ui.status import DeviceInfo, ReplyView, status_text
@@ -73,7 +75,7 @@ def main() -> None:
                           args.tokens)
         console = Console(file=devnull, force_terminal=True, width=120, height=40)
         sampler = HardwareSampler(nvml=nvml)
-        device = DeviceInfo(gpu_layers(engine.load_log), supports_gpu_offload())
+        device = DeviceInfo(engine.gpu_layers, supports_gpu_offload())
         per_cell = kv_bytes_per_cell(engine.buffers, engine.n_ctx)
         one_reply(session, with_status=True, console=console, sampler=sampler, device=device,
                   bytes_per_cell=per_cell)  # warm-up

@@ -4,7 +4,7 @@ llama-cpp-python version from the llama.cpp it vendors.
 Tests and benchmarks share this script: the tools are the anchors kvchat is
 measured against and the real engines its remote path is tested with. Nothing is
 built inside the repository and no binary is committed: the sdist of the
-installed llama-cpp-python is downloaded from the package index and built with
+installed llama-cpp-python is downloaded from the package index (sha256 checked) and built with
 cmake under a cache folder keyed by version
 
     $KVCHAT_TOOLS_CACHE (default ~/.cache/kvchat-dev/llama-tools)/<version>/bin
@@ -17,12 +17,15 @@ From Python: `tool_path("llama-server")` builds on first use and returns the pat
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.request
 from importlib.metadata import version
 from pathlib import Path
 
@@ -46,15 +49,25 @@ def built() -> dict[str, Path] | None:
 
 
 def _fetch_sdist(into: Path) -> Path:
-    """Download the installed version's sdist (pip's cache answers repeat calls)."""
-    subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-         "--disable-pip-version-check", "-q", "-d", str(into),
-         f"llama-cpp-python=={llama_cpp_python_version()}"],
-        check=True,
-    )
-    (sdist,) = into.glob("llama_cpp_python-*.tar.gz")
-    return sdist
+    """Download the installed version's sdist from the package index's simple API and
+    check its sha256. (`pip download --no-binary :all:` would build the sdist's build
+    dependencies, cmake included, from source just to read its metadata.)"""
+    index = os.environ.get("KVCHAT_PYPI_SIMPLE", "https://pypi.org/simple")
+    request = urllib.request.Request(f"{index}/llama-cpp-python/",
+                                     headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        files = json.load(response)["files"]
+    name = f"llama_cpp_python-{llama_cpp_python_version()}.tar.gz"
+    (entry,) = [f for f in files if f["filename"] == name]
+    target = into / name
+    digest = hashlib.sha256()
+    with urllib.request.urlopen(entry["url"], timeout=300) as response, target.open("wb") as out:
+        while chunk := response.read(1 << 20):
+            digest.update(chunk)
+            out.write(chunk)
+    if digest.hexdigest() != entry["hashes"]["sha256"]:
+        raise RuntimeError(f"{name}: sha256 mismatch with the index")
+    return target
 
 
 def _extract_llama_cpp(sdist: Path, into: Path) -> Path:
@@ -91,8 +104,8 @@ def build(jobs: int | None = None) -> dict[str, Path]:
                 check=True, stdout=subprocess.DEVNULL,
             )
             subprocess.run(
-                ["cmake", "--build", str(build_dir), "--config", "Release", "-j", str(jobs or os.cpu_count() or 2),
-                 "--target", *TOOLS],
+                ["cmake", "--build", str(build_dir), "--config", "Release",
+                 "-j", str(jobs or os.cpu_count() or 2), "--target", *TOOLS],
                 check=True, stdout=subprocess.DEVNULL,
             )
             bin_dir = target / "bin"

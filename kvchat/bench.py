@@ -347,7 +347,7 @@ def measure_speed(
     Each repeat starts from an empty cache, evaluates the prompt, then samples
     greedily (without stopping at end of generation, like llama-bench's tg test).
     """
-    from kvchat.engine import SamplingSettings
+    from kvchat.engine_api import SamplingSettings
 
     engine.set_sampling(SamplingSettings(temperature=0.0))
     engine.kv_clear()

@@ -54,8 +54,6 @@ CACHE_TYPES: dict[str, CacheType] = {
     )
 }
 
-DEFAULT_CACHE_TYPE = "f16"
-
 
 def valid_names() -> str:
     return ", ".join(CACHE_TYPES)
@@ -115,3 +113,12 @@ GPU_FUSED_FA_TYPES = frozenset({"f16", "q8_0", "q4_0", "bf16"})
 def gpu_fused_fa_pair(type_k: CacheType, type_v: CacheType) -> bool:
     """Whether a K/V pair has a fused flash-attention kernel on NVIDIA GPUs."""
     return type_k == type_v and type_k.name in GPU_FUSED_FA_TYPES
+
+
+def fused_kernel_warning(type_k: CacheType, type_v: CacheType) -> str | None:
+    """The one wording of the warning for a K/V pair without a fused GPU kernel."""
+    if gpu_fused_fa_pair(type_k, type_v):
+        return None
+    return (f"K {type_k.name} / V {type_v.name} has no fused GPU flash-attention kernel in stock "
+            "builds: attention may run on the CPU, prefill 8-30x slower; same-type f16, q8_0, q4_0 "
+            "or bf16 pairs avoid it")

@@ -1,8 +1,8 @@
 """Where kvchat keeps things and how settings are resolved.
 
-Precedence, in one place: command-line flag > environment variable
-(`KVCHAT_<NAME>`) > user config file (`config.toml`, table `[defaults]`) > built-in
-default. `KVCHAT_HOME` moves every kvchat file (config, sessions, history, user
+Settings are resolved in kvchat.settings (flag > saved session > `KVCHAT_<NAME>` >
+this config file's `[defaults]` > default); this module only finds and reads the
+file. `KVCHAT_HOME` moves every kvchat file (config, sessions, history, user
 models.toml) under one folder; model files live in the Hugging Face cache
 (`HF_HOME`), shared with other tools.
 """
@@ -10,6 +10,7 @@ models.toml) under one folder; model files live in the Hugging Face cache
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -17,33 +18,14 @@ from typing import Any
 
 import platformdirs
 
-try:
+if sys.version_info >= (3, 11):
     import tomllib
-except ImportError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
+else:  # Python 3.10
+    import tomli as tomllib
 
 from kvchat.errors import UsageError
 
 ENV_PREFIX = "KVCHAT_"
-
-DEFAULTS: dict[str, Any] = {
-    "model": None,
-    "ctx": "auto",  # the largest context that fits free memory, up to ctx_max
-    "ctx_max": 32768,
-    "cache_type_k": "f16",
-    "cache_type_v": "f16",
-    "flash_attn": "auto",
-    "ngl": -1,
-    "threads": None,  # physical cores, resolved at use
-    "max_tokens": None,  # until end of turn or context full
-    "temperature": 0.8,
-    "top_k": 40,
-    "top_p": 0.95,
-    "min_p": 0.05,
-    "seed": None,
-    "system": None,
-    "batch": 512,
-}
 
 
 @dataclass(frozen=True)
@@ -80,40 +62,32 @@ def paths() -> Paths:
 
 
 @cache
-def _file_defaults(config_file: Path) -> dict[str, Any]:
+def _read_table(config_file: Path) -> dict[str, Any]:
     if not config_file.is_file():
         return {}
     try:
-        data = tomllib.loads(config_file.read_text(encoding="utf-8"))
+        data = tomllib.loads(config_file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UsageError(f"{config_file} is not UTF-8 text", hint="save it as UTF-8, or remove it") from None
     except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise UsageError(
-            f"cannot read {config_file}: {exc}", hint="fix or remove that file"
-        ) from exc
+        raise UsageError(f"cannot read {config_file}: {exc}", hint="fix or remove that file") from None
     table = data.get("defaults", {})
-    unknown = sorted(set(table) - set(DEFAULTS))
-    if unknown:
+    if not isinstance(table, dict):
         raise UsageError(
-            f"{config_file}: unknown setting(s) {', '.join(unknown)}",
-            hint=f"known: {', '.join(DEFAULTS)}",
+            f"{config_file}: 'defaults' must be a table ([defaults]), not {type(table).__name__}",
+            hint="write the settings under a [defaults] line",
         )
+    others = sorted(set(data) - {"defaults"})
+    if others:
+        raise UsageError(f"{config_file}: unknown key(s) {', '.join(others)}",
+                         hint="settings go under [defaults]")
     return dict(table)
 
 
-def setting(name: str, flag_value: Any = None) -> Any:
-    """Resolve one setting: flag > KVCHAT_<NAME> > config file > default.
-
-    Values from the environment come back as strings; callers parse them the same
-    way as flag values.
-    """
-    if flag_value is not None:
-        return flag_value
-    env = os.environ.get(ENV_PREFIX + name.upper())
-    if env not in (None, ""):
-        return env
-    from_file = _file_defaults(paths().config_file)
-    if name in from_file:
-        return from_file[name]
-    return DEFAULTS[name]
+def file_defaults() -> dict[str, Any]:
+    """The raw `[defaults]` table of the user's config.toml (values unparsed: the
+    settings module parses and checks them, naming the file in its errors)."""
+    return _read_table(paths().config_file)
 
 
 def debug_enabled() -> bool:

@@ -11,22 +11,28 @@ from __future__ import annotations
 
 import codecs
 import ctypes
-import re
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import llama_cpp.llama_cpp as llama
 
 from kvchat.cache_types import CacheType, flash_attn_enabled
+from kvchat.engine_api import PerfCounters, SamplingSettings, TokenEvent
 from kvchat.errors import KvchatError, ModelLoadError, UsageError
+from kvchat.llama_log import BufferSizes, parse_load_log
 
 if TYPE_CHECKING:
     import numpy as np
+
+# A prefill chunk should take about this long, so Ctrl-C stops it promptly.
+_CHUNK_S = 0.5
+_MIN_CHUNK = 32
+Progress = Callable[[int, int], None]
 
 _FLASH_ATTN = {
     "auto": llama.LLAMA_FLASH_ATTN_TYPE_AUTO,
@@ -49,64 +55,6 @@ class EngineSettings:
     n_ubatch: int = 512
     swa_full: bool = False
     verbose: bool = False
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    temperature: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
-    seed: int | None = None
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    """One generated token: its id and the text it completes (may be '')."""
-
-    token: int
-    text: str
-    is_eog: bool
-
-
-@dataclass
-class BufferSizes:
-    """What llama.cpp reported allocating, in bytes, keyed by device name."""
-
-    model: dict[str, int] = field(default_factory=dict)
-    kv: dict[str, int] = field(default_factory=dict)
-    k: int = 0
-    v: int = 0
-    recurrent: dict[str, int] = field(default_factory=dict)
-    output: dict[str, int] = field(default_factory=dict)
-    compute: dict[str, int] = field(default_factory=dict)
-    kv_cells: int = 0
-
-    def total(self) -> int:
-        return sum(
-            sum(d.values())
-            for d in (self.model, self.kv, self.recurrent, self.output, self.compute)
-        )
-
-
-@dataclass(frozen=True)
-class PerfCounters:
-    """llama.cpp's own in-process timings (llama_perf_context)."""
-
-    prompt_eval_ms: float
-    prompt_tokens: int
-    eval_ms: float
-    eval_tokens: int
-
-
-_MIB = 1024 * 1024
-_BUFFER_RE = re.compile(
-    r"(?P<dev>\S+)\s+(?P<kind>model|KV|RS|output|compute) buffer size =\s*(?P<mib>[\d.]+) MiB"
-)
-_KV_SUMMARY_RE = re.compile(
-    r"size =\s*[\d.]+ MiB \(\s*(?P<cells>\d+) cells.*K \(\w+\):\s*(?P<k>[\d.]+) MiB, "
-    r"V \(\w+\):\s*(?P<v>[\d.]+) MiB"
-)
 
 
 class _Log:
@@ -138,7 +86,8 @@ class _Log:
 _LOG = _Log()
 
 
-@llama.llama_log_callback
+# llama_cpp's ctypes bindings carry no types: the decorator is untyped.
+@llama.llama_log_callback  # type: ignore[untyped-decorator]
 def _log_callback(level: int, text: bytes | None, user_data: ctypes.c_void_p) -> None:
     if text:
         _LOG.write(text.decode("utf-8", errors="replace"))
@@ -146,31 +95,6 @@ def _log_callback(level: int, text: bytes | None, user_data: ctypes.c_void_p) ->
 
 llama.llama_log_set(_log_callback, ctypes.c_void_p(0))
 llama.llama_backend_init()
-
-
-def parse_buffer_sizes(lines: Sequence[str]) -> BufferSizes:
-    """Collect the buffer sizes llama.cpp printed while loading (see REFERENCE.md)."""
-    sizes = BufferSizes()
-    targets = {
-        "model": sizes.model,
-        "KV": sizes.kv,
-        "RS": sizes.recurrent,
-        "output": sizes.output,
-        "compute": sizes.compute,
-    }
-    for line in lines:
-        match = _BUFFER_RE.search(line)
-        if match:
-            target = targets[match["kind"]]
-            dev = match["dev"]
-            target[dev] = target.get(dev, 0) + round(float(match["mib"]) * _MIB)
-            continue
-        match = _KV_SUMMARY_RE.search(line)
-        if match:
-            sizes.kv_cells += int(match["cells"])
-            sizes.k += round(float(match["k"]) * _MIB)
-            sizes.v += round(float(match["v"]) * _MIB)
-    return sizes
 
 
 def system_info() -> str:
@@ -187,9 +111,12 @@ class Engine:
     def __init__(self, model_path: Path, settings: EngineSettings) -> None:
         self.model_path = model_path
         self.settings = settings
-        self._model = None
-        self._ctx = None
-        self._sampler = None
+        # ctypes handles from llama.cpp (None once freed)
+        self._model: Any = None
+        self._ctx: Any = None
+        self._sampler: Any = None
+        self.flash_attn = settings.flash_attn
+        self.gpu_layers: tuple[int, int] | None = None
         self.n_past = 0
         _LOG.echo = settings.verbose
         mark = _LOG.mark()
@@ -201,7 +128,11 @@ class Engine:
             raise
         self.load_s = time.perf_counter() - started
         self.load_log = _LOG.since(mark)
-        self.buffers = parse_buffer_sizes(self.load_log)
+        report = parse_load_log(self.load_log)
+        self.buffers: BufferSizes = report.buffers
+        self.gpu_layers = report.gpu_layers
+        if self.flash_attn == "auto" and report.flash_attn is not None:
+            self.flash_attn = report.flash_attn  # what llama.cpp resolved auto to
 
     def _load(self, model_path: Path, settings: EngineSettings) -> None:
         mparams = llama.llama_model_default_params()
@@ -216,8 +147,10 @@ class Engine:
         self._vocab = llama.llama_model_get_vocab(model)
         cparams = llama.llama_context_default_params()
         cparams.n_ctx = settings.n_ctx
-        cparams.n_batch = settings.n_batch
-        cparams.n_ubatch = settings.n_ubatch
+        # A batch larger than the context trips GGML_ASSERT(n_tokens_all <= n_batch)
+        # inside llama.cpp once it caps n_batch at n_ctx: cap both here.
+        cparams.n_batch = min(settings.n_batch, settings.n_ctx)
+        cparams.n_ubatch = min(settings.n_ubatch, cparams.n_batch)
         cparams.n_seq_max = 1
         cparams.n_threads = settings.n_threads
         cparams.n_threads_batch = settings.n_threads
@@ -243,6 +176,7 @@ class Engine:
         self.n_ctx_train = llama.llama_model_n_ctx_train(model)
         self.n_vocab = llama.llama_vocab_n_tokens(self._vocab)
         self.n_layer = llama.llama_model_n_layer(model)
+        self.n_batch = llama.llama_n_batch(ctx)
         self._piece_buf = ctypes.create_string_buffer(256)
         self._one_token = (llama.llama_token * 1)()
 
@@ -265,11 +199,11 @@ class Engine:
 
     @property
     def bos_token(self) -> int:
-        return llama.llama_vocab_bos(self._vocab)
+        return int(llama.llama_vocab_bos(self._vocab))
 
     @property
     def eos_token(self) -> int:
-        return llama.llama_vocab_eos(self._vocab)
+        return int(llama.llama_vocab_eos(self._vocab))
 
     @property
     def add_bos(self) -> bool:
@@ -299,27 +233,38 @@ class Engine:
             n = llama.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
         return buf.raw[:n]
 
-    def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:
-        return b"".join(self.token_piece(t, special=special) for t in tokens).decode(
-            "utf-8", errors="replace"
-        )
-
     # -- evaluation ----------------------------------------------------------
 
-    def eval(self, tokens: Sequence[int]) -> None:
-        """Append `tokens` to the sequence in the KV cache, n_batch at a time."""
+    def eval(self, tokens: Sequence[int], progress: Progress | None = None) -> None:
+        """Append `tokens` to the sequence in the KV cache, in chunks.
+
+        Chunks start at n_batch tokens and shrink so that each takes about
+        `_CHUNK_S`: a Ctrl-C (raised between two chunks) then stops a long prefill
+        within about that time, and `progress(done, total)` is called after each.
+        """
         if self.n_past + len(tokens) > self.n_ctx:
             raise UsageError(
                 f"{self.n_past + len(tokens)} tokens do not fit the {self.n_ctx}-token context",
                 hint="raise --ctx or shorten the prompt",
             )
-        step = self.settings.n_batch
-        for start in range(0, len(tokens), step):
-            chunk = tokens[start : start + step]
+        step = self.n_batch
+        done = 0
+        while done < len(tokens):
+            chunk = tokens[done : done + step]
             arr = (llama.llama_token * len(chunk))(*chunk)
+            started = time.perf_counter()
             self._decode(llama.llama_batch_get_one(arr, len(chunk)), len(chunk))
-        # Backends may compute asynchronously: wait, so that the tokens really are in
-        # the cache (and llama.cpp's timings recorded) when eval returns.
+            done += len(chunk)
+            if progress is not None:
+                progress(done, len(tokens))
+            if done < len(tokens):
+                # Backends may compute asynchronously: time what the chunk really took.
+                llama.llama_synchronize(self._ctx)
+                took = time.perf_counter() - started
+                if took > _CHUNK_S:
+                    step = max(_MIN_CHUNK, int(len(chunk) * _CHUNK_S / took))
+        # Wait, so that the tokens really are in the cache (and llama.cpp's timings
+        # recorded) when eval returns.
         llama.llama_synchronize(self._ctx)
 
     def _decode(self, batch: llama.llama_batch, n_tokens: int) -> None:
@@ -337,6 +282,11 @@ class Engine:
             llama.llama_sampler_free(self._sampler)
         chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
         seed = llama.LLAMA_DEFAULT_SEED if sampling.seed is None else sampling.seed & 0xFFFFFFFF
+        if sampling.repeat_penalty != 1.0:
+            # llama.cpp's penalties sampler over the last 64 tokens (its CLI default).
+            llama.llama_sampler_chain_add(
+                chain, llama.llama_sampler_init_penalties(64, sampling.repeat_penalty, 0.0, 0.0)
+            )
         if sampling.temperature <= 0:
             llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_greedy())
         else:
@@ -396,7 +346,7 @@ class Engine:
                 f"{self.n_past + len(tokens)} tokens do not fit the {self.n_ctx}-token context",
                 hint="raise --ctx or evaluate fewer tokens",
             )
-        step = min(self.settings.n_batch, max_rows or self.settings.n_batch)
+        step = min(self.n_batch, max_rows or self.n_batch)
         batch = llama.llama_batch_init(step, 0, 1)
         try:
             for start in range(0, len(tokens), step):
@@ -428,6 +378,10 @@ class Engine:
     def kv_shift(self, start: int, end: int, delta: int) -> None:
         llama.llama_memory_seq_add(self._memory, 0, start, end, delta)
         self.n_past = llama.llama_memory_seq_pos_max(self._memory, 0) + 1
+
+    def cells_in_use(self) -> int:
+        """Positions of seq 0 the cache holds, as llama.cpp counts them (pos_max + 1)."""
+        return int(llama.llama_memory_seq_pos_max(self._memory, 0)) + 1
 
     def can_shift(self) -> bool:
         return bool(llama.llama_memory_can_shift(self._memory))

@@ -16,15 +16,19 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import io
 import os
 import re
 import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, overload
 
 from kvchat.errors import ModelFormatError
+
+# A local file or a remote range reader (kvchat.hub.RemoteFile): read, seek, tell.
+Stream = IO[bytes] | io.RawIOBase
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -198,7 +202,7 @@ class _Reader:
     requests; `pos` is the logical position (bytes the parser consumed).
     """
 
-    def __init__(self, stream: IO[bytes], start: int, size: int | None) -> None:
+    def __init__(self, stream: Stream, start: int, size: int | None) -> None:
         self._stream = stream
         self.buf = b""
         self.at = 0
@@ -250,7 +254,7 @@ class _Reader:
         return out
 
 
-def _stream_size(stream: IO[bytes]) -> tuple[int, int | None]:
+def _stream_size(stream: Stream) -> tuple[int, int | None]:
     """(current position, total size) of the stream; size None when it cannot seek."""
     try:
         start = stream.tell()
@@ -278,7 +282,7 @@ class _Parser:
                 hint="the file is damaged or not a GGUF model",
             )
         self.r.check(n * item_bytes, what)
-        return n
+        return int(n)
 
     def string(self, what: str) -> str:
         n = self.count(f"length of {what}", 1, MAX_STRING_BYTES)
@@ -358,7 +362,7 @@ class _Parser:
         )
 
 
-def read_header(stream: IO[bytes]) -> GGUFHeader:
+def read_header(stream: Stream) -> GGUFHeader:
     """Parse the GGUF header from the stream's current position (normally 0).
 
     Reads sequentially and never past what the header needs plus one read-ahead
@@ -367,7 +371,8 @@ def read_header(stream: IO[bytes]) -> GGUFHeader:
     """
     start, size = _stream_size(stream)
     reader = _Reader(stream, start, size)
-    magic = reader.take(4, "magic") if reader.remaining() is None or reader.remaining() >= 4 else b""
+    remaining = reader.remaining()
+    magic = reader.take(4, "magic") if remaining is None or remaining >= 4 else b""
     if magic != GGUF_MAGIC:
         raise ModelFormatError("not a GGUF file (bad magic)", hint="kvchat reads GGUF models; pick a .gguf")
     raw_version = reader.take(4, "version")
@@ -490,7 +495,7 @@ def read_header_file(path: str | Path) -> GGUFHeader:
         raise ModelFormatError(f"{path} is a directory", hint="pass a .gguf file") from None
 
 
-_SPLIT_NAME_RE = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)
+SPLIT_NAME_RE = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)
 
 
 @functools.lru_cache(maxsize=8)
@@ -518,7 +523,7 @@ def split_count(header: GGUFHeader) -> int:
 
 def split_part_paths(path: Path, count: int) -> list[Path]:
     """The sibling files of a split model, named like llama.cpp's llama_split_path."""
-    match = _SPLIT_NAME_RE.match(path.name)
+    match = SPLIT_NAME_RE.match(path.name)
     if count <= 1 or match is None:
         return [path]
     return [path.with_name(f"{match['stem']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
@@ -548,14 +553,3 @@ def iter_layer_tensors(tensors: list[TensorInfo]) -> Iterator[tuple[int | None, 
             if head.isdigit():
                 layer = int(head)
         yield layer, t
-
-
-def metadata_summary(metadata: Mapping[str, Any], limit: int = 8) -> dict[str, Any]:
-    """Metadata with long arrays shortened, for display and JSON."""
-    out: dict[str, Any] = {}
-    for key, value in metadata.items():
-        if isinstance(value, list) and len(value) > limit:
-            out[key] = f"[{len(value)} items]"
-        else:
-            out[key] = value
-    return out

@@ -26,9 +26,8 @@ from typing import Any, Protocol
 from urllib.parse import urlparse
 
 from kvchat.errors import KvchatError, ModelNotFoundError, NetworkError
+from kvchat.gguf import SPLIT_NAME_RE
 
-SPLIT_RE = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _SHA1_RE = re.compile(r"^[0-9a-f]{40}$")
 _HASH_CHUNK = 4 * 1024 * 1024
 
@@ -132,14 +131,14 @@ def gguf_groups(names: list[str] | tuple[str, ...]) -> dict[str, list[str]]:
     for name in sorted(names):
         if not name.lower().endswith(".gguf"):
             continue
-        match = SPLIT_RE.match(name)
+        match = SPLIT_NAME_RE.match(name)
         key = f"{match['stem']}-00001-of-{match['count']}.gguf" if match else name
         groups.setdefault(key, []).append(name)
     return groups
 
 
 def is_complete(parts: list[str]) -> bool:
-    match = SPLIT_RE.match(parts[0])
+    match = SPLIT_NAME_RE.match(parts[0])
     return match is None or len(parts) == int(match["count"])
 
 
@@ -218,16 +217,16 @@ def delete_cached(repo: str, parts: tuple[Path, ...]) -> int:
             blobs_in_use[target] = blobs_in_use.get(target, 0) + 1
     freed = 0
     for part in parts:
-        target = part.resolve() if part.is_symlink() else None
+        blob = part.resolve() if part.is_symlink() else None
         size = part.stat().st_size if part.exists() else 0
         part.unlink(missing_ok=True)
-        if target is None:  # a copy, not a link (caches on filesystems without symlinks)
+        if blob is None:  # a copy, not a link (caches on filesystems without symlinks)
             freed += size
-        elif blobs_in_use.get(target, 0) <= 1 and target.parent.name == "blobs":
-            target.unlink(missing_ok=True)
+        elif blobs_in_use.get(blob, 0) <= 1 and blob.parent.name == "blobs":
+            blob.unlink(missing_ok=True)
             freed += size
-        if target is not None:
-            blobs_in_use[target] = blobs_in_use.get(target, 1) - 1
+        if blob is not None:
+            blobs_in_use[blob] = blobs_in_use.get(blob, 1) - 1
         _remove_empty_parents(part.parent, stop=folder / "snapshots")
     return freed
 
@@ -386,7 +385,6 @@ def download(
 
 def _download_one(listing: RepoListing, info: RemoteFileInfo, progress: DownloadProgress | None) -> Path:
     from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
-    from huggingface_hub.utils._runtime import is_xet_available
 
     repo, commit = listing.repo, listing.commit
     label = f"{repo}/{info.name}"
@@ -400,7 +398,7 @@ def _download_one(listing: RepoListing, info: RemoteFileInfo, progress: Download
         if meta.etag is None:
             raise NetworkError(f"the Hub gave no ETag for {label}", hint="check HF_ENDPOINT")
         blob = folder / "blobs" / meta.etag
-        if meta.xet_file_data is not None and is_xet_available() and not blob.exists():
+        if meta.xet_file_data is not None and _xet_available() and not blob.exists():
             # Xet transfers are chunked and cached by hf_xet itself, which is how they resume.
             bar = _bridge(progress, label)
             path = Path(hf_hub_download(repo, info.name, revision=commit, tqdm_class=bar))
@@ -422,6 +420,14 @@ def _download_one(listing: RepoListing, info: RemoteFileInfo, progress: Download
     return path
 
 
+def _xet_available() -> bool:
+    """Whether hf_xet (huggingface_hub's chunked Xet transfers) is installed; checked
+    here because huggingface_hub's own check is not part of its public API."""
+    import importlib.util
+
+    return importlib.util.find_spec("hf_xet") is not None
+
+
 def _write_ref(folder: Path, revision: str, commit: str) -> None:
     """refs/<revision> -> commit, so the file is found by revision name offline."""
     if revision == commit:
@@ -441,7 +447,6 @@ def _fetch_blob(
     """Download to `<blob>.incomplete` (resuming what is there), verify, then rename into place."""
     import httpx2
     from huggingface_hub import constants
-    from huggingface_hub.file_download import http_get
     from huggingface_hub.utils import WeakFileLock, build_hf_headers
 
     blob.parent.mkdir(parents=True, exist_ok=True)
@@ -462,10 +467,7 @@ def _fetch_blob(
             _check_disk_space(size - done, blob.parent)
         try:
             with partial.open("ab") as fh:
-                http_get(
-                    url, fh, resume_size=done, headers=headers, expected_size=size,
-                    displayed_filename=label, tqdm_class=_bridge(progress, label),
-                )
+                _stream_into(fh, url, done, headers, size, label, progress)
         except (httpx2.TransportError, ConnectionError, TimeoutError) as exc:
             raise NetworkError(
                 f"download of {label} interrupted ({type(exc).__name__}); "
@@ -487,8 +489,54 @@ def _fetch_blob(
         os.replace(partial, blob)
 
 
+_STREAM_CHUNK = 1024 * 1024
+_STREAM_ATTEMPTS = 5
+
+
+def _stream_into(fh: Any, url: str, done: int, headers: dict[str, str], size: int | None, label: str,
+                 progress: DownloadProgress | None) -> None:
+    """GET `url` from byte `done` on and append it to `fh` (opened for appending), through
+    huggingface_hub's public HTTP session (its proxies, certificates and user agent).
+
+    A connection dropped mid-body is resumed from what was written, up to
+    `_STREAM_ATTEMPTS` times in a row without progress."""
+    import httpx2
+    from huggingface_hub import get_session, hf_raise_for_status
+
+    if progress is not None:
+        progress.start(label, size, done)
+    failures = 0
+    while True:
+        before = done
+        request_headers = {**headers, "Accept-Encoding": "identity"}
+        if done:
+            request_headers["Range"] = f"bytes={done}-"
+        try:
+            with get_session().stream("GET", url, headers=request_headers, follow_redirects=True) as response:
+                if response.status_code == 416 and size is not None and done == size:
+                    return  # already whole: nothing past the end
+                hf_raise_for_status(response)
+                if done and response.status_code == 200:  # a server that ignored Range: start over
+                    fh.seek(0)
+                    fh.truncate()
+                    done = 0
+                for chunk in response.iter_bytes(_STREAM_CHUNK):
+                    fh.write(chunk)
+                    done += len(chunk)
+                    if progress is not None:
+                        progress.advance(len(chunk))
+            break
+        except httpx2.TransportError:
+            fh.flush()
+            failures = 0 if done > before else failures + 1
+            if failures >= _STREAM_ATTEMPTS or (size is not None and done >= size):
+                raise
+    if size is not None and done != size:
+        raise OSError(f"Consistency check failed: {label} is {done} bytes, the Hub said {size}")
+
+
 def _size_text(path: Path) -> str:
-    from kvchat.ui.render import format_bytes
+    from kvchat.units import format_bytes
 
     return format_bytes(path.stat().st_size if path.exists() else 0)
 
@@ -496,7 +544,7 @@ def _size_text(path: Path) -> str:
 def _check_disk_space(needed: int, directory: Path) -> None:
     free = shutil.disk_usage(directory).free
     if free < needed:
-        from kvchat.ui.render import format_bytes
+        from kvchat.units import format_bytes
 
         raise KvchatError(
             f"not enough disk space in {directory}: {format_bytes(needed)} needed, {format_bytes(free)} free",
@@ -612,7 +660,7 @@ class RemoteFile(io.RawIOBase):
 
     def _fetch(self, start: int, stop: int) -> bytes:
         """Bytes [start, stop): a Range request, read no further than asked even on a 200."""
-        from huggingface_hub.utils import get_session
+        from huggingface_hub import get_session
 
         if self.bytes_fetched + (stop - start) > self.limit_bytes:
             raise NetworkError(
@@ -624,7 +672,7 @@ class RemoteFile(io.RawIOBase):
         with hub_errors(f"reading {self.name}", repo):
             with get_session().stream("GET", self.url, headers=headers, follow_redirects=True) as response:
                 if response.status_code not in (200, 206):
-                    from huggingface_hub.utils import hf_raise_for_status
+                    from huggingface_hub import hf_raise_for_status
 
                     hf_raise_for_status(response)
                 skip = start if response.status_code == 200 else 0  # a server that ignored Range
@@ -657,15 +705,3 @@ def open_remote_file(repo: str, filename: str, revision: str = "main") -> Remote
     if urlparse(meta.location).netloc != urlparse(constants.ENDPOINT).netloc:
         headers.pop("authorization", None)
     return RemoteFile(meta.location, meta.size, name=f"{repo}/{filename}", headers=headers)
-
-
-def open_remote(ref: str) -> RemoteFile:
-    """Open a model reference (alias[:quant], user/repo[:quant], user/repo/file.gguf) on the Hub.
-
-    Nothing is downloaded: the file's first part is read through range requests as it is
-    read (see RemoteFile.bytes_fetched). For a split model the header lives in part 1.
-    """
-    from kvchat.registry import resolve_remote
-
-    target = resolve_remote(ref)
-    return open_remote_file(target.repo, target.parts[0], target.commit)

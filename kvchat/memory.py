@@ -11,12 +11,10 @@ memory budget, as llama.cpp's `--fit` does, without loading anything.
 
 from __future__ import annotations
 
-import os
 import re
-import sys
 from dataclasses import dataclass, field, replace
 
-from kvchat.cache_types import CACHE_TYPES, CacheType
+from kvchat.cache_types import CACHE_TYPES, CacheType, fused_kernel_warning
 from kvchat.errors import UsageError
 from kvchat.model_spec import ModelSpec
 
@@ -244,11 +242,8 @@ def plan_memory(spec: ModelSpec, settings: PlanSettings) -> MemoryPlan:
 
     _plan_compute(spec, s, devices, layer_dev, output_dev, cells, n_ubatch, n_batch)
 
-    if s.gpus and s.type_k.name != s.type_v.name:
-        warnings.append(
-            f"K {s.type_k.name} with V {s.type_v.name}: stock CUDA builds have no fused flash "
-            "attention for mixed types, so attention may run on the CPU"
-        )
+    if s.gpus and s.flash_attn and (warning := fused_kernel_warning(s.type_k, s.type_v)):
+        warnings.append(warning)
     return MemoryPlan(
         settings=s,
         n_ctx=n_ctx,
@@ -403,45 +398,6 @@ class Budget:
         if device == CPU:
             return self.ram - self.margin
         return self.vram[self.gpu_names.index(device)] - self.margin
-
-
-def detect_budget(margin: int = DEFAULT_MARGIN) -> Budget:
-    """Free memory now: RAM via /proc/meminfo or psutil, VRAM via NVML when a driver is present."""
-    return Budget(ram=_available_ram(), margin=margin, **_free_vram())
-
-
-def _available_ram() -> int:
-    try:  # Linux: one small read, without importing psutil
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    import psutil
-
-    return int(psutil.virtual_memory().available)
-
-
-def _free_vram() -> dict[str, tuple]:
-    """Free bytes per NVIDIA GPU, named as llama.cpp names CUDA devices."""
-    if sys.platform == "linux" and not os.path.exists("/proc/driver/nvidia"):
-        return {}  # no NVIDIA driver loaded: skip importing NVML
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception:  # no NVML library or driver: a CPU-only budget
-        return {}
-    try:
-        free = []
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            free.append(int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)).free))
-    except Exception:
-        return {}
-    finally:
-        pynvml.nvmlShutdown()
-    return {"vram": tuple(free), "gpu_names": tuple(f"CUDA{i}" for i in range(len(free)))}
 
 
 def fits(plan: MemoryPlan, budget: Budget) -> bool:

@@ -102,10 +102,6 @@ class ModelSpec:
     def is_hybrid(self) -> bool:
         return any(self.is_recurrent) and any(self.has_kv)
 
-    @property
-    def n_kv_layers(self) -> int:
-        return sum(self.has_kv)
-
     def n_embd_k_gqa(self, il: int) -> int:
         return self.head_dim_k[il] * self.n_head_kv[il]
 

@@ -8,106 +8,15 @@ subtractions per token and nothing else. No llama_cpp import here.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import platform
-import re
-import sys
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
-from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-_OFFLOADED_RE = re.compile(r"offloaded (\d+)/(\d+) layers to GPU")
+from kvchat.hardware import HardwareSample, NvmlReader, memory_kind
 
-
-@dataclass(frozen=True)
-class GpuMemory:
-    """Device memory summed over every NVIDIA GPU NVML sees (bytes)."""
-
-    used: int
-    total: int
-    names: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class HardwareSample:
-    """One reading. `vram` is None without NVML; `memory_kind` says why."""
-
-    rss_bytes: int
-    vram: GpuMemory | None
-    memory_kind: str  # "nvidia", "unified" (Apple silicon) or "cpu"
-    taken_at: float
-
-
-class NvmlReader:
-    """A handle on NVML kept open between reads (init costs far more than a read)."""
-
-    def __init__(self, nvml: ModuleType, handles: list[Any], names: tuple[str, ...]) -> None:
-        self._nvml = nvml
-        self._handles = handles
-        self.names = names
-
-    def read(self) -> GpuMemory | None:
-        try:
-            infos = [self._nvml.nvmlDeviceGetMemoryInfo(h) for h in self._handles]
-        except Exception:  # the driver went away or a GPU fell off the bus
-            return None
-        return GpuMemory(sum(int(i.used) for i in infos), sum(int(i.total) for i in infos), self.names)
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):  # already shut down: nothing to release
-            self._nvml.nvmlShutdown()
-
-
-def _decode_name(raw: Any) -> str:
-    return raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else str(raw)
-
-
-def _no_nvidia_driver() -> bool:
-    """True where we know for sure there is no NVIDIA driver (Linux without its /proc entry)."""
-    return sys.platform == "linux" and not os.path.exists("/proc/driver/nvidia")
-
-
-def open_nvml() -> NvmlReader | None:
-    """NVML when an NVIDIA GPU and driver are present, else None (never raises)."""
-    if _no_nvidia_driver():
-        return None  # skip importing NVML and loading libnvidia-ml for nothing
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception:  # no NVML library, no driver, or no permission
-        return None
-    try:
-        count = int(pynvml.nvmlDeviceGetCount())
-        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
-        names = tuple(_decode_name(pynvml.nvmlDeviceGetName(h)) for h in handles)
-    except Exception:
-        count = 0
-    if count == 0:
-        with contextlib.suppress(Exception):
-            pynvml.nvmlShutdown()
-        return None
-    return NvmlReader(pynvml, handles, names)
-
-
-def memory_kind(nvml: NvmlReader | None) -> str:
-    """'nvidia' with NVML, 'unified' on Apple silicon, else 'cpu'."""
-    if nvml is not None:
-        return "nvidia"
-    if sys.platform == "darwin" and platform.machine() == "arm64":
-        return "unified"
-    return "cpu"
-
-
-def rss_bytes() -> int:
-    """Resident set size of this process."""
-    import psutil
-
-    return int(psutil.Process().memory_info().rss)
+if TYPE_CHECKING:
+    from kvchat.llama_log import BufferSizes
 
 
 class HardwareSampler:
@@ -191,7 +100,7 @@ class TokenMeter:
         return None if self.first_at is None else self.first_at - self.started
 
     def elapsed_s(self) -> float:
-        return self._clock() - self.started
+        return float(self._clock() - self.started)
 
     def prefill_tok_s(self, prefill_tokens: int) -> float | None:
         """Speed of the prompt evaluation, `prefill_tokens` long, up to the first token."""
@@ -228,7 +137,7 @@ class KvFill:
         return self.cells / self.n_ctx if self.n_ctx else 0.0
 
 
-def kv_bytes_per_cell(buffers: Any, n_ctx: int) -> float:
+def kv_bytes_per_cell(buffers: BufferSizes, n_ctx: int) -> float:
     """Bytes one KV cell costs, from what llama.cpp reported allocating.
 
     The `llama_kv_cache: size = ... K (...): ... V (...)` summary gives K and V
@@ -236,15 +145,6 @@ def kv_bytes_per_cell(buffers: Any, n_ctx: int) -> float:
     with a smaller cache make this an average, which is what the total obeys).
     """
     if buffers.kv_cells and (buffers.k or buffers.v):
-        return (buffers.k + buffers.v) / buffers.kv_cells
+        return float(buffers.k + buffers.v) / buffers.kv_cells
     total = sum(buffers.kv.values())
-    return total / n_ctx if n_ctx else 0.0
-
-
-def gpu_layers(load_log: Sequence[str]) -> tuple[int, int] | None:
-    """(offloaded, total) from llama.cpp's `offloaded N/M layers to GPU` line."""
-    for line in reversed(load_log):
-        match = _OFFLOADED_RE.search(line)
-        if match:
-            return int(match[1]), int(match[2])
-    return None
+    return float(total) / n_ctx if n_ctx else 0.0

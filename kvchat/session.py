@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import codecs
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Generator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from kvchat.chat_template import ChatTemplate, Message, preamble_length
-from kvchat.engine import Engine, SamplingSettings, TokenEvent
+from kvchat.engine_api import ChatEngine, SamplingSettings, TokenEvent
 from kvchat.errors import SessionError, UsageError
 
 OVERFLOW_POLICIES = ("shift", "stop")
@@ -63,7 +63,7 @@ class TurnMark:
 
 @dataclass
 class Session:
-    engine: Engine
+    engine: ChatEngine
     template: ChatTemplate
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
     max_tokens: int | None = None
@@ -76,6 +76,8 @@ class Session:
     kv_text: str = ""
     turns: list[TurnMark] = field(default_factory=list)
     last_turn: TurnStats | None = None
+    # Called with (tokens done, tokens to do) while a turn's prompt is evaluated.
+    on_prefill: Callable[[int, int], None] | None = None
 
     def __post_init__(self) -> None:
         if self.overflow not in OVERFLOW_POLICIES:
@@ -228,7 +230,7 @@ class Session:
 
     # -- a turn -------------------------------------------------------------
 
-    def send(self, text: str) -> Iterator[TokenEvent]:
+    def send(self, text: str) -> Generator[TokenEvent, None, None]:
         """Add a user message and stream the reply's tokens.
 
         The turn's figures are in `last_turn` once the iterator ends, whether it
@@ -269,7 +271,7 @@ class Session:
         started = time.perf_counter()
         n_past_before = self.engine.n_past
         try:
-            self.engine.eval(to_eval)
+            self.engine.eval(to_eval, self.on_prefill)
         except BaseException:
             # Interrupted or failed mid-prefill: take the half-evaluated cells out
             # again, so that the history stays the truth of the cache.
@@ -283,7 +285,7 @@ class Session:
         self.messages = messages
         yield from self._generate(stats, started)
 
-    def _generate(self, stats: TurnStats, started: float) -> Iterator[TokenEvent]:
+    def _generate(self, stats: TurnStats, started: float) -> Generator[TokenEvent, None, None]:
         kv_decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         reply_pieces: list[str] = []
         first_token_at: float | None = None

@@ -66,11 +66,11 @@ def test_set_parses_typed_values() -> None:
     ("key", "raw", "fragment"),
     [
         ("temperature", "-1", "at least 0"),
-        ("temperature", "hot", "must be a number"),
+        ("temperature", "hot", "is not a number"),
         ("top_p", "1.5", "at most 1"),
         ("top_k", "2.5", "whole number"),
         ("max_tokens", "0", "at least 1"),
-        ("temperature", "none", "must be a number"),
+        ("temperature", "none", "is not a number"),
         ("colour", "red", "unknown setting"),
     ],
 )

@@ -85,7 +85,7 @@ def test_budget_flags(kvchat, model_path: Path) -> None:  # noqa: ANN001
         (["--ram", "lots"], ExitCode.USAGE, "cannot read the size"),
         (["--ctx", "big"], ExitCode.USAGE, "token count"),
         (["-ctv", "q8_0", "-fa", "off"], ExitCode.USAGE, "flash attention"),
-        (["-ctk", "q3"], ExitCode.USAGE, "unknown cache type"),
+        (["-ctk", "q3"], ExitCode.USAGE, "is not a cache type"),
         (["--ngl", "many"], ExitCode.USAGE, "--ngl"),
     ],
 )

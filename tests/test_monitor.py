@@ -16,19 +16,10 @@ from types import ModuleType, SimpleNamespace
 import pytest
 from rich.console import Console
 
-from kvchat import monitor
-from kvchat.monitor import (
-    GpuMemory,
-    HardwareSample,
-    HardwareSampler,
-    KvFill,
-    TokenMeter,
-    gpu_layers,
-    kv_bytes_per_cell,
-    memory_kind,
-    open_nvml,
-    rss_bytes,
-)
+from kvchat import hardware
+from kvchat.hardware import GpuMemory, HardwareSample, memory_kind, open_nvml, rss_bytes
+from kvchat.llama_log import gpu_layers
+from kvchat.monitor import HardwareSampler, KvFill, TokenMeter, kv_bytes_per_cell
 from kvchat.session import TurnStats
 from kvchat.ui.status import (
     DeviceInfo,
@@ -75,7 +66,7 @@ def with_fake_gpu(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
     def install(**kwargs: object) -> ModuleType:
         module = fake_pynvml(**kwargs)  # type: ignore[arg-type]
         monkeypatch.setitem(sys.modules, "pynvml", module)
-        monkeypatch.setattr(monitor, "_no_nvidia_driver", lambda: False)
+        monkeypatch.setattr(hardware, "_no_nvidia_driver", lambda: False)
         return module
 
     return install
@@ -102,7 +93,7 @@ def test_rss_matches_psutil() -> None:
 
 def test_apple_silicon_is_unified_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "platform", "darwin")
-    monkeypatch.setattr(monitor.platform, "machine", lambda: "arm64")
+    monkeypatch.setattr(hardware.platform, "machine", lambda: "arm64")
     assert memory_kind(None) == "unified"
     sample = HardwareSample(100 * 2**20, None, "unified", 0.0)
     assert "unified memory" in hardware_text(sample, DeviceInfo((31, 31), True))

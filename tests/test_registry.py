@@ -132,8 +132,27 @@ def test_select_parts_falls_back_to_the_first_gguf_without_q4_k_m():
 
 
 def test_run_takes_aliases_and_repos_as_its_model_word():
-    assert split_model_and_prompt(["qwen3-4b", "hi", "there"], None) == ("qwen3-4b", ["hi", "there"])
-    assert split_model_and_prompt(["bartowski/X-GGUF:Q4_0", "hi"], None) == ("bartowski/X-GGUF:Q4_0", ["hi"])
-    assert split_model_and_prompt(["hello", "world"], None) == (None, ["hello", "world"])
-    assert split_model_and_prompt(["./m.gguf", "hi"], None) == ("./m.gguf", ["hi"])
+    assert split_model_and_prompt(["qwen3-4b", "hi", "there"], None) == ("qwen3-4b", ["hi", "there"], True)
+    assert split_model_and_prompt(["bartowski/X-GGUF:Q4_0", "hi"], None) == \
+        ("bartowski/X-GGUF:Q4_0", ["hi"], True)
+    assert split_model_and_prompt(["hello", "world"], None) == (None, ["hello", "world"], False)
+    assert split_model_and_prompt(["./m.gguf", "hi"], None) == ("./m.gguf", ["hi"], True)
+
+
+@pytest.mark.parametrize(
+    "words",
+    [["and/or", "is", "confusing"], ["1/2", "is", "a", "fraction"], ["TCP/IP", "vs", "UDP"],
+     ["input/output:", "explain"], ["a/b:c", "d"], ["/etc/hosts", "explained"]],
+)
+def test_prose_with_a_slash_is_a_prompt(words: list[str]) -> None:
+    # A bare word is a model only if it resolves without the network or could not be prose.
+    assert split_model_and_prompt(words, None) == (None, words, False)
+
+
+@pytest.mark.parametrize(
+    "word", ["bartowski/Qwen2.5-7B-Instruct-GGUF", "user/repo:Q4_K_M", "user/repo:iq3_xs", "model.GGUF",
+             "smollm2"],
+)
+def test_words_that_could_not_be_prose_are_models(word: str) -> None:
+    assert split_model_and_prompt([word, "hi"], None) == (word, ["hi"], True)
     assert not registry.looks_like_model_ref("why is the sky blue")

@@ -55,9 +55,9 @@ def test_build_prompt_order_and_separator() -> None:
 
 
 def test_first_word_is_a_model_only_when_it_looks_like_one(model_path: Path) -> None:
-    assert split_model_and_prompt([str(model_path), "hi"], None) == (str(model_path), ["hi"])
-    assert split_model_and_prompt(["hello", "there"], None) == (None, ["hello", "there"])
-    assert split_model_and_prompt(["x.gguf", "hi"], "m.gguf") == ("m.gguf", ["x.gguf", "hi"])
+    assert split_model_and_prompt([str(model_path), "hi"], None) == (str(model_path), ["hi"], True)
+    assert split_model_and_prompt(["hello", "there"], None) == (None, ["hello", "there"], False)
+    assert split_model_and_prompt(["x.gguf", "hi"], "m.gguf") == ("m.gguf", ["x.gguf", "hi"], False)
 
 
 def test_json_schema(kvchat, model_path: Path) -> None:

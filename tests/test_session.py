@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 
 from kvchat import session_store
+from kvchat.app import chat_template_for
 from kvchat.cache_types import parse_cache_type
 from kvchat.chat_template import ChatTemplate, preamble_length
-from kvchat.cli.common import chat_template_for
-from kvchat.engine import Engine, EngineSettings, SamplingSettings
+from kvchat.engine import Engine, EngineSettings
+from kvchat.engine_api import SamplingSettings
 from kvchat.errors import ExitCode, SessionError
 from kvchat.session import Session
 

@@ -11,11 +11,7 @@ import traceback
 from typing import Annotated, Optional
 
 import typer
-
-try:  # Typer >= 0.26 vendors its own copy of click
-    from typer._click import exceptions as click_exc
-except ImportError:  # pragma: no cover - older Typer on real click
-    from click import exceptions as click_exc
+from click import exceptions as click_exc  # Typer < 0.26 (pinned) runs on click itself
 
 from kvchat import __version__
 from kvchat.config import debug_enabled
@@ -25,7 +21,7 @@ app = typer.Typer(
     name="kvchat",
     help="Local chat over GGUF models, with the KV cache at the centre.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish
     pretty_exceptions_enable=False,
     # Plain click help: Typer's rich help panels import markdown-it and pygments,
     # which alone took longer than the whole 0.3 s start-up budget on this machine.
@@ -76,8 +72,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.stderr.write(f"kvchat: error: {exc}\n")
         sys.exit(int(exc.exit_code))
     except click_exc.NoArgsIsHelpError as exc:
-        exc.show()
-        sys.exit(int(ExitCode.USAGE))
+        # `kvchat` alone asks for help: print it on stdout and succeed (a subcommand
+        # missing its arguments still shows its help, as a usage error).
+        typer.echo(exc.ctx.get_help())
+        sys.exit(int(ExitCode.SUCCESS) if exc.ctx.parent is None else int(ExitCode.USAGE))
     except click_exc.UsageError as exc:
         if debug:
             traceback.print_exc()

@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
 from kvchat.cli import app
-from kvchat.cli.common import LoadRequest, load_engine, resolve_load_request
-from kvchat.cli.options import CtxOpt, FlashAttnOpt, NglOpt, ThreadsOpt
-from kvchat.errors import KvchatError
+from kvchat.cli.options import CTX, DEVICES, FLASH_ATTN, JSON, THREADS, VERBOSE, shared_options
+from kvchat.errors import KvchatError, UsageError
 from kvchat.ui.environment import Environment
-from kvchat.ui.render import format_bytes
+from kvchat.units import format_bytes
 
 if TYPE_CHECKING:
     from rich.table import Table
 
-    from kvchat.bench import BenchResult, CachePair
+    from kvchat.app import LoadRequest
+    from kvchat.bench import BenchResult, CachePair, Spread
+    from kvchat.engine import Engine
 
 
 def _flash_attn_for(request: LoadRequest, pairs: list[CachePair]) -> str:
@@ -29,7 +31,7 @@ def _flash_attn_for(request: LoadRequest, pairs: list[CachePair]) -> str:
     return "on" if "on" in modes else request.flash_attn
 
 
-def _planner(request: LoadRequest, flash_attn: str):  # noqa: ANN202
+def _planner(request: LoadRequest, flash_attn: str) -> Callable[[CachePair], int | None]:
     """KV bytes planned by kvchat.memory, or None when the planner cannot say."""
     try:
         from kvchat.memory import PlanSettings, plan_memory
@@ -55,7 +57,7 @@ def _planner(request: LoadRequest, flash_attn: str):  # noqa: ANN202
 _MIB = 1024 * 1024
 
 
-def _speed(spread) -> str:  # noqa: ANN001
+def _speed(spread: Spread) -> str:
     return f"{spread.median:,.0f}±{spread.spread_pct:.0f}%"
 
 
@@ -103,19 +105,18 @@ def render_table(result: BenchResult) -> Table:
 
 
 @app.command()
+@shared_options(CTX, FLASH_ATTN, DEVICES, THREADS, VERBOSE, JSON)
 def bench(
     model: Annotated[
         Optional[str], typer.Argument(help="A .gguf path or model reference (default: bundled SmolLM2).")
     ] = None,
+    *,
+    flags: dict[str, Any],
     cache_types: Annotated[
         Optional[str],
         typer.Option("--cache-types", help="Comma list; 'q8_0' is K and V alike, 'q8_0/q4_0' is K/V. "
                      "f16/f16 is always measured as the reference."),
     ] = None,
-    ctx: CtxOpt = None,
-    threads: ThreadsOpt = None,
-    ngl: NglOpt = None,
-    flash_attn: FlashAttnOpt = None,
     repeats: Annotated[int, typer.Option("--repeats", "-r", help="Timed runs per pair.", min=1)] = 3,
     prompt_tokens: Annotated[
         int, typer.Option("--prompt-tokens", help="Prompt length for prefill speed.", min=1)
@@ -128,8 +129,8 @@ def bench(
     ] = 1024,
     no_speed: Annotated[bool, typer.Option("--no-speed", help="Skip the speed runs.")] = False,
     no_quality: Annotated[bool, typer.Option("--no-quality", help="Skip the quality runs.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show llama.cpp's log.")] = False,
+    as_json: bool = False,
+    verbose: bool = False,
 ) -> None:
     """Measure KV memory, prefill/decode speed and answer drift for K/V cache types.
 
@@ -143,6 +144,7 @@ def bench(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from kvchat.app import load_engine, resolve_load
     from kvchat.bench import (
         DEFAULT_PAIRS,
         BenchSettings,
@@ -153,15 +155,16 @@ def bench(
         run_bench,
         to_json,
     )
-    from kvchat.cache_types import gpu_fused_fa_pair
+    from kvchat.cache_types import fused_kernel_warning
     from kvchat.engine import supports_gpu_offload
+    from kvchat.settings import resolve
 
     env = Environment()
+    if cache_types is not None and not cache_types.strip(" ,"):
+        raise UsageError("--cache-types is empty", hint="e.g. --cache-types q8_0,q4_0 (or leave it out)")
     pairs = parse_cache_pairs(cache_types or DEFAULT_PAIRS)
-    request = resolve_load_request(
-        model=model, ctx=ctx, cache_type_k="f16", cache_type_v="f16", flash_attn=flash_attn,
-        ngl=ngl, threads=threads,
-    )
+    request = resolve_load(resolve({**flags, "model": model, "cache_type_k": "f16", "cache_type_v": "f16"}),
+                           env.warn)
     fa = _flash_attn_for(request, pairs)
     settings = BenchSettings(
         n_ctx=request.n_ctx, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens,
@@ -169,17 +172,14 @@ def bench(
     )
     check_settings(settings)
     on_gpu = request.n_gpu_layers != 0 and supports_gpu_offload()
-    warnings = [
-        f"{p.name}: this K/V pair has no fused GPU flash-attention kernel in stock builds; "
-        "attention may run on the CPU" for p in pairs if on_gpu and not gpu_fused_fa_pair(p.type_k, p.type_v)
-    ]
+    warnings = [f"{p.name}: {w}" for p in pairs
+                if on_gpu and (w := fused_kernel_warning(p.type_k, p.type_v)) is not None]
     for warning in warnings:
         env.warn(warning)
 
-    def factory(pair: CachePair):  # noqa: ANN202
-        return load_engine(
-            replace(request, type_k=pair.type_k, type_v=pair.type_v, flash_attn=fa), env, verbose=verbose
-        )
+    def factory(pair: CachePair) -> Engine:
+        return load_engine(replace(request, type_k=pair.type_k, type_v=pair.type_v, flash_attn=fa),
+                           env.warn, verbose=verbose)
 
     console = env.err_console()
     progress = Progress(

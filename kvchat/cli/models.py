@@ -18,7 +18,7 @@ from kvchat import registry
 from kvchat.cli import app
 from kvchat.errors import ModelNotFoundError, UsageError
 from kvchat.ui.environment import Environment
-from kvchat.ui.render import format_bytes
+from kvchat.units import format_bytes
 
 ModelRefArg = Annotated[
     str,
@@ -162,11 +162,11 @@ def list_models(
     if available:
         entries = sorted(registry.catalogue().values(), key=lambda e: e.name)
         if as_json:
-            rows = [
+            entries_json = [
                 {"name": e.name, "aliases": list(e.aliases), "repo": e.repo, "file": e.file,
                  "quant": e.quant, "note": e.note} for e in entries
             ]
-            env.stdout.write(json.dumps(rows, indent=2) + "\n")
+            env.stdout.write(json.dumps(entries_json, indent=2) + "\n")
             return
         table = Table(box=None, pad_edge=False)
         for column in ("NAME", "QUANT", "REPO", "NOTE"):
@@ -176,7 +176,7 @@ def list_models(
             table.add_row(name, e.quant, e.repo, e.note)
         env.out_console().print(table)
         return
-    rows = []
+    rows: list[dict[str, Any]] = []
     for m in registry.installed_models():
         facts = _header_facts(m.path)
         rows.append(
@@ -225,7 +225,7 @@ def _kv_per_1k(header: Any) -> dict[str, int]:
 @app.command()
 def show(model: ModelRefArg, as_json: JsonOpt = False) -> None:
     """Metadata of a model, local or on the Hub (a remote one is read without downloading it)."""
-    from kvchat.hub import open_remote
+    from kvchat.hub import open_remote_file
 
     env = Environment()
     path = registry.find_local(model)
@@ -237,7 +237,8 @@ def show(model: ModelRefArg, as_json: JsonOpt = False) -> None:
     else:
         if registry.parse_ref(model).kind != "hub":
             raise ModelNotFoundError(f"model '{model}' not found", hint="check the path")
-        with open_remote(model) as remote:
+        target = registry.resolve_remote(model)  # for a split model the header is in part 1
+        with open_remote_file(target.repo, target.parts[0], target.commit) as remote:
             facts = _header_facts(remote)
             info.update(url=remote.url, size_bytes=remote.size, remote_bytes_fetched=remote.bytes_fetched)
         if not facts:

@@ -3,45 +3,29 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from kvchat import config
 from kvchat.cli import app
-from kvchat.cli.common import open_chat
-from kvchat.cli.options import (
-    CacheTypeKOpt,
-    CacheTypeVOpt,
-    CtxOpt,
-    FlashAttnOpt,
-    MaxTokensOpt,
-    ModelOpt,
-    NglOpt,
-    OverflowOpt,
-    RebuildOpt,
-    SeedOpt,
-    SessionOpt,
-    SystemOpt,
-    TemperatureOpt,
-    ThreadsOpt,
-    TopKOpt,
-    TopPOpt,
-    VerboseOpt,
-)
-from kvchat.errors import UsageError
-from kvchat.registry import looks_like_model_ref
+from kvchat.cli.options import CHAT_OPTIONS, JSON, shared_options
+from kvchat.errors import ExitCode, KvchatError, UsageError
 from kvchat.ui.environment import Environment
-from kvchat.ui.render import stats_line
+
+if TYPE_CHECKING:
+    from kvchat.app import Conversation
+    from kvchat.ui.progress import LoadProgress
 
 
-def split_model_and_prompt(
-    words: list[str], model: str | None
-) -> tuple[str | None, list[str]]:
-    """`run [MODEL] [PROMPT...]`: the first word is a model only if it looks like one."""
+def split_model_and_prompt(words: list[str], model: str | None) -> tuple[str | None, list[str], bool]:
+    """`run [MODEL] [PROMPT...]`: the first word is a model only if it looks like one
+    (kvchat.registry.looks_like_model_ref). Returns the model, the prompt words, and
+    whether the model was guessed from the first word."""
+    from kvchat.registry import looks_like_model_ref
+
     if model is None and words and looks_like_model_ref(words[0]):
-        return words[0], words[1:]
-    return model, words
+        return words[0], words[1:], True
+    return model, words, False
 
 
 def build_prompt(piped: str, words: list[str]) -> str:
@@ -54,50 +38,37 @@ def build_prompt(piped: str, words: list[str]) -> str:
     return "\n\n".join(parts)
 
 
-def resolve_sampling(temperature: float | None, top_k: int | None, top_p: float | None,
-                     seed: int | None):  # noqa: ANN201  (SamplingSettings: engine is imported lazily)
-    """Sampling settings from flags, KVCHAT_* variables, the config file and defaults."""
-    from kvchat.engine import SamplingSettings
-
-    return SamplingSettings(
-        temperature=float(config.setting("temperature", temperature)),
-        top_k=int(config.setting("top_k", top_k)),
-        top_p=float(config.setting("top_p", top_p)),
-        min_p=float(config.setting("min_p")),
-        seed=None if (s := config.setting("seed", seed)) is None else int(s),
-    )
+def _guessed_model_failed(exc: KvchatError, word: str, rest: list[str]) -> KvchatError:
+    """A first word taken for a model that then failed: say how to send it as a prompt."""
+    prompt = " ".join([word, *rest])
+    exc.hint = (f"{exc.hint}; " if exc.hint else "") + \
+        f'to send it as a prompt, quote the words as one argument: kvchat run "{prompt}"'
+    return exc
 
 
 @app.command()
+@shared_options(CHAT_OPTIONS, JSON)
 def run(
     words: Annotated[
         Optional[list[str]],
         typer.Argument(
             metavar="[MODEL] [PROMPT]...",
-            help="A model (optional: path, alias or user/repo[:quant]), then the prompt.",
+            help="A model (optional: a .gguf path, an alias, user/repo:QUANT), then the prompt.",
         ),
     ] = None,
-    model: ModelOpt = None,
-    ctx: CtxOpt = None,
-    cache_type_k: CacheTypeKOpt = None,
-    cache_type_v: CacheTypeVOpt = None,
-    flash_attn: FlashAttnOpt = None,
-    ngl: NglOpt = None,
-    threads: ThreadsOpt = None,
-    max_tokens: MaxTokensOpt = None,
-    temperature: TemperatureOpt = None,
-    top_k: TopKOpt = None,
-    top_p: TopPOpt = None,
-    seed: SeedOpt = None,
-    system: SystemOpt = None,
-    stats: Annotated[bool, typer.Option("--stats", help="One timings line on stderr.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead.")] = False,
-    verbose: VerboseOpt = False,
-    session_name: SessionOpt = None,
-    rebuild: RebuildOpt = False,
-    overflow: OverflowOpt = None,
+    *,
+    flags: dict[str, Any],
+    stats: Annotated[bool, typer.Option("--stats", help="One line of timings and memory on stderr.")] = False,
+    as_json: bool = False,
+    verbose: bool = False,
+    session_name: str | None = None,
+    rebuild: bool = False,
 ) -> None:
     """Answer one prompt. stdin comes first, then the arguments, a blank line between.
+
+    The first word is taken as the model only if it is a .gguf file, an alias
+    (kvchat list --available), user/repo:QUANT or a GGUF repo; otherwise every
+    word is the prompt. -m always names the model.
 
     \b
     Examples:
@@ -107,80 +78,73 @@ def run(
       kvchat run --session work "Remember: my name is Ada."   (then later)
       kvchat run --session work "What is my name?"
     """
-    env = Environment()
-    model_ref, prompt_words = split_model_and_prompt(list(words or []), model)
+    answer_piped(Environment(), flags, words=list(words or []), stats=stats, as_json=as_json,
+                 verbose=verbose, session_name=session_name, rebuild=rebuild)
+
+
+def answer_piped(env: Environment, flags: dict[str, Any], *, words: list[str] | None = None,
+                 stats: bool = False, as_json: bool = False, verbose: bool = False,
+                 session_name: str | None = None, rebuild: bool = False) -> None:
+    """One prompt (stdin, then `words`) answered on stdout: `run`, and `chat` when piped."""
+    from kvchat.app import open_conversation
+    from kvchat.ui.progress import LoadProgress
+
+    all_words = words or []
+    model_ref, prompt_words, guessed = split_model_and_prompt(all_words, flags.get("model"))
     prompt = build_prompt(env.read_stdin(), prompt_words)
-    sampling = resolve_sampling(temperature, top_k, top_p, seed)
-    limit = config.setting("max_tokens", max_tokens)
-    setup = open_chat(
-        env, session_name=session_name, rebuild=rebuild, overflow=overflow, sampling=sampling,
-        max_tokens=None if limit is None else int(limit), system=config.setting("system", system),
-        verbose=verbose, model=model_ref, ctx=ctx, cache_type_k=cache_type_k,
-        cache_type_v=cache_type_v, flash_attn=flash_attn, ngl=ngl, threads=threads,
-    )
-    engine, session, request = setup.engine, setup.session, setup.request
-    try:
-        pieces: list[str] = []
-        interrupted = False
-        stream = session.send(prompt)
+    with LoadProgress(env, enabled=not verbose) as progress:
         try:
-            for event in stream:
-                pieces.append(event.text)
-                if not as_json:
-                    env.stdout.write(event.text)
-                    env.stdout.flush()
-        except KeyboardInterrupt:
-            stream.close()
-            interrupted = True
-        turn = session.last_turn
-        assert turn is not None
-        text = "".join(pieces)
-        if as_json:
-            record = {
-                "text": text,
-                "model": str(request.model_path),
-                "settings": {
-                    "n_ctx": engine.n_ctx,
-                    "cache_type_k": request.type_k.name,
-                    "cache_type_v": request.type_v.name,
-                    "flash_attn": engine.flash_attn,
-                    "n_gpu_layers": request.n_gpu_layers,
-                    "n_threads": request.n_threads,
-                    "temperature": sampling.temperature,
-                    "top_k": sampling.top_k,
-                    "top_p": sampling.top_p,
-                    "seed": sampling.seed,
-                    "max_tokens": session.max_tokens,
-                },
-                "usage": {
-                    "prompt_tokens": turn.prompt_tokens,
-                    "completion_tokens": turn.completion_tokens,
-                },
-                "cache": {
-                    "reused_tokens": turn.reused_tokens,
-                    "evaluated_tokens": turn.evaluated_tokens,
-                },
-                "timings": {
-                    "load_s": round(engine.load_s, 4),
-                    "ttft_s": round(turn.ttft_s, 4),
-                    "prefill_tok_s": round(turn.prefill_tok_s, 2),
-                    "decode_tok_s": round(turn.decode_tok_s, 2),
-                },
-                "stop_reason": turn.stop_reason,
-            }
-            env.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
-        elif text and not text.endswith("\n"):
-            env.stdout.write("\n")
-        env.stdout.flush()
-        if stats:
-            env.stderr.write(stats_line(turn, engine.load_s) + "\n")
-        if turn.dropped_turns:
-            env.warn(
-                f"context full: dropped the {turn.dropped_turns} oldest turn(s) "
-                f"({turn.dropped_tokens} tokens) to make room"
-            )
-        setup.save()
-        if interrupted:
-            raise KeyboardInterrupt
+            conv = open_conversation({**flags, "model": model_ref}, env.warn, session_name=session_name,
+                                     rebuild=rebuild, verbose=verbose)
+        except KvchatError as exc:
+            if guessed and exc.exit_code in (ExitCode.NOT_FOUND, ExitCode.NETWORK, ExitCode.BAD_MODEL):
+                raise _guessed_model_failed(exc, all_words[0], prompt_words) from None
+            raise
+        progress.loaded(conv.request.model_path.name)
+        conv.session.on_prefill = progress.prefill
+        try:
+            _answer(env, conv, prompt, progress, stats=stats, as_json=as_json)
+        finally:
+            conv.close()
+
+
+def _answer(env: Environment, conv: Conversation, prompt: str, progress: LoadProgress, *, stats: bool,
+            as_json: bool) -> None:
+    from kvchat.app import memory_figures, turn_record
+    from kvchat.ui.render import stats_line
+
+    session = conv.session
+    pieces: list[str] = []
+    interrupted = False
+    stream = session.send(prompt)
+    try:
+        for event in stream:
+            progress.done()
+            pieces.append(event.text)
+            if not as_json:
+                env.stdout.write(event.text)
+                env.stdout.flush()
+    except KeyboardInterrupt:
+        stream.close()
+        interrupted = True
     finally:
-        setup.close()
+        progress.done()
+    turn = session.last_turn
+    if turn is None:  # interrupted before the turn began
+        raise KeyboardInterrupt
+    text = "".join(pieces)
+    if as_json:
+        env.stdout.write(json.dumps(turn_record(conv, turn, text), ensure_ascii=False) + "\n")
+    elif text and not text.endswith("\n"):
+        env.stdout.write("\n")
+    env.stdout.flush()
+    if stats:
+        env.stderr.write(stats_line(turn, conv.engine.load_s, memory_figures(conv)) + "\n")
+    if turn.dropped_turns:
+        env.warn(
+            f"context full: dropped the {turn.dropped_turns} oldest turn(s) "
+            f"({turn.dropped_tokens} tokens) to make room"
+        )
+    conv.save()
+    if interrupted:
+        raise KeyboardInterrupt

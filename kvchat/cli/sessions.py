@@ -14,7 +14,7 @@ from kvchat import session_store
 from kvchat.cli import app
 from kvchat.errors import UsageError
 from kvchat.ui.environment import Environment
-from kvchat.ui.render import format_bytes
+from kvchat.units import format_bytes
 
 sessions_app = typer.Typer(help="Named sessions saved on disk (see `run/chat --session NAME`).",
                            no_args_is_help=True)
@@ -128,6 +128,7 @@ def rm_cmd(
         if not env.stdin_isatty:
             raise UsageError(f"not deleting session '{name}' without confirmation", hint="add --yes")
         if not typer.confirm(f"Delete session '{name}'?", default=False, err=True):
-            raise typer.Exit(1)
+            typer.echo("kvchat: nothing deleted", err=True)
+            return  # declining is an answer, not an error: `kvchat rm` does the same
     session_store.remove(name)
     env.stderr.write(f"deleted session '{name}'\n")

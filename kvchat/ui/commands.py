@@ -33,18 +33,11 @@ COMMANDS: dict[str, CommandSpec] = {
 }
 ALIASES = {"/quit": "/exit", "/q": "/exit", "/?": "/help"}
 
-# /set KEY: (kind, minimum, maximum, help). "none" clears max_tokens and seed.
-SETTINGS: dict[str, tuple[type, float | None, float | None, str]] = {
-    "temperature": (float, 0.0, None, "0 = greedy"),
-    "top_p": (float, 0.0, 1.0, "nucleus sampling, 1 = off"),
-    "top_k": (int, 0, None, "0 = off"),
-    "min_p": (float, 0.0, 1.0, "0 = off"),
-    "max_tokens": (int, 1, None, "reply length limit; none = until end of turn"),
-    "seed": (int, None, None, "none = a new random seed"),
-}
-_NULLABLE = {"max_tokens", "seed"}
+# /set KEY: the sampling settings a chat may change, parsed and range-checked by
+# kvchat.settings like any flag ("none" clears max_tokens and seed).
+SETTINGS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "max_tokens", "seed")
 _SETTING_ALIASES = {"temp": "temperature", "top-p": "top_p", "top-k": "top_k", "min-p": "min_p",
-                    "max-tokens": "max_tokens", "n": "max_tokens"}
+                    "max-tokens": "max_tokens", "n": "max_tokens", "repeat-penalty": "repeat_penalty"}
 
 
 @dataclass(frozen=True)
@@ -73,22 +66,17 @@ def command_names() -> list[str]:
 
 def parse_setting(key: str, raw: str) -> tuple[str, Any]:
     """Validate `/set KEY VALUE`; returns the canonical key and a typed value."""
+    from kvchat.settings import SETTINGS as ALL_SETTINGS
+    from kvchat.settings import parse_value
+
     name = _SETTING_ALIASES.get(key.lower(), key.lower())
     if name not in SETTINGS:
         raise UsageError(f"unknown setting '{key}'", hint=f"settings: {', '.join(SETTINGS)}")
-    kind, low, high, _ = SETTINGS[name]
-    if name in _NULLABLE and raw.lower() in ("none", "off", "random", "-"):
-        return name, None
     try:
-        value = kind(raw)
-    except ValueError:
-        noun = "a whole number" if kind is int else "a number"
-        raise UsageError(f"{name} must be {noun}, got '{raw}'") from None
-    if low is not None and value < low:
-        raise UsageError(f"{name} must be at least {low:g}, got {raw}")
-    if high is not None and value > high:
-        raise UsageError(f"{name} must be at most {high:g}, got {raw}")
-    return name, value
+        return name, parse_value(name, raw, "flag")
+    except UsageError as exc:
+        reason = exc.message.split(" ", 2)[-1]  # drop the flag spelling: "/set" was typed
+        raise UsageError(f"{name} '{raw}' {reason}", hint=ALL_SETTINGS[name].help) from None
 
 
 def parse_command(line: str) -> Command:

@@ -29,10 +29,10 @@ class Environment:
             return False
 
     @property
-    def stdout_isatty(self) -> bool:
+    def stderr_isatty(self) -> bool:
         try:
-            return self.stdout.isatty()
-        except ValueError:
+            return self.stderr.isatty()
+        except (AttributeError, ValueError):
             return False
 
     def read_stdin(self) -> str:

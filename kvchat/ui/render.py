@@ -4,23 +4,24 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from kvchat.units import format_bytes
+
 if TYPE_CHECKING:
+    from kvchat.app import MemoryFigures
     from kvchat.session import TurnStats
 
 
-def stats_line(turn: TurnStats, load_s: float) -> str:
-    return (
+def stats_line(turn: TurnStats, load_s: float, memory: MemoryFigures | None = None) -> str:
+    line = (
         f"load {load_s:.2f}s · prompt {turn.prompt_tokens} tok "
         f"({turn.reused_tokens} cached, {turn.evaluated_tokens} evaluated) · "
         f"prefill {turn.prefill_tok_s:.1f} tok/s · ttft {turn.ttft_s:.3f}s · "
         f"decode {turn.completion_tokens} tok at {turn.decode_tok_s:.1f} tok/s · "
         f"stop: {turn.stop_reason}"
     )
-
-
-def format_bytes(n: float) -> str:
-    """MiB below 1 GiB, GiB above, two decimals."""
-    mib = n / (1024 * 1024)
-    if mib >= 1024:
-        return f"{mib / 1024:.2f} GiB"
-    return f"{mib:.2f} MiB"
+    if memory is not None:
+        line += (f" · context {memory.kv_cells_used}/{memory.n_ctx} · KV {format_bytes(memory.kv_bytes)}"
+                 f" · RSS {format_bytes(memory.rss_bytes)}")
+        if memory.vram_used_bytes is not None:
+            line += f" · VRAM {format_bytes(memory.vram_used_bytes)}"
+    return line

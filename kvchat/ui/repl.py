@@ -14,7 +14,7 @@ import contextlib
 import dataclasses
 import signal
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prompt_toolkit import PromptSession
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion
@@ -24,12 +24,14 @@ from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
 from rich.table import Table
 
 from kvchat import config, session_store
+from kvchat.engine_api import SamplingSettings
 from kvchat.errors import KvchatError, SessionError
-from kvchat.monitor import HardwareSampler, KvFill, NvmlReader, TokenMeter, gpu_layers, kv_bytes_per_cell
+from kvchat.hardware import NvmlReader
+from kvchat.monitor import HardwareSampler, KvFill, TokenMeter, kv_bytes_per_cell
 from kvchat.ui.commands import COMMANDS, SETTINGS, Command, completions, is_command, parse_command
 from kvchat.ui.commands import unescape_message as _unescape
 from kvchat.ui.environment import Environment
-from kvchat.ui.render import format_bytes, stats_line
+from kvchat.ui.render import stats_line
 from kvchat.ui.status import (
     DeviceInfo,
     ReplyView,
@@ -40,14 +42,18 @@ from kvchat.ui.status import (
     wrap_segments,
 )
 from kvchat.ui.status import summary_text as _summary
+from kvchat.units import format_bytes
+
+if TYPE_CHECKING:
+    from kvchat.app import Conversation
 
 KEYS_HELP = (
     "Enter sends · Alt-Enter (or Esc Enter): new line · Tab completes /commands · "
     "Ctrl-C stops a reply · Ctrl-D or /exit leaves"
 )
 
-# Opens a chat: (session name or None for an unsaved one, sampling, max_tokens) -> ChatSetup.
-Opener = Callable[[str | None, Any, int | None], Any]
+# Opens a chat: (session name or None for an unsaved one, sampling, max_tokens) -> Conversation.
+Opener = Callable[[str | None, SamplingSettings, int | None], Conversation]
 
 
 def _session_names() -> Iterator[str]:
@@ -125,12 +131,12 @@ def _echo_off(stream: Any) -> Iterator[None]:
 
 
 class ChatRepl:
-    """One interactive chat over `setup` (a kvchat.cli.common.ChatSetup)."""
+    """One interactive chat over `setup` (a kvchat.app.Conversation)."""
 
     def __init__(
         self,
         env: Environment,
-        setup: Any,
+        setup: Conversation,
         *,
         opener: Opener,
         markdown: bool,
@@ -148,13 +154,13 @@ class ChatRepl:
 
     # -- the loaded chat -----------------------------------------------------
 
-    def _use(self, setup: Any) -> None:
+    def _use(self, setup: Conversation) -> None:
         from kvchat.engine import supports_gpu_offload
 
         self.setup = setup
         self.engine, self.session = setup.engine, setup.session
         self.bytes_per_cell = kv_bytes_per_cell(self.engine.buffers, self.engine.n_ctx)
-        self.device = DeviceInfo(gpu_layers(self.engine.load_log), supports_gpu_offload())
+        self.device = DeviceInfo(self.engine.gpu_layers, supports_gpu_offload())
         self.sampler = HardwareSampler(nvml=self._nvml)
 
     @property
@@ -377,24 +383,12 @@ class ChatRepl:
         self.console.print(table)
 
     def _cmd_save(self, command: Command) -> None:
-        from kvchat.named_session import ContextSettings, NamedSession
-
         name = command.argument
         if name == self.session_name:
             self.setup.save()
             self.say(f"saved '{name}'", style="dim")
             return
-        req = self.setup.request
-        target = NamedSession(name)
-        try:
-            if target.exists and name not in self._saved_here:
-                raise SessionError(f"session '{name}' already exists",
-                                   hint=f"pick another name, /load {name}, or `kvchat sessions rm {name}`")
-            target.check(req.model_path, ContextSettings(req.n_ctx, req.type_k.name, req.type_v.name,
-                                                         req.flash_attn), rebuild=True)
-            size = target.save(self.session, self.engine)
-        finally:
-            target.close()
+        size = self.setup.save_as(name, replace_existing=name in self._saved_here)
         self._saved_here.add(name)
         self.say(f"saved '{name}' ({format_bytes(size)}, {self.session.n_kv} KV cells) — "
                  f"resume with `kvchat chat --session {name}` or /load {name}", style="dim")

@@ -19,8 +19,9 @@ from rich.markdown import Markdown
 from rich.text import Text
 from rich.theme import Theme
 
-from kvchat.monitor import HardwareSample, KvFill, TokenMeter
-from kvchat.ui.render import format_bytes
+from kvchat.hardware import HardwareSample
+from kvchat.monitor import KvFill, TokenMeter
+from kvchat.units import format_bytes
 
 SEP = " · "
 # Inline code and code blocks without a fixed background: readable on dark and light.

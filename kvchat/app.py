@@ -1,0 +1,456 @@
+"""The application layer: what every command does with a model and a conversation.
+
+It sits between the CLI (parse flags, render) and the core (settings, planner,
+engine, session): plan a load from resolved settings, load the engine, open or
+resume a conversation, save it, save it under another name, close it, and build
+the JSON record of a turn. `run`, `chat`, the REPL, `bench` and `estimate` call
+it. It never prints: warnings go to the `warn` callback the caller passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kvchat import hardware
+from kvchat import settings as settings_mod
+from kvchat.cache_types import CacheType, flash_attn_enabled, fused_kernel_warning, resolve_flash_attn
+from kvchat.engine_api import SamplingSettings
+from kvchat.errors import OutOfMemoryError
+from kvchat.settings import Settings
+
+if TYPE_CHECKING:
+    from kvchat.chat_template import ChatTemplate
+    from kvchat.engine import Engine
+    from kvchat.engine_api import ChatEngine
+    from kvchat.memory import Budget, FitResult, MemoryPlan, PlanSettings
+    from kvchat.model_spec import ModelSpec
+    from kvchat.named_session import ContextSettings, NamedSession
+    from kvchat.session import Session, TurnStats
+
+Warn = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    """What the engine is asked to load, after every check that needs no llama.cpp."""
+
+    model_path: Path
+    n_ctx: int
+    type_k: CacheType
+    type_v: CacheType
+    flash_attn: str  # the mode asked for, checked against the V type (auto/on/off)
+    n_gpu_layers: int
+    n_threads: int
+    n_batch: int
+    gpus: tuple[str, ...] = ()  # GPUs found when planning (NVML names: CUDA0, ...)
+
+
+def sampling_of(s: Settings) -> SamplingSettings:
+    return SamplingSettings(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
+                            repeat_penalty=s.repeat_penalty, seed=s.seed)
+
+
+def context_cap(s: Settings, spec: ModelSpec) -> int:
+    """The largest context `--ctx auto` may pick: ctx_max, and the training length."""
+    return min(s.ctx_max, spec.n_ctx_train or s.ctx_max)
+
+
+def plan_settings(s: Settings, *, gpu: bool, n_ctx: int | None = None) -> PlanSettings:
+    """Planner settings for resolved settings; flash attention decided by the engine's rule."""
+    from kvchat.memory import PlanSettings
+
+    n_gpu_layers = -1 if s.ngl is None else s.ngl
+    fa = flash_attn_enabled(s.flash_attn, s.cache_type_v, gpu=gpu and n_gpu_layers != 0) is not False
+    plan = PlanSettings(type_k=s.cache_type_k, type_v=s.cache_type_v, n_gpu_layers=n_gpu_layers,
+                        flash_attn=fa, n_batch=s.batch)
+    return plan if n_ctx is None else replace(plan, n_ctx=n_ctx)
+
+
+def auto_context(spec: ModelSpec, base: PlanSettings, budget: Budget, cap: int,
+                 *, fit_layers: bool) -> tuple[int | None, int]:
+    """`--ctx auto`: the largest context that fits `budget`, up to `cap`, and the GPU
+    layers to use. Where GPUs cannot hold every layer even at 4096 tokens (or
+    `fit_layers`, for --ngl auto) it follows llama.cpp's --fit order: context first,
+    then layers back to the CPU. (None, layers) when nothing fits."""
+    from kvchat.memory import fit, largest_ctx
+
+    if budget.gpu_names and fit_layers:
+        fitted = fit(spec, base, budget, max_ctx=cap)
+        return (None, 0) if fitted is None else (fitted.n_ctx, fitted.n_gpu_layers)
+    n_ctx = largest_ctx(spec, base, budget, max_ctx=cap)
+    if budget.gpu_names and (n_ctx is None or n_ctx < min(4096, cap)):
+        fitted = fit(spec, base, budget, max_ctx=cap)
+        if fitted is not None:
+            return fitted.n_ctx, fitted.n_gpu_layers
+    return n_ctx, base.n_gpu_layers
+
+
+def gpu_layers_that_fit(spec: ModelSpec, base: PlanSettings, budget: Budget) -> int | None:
+    """`--ngl auto` at a given context: the most layers that fit, None if not even 0."""
+    from kvchat.memory import fit_gpu_layers
+
+    return fit_gpu_layers(spec, base, budget) if budget.gpu_names else 0
+
+
+def threads_for(s: Settings, warn: Warn) -> int:
+    """Threads: the setting, else physical cores; never more than logical cores."""
+    cores = hardware.logical_cores()
+    wanted = s.threads or hardware.physical_cores()
+    if wanted > cores:
+        warn(f"--threads {wanted} is more than this machine's {cores} logical cores; using {cores}")
+        wanted = cores
+    return wanted
+
+
+def warn_if_cores_contended(probe: hardware.CpuLoadProbe, n_threads: int, warn: Warn) -> None:
+    """Say so when other programs kept cores busy that llama.cpp's threads need."""
+    busy = probe.others_busy_cores()
+    cores = hardware.logical_cores()
+    if busy >= 0.75 and n_threads + busy > cores + 0.25:
+        warn(f"other programs keep about {busy:.1f} core(s) busy: llama.cpp's threads spin while they "
+             f"wait, so decoding may be much slower; try --threads {max(1, cores - round(busy))}")
+
+
+def resolve_load(s: Settings, warn: Warn) -> LoadRequest:
+    """Everything that can be checked before llama.cpp is touched: the model (its
+    header read and checked on every path), context, layers, threads."""
+    from kvchat.model_spec import read_spec
+    from kvchat.registry import resolve_model
+
+    fa = resolve_flash_attn(s.flash_attn, s.cache_type_v)
+    model_path = resolve_model(s.model)
+    spec = read_spec(str(model_path))
+    budget = hardware.detect_budget()
+    base = plan_settings(s, gpu=bool(budget.gpu_names))
+    n_gpu_layers = base.n_gpu_layers
+    if s.ctx is None:
+        n_ctx, n_gpu_layers = auto_context(spec, base, budget, context_cap(s, spec), fit_layers=s.ngl is None)
+        if n_ctx is None:
+            raise OutOfMemoryError(
+                f"{model_path.name} does not fit in the memory free now, even with a 256-token context",
+                hint="close other programs, pick a smaller quant, or see `kvchat estimate`",
+            )
+    else:
+        n_ctx = s.ctx
+        if s.ngl is None:
+            found = gpu_layers_that_fit(spec, replace(base, n_ctx=n_ctx), budget)
+            n_gpu_layers = 0 if found is None else found
+        if spec.n_ctx_train and n_ctx > spec.n_ctx_train:
+            warn(f"--ctx {n_ctx} is above the model's training context ({spec.n_ctx_train}); "
+                 "answers may degrade past it")
+    return LoadRequest(model_path, n_ctx, s.cache_type_k, s.cache_type_v, fa, n_gpu_layers,
+                       threads_for(s, warn), min(s.batch, n_ctx), budget.gpu_names)
+
+
+def load_engine(request: LoadRequest, warn: Warn, *, verbose: bool = False) -> Engine:
+    """Load the model; warn where a GPU will run attention without a fused kernel."""
+    from kvchat.engine import Engine, EngineSettings
+
+    engine = Engine(
+        request.model_path,
+        EngineSettings(n_ctx=request.n_ctx, type_k=request.type_k, type_v=request.type_v,
+                       flash_attn=request.flash_attn, n_gpu_layers=request.n_gpu_layers,
+                       n_threads=request.n_threads, n_batch=request.n_batch,
+                       n_ubatch=request.n_batch, verbose=verbose),
+    )
+    offloaded = engine.gpu_layers
+    if engine.flash_attn != "off" and offloaded and offloaded[0] > 0:
+        warning = fused_kernel_warning(request.type_k, request.type_v)
+        if warning:
+            warn(warning)
+    return engine
+
+
+def chat_template_for(engine: ChatEngine) -> ChatTemplate:
+    from kvchat.chat_template import ChatTemplate
+
+    return ChatTemplate(
+        engine.chat_template(),
+        bos_token=engine.token_text(engine.bos_token),
+        eos_token=engine.token_text(engine.eos_token),
+    )
+
+
+@dataclass
+class Conversation:
+    """A loaded engine, its session and (for --session) the named file behind it."""
+
+    engine: Engine
+    session: Session
+    named: NamedSession | None
+    request: LoadRequest
+    settings: Settings
+    resumed_tokens: int = 0
+    rebuilt_tokens: int = 0
+
+    def context_settings(self) -> ContextSettings:
+        """What a saved KV state depends on, with the flash-attention mode that ran."""
+        from kvchat.named_session import ContextSettings
+
+        r = self.request
+        return ContextSettings(r.n_ctx, r.type_k.name, r.type_v.name, self.engine.flash_attn)
+
+    def save(self) -> int | None:
+        """Save a named conversation (no-op for an unnamed one); returns bytes written."""
+        if self.named is None:
+            return None
+        return self.named.save(self.session, self.engine)
+
+    def save_as(self, name: str, *, replace_existing: bool = False) -> int:
+        """Save under another name without switching to it; returns bytes written."""
+        from kvchat.errors import SessionError
+        from kvchat.named_session import NamedSession
+
+        target = NamedSession(name)
+        try:
+            if target.exists and not replace_existing:
+                raise SessionError(f"session '{name}' already exists",
+                                   hint=f"pick another name, /load {name}, or `kvchat sessions rm {name}`")
+            target.check(self.request.model_path, self.context_settings(), rebuild=True)
+            return target.save(self.session, self.engine)
+        finally:
+            target.close()
+
+    def close(self) -> None:
+        try:
+            self.engine.close()
+        finally:
+            if self.named is not None:
+                self.named.close()
+
+
+def open_conversation(
+    flags: Mapping[str, Any],
+    warn: Warn,
+    *,
+    session_name: str | None = None,
+    rebuild: bool = False,
+    verbose: bool = False,
+    sampling: SamplingSettings | None = None,
+) -> Conversation:
+    """Resolve settings once (a named session supplies those the flags leave out),
+    load the model, and restore or start the conversation. `sampling` (the REPL's
+    current values when it switches sessions) wins over resolved sampling."""
+    from kvchat.named_session import NamedSession
+    from kvchat.session import Session
+
+    named = NamedSession(session_name) if session_name else None
+    engine = None
+    try:
+        saved = named.saved_values() if named is not None else {}
+        s = settings_mod.resolve(flags, saved)
+        for message in s.overridden:
+            warn(message)
+        request = resolve_load(s, warn)
+        if named is not None:
+            # The saved flash-attention mode is the one that ran: compare like with like.
+            named.check(request.model_path, _expected_context(request), rebuild=rebuild)
+        probe = hardware.CpuLoadProbe()
+        engine = load_engine(request, warn, verbose=verbose)
+        warn_if_cores_contended(probe, request.n_threads, warn)
+        session = Session(engine, chat_template_for(engine), sampling or sampling_of(s), s.max_tokens,
+                          s.overflow)
+        conv = Conversation(engine, session, named, request, s)
+        if named is not None:
+            named.settings = conv.context_settings()
+            if named.exists:
+                conv.rebuilt_tokens = named.attach(session, rebuild=rebuild)
+                conv.resumed_tokens = len(session.tokens) - conv.rebuilt_tokens
+        current = session.messages[0]["content"] if session.messages and \
+            session.messages[0]["role"] == "system" else None
+        if s.system and s.system != current:
+            session.set_system(s.system)
+        return conv
+    except BaseException:
+        if engine is not None:
+            engine.close()
+        if named is not None:
+            named.close()
+        raise
+
+
+def _expected_context(request: LoadRequest) -> ContextSettings:
+    """The context settings a load will have, before loading: flash attention as the
+    engine will decide it (on the CPU, auto is off; with GPUs llama.cpp decides)."""
+    from kvchat.named_session import ContextSettings
+
+    gpu = bool(request.gpus) and request.n_gpu_layers != 0
+    enabled = flash_attn_enabled(request.flash_attn, request.type_v, gpu=gpu)
+    fa = "auto" if enabled is None else ("on" if enabled else "off")
+    return ContextSettings(request.n_ctx, request.type_k.name, request.type_v.name, fa)
+
+
+@dataclass(frozen=True)
+class MemoryFigures:
+    """What a conversation costs now: context, KV cells and bytes, RSS, VRAM."""
+
+    n_ctx: int
+    kv_cells_used: int
+    kv_bytes: int  # KV and recurrent-state buffers llama.cpp allocated
+    rss_bytes: int
+    vram_used_bytes: int | None  # all NVIDIA GPUs together; None without NVML
+
+
+def memory_figures(conv: Conversation) -> MemoryFigures:
+    buffers = conv.engine.buffers
+    vram = None
+    nvml = hardware.open_nvml()
+    if nvml is not None:
+        try:
+            reading = nvml.read()
+            vram = reading.used if reading is not None else None
+        finally:
+            nvml.close()
+    return MemoryFigures(conv.engine.n_ctx, conv.session.n_kv,
+                         sum(buffers.kv.values()) + sum(buffers.recurrent.values()),
+                         hardware.rss_bytes(), vram)
+
+
+def turn_record(conv: Conversation, turn: TurnStats, text: str) -> dict[str, Any]:
+    """The JSON record of one turn (`run --json`)."""
+    engine, request, session = conv.engine, conv.request, conv.session
+    sampling = session.sampling
+    memory = memory_figures(conv)
+    return {
+        "text": text,
+        "model": str(request.model_path),
+        "settings": {
+            "n_ctx": engine.n_ctx,
+            "cache_type_k": request.type_k.name,
+            "cache_type_v": request.type_v.name,
+            "flash_attn": engine.flash_attn,
+            "n_gpu_layers": request.n_gpu_layers,
+            "n_threads": request.n_threads,
+            "n_batch": request.n_batch,
+            "temperature": sampling.temperature,
+            "top_k": sampling.top_k,
+            "top_p": sampling.top_p,
+            "min_p": sampling.min_p,
+            "repeat_penalty": sampling.repeat_penalty,
+            "seed": sampling.seed,
+            "max_tokens": session.max_tokens,
+        },
+        "usage": {
+            "prompt_tokens": turn.prompt_tokens,
+            "completion_tokens": turn.completion_tokens,
+        },
+        "cache": {
+            "reused_tokens": turn.reused_tokens,
+            "evaluated_tokens": turn.evaluated_tokens,
+        },
+        "memory": {
+            "n_ctx": memory.n_ctx,
+            "kv_cells_used": memory.kv_cells_used,
+            "kv_bytes": memory.kv_bytes,
+            "rss_bytes": memory.rss_bytes,
+            "vram_used_bytes": memory.vram_used_bytes,
+        },
+        "timings": {
+            "load_s": round(engine.load_s, 4),
+            "ttft_s": round(turn.ttft_s, 4),
+            "prefill_tok_s": round(turn.prefill_tok_s, 2),
+            "decode_tok_s": round(turn.decode_tok_s, 2),
+        },
+        "stop_reason": turn.stop_reason,
+    }
+
+
+# --- estimates: what a model will cost, from its header alone -------------------------
+
+
+@dataclass
+class Estimate:
+    """Plans for one model at one or more contexts, and what fits the budget."""
+
+    spec: ModelSpec
+    model_label: Path  # the local file, or repo/file for a header read over HTTP
+    remote_bytes_fetched: int | None
+    budget: Budget
+    base: PlanSettings
+    plans: list[MemoryPlan]
+    largest_ctx: int | None
+    fitted: FitResult | None
+    warnings: list[str]
+
+
+def read_model_spec(ref: str | None, *, allow_remote: bool) -> tuple[ModelSpec, Path, int | None]:
+    """The spec of a local model, or (allow_remote) of a Hub model through HTTP range
+    requests for its header(s) only; returns it, a label and the bytes fetched."""
+    from kvchat.gguf import merge_split_headers, read_header, read_model_header_file
+    from kvchat.model_spec import spec_from_header
+    from kvchat.registry import find_local, parse_ref, resolve_model, resolve_remote
+
+    if allow_remote and find_local(ref) is None and parse_ref(ref).kind == "hub":
+        from kvchat.hub import open_remote_file
+
+        assert ref is not None
+        target = resolve_remote(ref)
+        headers, fetched = [], 0
+        for part in target.parts:
+            with open_remote_file(target.repo, part, target.commit) as remote:
+                headers.append(read_header(remote))
+                fetched += remote.bytes_fetched
+        label = Path(f"{target.repo}/{target.parts[0]}")
+        return spec_from_header(merge_split_headers(headers)), label, fetched
+    path = resolve_model(ref)
+    return spec_from_header(read_model_header_file(path)), path, None
+
+
+def estimate(s: Settings, contexts: list[int] | None, budget: Budget, *, swa_full: bool = False,
+             n_ubatch: int = 512, n_seq: int = 1, allow_remote: bool = True) -> Estimate:
+    """Plan memory at `contexts` (None: the context `run --ctx auto` would pick) with
+    the GPU layers asked for (`--ngl auto`: the most that fit), as `run` would load."""
+    from kvchat.memory import fit, largest_ctx, plan_memory
+
+    spec, label, fetched = read_model_spec(s.model, allow_remote=allow_remote)
+    warnings: list[str] = []
+    base = replace(plan_settings(s, gpu=bool(budget.gpu_names)), swa_full=swa_full, n_ubatch=n_ubatch,
+                   n_seq=n_seq, gpus=budget.gpu_names)
+    if not budget.gpu_names:
+        base = replace(base, n_gpu_layers=0)
+    if contexts is None:
+        n_ctx, layers = auto_context(spec, replace(base, n_ctx=min(4096, spec.n_ctx_train or 4096)), budget,
+                                     context_cap(s, spec), fit_layers=s.ngl is None)
+        # Nothing fits: show why at 4096 (or the training length, if smaller).
+        contexts = [n_ctx or min(4096, spec.n_ctx_train or 4096)]
+        base = replace(base, n_gpu_layers=layers if s.ngl is None and n_ctx else base.n_gpu_layers)
+    elif s.ngl is None:
+        found = gpu_layers_that_fit(spec, replace(base, n_ctx=contexts[0]), budget)
+        base = replace(base, n_gpu_layers=found if found is not None else 0)
+        if found is None:
+            warnings.append("the model does not fit this memory even with every layer on the CPU")
+    base = replace(base, n_ctx=contexts[0])
+    plans = [plan_memory(spec, replace(base, n_ctx=n)) for n in contexts]
+    for plan in plans:
+        warnings.extend(plan.warnings)
+    fitted = fit(spec, base, budget) if budget.gpu_names else None
+    return Estimate(spec, label, fetched, budget, base, plans, largest_ctx(spec, base, budget), fitted,
+                    warnings)
+
+
+def exact_buffers(model_path: Path, plan: MemoryPlan) -> dict[str, int]:
+    """Load the model with llama.cpp as `plan` describes and return the buffer sizes
+    it reported, in bytes (`estimate --exact`)."""
+    from kvchat.engine import Engine, EngineSettings
+
+    s = plan.settings
+    settings = EngineSettings(
+        n_ctx=s.n_ctx, type_k=s.type_k, type_v=s.type_v, flash_attn="on" if s.flash_attn else "off",
+        n_gpu_layers=plan.n_gpu_layers if s.gpus else 0, n_threads=hardware.physical_cores(),
+        n_batch=s.n_batch, n_ubatch=s.n_ubatch, swa_full=s.swa_full,
+    )
+    with Engine(model_path, settings) as engine:
+        b = engine.buffers
+        return {
+            "weights": sum(b.model.values()),
+            "kv": sum(b.kv.values()),
+            "k": b.k,
+            "v": b.v,
+            "recurrent": sum(b.recurrent.values()),
+            "output": sum(b.output.values()),
+            "compute": sum(b.compute.values()),
+            "kv_cells": b.kv_cells,
+        }

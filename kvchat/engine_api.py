@@ -1,0 +1,102 @@
+"""The engine interface: what a conversation needs from whatever runs the model.
+
+`Session` (and bench, the monitor and the REPL) depend on this small protocol, not
+on llama.cpp. `kvchat.engine.Engine` implements it in-process; a remote engine
+(llama-server) or a test double can implement it too. The value types that cross
+the seam live here, so importing them never loads llama.cpp.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token: its id and the text it completes (may be '')."""
+
+    token: int
+    text: str
+    is_eog: bool
+
+
+@dataclass(frozen=True)
+class PerfCounters:
+    """The engine's own timings (llama.cpp: llama_perf_context)."""
+
+    prompt_eval_ms: float
+    prompt_tokens: int
+    eval_ms: float
+    eval_tokens: int
+
+
+class ChatEngine(Protocol):
+    """One loaded model with one context and one sequence."""
+
+    # -- facts about the model and the context -------------------------------
+    @property
+    def n_ctx(self) -> int: ...
+    @property
+    def n_ctx_train(self) -> int: ...
+    @property
+    def n_past(self) -> int:
+        """Cells of the sequence in the cache (the next position to evaluate)."""
+        ...
+    @property
+    def bos_token(self) -> int: ...
+    @property
+    def eos_token(self) -> int: ...
+    @property
+    def add_bos(self) -> bool: ...
+    @property
+    def flash_attn(self) -> str:
+        """The flash-attention mode that runs: on, off, or auto where the engine did not say."""
+        ...
+    @property
+    def load_s(self) -> float: ...
+
+    def chat_template(self) -> str | None: ...
+    def metadata(self, key: str) -> str | None: ...
+    def is_eog(self, token: int) -> bool: ...
+
+    # -- tokens ------------------------------------------------------------------
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]: ...
+    def token_text(self, token: int) -> str: ...
+    def token_piece(self, token: int, *, special: bool = False) -> bytes: ...
+
+    # -- evaluation and sampling -------------------------------------------------
+    def eval(self, tokens: Sequence[int], progress: Callable[[int, int], None] | None = None) -> None:
+        """Append tokens to the sequence in the cache; `progress(done, total)` after each
+        chunk, between which a KeyboardInterrupt may stop it."""
+        ...
+    def set_sampling(self, sampling: SamplingSettings) -> None: ...
+    def generate(self, max_tokens: int | None, *, stop_at_eog: bool = True) -> Iterator[TokenEvent]:
+        """Sample after the last eval until end of turn; the last token yielded is not
+        evaluated into the cache (the caller evaluates it with the next turn)."""
+        ...
+
+    # -- the cache -----------------------------------------------------------------
+    def kv_remove(self, start: int, end: int) -> bool:
+        """Remove positions [start, end) (end -1: to the end); False if refused."""
+        ...
+    def kv_shift(self, start: int, end: int, delta: int) -> None: ...
+    def can_shift(self) -> bool: ...
+    def kv_clear(self) -> None: ...
+    def state_bytes(self) -> bytes: ...
+    def load_state_bytes(self, data: bytes, n_tokens: int) -> None: ...
+
+    # -- counters and lifetime -----------------------------------------------------
+    def perf(self) -> PerfCounters: ...
+    def close(self) -> None: ...

@@ -1,0 +1,299 @@
+"""Every setting kvchat runs with: one table, one resolver, one typed result.
+
+Order, highest first: command-line flag > the saved named session > environment
+variable `KVCHAT_<NAME>` > `config.toml` table `[defaults]` > built-in default.
+
+Each setting has one parser that takes what any source gives (a flag's string, an
+environment string, a TOML value, a saved value) and returns a typed, range-checked
+value. A bad value from any source is a usage error (exit 2) that names where it
+came from: `KVCHAT_TEMPERATURE='hot' is not a number`,
+`config.toml [defaults] ctx = 'abc' is not a token count`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Generic, Literal, TypeVar
+
+from kvchat import config
+from kvchat.cache_types import CacheType, parse_cache_type, resolve_flash_attn
+from kvchat.errors import KvchatError, UsageError
+
+T = TypeVar("T")
+Source = Literal["flag", "session", "env", "config", "default"]
+
+# Bounds that stop absurd values before llama.cpp sees them (it would wrap or abort).
+MAX_CTX = 1 << 24  # 16M tokens: more than any GGUF's training context today
+MIN_CTX = 32  # llama.cpp asserts on smaller contexts (n_ctx must hold one ubatch of padding)
+OVERFLOW_POLICIES = ("shift", "stop")
+
+
+class BadValue(ValueError):
+    """A parser's reason, completed by the resolver with where the value came from."""
+
+
+@dataclass(frozen=True)
+class Setting(Generic[T]):
+    name: str
+    parse: Callable[[Any], T]
+    default: Any
+    flag: str | None
+    help: str
+
+    @property
+    def env_var(self) -> str:
+        return config.ENV_PREFIX + self.name.upper()
+
+
+# --- parsers: any source's raw value -> a typed value, or BadValue(reason) -------------
+
+
+def _text(raw: Any) -> str:
+    if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
+        raise BadValue("is not a text value")
+    return str(raw).strip()
+
+
+def _string(raw: Any) -> str:
+    """Text settings (model, system prompt): a number is a mistake, not a name."""
+    if not isinstance(raw, str):
+        raise BadValue("is not a text value (quote it)")
+    return raw.strip()
+
+
+def _int(raw: Any, low: int | None = None, high: int | None = None, noun: str = "a whole number") -> int:
+    if isinstance(raw, bool):
+        raise BadValue(f"is not {noun}")
+    if isinstance(raw, int):
+        value = raw
+    else:
+        try:
+            value = int(_text(raw))
+        except ValueError:
+            raise BadValue(f"is not {noun}") from None
+    if low is not None and value < low:
+        raise BadValue(f"must be at least {low}")
+    if high is not None and value > high:
+        raise BadValue(f"must be at most {high}")
+    return value
+
+
+def _float(raw: Any, low: float | None = None, high: float | None = None, *, open_low: bool = False) -> float:
+    if isinstance(raw, bool):
+        raise BadValue("is not a number")
+    try:
+        value = float(raw) if isinstance(raw, (int, float)) else float(_text(raw))
+    except ValueError:
+        raise BadValue("is not a number") from None
+    if not math.isfinite(value):
+        raise BadValue("is not a finite number")
+    if low is not None and (value <= low if open_low else value < low):
+        raise BadValue(f"must be {'above' if open_low else 'at least'} {low:g}")
+    if high is not None and value > high:
+        raise BadValue(f"must be at most {high:g}")
+    return value
+
+
+def _optional(parse: Callable[[Any], T], *unset_words: str) -> Callable[[Any], T | None]:
+    """None, '' and 'none' (and `unset_words`) mean "not set" (KVCHAT_SEED=random)."""
+    unset = {"", "none", *unset_words}
+
+    def parse_optional(raw: Any) -> T | None:
+        if raw is None or (isinstance(raw, str) and raw.strip().lower() in unset):
+            return None
+        return parse(raw)
+
+    return parse_optional
+
+
+def parse_tokens(raw: Any) -> int:
+    """A token count: 4096, or 8k / 32K (x1024)."""
+    text = _text(raw).lower() if not isinstance(raw, int) or isinstance(raw, bool) else str(raw)
+    scale = 1024 if text.endswith("k") else 1
+    try:
+        number = int(text[:-1] if scale > 1 else text) * scale
+    except ValueError:
+        raise BadValue("is not a token count (e.g. 4096 or 8k)") from None
+    if number < MIN_CTX:
+        raise BadValue(f"is below the smallest context llama.cpp runs ({MIN_CTX} tokens)")
+    if number > MAX_CTX:
+        raise BadValue(f"is above {MAX_CTX} tokens, more than any model is trained for")
+    return number
+
+
+def parse_ctx(raw: Any) -> int | None:
+    """A context length, or None for 'auto' (the largest that fits free memory)."""
+    if isinstance(raw, str) and raw.strip().lower() == "auto":
+        return None
+    return parse_tokens(raw)
+
+
+def parse_ngl(raw: Any) -> int | None:
+    """GPU layers: a count, -1 for all, or None for 'auto' (the most that fit)."""
+    if isinstance(raw, str) and raw.strip().lower() == "auto":
+        return None
+    return _int(raw, -1, 100_000, "a layer count, -1 (all) or auto")
+
+
+def _cache_type(raw: Any) -> CacheType:
+    try:
+        return parse_cache_type(_text(raw))
+    except UsageError as exc:
+        raise BadValue(f"is not a cache type ({exc.hint})") from None
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def parse_choice(raw: Any) -> str:
+        value = _text(raw).lower()
+        if value not in choices:
+            raise BadValue(f"is not one of {', '.join(choices)}")
+        return value
+
+    return parse_choice
+
+
+def _threads(raw: Any) -> int:
+    return _int(raw, 1, 4096, "a thread count")
+
+
+SETTINGS: dict[str, Setting[Any]] = {
+    s.name: s
+    for s in (
+        Setting("model", _optional(_string), None, "--model", "model reference (default: bundled SmolLM2)"),
+        Setting("ctx", parse_ctx, "auto", "--ctx", "context length in tokens, or auto"),
+        Setting("ctx_max", lambda raw: _int(raw, MIN_CTX, MAX_CTX), 32768, None,
+                "largest context --ctx auto picks"),
+        Setting("cache_type_k", _cache_type, "f16", "--cache-type-k", "K cache type"),
+        Setting("cache_type_v", _cache_type, "f16", "--cache-type-v", "V cache type"),
+        Setting("flash_attn", _choice("auto", "on", "off"), "auto", "--flash-attn", "flash attention"),
+        Setting("ngl", parse_ngl, -1, "--ngl", "layers offloaded to the GPU"),
+        Setting("threads", _optional(_threads), None, "--threads", "CPU threads (default: physical cores)"),
+        Setting("batch", lambda raw: _int(raw, 1, 1 << 20), 512, "--batch",
+                "prompt tokens evaluated per step (capped at the context)"),
+        Setting("max_tokens", _optional(lambda raw: _int(raw, 1)), None, "--max-tokens",
+                "stop each reply after this many tokens"),
+        Setting("temperature", lambda raw: _float(raw, 0.0, 100.0), 0.8, "--temperature", "0 = greedy"),
+        Setting("top_k", lambda raw: _int(raw, 0), 40, "--top-k", "0 = off"),
+        Setting("top_p", lambda raw: _float(raw, 0.0, 1.0, open_low=True), 0.95, "--top-p", "1 = off"),
+        Setting("min_p", lambda raw: _float(raw, 0.0, 1.0), 0.05, "--min-p", "0 = off"),
+        Setting("repeat_penalty", lambda raw: _float(raw, 0.0, 10.0, open_low=True), 1.0,
+                "--repeat-penalty", "1 = off"),
+        Setting("seed", _optional(lambda raw: _int(raw, 0, 2**32 - 1, "a seed (0 to 4294967295)"), "random"),
+                None,
+                "--seed", "sampling seed"),
+        Setting("system", _optional(_string), None, "--system", "system prompt"),
+        Setting("overflow", _choice(*OVERFLOW_POLICIES), "shift", "--overflow",
+                "when the context is full: shift or stop"),
+    )
+}
+
+LOAD_KEYS = ("model", "ctx", "cache_type_k", "cache_type_v", "flash_attn")
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed")
+
+
+def _describe(setting: Setting[Any], source: Source, raw: Any) -> str:
+    shown = repr(raw) if isinstance(raw, str) else str(raw)
+    if source == "flag":
+        return f"{setting.flag} {shown}"
+    if source == "env":
+        return f"{setting.env_var}={shown}"
+    if source == "config":
+        return f"{config.paths().config_file.name} [defaults] {setting.name} = {shown}"
+    if source == "session":
+        return f"the saved session's {setting.name} {shown}"
+    return f"the default {setting.name} {shown}"
+
+
+def parse_value(name: str, raw: Any, source: Source) -> Any:
+    """Parse one value from a known source; a bad one is a UsageError naming it."""
+    setting = SETTINGS[name]
+    try:
+        return setting.parse(raw)
+    except BadValue as exc:
+        hint = {
+            "env": f"fix or unset {setting.env_var}",
+            "config": f"fix it in {config.paths().config_file}",
+            "flag": f"see `kvchat --help` for {setting.flag}",
+        }.get(source, "")
+        raise UsageError(f"{_describe(setting, source, raw)} {exc}", hint=hint or None) from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved values, typed and checked, with where each came from."""
+
+    model: str | None = None
+    ctx: int | None = None  # None: auto
+    ctx_max: int = 32768
+    cache_type_k: CacheType = field(default_factory=lambda: parse_cache_type("f16"))
+    cache_type_v: CacheType = field(default_factory=lambda: parse_cache_type("f16"))
+    flash_attn: str = "auto"  # the mode asked for; the effective one is decided at load
+    ngl: int | None = -1  # None: auto
+    threads: int | None = None
+    batch: int = 512
+    max_tokens: int | None = None
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    seed: int | None = None
+    system: str | None = None
+    overflow: str = "shift"
+    sources: Mapping[str, Source] = field(default_factory=dict)
+    # Values from the environment or config file that a saved session overrode.
+    overridden: tuple[str, ...] = ()
+
+
+def resolve(flags: Mapping[str, Any] | None = None, saved: Mapping[str, Any] | None = None) -> Settings:
+    """Resolve every setting once: flag > saved session > KVCHAT_* > config.toml > default.
+
+    `flags` holds what the command line gave (None: not given); `saved` what a named
+    session recorded. Raises UsageError naming the source of any bad value.
+    """
+    flags = flags or {}
+    saved = saved or {}
+    unknown = set(flags) - set(SETTINGS)
+    if unknown:
+        raise KvchatError(f"internal: unknown setting flag(s) {', '.join(sorted(unknown))}")
+    file_values = config.file_defaults()
+    unknown_keys = sorted(set(file_values) - set(SETTINGS))
+    if unknown_keys:
+        raise UsageError(
+            f"{config.paths().config_file}: unknown setting(s) {', '.join(unknown_keys)}",
+            hint=f"known: {', '.join(SETTINGS)}",
+        )
+    values: dict[str, Any] = {}
+    sources: dict[str, Source] = {}
+    overridden: list[str] = []
+    for name, setting in SETTINGS.items():
+        env_raw = os.environ.get(setting.env_var)
+        env_given = env_raw is not None and env_raw.strip() != ""
+        candidates: list[tuple[Source, Any]] = [
+            ("flag", flags.get(name)),
+            ("session", saved.get(name)),
+            ("env", env_raw if env_given else None),
+            ("config", file_values.get(name)),
+        ]
+        source: Source = "default"
+        raw: Any = setting.default
+        for where, value in candidates:
+            if value is not None:
+                source, raw = where, value
+                break
+        values[name] = parse_value(name, raw, source)
+        sources[name] = source
+        if source == "session":
+            # A lower source that disagrees is not silently dropped: say so once.
+            for where, value in candidates[2:]:
+                if value is not None and parse_value(name, value, where) != values[name]:
+                    overridden.append(f"{_describe(setting, where, value)} is ignored: the session was "
+                                      f"saved with {setting.name} {raw}")
+                    break
+    if values["cache_type_v"].quantized or values["flash_attn"] == "off":
+        # A quantized V cache needs flash attention: refuse 'off' before anything loads.
+        resolve_flash_attn(values["flash_attn"], values["cache_type_v"])
+    return Settings(**values, sources=sources, overridden=tuple(overridden))

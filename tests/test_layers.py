@@ -1,0 +1,213 @@
+"""The architecture's rules, checked on the source (ARCHITECTURE.md, "Rules").
+
+- no import cycles among kvchat modules (imports inside functions count too: a
+  cycle hidden in a function is still a cycle);
+- core modules import neither kvchat.cli nor kvchat.ui;
+- only kvchat.engine imports llama_cpp;
+- hardware is probed in one module (psutil for the machine, pynvml for GPUs);
+- llama.cpp's log is parsed in one module (kvchat.llama_log);
+- every third-party module kvchat imports is a declared dependency.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import sys
+from collections.abc import Iterator
+from importlib.metadata import packages_distributions
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "kvchat"
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def _import_nodes(path: Path, *, runtime_only: bool = False) -> Iterator[ast.Import | ast.ImportFrom]:
+    """Every import statement in `path`, at any depth (imports inside functions count:
+    a cycle hidden in a function is still a cycle); `runtime_only` leaves out those
+    under `if TYPE_CHECKING:`, which the type checker alone reads."""
+    skip = _type_checking_lines(path) if runtime_only else set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and node.lineno not in skip:
+            yield node
+
+
+def _names(node: ast.Import | ast.ImportFrom, path: Path, module: str) -> Iterator[str]:
+    """The absolute module names one import statement may load."""
+    if isinstance(node, ast.Import):
+        for alias in node.names:
+            yield alias.name
+        return
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    base = node.module or ""
+    if node.level:
+        parent = package.split(".")
+        base = ".".join(parent[: len(parent) - node.level + 1] + ([base] if base else []))
+    yield base
+    for alias in node.names:  # `from kvchat import config` imports kvchat.config
+        yield f"{base}.{alias.name}"
+
+
+def _imports(path: Path, module: str, *, runtime_only: bool = False) -> set[str]:
+    nodes = _import_nodes(path, runtime_only=runtime_only)
+    return {name for node in nodes for name in _names(node, path, module)}
+
+
+def _type_checking_lines(path: Path) -> set[int]:
+    """Lines inside `if TYPE_CHECKING:` blocks (imports for the type checker only)."""
+    lines: set[int] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            for child in node.body:
+                lines.update(range(child.lineno, (child.end_lineno or child.lineno) + 1))
+    return lines
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
+    return {
+        name: {i for i in _imports(path, name, runtime_only=True) if i in modules and i != name}
+        for name, path in modules.items()
+    }
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+    counter = [0]
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycles() -> None:
+    graph = _graph()
+    # A package's __init__ registering its submodules is not a cycle of layers.
+    for name in list(graph):
+        graph[name] = {t for t in graph[name]
+                       if not name.startswith(t + ".") and not t.startswith(name + ".")}
+    assert _cycles(graph) == []
+
+
+def _is_core(module: str) -> bool:
+    return not module.startswith(("kvchat.cli", "kvchat.ui")) and module not in ("kvchat.__main__",)
+
+
+@pytest.mark.parametrize("module", sorted(m for m in _modules() if _is_core(m)))
+def test_core_modules_import_neither_cli_nor_ui(module: str) -> None:
+    path = _modules()[module]
+    imported = _imports(path, module, runtime_only=True)
+    bad = sorted(i for i in imported if i.startswith(("kvchat.cli", "kvchat.ui")))
+    assert bad == [], f"{module} imports {bad}"
+
+
+def _importers_of(prefix: str) -> set[str]:
+    return {
+        name for name, path in _modules().items()
+        if any(i == prefix or i.startswith(prefix + ".") for i in _imports(path, name))
+    }
+
+
+def test_only_the_engine_imports_llama_cpp() -> None:
+    assert _importers_of("llama_cpp") == {"kvchat.engine"}
+
+
+def test_hardware_is_probed_in_one_module() -> None:
+    assert _importers_of("pynvml") == {"kvchat.hardware"}
+    assert _importers_of("psutil") <= {"kvchat.hardware", "kvchat.monitor"}
+    readers = {name for name, path in _modules().items()
+               if "/proc/meminfo" in path.read_text(encoding="utf-8")}
+    assert readers == {"kvchat.hardware"}
+
+
+def test_llama_log_is_parsed_in_one_module() -> None:
+    phrases = ("buffer size =", "layers to GPU", "flash_attn +=")
+    parsers = {
+        name for name, path in _modules().items()
+        if any(re.search(re.escape(p), path.read_text(encoding="utf-8")) for p in phrases)
+    }
+    assert parsers == {"kvchat.llama_log"}
+
+
+# --- dependencies tell the truth ---------------------------------------------------------
+
+
+def _declared() -> set[str]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    names = set()
+    for requirement in project["dependencies"]:
+        names.add(re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0].strip().lower().replace("_", "-"))
+    return names
+
+
+def _third_party_imports() -> dict[str, set[str]]:
+    """Top-level third-party module -> the kvchat modules importing it at run time."""
+    stdlib = set(sys.stdlib_module_names)
+    found: dict[str, set[str]] = {}
+    for name, path in _modules().items():
+        for node in _import_nodes(path, runtime_only=True):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                continue
+            roots = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            for root in (r.split(".")[0] for r in roots):
+                if root and root != "kvchat" and root not in stdlib:
+                    found.setdefault(root, set()).add(name)
+    return found
+
+
+def test_every_third_party_import_is_a_declared_dependency() -> None:
+    distributions = packages_distributions()
+    declared = _declared()
+    # tomli only on Python < 3.11, where it replaces tomllib (declared with a marker).
+    undeclared = {}
+    for module, importers in _third_party_imports().items():
+        if module == "tomli":
+            continue
+        dists = {d.lower().replace("_", "-") for d in distributions.get(module, [])}
+        if not dists & declared:
+            undeclared[module] = (sorted(dists), sorted(importers))
+    assert undeclared == {}, f"imported but not declared in pyproject dependencies: {undeclared}"
