@@ -272,6 +272,16 @@ def open_conversation(
         raise
 
 
+def switch_conversation(flags: Mapping[str, Any], warn: Warn, name: str | None, sampling: SamplingSettings,
+                        max_tokens: int | None, *, verbose: bool = False) -> Conversation:
+    """Open another conversation from inside a chat (/load NAME, or back to an unsaved
+    one): a saved session's own model and context settings win over the flags the
+    chat was started with; the current sampling and reply limit carry over."""
+    given = {k: (None if name and k in settings_mod.LOAD_KEYS else v) for k, v in flags.items()}
+    return open_conversation({**given, "max_tokens": max_tokens}, warn, session_name=name, verbose=verbose,
+                             sampling=sampling)
+
+
 def _expected_context(request: LoadRequest) -> ContextSettings:
     """The context settings a load will have, before loading: flash attention as the
     engine will decide it (on the CPU, auto is off; with GPUs llama.cpp decides)."""

@@ -50,7 +50,7 @@ def chat(
       kvchat chat ./model.gguf --ctx 8192 -ctk q8_0 -ctv q8_0 -fa on
       cat prompt.txt | kvchat chat
     """
-    from kvchat.app import open_conversation
+    from kvchat.app import open_conversation, switch_conversation
 
     if model_arg is not None and flags["model"] is not None:
         raise UsageError("give the model once: as the argument or with --model")
@@ -66,13 +66,7 @@ def chat(
     from kvchat.ui.repl import ChatRepl
 
     def opener(name: str | None, sampling: SamplingSettings, limit: int | None) -> Conversation:
-        """Open another chat from inside the REPL (/load): the saved settings win over
-        the flags that shape the context; the current sampling carries over."""
-        given = {k: (None if name and k in ("model", "ctx", "cache_type_k", "cache_type_v", "flash_attn")
-                     else v) for k, v in flags.items()}
-        conv = open_conversation({**given, "max_tokens": limit}, env.warn, session_name=name,
-                                 verbose=verbose, sampling=sampling)
-        return conv
+        return switch_conversation(flags, env.warn, name, sampling, limit, verbose=verbose)
 
     conv = open_conversation(flags, env.warn, session_name=session_name, rebuild=rebuild, verbose=verbose)
     nvml = open_nvml()
