@@ -370,18 +370,24 @@ _POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
 
 
 def parse_size(text: str) -> int:
-    """Bytes from '8GB', '6.5GiB', '512MiB', '512M', '1024' (bytes).
+    """Bytes from '8GB', '6.5GiB', '512MiB', '512M', '1024B', '0'.
 
     'GB' and 'GiB' both mean 1024**3 here, as memory is sold and reported in binary
-    units; say '8000MB' for decimal precision.
+    units; say '8000MB' for decimal precision. A bare number other than 0 is refused:
+    `--vram 8` meant 8 GiB far more often than 8 bytes.
     """
     match = _SIZE_RE.match(str(text))
     if not match:
         raise UsageError(
             f"cannot read the size '{text}'", hint="use a number with a unit, e.g. 8GB, 6.5GiB, 512MiB"
         )
-    number, prefix, _, _ = match.groups()
+    number, prefix, binary, byte = match.groups()
     value = float(number) * 1024 ** _POWERS[prefix.lower()]
+    if not (prefix or binary or byte) and value != 0:
+        raise UsageError(
+            f"the size '{text.strip()}' has no unit",
+            hint=f"say {number}GiB, {number}MiB or {number}B",
+        )
     return int(value)
 
 

@@ -138,13 +138,16 @@ class KvFill:
 
 
 def kv_bytes_per_cell(buffers: BufferSizes, n_ctx: int) -> float:
-    """Bytes one KV cell costs, from what llama.cpp reported allocating.
+    """Bytes one KV cell costs on average, from what llama.cpp reported allocating.
 
-    The `llama_kv_cache: size = ... K (...): ... V (...)` summary gives K and V
-    for all cells; the per-device KV buffers are the fallback (e.g. SWA layers
-    with a smaller cache make this an average, which is what the total obeys).
+    The one source is the KV buffers' total (what /info prints), spread over the
+    n_ctx cells, so that `KvFill.total_bytes` equals it exactly. Sliding-window
+    layers hold fewer cells than n_ctx, so on such models this is an average. The
+    `llama_kv_cache: size = ...` summaries (K + V over their cells) are the fallback.
     """
+    total = sum(buffers.kv.values())
+    if total and n_ctx:
+        return total / n_ctx
     if buffers.kv_cells and (buffers.k or buffers.v):
         return float(buffers.k + buffers.v) / buffers.kv_cells
-    total = sum(buffers.kv.values())
-    return float(total) / n_ctx if n_ctx else 0.0
+    return 0.0

@@ -143,6 +143,8 @@ class NamedSession:
             "updated": time.time(),
             "model": self.model_identity,
             "settings": self.settings.as_record(),
+            # The cells llama.cpp made (n_ctx rounded up to 256): what n_kv is measured against.
+            "n_ctx_cells": engine.n_ctx,
         }
         return session_store.save(self.path, record, session.tokens, engine.state_bytes())
 

@@ -536,3 +536,30 @@ def remove_installed(model: InstalledModel) -> int:
     if cache_dir() not in model.path.parents:
         raise UsageError(f"{model.path} is not in the Hugging Face cache ({cache_dir()})")
     return delete_cached(model.repo, model.parts)
+
+
+def model_name(path: Path) -> str:
+    """The one name kvchat shows for a model file: how `kvchat list` names it (the
+    catalogue alias, or the Hub reference) when it is installed, else the file's stem.
+
+    Local paths are compared resolved; nothing here touches the network.
+    """
+    try:
+        target = path.resolve()
+        for model in installed_models():
+            if model.path.resolve() == target:
+                return model.name
+    except OSError:
+        pass
+    name = path.name
+    return name[: -len(".gguf")] if name.lower().endswith(".gguf") else name
+
+
+def remote_model_name(ref: str, filename: str) -> str:
+    """The name of a Hub model read without downloading it: `alias:quant` for a catalogue
+    entry (as `kvchat list` will name it once pulled), else the file's stem."""
+    parsed = parse_ref(ref)
+    if parsed.entry is not None:
+        return f"{parsed.entry.name}:{parsed.quant or parsed.entry.quant}"
+    name = filename.rsplit("/", 1)[-1]
+    return name[: -len(".gguf")] if name.lower().endswith(".gguf") else name

@@ -271,11 +271,20 @@ class SessionInfo:
     turns: int
 
 
+def context_cells(record: dict[str, Any]) -> int:
+    """The context a record's n_kv is measured against: the cells llama.cpp made (older
+    records only have the n_ctx that was asked for)."""
+    return int(record.get("n_ctx_cells") or record["settings"]["n_ctx"])
+
+
 def list_sessions() -> list[SessionInfo]:
+    from kvchat.registry import model_name
+
     infos = []
     folder = sessions_dir()
     if not folder.is_dir():
         return []
+    names: dict[str, str] = {}
     for path in sorted(folder.glob(f"*{SUFFIX}")):
         try:
             saved = load(path, with_state=False)
@@ -284,14 +293,17 @@ def list_sessions() -> list[SessionInfo]:
                                      "(damaged)", 0, 0, 0))
             continue
         rec = saved.record
+        model_path = rec["model"]["path"]
+        if model_path not in names:
+            names[model_path] = model_name(Path(model_path))
         infos.append(
             SessionInfo(
                 name=path.stem,
                 path=path,
                 size=path.stat().st_size,
                 updated=rec.get("updated", path.stat().st_mtime),
-                model=Path(rec["model"]["path"]).name,
-                n_ctx=rec["settings"]["n_ctx"],
+                model=names[model_path],
+                n_ctx=context_cells(rec),
                 n_kv=rec["n_kv"],
                 turns=sum(1 for m in rec["messages"] + rec.get("dropped", []) if m["role"] == "user"),
             )
@@ -307,3 +319,4 @@ def remove(name: str) -> None:
         path.unlink()
     with contextlib.suppress(OSError):
         path.with_suffix(".lock").unlink()
+

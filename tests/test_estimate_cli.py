@@ -41,6 +41,49 @@ def test_table_by_component(kvchat, model_path: Path) -> None:  # noqa: ANN001
     assert r.stderr == ""
 
 
+def test_piped_tables_are_tab_separated_lines(kvchat, model_path: Path) -> None:  # noqa: ANN001
+    r = kvchat("estimate", str(model_path), "--ctx", "4k,8k", "--compare", "--vram", "8GiB")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert all(line == line.rstrip() for line in lines)  # no padding
+    assert lines.count("component\tCPU\tGPU0\ttotal") == 2
+    at = lines.index("# KV cache (and total) by cache types and context")
+    compare = lines[at + 1:at + 6]  # a header and 4 K/V pairs, then the closing line
+    assert compare[0].split("\t")[0] == "K / V" and lines[at + 6].startswith("largest context")
+    # a two-line terminal cell becomes one: "KV (total)"
+    assert all(len(row.split("\t")) == len(compare[0].split("\t")) for row in compare)
+
+
+def test_one_name_and_one_weights_figure(kvchat, model_path: Path) -> None:  # noqa: ANN001
+    r = kvchat("estimate", str(model_path), "--vram", "8GiB", "--ngl", "auto", "--json")
+    record = json.loads(r.stdout)
+    assert record["name"] == "smollm2-135m"  # as `kvchat list` names it
+    table = kvchat("estimate", str(model_path), "--vram", "8GiB", "--ngl", "auto").stdout
+    weights = record["plans"][0]["total"]["weights"]
+    heading = table.splitlines()[0]
+    assert heading.startswith("smollm2-135m · llama · 30 layers")
+    assert heading.endswith(f"weights {weights / MiB:.2f} MiB")
+    row = next(line for line in table.splitlines() if line.startswith("weights\t"))
+    assert row.split("\t")[-1] == f"{weights / MiB:.2f} MiB"
+
+
+def test_sizes_need_a_unit_and_nothing_fitting_is_an_error(kvchat, model_path: Path) -> None:  # noqa: ANN001
+    bare = kvchat("estimate", str(model_path), "--vram", "8")
+    assert bare.returncode == ExitCode.USAGE and "no unit" in bare.stderr and "8GiB" in bare.stderr
+    assert bare.stdout == ""
+    below_margin = kvchat("estimate", str(model_path), "--vram", "512MiB")
+    assert below_margin.returncode == ExitCode.USAGE and "leaves nothing" in below_margin.stderr
+    tiny = kvchat("estimate", str(model_path), "--ram", "50MiB", "--margin", "0")
+    assert tiny.returncode == ExitCode.OUT_OF_MEMORY
+    assert "none fits" in tiny.stdout
+    assert tiny.stderr.startswith("kvchat: error: smollm2-135m does not fit") and tiny.stderr.count("\n") == 1
+    greedy_margin = kvchat("estimate", str(model_path), "--margin", "100000GiB")
+    assert greedy_margin.returncode == ExitCode.OUT_OF_MEMORY
+    assert greedy_margin.stdout.splitlines()[-1].endswith("(budget after margin: RAM 0.00 MiB)")
+    as_json = kvchat("estimate", str(model_path), "--ram", "50MiB", "--margin", "0", "--json")
+    assert as_json.returncode == ExitCode.OUT_OF_MEMORY and json.loads(as_json.stdout)["largest_ctx"] is None
+
+
 def test_json_and_several_contexts(kvchat, model_path: Path) -> None:  # noqa: ANN001
     r = kvchat("estimate", str(model_path), "--ctx", "1000,8k", "-ctk", "q8_0", "-ctv", "q8_0", "--json")
     assert r.returncode == 0, r.stderr

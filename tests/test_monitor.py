@@ -204,6 +204,15 @@ def test_kv_fill_from_llama_cpp_buffers() -> None:
     assert kv_bytes_per_cell(no_summary, 4096) == per_cell
 
 
+def test_kv_total_is_the_buffer_total_on_a_sliding_window_model() -> None:
+    # Gemma 3 270M at n_ctx 4096: a full cache (4096 cells) and a SWA cache (1024 cells),
+    # two summary lines. The status line's total must be the figure /info prints.
+    mib = 2**20
+    buffers = SimpleNamespace(kv_cells=4096 + 1024, k=55.5 * mib, v=55.5 * mib, kv={"CPU": 111 * mib})
+    fill = KvFill(4096, 4096, kv_bytes_per_cell(buffers, 4096))
+    assert fill.total_bytes == 111 * mib
+
+
 def test_gpu_layers_from_the_load_log() -> None:
     log = ["load_tensors: offloading 30 repeating layers to GPU",
            "load_tensors: offloaded 31/31 layers to GPU", "llama_kv_cache: ..."]

@@ -16,7 +16,7 @@ from kvchat.cache_types import CACHE_TYPES
 from kvchat.cli import app
 from kvchat.cli.options import BATCH, CTX, DEVICES, FLASH_ATTN, JSON, MODEL, shared_options
 from kvchat.cli.options import CACHE_TYPES as CACHE_TYPE_OPTIONS
-from kvchat.errors import UsageError
+from kvchat.errors import OutOfMemoryError, UsageError
 from kvchat.hardware import detect_budget
 from kvchat.memory import (
     CPU,
@@ -29,12 +29,12 @@ from kvchat.memory import (
     plan_memory,
 )
 from kvchat.model_spec import ModelSpec
+from kvchat.registry import model_name, remote_model_name
 from kvchat.ui.environment import Environment
+from kvchat.ui.tables import TableData, print_table
 from kvchat.units import format_bytes
 
 if TYPE_CHECKING:
-    from rich.table import Table
-
     from kvchat.app import Estimate
 
 COMPARE_PAIRS = (("f16", "f16"), ("q8_0", "q8_0"), ("q8_0", "q4_0"), ("q4_0", "q4_0"))
@@ -67,6 +67,12 @@ def compare_contexts(n_ctx_train: int) -> list[int]:
 def _budget(ram: str | None, vram: str | None, margin: str | None) -> Budget:
     margin_bytes = parse_size(margin) if margin else DEFAULT_MARGIN
     detected = detect_budget(margin_bytes)
+    for flag, given in (("--vram", vram), ("--ram", ram)):
+        if given is not None and parse_size(given) <= margin_bytes:
+            raise UsageError(
+                f"{flag} {given.strip()} leaves nothing after the {format_bytes(margin_bytes)} kept free",
+                hint=f"give more, or a smaller --margin (e.g. {flag} {given.strip()} --margin 0)",
+            )
     if vram is not None:
         vram_bytes = parse_size(vram)
         names = detected.gpu_names or ("GPU0",)
@@ -96,15 +102,11 @@ def _plan_dict(plan: MemoryPlan) -> dict[str, Any]:
     }
 
 
-def _plan_table(plan: MemoryPlan) -> Table:
-    from rich.table import Table
-
-    table = Table()
-    table.add_column("component")
-    for dev in plan.devices:
-        table.add_column(dev.name, justify="right")
+def _plan_table(plan: MemoryPlan) -> TableData:
+    columns = ["component"] + [dev.name for dev in plan.devices]
     if len(plan.devices) > 1:
-        table.add_column("total", justify="right")
+        columns.append("total")
+    table = TableData(columns, right=frozenset(columns[1:]))
     for comp in COMPONENTS:
         if comp == "recurrent" and not plan.recurrent:
             continue
@@ -113,10 +115,10 @@ def _plan_table(plan: MemoryPlan) -> Table:
         if len(plan.devices) > 1:
             row.append(format_bytes(getattr(plan, comp)))
         table.add_row(*row)
-    total_row = ["[bold]total[/bold]"] + [f"[bold]{format_bytes(d.total)}[/bold]" for d in plan.devices]
+    total_row = ["total"] + [format_bytes(d.total) for d in plan.devices]
     if len(plan.devices) > 1:
-        total_row.append(f"[bold]{format_bytes(plan.total)}[/bold]")
-    table.add_row(*total_row, end_section=True)
+        total_row.append(format_bytes(plan.total))
+    table.add_row(*total_row, bold=True)
     return table
 
 
@@ -133,14 +135,10 @@ def _title(spec: ModelSpec, plan: MemoryPlan) -> str:
 
 
 def _compare_table(spec: ModelSpec, base: PlanSettings, contexts: list[int],
-                   budget: Budget) -> tuple[Table, list[dict[str, Any]]]:
-    from rich.table import Table
-
-    table = Table(title="KV cache (and total) by cache types and context", title_justify="left")
-    table.add_column("K / V")
-    for n in contexts:
-        table.add_column(f"{n // 1024}k" if n % 1024 == 0 else str(n), justify="right")
-    table.add_column("largest ctx that fits", justify="right")
+                   budget: Budget) -> tuple[TableData, list[dict[str, Any]]]:
+    heads = [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in contexts]
+    table = TableData(["K / V", *heads, "largest ctx that fits"], right=frozenset(heads),
+                      title="KV cache (and total) by cache types and context")
     rows: list[dict[str, Any]] = []
     for k_name, v_name in COMPARE_PAIRS:
         type_k, type_v = CACHE_TYPES[k_name], CACHE_TYPES[v_name]
@@ -163,12 +161,10 @@ def _compare_table(spec: ModelSpec, base: PlanSettings, contexts: list[int],
     return table, rows
 
 
-def _exact_table(plan: MemoryPlan, exact: dict[str, int]) -> Table:
-    from rich.table import Table
-
-    table = Table(title="plan vs llama.cpp (--exact)", title_justify="left")
-    for col in ("component", "plan", "llama.cpp", "difference"):
-        table.add_column(col, justify="left" if col == "component" else "right")
+def _exact_table(plan: MemoryPlan, exact: dict[str, int]) -> TableData:
+    table = TableData(("component", "plan", "llama.cpp", "difference"),
+                      right=frozenset({"plan", "llama.cpp", "difference"}),
+                      title="plan vs llama.cpp (--exact)")
     planned = {c: getattr(plan, c) for c in COMPONENTS}
     planned["kv"] = plan.kv
     ours_total = plan.total
@@ -246,7 +242,9 @@ def estimate(
     if est.remote_bytes_fetched is not None:
         env.stderr.write(f"kvchat: read {format_bytes(est.remote_bytes_fetched)} of {est.model_label} "
                          "(header only)\n")
-    record = _record(est)
+    name = (model_name(est.model_label) if est.remote_bytes_fetched is None
+            else remote_model_name(str(s.model), est.model_label.name))
+    record = _record(est, name)
     compare_table = None
     if compare:
         compare_table, record["compare"] = _compare_table(est.spec, est.base,
@@ -256,20 +254,30 @@ def estimate(
         record["exact"] = exact_figures
     for warning in est.warnings:
         env.warn(warning)
+    limits = f"RAM {format_bytes(max(est.budget.limit(CPU), 0))}" + "".join(
+        f", {gpu} {format_bytes(max(est.budget.limit(gpu), 0))}" for gpu in est.budget.gpu_names
+    )
     if as_json:
         env.stdout.write(json.dumps(record) + "\n")
         env.stdout.flush()
-        return
-    _render(env, est, exact_figures, compare_table)
+    else:
+        _render(env, est, name, limits, exact_figures, compare_table)
+    if est.largest_ctx is None:
+        raise OutOfMemoryError(
+            f"{name} does not fit the budget ({limits}) at any context, even with every layer on the CPU",
+            hint="give more memory (--ram/--vram with a unit, e.g. 16GiB), a smaller --margin, "
+            "a smaller quant or quantized cache types",
+        )
 
 
-def _record(est: Estimate) -> dict[str, Any]:
+def _record(est: Estimate, name: str) -> dict[str, Any]:
     spec, budget = est.spec, est.budget
     return {
         "model": str(est.model_label),
         "remote_bytes_fetched": est.remote_bytes_fetched,
         "architecture": spec.architecture,
-        "name": spec.name,
+        "name": name,
+        "general_name": spec.name,
         "n_layer": spec.n_layer,
         "n_ctx_train": spec.n_ctx_train,
         "n_vocab": spec.n_vocab,
@@ -282,24 +290,25 @@ def _record(est: Estimate) -> dict[str, Any]:
     }
 
 
-def _render(env: Environment, est: Estimate, exact_figures: list[dict[str, int]],
-            compare_table: Table | None) -> None:
+def _render(env: Environment, est: Estimate, name: str, limits: str, exact_figures: list[dict[str, int]],
+            compare_table: TableData | None) -> None:
+    """The report; piped, each table row is one tab-separated line."""
     spec, budget, base = est.spec, est.budget, est.base
     out = env.out_console()
+    # The weights figure is the plan's, as in the table below (with GPUs it counts what is
+    # placed on each device, e.g. a tied embedding kept on the CPU and copied for the output).
     out.print(
-        f"[bold]{spec.name or est.model_label.name}[/bold] · {spec.architecture} · {spec.n_layer} layers · "
-        f"trained on {spec.n_ctx_train} tokens · weights {format_bytes(spec.weights_bytes)}"
+        f"{name} · {spec.architecture} · {spec.n_layer} layers · "
+        f"trained on {spec.n_ctx_train} tokens · weights {format_bytes(est.plans[0].weights)}",
+        style="bold", markup=False, soft_wrap=True,
     )
     for i, plan in enumerate(est.plans):
-        out.print(_title(spec, plan))
-        out.print(_plan_table(plan))
+        out.print(_title(spec, plan), markup=False, soft_wrap=True)
+        print_table(_plan_table(plan), env.stdout, out)
         if exact_figures:
-            out.print(_exact_table(plan, exact_figures[i]))
+            print_table(_exact_table(plan, exact_figures[i]), env.stdout, out)
     if compare_table is not None:
-        out.print(compare_table)
-    limits = f"RAM {format_bytes(budget.limit(CPU))}" + "".join(
-        f", {name} {format_bytes(budget.limit(name))}" for name in budget.gpu_names
-    )
+        print_table(compare_table, env.stdout, out)
     fit_line = f"largest context for K {base.type_k.name} / V {base.type_v.name}: " + (
         "none fits" if est.largest_ctx is None else f"{est.largest_ctx} tokens"
     )
@@ -308,4 +317,4 @@ def _render(env: Environment, est: Estimate, exact_figures: list[dict[str, int]]
         if est.fitted is not None:
             fit_line += (f"; llama.cpp --fit style: n_ctx {est.fitted.n_ctx}, "
                          f"{est.fitted.n_gpu_layers} GPU layers")
-    out.print(f"{fit_line} (budget after margin: {limits})")
+    out.print(f"{fit_line} (budget after margin: {limits})", markup=False, soft_wrap=True)

@@ -18,6 +18,7 @@ from kvchat import registry
 from kvchat.cli import app
 from kvchat.errors import ModelNotFoundError, UsageError
 from kvchat.ui.environment import Environment
+from kvchat.ui.tables import TableData, print_table
 from kvchat.units import format_bytes
 
 ModelRefArg = Annotated[
@@ -127,12 +128,12 @@ def _header_facts(source: Path | Any) -> dict[str, Any]:
     md = header.metadata
     arch = header.architecture
     facts: dict[str, Any] = {
-        "model_name": md.get("general.name"),
+        "general_name": md.get("general.name"),
         "architecture": arch,
         "parameters": sum(t.n_elements for t in header.tensors),
         "n_ctx_train": md.get(f"{arch}.context_length"),
         "n_layer": md.get(f"{arch}.block_count"),
-        "chat_template": bool(md.get("tokenizer.chat_template")),
+        "chat_template": md.get("tokenizer.chat_template") or None,
         "header_bytes": header.header_size,
         "header": header,
     }
@@ -155,9 +156,10 @@ def list_models(
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Models on this machine (bundled default and the Hugging Face cache), or the catalogue."""
-    from rich.table import Table
+    """Models on this machine (bundled default and the Hugging Face cache), or the catalogue.
 
+    Piped, each model is one tab-separated line; --json gives every field.
+    """
     env = Environment()
     if available:
         entries = sorted(registry.catalogue().values(), key=lambda e: e.name)
@@ -168,13 +170,11 @@ def list_models(
             ]
             env.stdout.write(json.dumps(entries_json, indent=2) + "\n")
             return
-        table = Table(box=None, pad_edge=False)
-        for column in ("NAME", "QUANT", "REPO", "NOTE"):
-            table.add_column(column)
+        table = TableData(("NAME", "QUANT", "REPO", "NOTE"))
         for e in entries:
             name = e.name + (f" ({', '.join(e.aliases)})" if e.aliases else "")
             table.add_row(name, e.quant, e.repo, e.note)
-        env.out_console().print(table)
+        print_table(table, env.stdout, env.out_console())
         return
     rows: list[dict[str, Any]] = []
     for m in registry.installed_models():
@@ -190,15 +190,13 @@ def list_models(
     if not rows:
         env.stderr.write("kvchat: no models yet — `kvchat list --available`, then `kvchat pull NAME`\n")
         return
-    table = Table(box=None, pad_edge=False)
-    for column in ("NAME", "QUANT", "SIZE", "ARCH", "PARAMS", "CTX", "PATH"):
-        table.add_column(column, overflow="fold")
+    table = TableData(("NAME", "QUANT", "SIZE", "ARCH", "PARAMS", "CTX", "PATH"), right=frozenset({"SIZE"}))
     for r in rows:
         table.add_row(
             r["name"], r["quant"] or "-", format_bytes(r["size_bytes"]), r["architecture"] or "-",
             _params_text(r["parameters"]), str(r["n_ctx_train"] or "-"), r["path"],
         )
-    env.out_console().print(table)
+    print_table(table, env.stdout, env.out_console())
 
 
 def _kv_per_1k(header: Any) -> dict[str, int]:
@@ -223,8 +221,15 @@ def _kv_per_1k(header: Any) -> dict[str, int]:
 
 
 @app.command()
-def show(model: ModelRefArg, as_json: JsonOpt = False) -> None:
-    """Metadata of a model, local or on the Hub (a remote one is read without downloading it)."""
+def show(
+    model: ModelRefArg,
+    as_json: JsonOpt = False,
+    template: Annotated[
+        bool, typer.Option("--template", help="Print only the model's chat template, in full.")
+    ] = False,
+) -> None:
+    """Metadata of a model, local or on the Hub (a remote one is read without downloading it):
+    name, file, size, architecture, context, chat template, KV cache bytes per 1k tokens."""
     from kvchat.hub import open_remote_file
 
     env = Environment()
@@ -233,31 +238,42 @@ def show(model: ModelRefArg, as_json: JsonOpt = False) -> None:
     if path is not None:
         facts = _header_facts(path)
         installed = registry.find_installed(model)
-        info.update(path=str(path), size_bytes=installed.size_bytes if installed else path.stat().st_size)
+        info.update(name=registry.model_name(path), path=str(path),
+                    size_bytes=installed.size_bytes if installed else path.stat().st_size)
     else:
         if registry.parse_ref(model).kind != "hub":
             raise ModelNotFoundError(f"model '{model}' not found", hint="check the path")
         target = registry.resolve_remote(model)  # for a split model the header is in part 1
         with open_remote_file(target.repo, target.parts[0], target.commit) as remote:
             facts = _header_facts(remote)
-            info.update(url=remote.url, size_bytes=remote.size, remote_bytes_fetched=remote.bytes_fetched)
+            info.update(name=registry.remote_model_name(model, target.parts[0]), url=remote.url,
+                        size_bytes=remote.size, remote_bytes_fetched=remote.bytes_fetched)
         if not facts:
             raise UsageError(f"cannot read the GGUF header of {model} on the Hub")
     header = facts.pop("header", None)
     info.update(facts)
+    if template:
+        if not info.get("chat_template"):
+            raise UsageError(f"{info['name']} has no chat template in its GGUF",
+                             hint="kvchat uses a generic one for it")
+        text = info["chat_template"]
+        env.stdout.write(text if text.endswith("\n") else text + "\n")
+        return
     info["kv_bytes_per_1k_tokens"] = _kv_per_1k(header) if header is not None else {}
     if as_json:
         env.stdout.write(json.dumps(info, indent=2) + "\n")
         return
+    chat_template = info.get("chat_template")
     lines = [
-        ("name", info.get("model_name") or "-"),
+        ("name", info["name"]),
         ("file", info.get("path") or info.get("url")),
         ("size", format_bytes(info["size_bytes"])),
         ("architecture", info.get("architecture") or "-"),
         ("parameters", _params_text(info.get("parameters"))),
         ("layers", str(info.get("n_layer") or "-")),
         ("training context", f"{info['n_ctx_train']} tokens" if info.get("n_ctx_train") else "-"),
-        ("chat template", "yes" if info.get("chat_template") else "no (a generic one is used)"),
+        ("chat template", f"{len(chat_template):,} characters, printed below (only it: --template)"
+         if chat_template else "none in the file (a generic one is used)"),
     ]
     kv = info["kv_bytes_per_1k_tokens"]
     if kv:
@@ -267,6 +283,8 @@ def show(model: ModelRefArg, as_json: JsonOpt = False) -> None:
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
         env.stdout.write(f"{key:<{width}}  {value}\n")
+    if chat_template:
+        env.stdout.write("\nchat template:\n" + chat_template.rstrip("\n") + "\n")
 
 
 @app.command()

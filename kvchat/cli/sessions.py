@@ -13,7 +13,9 @@ import typer
 from kvchat import session_store
 from kvchat.cli import app
 from kvchat.errors import UsageError
+from kvchat.registry import model_name
 from kvchat.ui.environment import Environment
+from kvchat.ui.tables import TableData, print_table
 from kvchat.units import format_bytes
 
 sessions_app = typer.Typer(help="Named sessions saved on disk (see `run/chat --session NAME`).",
@@ -45,13 +47,12 @@ def list_cmd(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     if not infos:
         env.stderr.write("no saved sessions yet — start one with `kvchat chat --session NAME`\n")
         return
-    from rich.table import Table
-
-    table = Table("name", "turns", "KV cells", "size", "model", "updated", box=None)
+    table = TableData(("name", "turns", "KV cells", "size", "model", "updated"),
+                      right=frozenset({"turns", "KV cells", "size"}))
     for i in infos:
         table.add_row(i.name, str(i.turns), f"{i.n_kv}/{i.n_ctx}", format_bytes(i.size), i.model,
                       _when(i.updated))
-    env.out_console().print(table)
+    print_table(table, env.stdout, env.out_console())
 
 
 def _load(name: str) -> dict[str, Any]:
@@ -68,7 +69,8 @@ def show_cmd(name: NameArg, as_json: Annotated[bool, typer.Option("--json")] = F
         return
     s = record["settings"]
     con = env.out_console()
-    con.print(f"session {name}: model {Path(record['model']['path']).name}, n_ctx {s['n_ctx']}, "
+    con.print(f"session {name}: model {model_name(Path(record['model']['path']))}, "
+              f"n_ctx {session_store.context_cells(record)}, "
               f"K {s['type_k']}, V {s['type_v']}, flash attention {s['flash_attn']}, "
               f"{record['n_kv']} KV cells in use", markup=False)
     if record.get("dropped"):
@@ -91,7 +93,8 @@ def _export_record(name: str, record: dict[str, Any]) -> dict[str, Any]:
 
 def to_markdown(name: str, record: dict[str, Any]) -> str:
     lines = [f"# Session {name}", "",
-             f"Model: `{Path(record['model']['path']).name}` · n_ctx {record['settings']['n_ctx']}", ""]
+             f"Model: `{model_name(Path(record['model']['path']))}` · "
+             f"n_ctx {session_store.context_cells(record)}", ""]
     for message in record.get("dropped", []) + record["messages"]:
         lines += [f"## {message['role']}", "", message["content"].rstrip(), ""]
     return "\n".join(lines)
