@@ -44,6 +44,9 @@ REFERENCE = ("f16", "f16")
 QUALITY_ROWS = 256  # positions decoded per teacher-forced batch; the same for every pair
 _REDUCE_ROWS = 64  # rows reduced at once in float64 (64 x 49k vocab x 8 B = 25 MB)
 _WARMUP_TOKENS = 32
+# Speed differences are compared only when both pairs' spreads (half the min-max range)
+# are within this, and the difference is larger than the wider of the two.
+MAX_SPREAD_PCT = 10.0
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,7 @@ class CachePair:
 
 
 EngineFactory = Callable[[CachePair], "Engine"]
+"""Loads an engine for a pair, with the flash-attention mode `kvchat run` would use."""
 Progress = Callable[[int, str], None]
 """Called with (steps just done, what runs now); `plan_steps` gives the total."""
 
@@ -143,6 +147,7 @@ class PairResult:
     load_s: float
     speed: SpeedResult | None = None
     quality: QualityResult | None = None
+    flash_attn: str = ""  # as the engine ran it: on / off / auto (left to llama.cpp)
 
 
 @dataclass(frozen=True)
@@ -416,7 +421,8 @@ def run_bench(
             engine = factory(pair)
             try:
                 kv_reported = sum(engine.buffers.kv.values())
-                row = PairResult(pair, kv_reported, planned_kv(pair), engine.load_s)
+                row = PairResult(pair, kv_reported, planned_kv(pair), engine.load_s,
+                                 flash_attn=str(getattr(engine, "flash_attn", "")))
                 result.n_ctx = engine.n_ctx
                 step(1, "loaded")
                 if settings.speed:
@@ -440,7 +446,20 @@ def run_bench(
 
 def _pct(value: float, base: float) -> str:
     change = 100.0 * (value - base) / base if base else 0.0
-    return f"{change:+.0f}%".replace("-", "\u2212")
+    return f"{change:+.1f}%".replace("-", "\u2212")
+
+
+def speed_difference(value: Spread, base: Spread) -> str:
+    """`decode −12.3%`, or why the two medians cannot be told apart."""
+    if len(value.samples) < 2 or len(base.samples) < 2:
+        return "not compared (one run: no spread to judge by; use --repeats 3 or more)"
+    widest = max(value.spread_pct, base.spread_pct)
+    if widest > MAX_SPREAD_PCT:
+        return f"not compared (spread ±{widest:.1f}% too wide; rerun on a quiet machine)"
+    change = 100.0 * (value.median - base.median) / base.median if base.median else 0.0
+    if abs(change) <= widest:
+        return f"within the spread (±{widest:.1f}%)"
+    return _pct(value.median, base.median)
 
 
 def recommend(result: BenchResult) -> list[Recommendation]:
@@ -474,7 +493,7 @@ def recommend(result: BenchResult) -> list[Recommendation]:
             if row.quality is not None:
                 parts.append(f"KL {row.quality.kl_mean:.4f},")
             if row.speed is not None and ref.speed is not None:
-                parts.append(f"decode {_pct(row.speed.decode_tok_s.median, ref.speed.decode_tok_s.median)}")
+                parts.append(f"decode {speed_difference(row.speed.decode_tok_s, ref.speed.decode_tok_s)}")
         text = " ".join(parts).rstrip(",")
         lines.append(Recommendation(row.pair, row.kv_bytes_reported, text))
     return lines
@@ -513,6 +532,7 @@ def to_json(result: BenchResult) -> dict[str, Any]:
                 "cache_type_v": row.pair.type_v.name,
                 "kv_bytes": {"planned": row.kv_bytes_planned, "reported": row.kv_bytes_reported},
                 "load_s": round(row.load_s, 4),
+                "flash_attn": row.flash_attn,
                 "speed": speed(row),
                 "quality": None if row.quality is None else row.quality.to_json(),
             }

@@ -18,6 +18,8 @@ from kvchat.bench import (
     PairResult,
     QualityResult,
     QualityStats,
+    SpeedResult,
+    Spread,
     bench_text,
     compare_engines,
     compare_with_reference,
@@ -27,9 +29,11 @@ from kvchat.bench import (
     recommend,
     record_reference,
     run_bench,
+    speed_difference,
     to_json,
 )
 from kvchat.cache_types import parse_cache_type
+from kvchat.cli.bench import _speed
 from kvchat.engine import Engine, EngineSettings
 from kvchat.errors import ExitCode, UsageError
 
@@ -157,7 +161,28 @@ def test_recommend_keeps_the_pareto_front() -> None:
     # q8_0/q4_0 is bigger than q4_0/q4_0 and drifts more: never the best choice.
     assert [r.pair.name for r in lines] == ["f16/f16", "q8_0/q8_0", "q4_0/q4_0"]
     assert lines[0].text == "f16/f16: reference"
-    assert lines[1].text.startswith("q8_0/q8_0: \u221247% KV, KL 0.0040")
+    assert lines[1].text.startswith("q8_0/q8_0: \u221246.7% KV, KL 0.0040")
+
+
+def test_speed_is_compared_only_when_the_spread_allows() -> None:
+    base = Spread((100.0, 101.0, 102.0))
+    assert speed_difference(Spread((80.0, 80.5, 81.0)), base) == "\u221220.3%"
+    assert speed_difference(Spread((100.5, 101.0, 101.5)), base).startswith("within the spread")
+    assert speed_difference(Spread((50.0, 80.0, 110.0)), base).startswith("not compared (spread ±37.5%")
+    assert speed_difference(Spread((80.0,)), Spread((100.0,))).startswith("not compared (one run")
+    row = _row("q4_0", "q4_0", 25, 0.05)
+    row.speed = SpeedResult(Spread((1.1,)), Spread((1.2,)), Spread((0.5,)))
+    ref = _row("f16", "f16", 90, 0.0)
+    ref.speed = SpeedResult(Spread((5.0,)), Spread((5.5,)), Spread((0.1,)))
+    result = BenchResult(Path("m.gguf"), BenchSettings(repeats=1), 4096, 2, "off", [ref, row])
+    text = recommend(result)[1].text
+    assert "decode not compared (one run" in text
+
+
+def test_speeds_keep_their_digits() -> None:
+    assert _speed(Spread((1.234,))) == "1.23 (1 run)"
+    assert _speed(Spread((12.0, 12.5, 13.0))) == "12.5±4.0%"
+    assert _speed(Spread((1234.0, 1300.0))) == "1,267±2.6%"
 
 
 class _FakeEngine:
@@ -226,13 +251,14 @@ def test_json_schema(kvchat, model_path: Path) -> None:
     assert record["model"] == str(model_path)
     assert record["reference"] == "f16/f16"
     assert record["settings"] == {
-        "n_ctx": 512, "n_threads": 1, "flash_attn": "on", "prompt_tokens": 64, "decode_tokens": 4,
+        "n_ctx": 512, "n_threads": 1, "flash_attn": "auto", "prompt_tokens": 64, "decode_tokens": 4,
         "repeats": 2, "quality_tokens": 128, "quality_text": "kvchat/data/bench_text.txt",
     }
     ref, q4 = record["results"]
     assert (ref["cache_type_k"], ref["cache_type_v"], q4["cache_type_k"]) == ("f16", "f16", "q4_0")
     for row in (ref, q4):
-        assert set(row) == {"cache_type_k", "cache_type_v", "kv_bytes", "load_s", "speed", "quality"}
+        assert set(row) == {"cache_type_k", "cache_type_v", "kv_bytes", "load_s", "flash_attn", "speed",
+                            "quality"}
         assert row["kv_bytes"]["reported"] > 0
         planned = row["kv_bytes"]["planned"]
         # llama.cpp prints MiB with two decimals: its figure is rounded, the plan is not.
@@ -246,6 +272,12 @@ def test_json_schema(kvchat, model_path: Path) -> None:
                                        "top1_agreement"}
         assert row["quality"]["n_positions"] == 127
     assert ref["quality"]["kl_mean"] == 0.0 and ref["quality"]["top1_agreement"] == 1.0
+    # What `kvchat run` runs on this CPU: flash attention off for f16, on where q4_0 V needs it.
+    assert (ref["flash_attn"], q4["flash_attn"]) == ("off", "on")
+    # Progress reaches stderr even though it is not a terminal, with an ETA.
+    progress = [line for line in result.stderr.splitlines() if line.startswith("kvchat: bench ")]
+    assert progress and all("ETA" in line for line in progress)
+    assert any("q4_0/q4_0 quality" in line for line in progress)
     assert q4["quality"]["kl_mean"] > 0
     assert q4["kv_bytes"]["reported"] < ref["kv_bytes"]["reported"] / 3
     assert record["recommendations"][0]["text"] == "f16/f16: reference"
@@ -264,6 +296,7 @@ def test_table_output_and_quality_only(kvchat) -> None:
     "args",
     [
         ("--cache-types", "bogus"),
+        ("--cache-types", ""),
         ("--no-speed", "--no-quality"),
         ("--ctx", "256", "--quality-tokens", "300", "--no-speed"),
         ("--ctx", "256", "--prompt-tokens", "300", "--no-quality"),

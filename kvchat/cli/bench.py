@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Annotated, Any, Optional
@@ -12,26 +13,26 @@ import typer
 from kvchat.cli import app
 from kvchat.cli.options import CTX, DEVICES, FLASH_ATTN, JSON, THREADS, VERBOSE, shared_options
 from kvchat.errors import KvchatError, UsageError
+from kvchat.registry import model_name
 from kvchat.ui.environment import Environment
+from kvchat.ui.tables import TableData, print_table
 from kvchat.units import format_bytes
 
 if TYPE_CHECKING:
-    from rich.table import Table
-
     from kvchat.app import LoadRequest
     from kvchat.bench import BenchResult, CachePair, Spread
     from kvchat.engine import Engine
 
 
-def _flash_attn_for(request: LoadRequest, pairs: list[CachePair]) -> str:
-    """One flash-attention mode for every pair, so that speed and quality compare alike."""
+def _flash_attn_for(request: LoadRequest, pair: CachePair) -> str:
+    """The flash-attention mode `kvchat run` would use for this pair: the asked mode,
+    turned on where a quantized V cache needs it (auto is then off on a CPU-only run)."""
     from kvchat.cache_types import resolve_flash_attn
 
-    modes = {resolve_flash_attn(request.flash_attn, pair.type_v) for pair in pairs}
-    return "on" if "on" in modes else request.flash_attn
+    return resolve_flash_attn(request.flash_attn, pair.type_v)
 
 
-def _planner(request: LoadRequest, flash_attn: str) -> Callable[[CachePair], int | None]:
+def _planner(request: LoadRequest) -> Callable[[CachePair], int | None]:
     """KV bytes planned by kvchat.memory, or None when the planner cannot say."""
     try:
         from kvchat.memory import PlanSettings, plan_memory
@@ -45,7 +46,7 @@ def _planner(request: LoadRequest, flash_attn: str) -> Callable[[CachePair], int
         try:
             plan = PlanSettings(
                 n_ctx=request.n_ctx, type_k=pair.type_k, type_v=pair.type_v,
-                flash_attn=flash_attn != "off",
+                flash_attn=_flash_attn_for(request, pair) == "on",
             )
             return plan_memory(spec, plan).kv
         except KvchatError:
@@ -57,8 +58,17 @@ def _planner(request: LoadRequest, flash_attn: str) -> Callable[[CachePair], int
 _MIB = 1024 * 1024
 
 
+def _figure(value: float) -> str:
+    """Three significant digits at least: 1.23, 45.6, 1,234."""
+    if value >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+
+
 def _speed(spread: Spread) -> str:
-    return f"{spread.median:,.0f}±{spread.spread_pct:.0f}%"
+    if len(spread.samples) < 2:
+        return f"{_figure(spread.median)} (1 run)"
+    return f"{_figure(spread.median)}±{spread.spread_pct:.1f}%"
 
 
 def _plan_matches(result: BenchResult) -> bool:
@@ -69,33 +79,26 @@ def _plan_matches(result: BenchResult) -> bool:
     )
 
 
-def render_table(result: BenchResult) -> Table:
-    """One row per pair, 80 columns wide: KV in MiB, speeds as median±half-range.
+def render_table(result: BenchResult) -> TableData:
+    """One row per pair: flash attention as run, KV in MiB, speeds as median±half-range.
 
     The planned KV gets its own column only when it differs from llama.cpp's figure;
     the 99th-percentile KL is in --json.
     """
-    from rich import box
-    from rich.table import Table
-
-    table = Table(
-        title=f"KV cache types · {result.model_path.name} · n_ctx {result.n_ctx}",
-        box=box.SIMPLE_HEAD, pad_edge=False,
-    )
     show_plan = not _plan_matches(result)
-    columns = ["K/V", "KV\nMiB"] + (["planned\nMiB"] if show_plan else [])
+    columns = ["K/V", "FA", "KV\nMiB"] + (["planned\nMiB"] if show_plan else [])
     if result.settings.speed:
         columns += ["prefill\ntok/s", "TTFT\nms", "decode\ntok/s"]
     if result.settings.quality:
         columns += ["PPL", "KL\nmean", "top-1\nagree"]
-    for name in columns:
-        table.add_column(name, justify="left" if name == "K/V" else "right")
+    table = TableData(columns, right=frozenset(columns[2:]),
+                      title=f"KV cache types · {model_name(result.model_path)} · n_ctx {result.n_ctx}")
     for row in result.pairs:
-        cells = [row.pair.name, f"{row.kv_bytes_reported / _MIB:.2f}"]
+        cells = [row.pair.name, row.flash_attn or "-", f"{row.kv_bytes_reported / _MIB:.2f}"]
         if show_plan:
             cells.append("—" if row.kv_bytes_planned is None else f"{row.kv_bytes_planned / _MIB:.2f}")
         if row.speed is not None:
-            cells += [_speed(row.speed.prefill_tok_s), f"{1000 * row.speed.ttft_s.median:,.0f}",
+            cells += [_speed(row.speed.prefill_tok_s), _figure(1000 * row.speed.ttft_s.median),
                       _speed(row.speed.decode_tok_s)]
         if row.quality is not None:
             q = row.quality
@@ -142,8 +145,6 @@ def bench(
       kvchat bench ./model.gguf --cache-types f16,q8_0,q4_0,q8_0/q4_0 --ctx 8192
       kvchat bench --no-speed --json > quality.json
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from kvchat.app import load_engine, resolve_load
     from kvchat.bench import (
         DEFAULT_PAIRS,
@@ -165,7 +166,7 @@ def bench(
     pairs = parse_cache_pairs(cache_types or DEFAULT_PAIRS)
     request = resolve_load(resolve({**flags, "model": model, "cache_type_k": "f16", "cache_type_v": "f16"}),
                            env.warn)
-    fa = _flash_attn_for(request, pairs)
+    modes = {pair: _flash_attn_for(request, pair) for pair in pairs}  # refuses -fa off with quantized V
     settings = BenchSettings(
         n_ctx=request.n_ctx, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens,
         repeats=repeats, quality_tokens=quality_tokens, speed=not no_speed, quality=not no_quality,
@@ -178,20 +179,13 @@ def bench(
         env.warn(warning)
 
     def factory(pair: CachePair) -> Engine:
-        return load_engine(replace(request, type_k=pair.type_k, type_v=pair.type_v, flash_attn=fa),
+        return load_engine(replace(request, type_k=pair.type_k, type_v=pair.type_v, flash_attn=modes[pair]),
                            env.warn, verbose=verbose)
 
-    console = env.err_console()
-    progress = Progress(
-        TextColumn("{task.description:<20}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, transient=True, disable=verbose or not console.is_terminal,
-    )
-    with progress:
-        task = progress.add_task("bench", total=plan_steps(settings, len(pairs)))
+    with BenchProgress(env, plan_steps(settings, len(pairs)), enabled=not verbose) as progress:
         result = run_bench(
             factory, pairs, settings, model_path=request.model_path, n_threads=request.n_threads,
-            flash_attn=fa, planned_kv=_planner(request, fa),
-            progress=lambda done, label: progress.update(task, advance=done, description=label),
+            flash_attn=request.flash_attn, planned_kv=_planner(request), progress=progress.step,
         )
     result.warnings.extend(warnings)
 
@@ -199,17 +193,85 @@ def bench(
         env.stdout.write(json.dumps(to_json(result), ensure_ascii=False) + "\n")
         return
     out = env.out_console()
-    out.print(render_table(result))
+    print_table(render_table(result), env.stdout, out, boxed=True)
     out.print("Best quality for each KV budget:")
     for line in recommend(result):
-        out.print(f"  KV ≤ {format_bytes(line.kv_bytes):>10}  {line.text}", soft_wrap=True)
+        out.print(f"  KV ≤ {format_bytes(line.kv_bytes):>10}  {line.text}", soft_wrap=True, markup=False)
     threads_word = "thread" if result.n_threads == 1 else "threads"
-    notes = [f"{result.n_threads} {threads_word}, flash attention {fa}"]
+    fa_runs = sorted({row.flash_attn for row in result.pairs})
+    fa_note = (f"flash attention {fa_runs[0]}" if len(fa_runs) == 1
+               else "flash attention as `kvchat run` uses it per pair (FA column)")
+    notes = [f"{result.n_threads} {threads_word}", fa_note]
     if _plan_matches(result):
         notes.append("planned KV = llama.cpp's")
     if settings.speed:
-        notes.append(f"speed: median ±half-range of {repeats} runs after a warm-up")
+        runs = f"{repeats} run{'s' if repeats != 1 else ''}"
+        notes.append(f"speed: median ±half-range of {runs} after a warm-up")
     if settings.quality:
         notes.append(f"quality: {quality_tokens} tokens of the bundled text vs f16/f16")
     notes.append(f"total {result.total_s:.0f}s")
-    out.print(" · ".join(notes), style="dim", soft_wrap=True)
+    out.print(" · ".join(notes), style="dim", soft_wrap=True, markup=False)
+
+
+class BenchProgress:
+    """Progress on stderr: a bar with an ETA on a terminal; otherwise a line when the
+    step's label changes or every 10 s, with steps done, elapsed time and ETA."""
+
+    def __init__(self, env: Environment, total: int, *, enabled: bool) -> None:
+        self._env, self._total, self._enabled = env, total, enabled
+        self._done = 0
+        self._label = ""
+        self._started = self._last_line = 0.0
+        self._bar = None
+        self._task = None
+
+    def __enter__(self) -> BenchProgress:
+        self._started = time.monotonic()
+        console = self._env.err_console()
+        if self._enabled and console.is_terminal:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self._bar = Progress(
+                TextColumn("{task.description:<20}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=True,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task("bench", total=self._total)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def eta_s(self, now: float) -> float | None:
+        """Seconds left at the pace so far; None before the first step is done."""
+        if not self._done:
+            return None
+        return (now - self._started) / self._done * max(self._total - self._done, 0)
+
+    def step(self, done: int, label: str) -> None:
+        self._done += done
+        if not self._enabled:
+            return
+        if self._bar is not None:
+            self._bar.update(self._task, advance=done, description=label)
+            return
+        now = time.monotonic()
+        what = label.rsplit(" ", 1)[0] + " " + label.rsplit(" ", 1)[-1].replace("loaded", "load")
+        if what == self._label and now - self._last_line < 10:
+            return
+        self._label, self._last_line = what, now
+        eta = self.eta_s(now)
+        eta_text = "ETA –" if eta is None else f"ETA {eta:.0f}s"
+        self._env.stderr.write(
+            f"kvchat: bench {label} · step {self._done}/{self._total} · "
+            f"{now - self._started:.0f}s · {eta_text}\n"
+        )
+        self._env.stderr.flush()
