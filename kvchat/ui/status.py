@@ -13,8 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from rich.console import Console, Group, RenderableType
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.live import Live
+from rich.live_render import LiveRender
 from rich.markdown import Markdown
 from rich.text import Text
 from rich.theme import Theme
@@ -147,6 +148,60 @@ def open_fence(text: str) -> str | None:
     return opener
 
 
+class ReflowingLiveRender(LiveRender):
+    """Rich's live area, made right after the terminal changes width (SIGWINCH).
+
+    Rich erases its previous frame by moving up as many rows as that frame had when
+    it was drawn. When the terminal narrows, terminals that re-wrap (reflow) their
+    lines -- most of today's: VTE, iTerm2, kitty, Windows Terminal, tmux -- turn
+    each line of the frame into several rows, so the erase stopped short: the top of
+    the old frame (a cut status line, the unfinished text) stayed and was printed
+    again below. This render remembers each line's width and, when the width changed
+    since the frame was drawn, erases the rows those lines take at the new width.
+    Lines are never longer than the width they were drawn at, so a wider terminal
+    keeps one row per line and nothing above the frame is touched.
+    """
+
+    def __init__(self, console: Console, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._console = console
+        self._line_widths: list[int] = []
+        self._drawn_width: int | None = None
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        widths = [0]
+        for segment in super().__rich_console__(console, options):
+            if segment.text == "\n" and not segment.control:
+                widths.append(0)
+            else:
+                widths[-1] += segment.cell_length
+            yield segment
+        self._line_widths = widths
+        self._drawn_width = options.max_width
+
+    def rows_now(self) -> int | None:
+        """Rows the last frame takes on the terminal now; None when nothing is drawn."""
+        if self._shape is None:
+            return None
+        width = self._console.width
+        if self._drawn_width is None or width == self._drawn_width or width <= 0:
+            return self._shape[1]
+        return sum(max(1, -(-line // width)) for line in self._line_widths)
+
+    def _reshape(self) -> None:
+        rows = self.rows_now()
+        if rows is not None and self._shape is not None:
+            self._shape = (self._shape[0], rows)
+
+    def position_cursor(self) -> Any:
+        self._reshape()
+        return super().position_cursor()
+
+    def restore_cursor(self) -> Any:
+        self._reshape()
+        return super().restore_cursor()
+
+
 class ReplyView:
     """Streams one reply to `console` with a live status line under it.
 
@@ -182,6 +237,9 @@ class ReplyView:
                 redirect_stdout=False,
                 redirect_stderr=False,
                 vertical_overflow="crop",
+            )
+            self._live._live_render = ReflowingLiveRender(  # noqa: SLF001  (see its docstring)
+                self.console, self._live._live_render.renderable, vertical_overflow="crop"
             )
             self._live.start()
         return self
