@@ -9,6 +9,7 @@ instead of restoring the KV state.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,10 @@ def mismatches(
     return problems
 
 
+# Saved with each session and given back to the settings resolver on resume.
+SAVED_SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed", "max_tokens")
+
+
 class NamedSession:
     """Holds the session's lock from open to close; saves after every turn."""
 
@@ -104,6 +109,10 @@ class NamedSession:
                                   "cache_type_k": saved.type_k, "cache_type_v": saved.type_v}
         if saved.flash_attn != "auto":
             values["flash_attn"] = saved.flash_attn
+        # Sampling and the reply limit as they were at the last save (/set included).
+        sampling = self.saved.record.get("sampling") if self.saved else None
+        if isinstance(sampling, dict):
+            values.update({k: sampling[k] for k in SAVED_SAMPLING_KEYS if sampling.get(k) is not None})
         return values
 
     def check(self, model_path: Path, settings: ContextSettings, *, rebuild: bool) -> None:
@@ -145,6 +154,7 @@ class NamedSession:
             "settings": self.settings.as_record(),
             # The cells llama.cpp made (n_ctx rounded up to 256): what n_kv is measured against.
             "n_ctx_cells": engine.n_ctx,
+            "sampling": {**dataclasses.asdict(session.sampling), "max_tokens": session.max_tokens},
         }
         return session_store.save(self.path, record, session.tokens, engine.state_bytes())
 

@@ -320,3 +320,58 @@ def remove(name: str) -> None:
     with contextlib.suppress(OSError):
         path.with_suffix(".lock").unlink()
 
+
+# -- recent chats ------------------------------------------------------------------
+#
+# An unnamed chat is kept as a session named `auto-YYYYMMDD-HHMMSS` (saved after each
+# reply like a named one), so that no conversation is lost quietly; only the newest
+# `recent_chats` of them are kept. They are ordinary sessions: `sessions list`,
+# `/load`, `export` and `rm` work on them, and `chat --continue` resumes the newest.
+
+RECENT_PREFIX = "auto-"
+
+
+def recent_name(now: float, taken: Iterable[str] = ()) -> str:
+    """A new recent chat's name from the local time; '-2', '-3'… if that second is taken."""
+    import time as _time
+
+    base = RECENT_PREFIX + _time.strftime("%Y%m%d-%H%M%S", _time.localtime(now))
+    used = set(taken) | {p.stem for p in _recent_paths()}
+    name, n = base, 1
+    while name in used:
+        n += 1
+        name = f"{base}-{n}"
+    return name
+
+
+def is_recent(name: str | None) -> bool:
+    return bool(name) and str(name).startswith(RECENT_PREFIX)
+
+
+def _recent_paths() -> list[Path]:
+    """Recent chats' files, oldest first (by the time they were last saved)."""
+    folder = sessions_dir()
+    if not folder.is_dir():
+        return []
+    paths = [p for p in folder.glob(f"{RECENT_PREFIX}*{SUFFIX}") if p.is_file()]
+    return sorted(paths, key=lambda p: (p.stat().st_mtime, p.name))
+
+
+def latest_recent() -> str | None:
+    """The name of the recent chat saved last, or None."""
+    paths = _recent_paths()
+    return paths[-1].stem if paths else None
+
+
+def prune_recent(keep: int) -> list[str]:
+    """Delete the oldest recent chats beyond `keep`; one in use by a process is skipped.
+    Returns the names deleted."""
+    paths = _recent_paths()
+    removed = []
+    for path in paths[: max(len(paths) - max(keep, 0), 0)]:
+        try:
+            remove(path.stem)
+        except SessionError:  # in use, or gone meanwhile
+            continue
+        removed.append(path.stem)
+    return removed

@@ -187,6 +187,8 @@ SETTINGS: dict[str, Setting[Any]] = {
         Setting("system", _optional(_string), None, "--system", "system prompt"),
         Setting("overflow", _choice(*OVERFLOW_POLICIES), "shift", "--overflow",
                 "when the context is full: shift or stop"),
+        Setting("recent_chats", lambda raw: _int(raw, 0, 10_000), 20, None,
+                "unnamed chats kept as auto-* sessions (0: none)"),
     )
 }
 
@@ -243,6 +245,7 @@ class Settings:
     seed: int | None = None
     system: str | None = None
     overflow: str = "shift"
+    recent_chats: int = 20
     sources: Mapping[str, Source] = field(default_factory=dict)
     # Values from the environment or config file that a saved session overrode.
     overridden: tuple[str, ...] = ()

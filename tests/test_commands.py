@@ -42,6 +42,15 @@ def test_unknown_command_lists_what_exists() -> None:
     message = str(err.value)
     assert "unknown command /frobnicate" in message
     assert all(name in message for name in COMMANDS)
+    assert "//frobnicate now" in message  # how to send it as a message instead
+
+
+def test_a_path_typed_at_the_prompt_gets_the_double_slash_hint() -> None:
+    with pytest.raises(UsageError) as err:
+        parse_command("/etc/hosts has a typo, look")
+    message = str(err.value)
+    assert message.startswith("/etc/hosts is not a command")
+    assert "type //etc/hosts has a typo, look" in message
 
 
 @pytest.mark.parametrize("line", ["/save", "/load", "/save two words", "/clear now", "/info x", "/set top_k"])

@@ -72,7 +72,8 @@ def message(child: pexpect.spawn, text: str) -> str:
 def test_a_conversation_with_slash_commands(chat, kv_env: dict[str, str]) -> None:
     child = chat("--max-tokens", "12", "--session", "first")
     screen = plain(child.before)
-    assert "SmolLM2-135M-Instruct" in screen and "ctx 2048" in screen and "KV f16/f16" in screen
+    # One name per model: the one `kvchat list` shows (the file is in /info).
+    assert "kvchat · smollm2-135m · ctx 2048" in screen and "KV f16/f16" in screen
     assert "new session 'first'" in screen and "Alt-Enter" in screen
 
     out = message(child, "Name a colour.")
@@ -89,6 +90,8 @@ def test_a_conversation_with_slash_commands(chat, kv_env: dict[str, str]) -> Non
         assert name in out
     out = command(child, "/info", "session")
     assert "K f16, V f16" in out and "flash attention" in out and "on GPU: none" in out
+    assert re.search(r"model +smollm2-135m *\n", out)
+    assert "SmolLM2-135M-Instruct.Q4_1.gguf" in "".join(out.split())  # the file row, folded
     assert "2048 tokens" in out
 
     out = command(child, "/set temperature 0.5", "seed")
@@ -188,3 +191,151 @@ def test_piped_stdin_behaves_like_run(kvchat) -> None:
     assert piped.stdout == ran.stdout and piped.stdout.strip()
     assert piped.stderr == ""
     assert ">>>" not in piped.stdout
+
+
+def _drain(child: pexpect.spawn) -> None:
+    """Read everything the (stopped) child has written so far."""
+    while True:
+        try:
+            child.read_nonblocking(65536, timeout=0.5)
+        except pexpect.TIMEOUT:
+            return
+
+
+def test_resize_mid_reply_leaves_no_cut_status_line_and_no_duplicates(kv_env: dict[str, str]) -> None:
+    """Narrow the terminal while a reply streams, replayed on a screen that re-wraps lines
+    as most terminals do: the status line is erased whole and no line shows twice."""
+    import io
+    import os
+
+    from vt import Screen
+
+    # Without COLUMNS rich follows the terminal's real size, as in a user's shell.
+    env = {k: v for k, v in kv_env.items() if k != "COLUMNS"}
+    env["PROMPT_TOOLKIT_NO_CPR"] = "1"
+    child = pexpect.spawn(sys.executable, ["-m", "kvchat", "chat", *FAST, "--max-tokens", "400",
+                                           "--session", "resize"],
+                          env=env, cwd=str(REPO), dimensions=(40, 120), encoding="utf-8", timeout=180,
+                          preexec_fn=_default_sigint)
+    try:
+        child.expect(PROMPT)
+        log = io.StringIO()
+        child.logfile_read = log
+        question = "Count from 1 to 300, one number per line."
+        child.sendline(question)
+        for _ in range(3):  # the live area is up and has been redrawn a few times
+            child.expect(r"decode [\d.]+ tok/s \(\d+ tok\)")
+        os.kill(child.pid, signal.SIGSTOP)
+        _drain(child)
+        before_resize = len(log.getvalue())
+        child.setwinsize(40, 50)
+        os.kill(child.pid, signal.SIGCONT)
+        child.expect(SUMMARY)
+        child.expect(PROMPT)
+        stream = log.getvalue()
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        if child.isalive():
+            child.terminate(force=True)
+
+    # Replay from the line after the echoed question up to the summary's end.
+    start = stream.index("\n", stream.index(question)) + 1
+    end = stream.index("\n", re.search(SUMMARY, stream).end())
+    screen = Screen(120, 40)
+    screen.feed(stream[start:before_resize])
+    screen.resize(50, 40)
+    screen.feed(stream[before_resize:end])
+    rows = [row for row in screen.lines() if row]
+
+    saved = session_store.load(session_store.session_path("resize"), with_state=False).record
+    reply = [m for m in saved["messages"] if m["role"] == "assistant"][-1]["content"]
+    summary_at = next(i for i, row in enumerate(rows) if re.match(r"\d+ tok · ", row))
+    shown = rows[:summary_at]
+    # The reply's text once, in order, and nothing else (however its lines were wrapped).
+    assert "".join("".join(shown).split()) == "".join(reply.split()), "\n".join(shown[-20:])
+    # Only the summary is left below the reply: no cut status line anywhere.
+    assert sum("ttft" in row for row in rows) == 1, "\n".join(rows[summary_at - 3:])
+    assert not any(re.search(r"tok/s \(\d+ tok\)", row) for row in rows)
+
+
+def test_an_unnamed_chat_is_kept_in_history_and_continued(chat, kv_env: dict[str, str]) -> None:
+    import os
+    import stat
+
+    child = chat("--max-tokens", "6")
+    assert "this chat is kept in history" in plain(child.before)
+    message(child, "Name a fruit.")
+    out = command(child, "/stats", "dropped")
+    assert "conversation: 1 turn in context" in out and "0 turns dropped" in out
+    out = command(child, "/etc/hosts looks odd", "not a command.*")
+    assert "type //etc/hosts looks odd" in out
+    child.sendline("/exit")
+    child.expect(r"kept in history as '(auto-\d{8}-\d{6})'")
+    name = child.match.group(1)
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    history = Path(kv_env["KVCHAT_HOME"], "history")
+    assert stat.S_IMODE(os.stat(history).st_mode) == 0o600
+
+    again = chat("--continue")
+    banner = plain(again.before)
+    assert f"resumed recent chat '{name}': 1 turn" in banner and "user: Name a fruit." in banner
+    again.sendline("/exit")
+    again.expect(pexpect.EOF)
+
+
+def test_leaving_or_loading_asks_first_when_history_is_off(chat, kv_env: dict[str, str]) -> None:
+    kv_env["KVCHAT_RECENT_CHATS"] = "0"
+    child = chat("--max-tokens", "6")
+    message(child, "Name a fruit.")
+    command(child, "/save kept", "saved 'kept'")
+    message(child, "And a colour?")
+    command(child, "/load kept", "not saved — /save NAME keeps it; /load kept again discards it")
+    command(child, "/load kept", "loaded 'kept': 1 turn")
+    command(child, "/clear", "cleared")
+    message(child, "Name a tree.")
+    # /load switched to the named session: it is saved after each reply, nothing to ask.
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+
+    child = chat("--max-tokens", "6")
+    message(child, "Name a fruit.")
+    command(child, "/exit", r"this chat is not saved — /save NAME keeps it; /exit again leaves without it")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    assert [i.name for i in session_store.list_sessions()] == ["kept"]
+
+
+def test_resuming_a_session_restores_its_sampling_and_shows_the_last_exchange(chat) -> None:
+    child = chat("--session", "tuned", "--max-tokens", "6")
+    command(child, "/set top_k 7", "seed")
+    message(child, "Name a fruit.")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+
+    again = chat("--session", "tuned")  # temperature and seed are given again (FAST); the rest is not
+    banner = plain(again.before)
+    assert "settings restored: top_k 7, top_p 0.95, min_p 0.05, repeat_penalty 1, max_tokens 6" in banner
+    assert "user: Name a fruit." in banner and "assistant: " in banner
+    out = command(again, "/set", "seed")
+    assert "top_k 7" in out and "max_tokens 6" in out and "temperature 0" in out
+    again.sendline("/exit")
+    again.expect(pexpect.EOF)
+
+
+def test_sessions_list_counts_cells_against_the_context_llama_cpp_made(kvchat, model_path: Path) -> None:
+    import json
+
+    r = kvchat("run", "--ctx", "160", "--session", "small", "--max-tokens", "4", "--threads", "1",
+               "--temperature", "0", "Say hi.")
+    assert r.returncode == 0, r.stderr
+    (row,) = json.loads(kvchat("sessions", "list", "--json").stdout)
+    assert row["n_ctx"] == 256 and 0 < row["n_kv"] <= 256  # llama.cpp rounds 160 up to 256 cells
+    assert row["model"] == "smollm2-135m"
+    lines = kvchat("sessions", "list").stdout.splitlines()  # piped: tab-separated
+    assert lines[0].split("\t") == ["name", "turns", "KV cells", "size", "model", "updated"]
+    assert lines[1].split("\t")[:3] == ["small", "1", f"{row['n_kv']}/256"]

@@ -85,7 +85,14 @@ def parse_command(line: str) -> Command:
     name = ALIASES.get(head.lower(), head.lower())
     argument = rest.strip()
     if name not in COMMANDS:
-        raise UsageError(f"unknown command {head}", hint="commands: " + " ".join(COMMANDS))
+        text = line.strip()
+        escaped = "/" + (text if len(text) <= 40 and "\n" not in text else head + " …")
+        if "/" in head[1:]:  # a path such as /etc/hosts: surely meant as a message
+            raise UsageError(f"{head} is not a command", hint=f"to send it as a message, type {escaped}")
+        raise UsageError(
+            f"unknown command {head}",
+            hint="commands: " + " ".join(COMMANDS) + f" (to send the line as a message: {escaped})",
+        )
     if name in ("/save", "/load"):
         if not argument or len(argument.split()) != 1:
             raise UsageError(f"usage: {COMMANDS[name].usage}", hint="a session name is one word")

@@ -25,3 +25,8 @@ def stats_line(turn: TurnStats, load_s: float, memory: MemoryFigures | None = No
         if memory.vram_used_bytes is not None:
             line += f" · VRAM {format_bytes(memory.vram_used_bytes)}"
     return line
+
+
+def plural(n: int, word: str) -> str:
+    """'1 turn', '2 turns', '0 turns'."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"

@@ -13,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import signal
+import time
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prompt_toolkit import PromptSession
@@ -28,10 +30,11 @@ from kvchat.engine_api import SamplingSettings
 from kvchat.errors import KvchatError, SessionError
 from kvchat.hardware import NvmlReader
 from kvchat.monitor import HardwareSampler, KvFill, TokenMeter, kv_bytes_per_cell
+from kvchat.registry import model_name
 from kvchat.ui.commands import COMMANDS, SETTINGS, Command, completions, is_command, parse_command
 from kvchat.ui.commands import unescape_message as _unescape
 from kvchat.ui.environment import Environment
-from kvchat.ui.render import stats_line
+from kvchat.ui.render import plural, stats_line
 from kvchat.ui.status import (
     DeviceInfo,
     ReplyView,
@@ -130,6 +133,16 @@ def _echo_off(stream: Any) -> Iterator[None]:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
+def private_file(path: Path) -> None:
+    """Create `path` readable by its owner only (0600, like session files), or make it so:
+    the input history holds everything typed into every chat."""
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+    os.chmod(path, 0o600)
+
+
 class ChatRepl:
     """One interactive chat over `setup` (a kvchat.app.Conversation)."""
 
@@ -141,6 +154,7 @@ class ChatRepl:
         opener: Opener,
         markdown: bool,
         nvml: NvmlReader | None,
+        recent_keep: int = 0,
     ) -> None:
         import os
 
@@ -150,6 +164,12 @@ class ChatRepl:
         self._opener = opener
         self._nvml = nvml
         self._saved_here: set[str] = set()
+        # Unnamed chats are kept as recent chats (session_store.RECENT_PREFIX), the newest
+        # `recent_keep` of them; 0 turns that off, and leaving then asks first.
+        self._recent_keep = recent_keep
+        self._recent: Any = None  # the NamedSession the unnamed chat is kept in
+        self._saved_tokens: list[int] | None = None  # what /save last wrote of an unnamed chat
+        self._confirm: str | None = None  # the command that was refused once and is now allowed
         self._use(setup)
 
     # -- the loaded chat -----------------------------------------------------
@@ -181,22 +201,48 @@ class ChatRepl:
 
     def banner(self) -> None:
         req = self.setup.request
-        name = req.model_path.name
+        name = model_name(req.model_path)
         where = hardware_text(self.sampler.sample(), self.device).split(" · ", 1)[1]
         self.say(f"kvchat · {name} · ctx {self.engine.n_ctx} · KV {req.type_k.name}/{req.type_v.name} "
                  f"· flash attn {self.engine.flash_attn} · {where}", style="bold")
         if self.session_name:
-            what = (f"resumed '{self.session_name}': {len(self.session.messages)} messages, "
-                    f"{self.setup.resumed_tokens} tokens" if self.setup.resumed_tokens
-                    else f"new session '{self.session_name}'")
+            kind = "recent chat" if session_store.is_recent(self.session_name) else "session"
+            turns = plural(self._user_turns(), "turn")
+            what = (f"resumed {kind} '{self.session_name}': {turns}, "
+                    f"{plural(self.setup.resumed_tokens, 'token')}" if self.setup.resumed_tokens
+                    else f"new {kind} '{self.session_name}'")
             self.say(f"{what} (saved after each reply)", style="dim")
+            restored = self._restored_settings()
+            if restored:
+                self.say("settings restored: " + ", ".join(restored), style="dim")
+            self._show_last_exchanges()
+        elif self._recent_keep:
+            self.say(f"this chat is kept in history (the last {self._recent_keep}); /save NAME names it",
+                     style="dim")
         self.say(KEYS_HELP + " · /help", style="dim")
+
+    def _restored_settings(self) -> list[str]:
+        """Sampling settings and reply limit taken from the saved session (not given as flags)."""
+        from kvchat.named_session import SAVED_SAMPLING_KEYS
+
+        s = self.setup.settings
+        values = {key: getattr(s, key) for key in SAVED_SAMPLING_KEYS if s.sources.get(key) == "session"}
+        return [f"{key} {value:g}" if isinstance(value, float) else f"{key} {value}"
+                for key, value in values.items()]
+
+    def _user_turns(self) -> int:
+        return sum(1 for m in self.session.messages if m["role"] == "user")
+
+    def _show_last_exchanges(self) -> None:
+        for message in self.session.messages[-2:]:
+            if message["role"] != "system":
+                self.say(f"{message['role']}: {message['content'][:200]}", style="dim")
 
     # -- the loop ------------------------------------------------------------
 
     def _prompt_session(self) -> PromptSession:
         history = config.paths().history_file
-        history.parent.mkdir(parents=True, exist_ok=True)
+        private_file(history)
         return PromptSession(
             history=FileHistory(str(history)),
             completer=SlashCompleter(),
@@ -217,11 +263,16 @@ class ChatRepl:
             except KeyboardInterrupt:
                 interrupts += 1
                 if interrupts >= 2:
-                    return
+                    if self.may_leave("Ctrl-C twice"):
+                        return
+                    interrupts = 0
+                    continue
                 self.say("(Ctrl-C again or Ctrl-D to leave)", style="dim")
                 continue
             except EOFError:
-                return
+                if self.may_leave("Ctrl-D"):
+                    return
+                continue
             interrupts = 0
             text = line.strip()
             if not text:
@@ -238,6 +289,7 @@ class ChatRepl:
     # -- a reply ---------------------------------------------------------------
 
     def reply(self, text: str) -> None:
+        self._confirm = None  # a new message: what was confirmed before no longer holds
         session = self.session
         before = session.last_turn
         meter = TokenMeter()
@@ -277,13 +329,63 @@ class ChatRepl:
                 self.env.warn(f"context full: dropped the {turn.dropped_turns} oldest turn(s) "
                               f"({turn.dropped_tokens} tokens) to make room")
             self.setup.save()
+            self._keep_recent()
+
+    # -- keeping unnamed chats -----------------------------------------------------
+
+    def _unsaved(self) -> bool:
+        """An unnamed chat whose turns are neither kept in history nor /saved as they are now."""
+        return (self.session_name is None and self._recent is None and self._user_turns() > 0
+                and self._saved_tokens != self.session.tokens)
+
+    def may_leave(self, how: str) -> bool:
+        """Whether leaving loses nothing, or the user asked twice; says where the chat is kept."""
+        if self._unsaved() and self._confirm != "leave":
+            self._confirm = "leave"
+            self.env.warn(f"this chat is not saved — /save NAME keeps it; {how} again leaves without it")
+            return False
+        if self._recent is not None:
+            self.say(f"(kept in history as '{self._recent.name}' — `kvchat chat --continue` resumes it)",
+                     style="dim")
+        return True
+
+    def _keep_recent(self) -> None:
+        """Save an unnamed chat as a recent chat after each reply (the first reply creates
+        it and deletes the oldest beyond `recent_keep`)."""
+        if self.session_name is not None or not self._recent_keep or self._user_turns() == 0:
+            return
+        from kvchat.named_session import NamedSession
+
+        try:
+            if self._recent is None:
+                recent = NamedSession(session_store.recent_name(time.time()))
+                try:
+                    recent.check(self.setup.request.model_path, self.setup.context_settings(), rebuild=True)
+                    recent.save(self.session, self.engine)
+                except BaseException:
+                    recent.close()
+                    raise
+                self._recent = recent
+                session_store.prune_recent(self._recent_keep)
+            else:
+                self._recent.save(self.session, self.engine)
+        except (KvchatError, OSError) as exc:
+            self.env.warn(f"could not keep this chat in history: {exc}")
+
+    def _drop_recent(self) -> str | None:
+        """Stop saving into the current recent chat (it stays on disk); its name."""
+        recent, self._recent = self._recent, None
+        if recent is None:
+            return None
+        recent.close()
+        return recent.name
 
     # -- commands ----------------------------------------------------------------
 
     def do(self, command: Command) -> bool:
         """Carry out a command; False means leave."""
         if command.name == "/exit":
-            return False
+            return not self.may_leave("/exit")
         handler = getattr(self, "_cmd_" + command.name[1:])
         handler(command)
         return True
@@ -309,10 +411,17 @@ class ChatRepl:
         self.say(f"system prompt set{later}", style="dim")
 
     def _cmd_clear(self, command: Command) -> None:
+        if self._unsaved() and self._confirm != "/clear":
+            self._confirm = "/clear"
+            self.env.warn("this chat is not saved — /save NAME keeps it; /clear again forgets it")
+            return
+        kept = self._drop_recent()
         self.session.clear()
         self.setup.save()
         self.say(f"cleared: KV cache empty ({self.session.n_kv}/{self.engine.n_ctx} cells), "
                  "system prompt kept", style="dim")
+        if kept:
+            self.say(f"(the conversation before is kept in history as '{kept}')", style="dim")
 
     def _cmd_sessions(self, command: Command) -> None:
         infos = session_store.list_sessions()
@@ -336,9 +445,9 @@ class ChatRepl:
         self.say(f"{kv_text(self.kv_fill())} at K {req.type_k.name}, V {req.type_v.name} "
                  f"({self.bytes_per_cell / 1024:.1f} KiB per cell)")
         self.say(hardware_text(self.sampler.sample(), self.device))
-        users = sum(1 for m in self.session.messages if m["role"] == "user")
-        self.say(f"conversation: {users} turns in context, {len(self.session.tokens)} tokens, "
-                 f"{sum(1 for m in self.session.dropped if m['role'] == 'user')} turns dropped")
+        dropped = sum(1 for m in self.session.dropped if m["role"] == "user")
+        self.say(f"conversation: {plural(self._user_turns(), 'turn')} in context, "
+                 f"{plural(len(self.session.tokens), 'token')}, {plural(dropped, 'turn')} dropped")
 
     def _settings_line(self) -> str:
         s = self.session.sampling
@@ -358,14 +467,14 @@ class ChatRepl:
 
     def _cmd_info(self, command: Command) -> None:
         req, engine = self.setup.request, self.engine
-        name = engine.metadata("general.name")
         layers = self.device.gpu_layers
         on_gpu = (f"{layers[0]}/{layers[1]} offloaded" if layers
                   else "none (llama.cpp built without a GPU backend)" if not self.device.gpu_build
                   else f"none (--ngl {req.n_gpu_layers})")
-        kv_total = sum(engine.buffers.kv.values())
+        kv_total = self.kv_fill().total_bytes  # the status line's figure
         rows = [
-            ("model", f"{req.model_path}" + (f" ({name})" if name else "")),
+            ("model", model_name(req.model_path)),
+            ("file", str(req.model_path)),
             ("context", f"{engine.n_ctx} tokens (trained on {engine.n_ctx_train})"),
             ("KV cache", f"K {req.type_k.name}, V {req.type_v.name} · {format_bytes(kv_total)} "
                          f"({self.bytes_per_cell / 1024:.1f} KiB per cell)"),
@@ -390,6 +499,7 @@ class ChatRepl:
             return
         size = self.setup.save_as(name, replace_existing=name in self._saved_here)
         self._saved_here.add(name)
+        self._saved_tokens = list(self.session.tokens)
         self.say(f"saved '{name}' ({format_bytes(size)}, {self.session.n_kv} KV cells) — "
                  f"resume with `kvchat chat --session {name}` or /load {name}", style="dim")
 
@@ -400,10 +510,14 @@ class ChatRepl:
             return
         if not session_store.session_path(name).exists():
             raise SessionError(f"no session named '{name}'", hint="/sessions lists them")
-        unsaved = self.session_name is None and len(self.session.tokens) > 0
+        if self._unsaved() and self._confirm != f"/load {name}":
+            self._confirm = f"/load {name}"
+            self.env.warn(f"this chat is not saved — /save NAME keeps it; /load {name} again discards it")
+            return
         previous = self.session_name
         sampling, max_tokens = self.session.sampling, self.session.max_tokens
         self.setup.save()
+        kept = self._drop_recent()
         self.setup.close()
         try:
             self._use(self._opener(name, sampling, max_tokens))
@@ -411,15 +525,17 @@ class ChatRepl:
             # Get back to a working chat: the previous session, or a fresh one.
             self._use(self._opener(previous, sampling, max_tokens))
             raise
-        if unsaved:
-            self.say("(the unsaved conversation was discarded)", style="dim")
-        users = sum(1 for m in self.session.messages if m["role"] == "user")
-        self.say(f"loaded '{name}': {users} turns, {self.session.n_kv} KV cells restored "
-                 f"({self.setup.rebuilt_tokens} re-evaluated)", style="dim")
-        for message in self.session.messages[-2:]:
-            if message["role"] != "system":
-                self.say(f"{message['role']}: {message['content'][:200]}", style="dim")
+        self._confirm = None
+        self._saved_tokens = None
+        if kept:
+            self.say(f"(the previous chat is kept in history as '{kept}')", style="dim")
+        self.say(f"loaded '{name}': {plural(self._user_turns(), 'turn')}, {self.session.n_kv} KV cells "
+                 f"restored ({self.setup.rebuilt_tokens} re-evaluated)", style="dim")
+        self._show_last_exchanges()
 
     def close(self) -> None:
         self.sampler.stop()
-        self.setup.close()
+        try:
+            self._drop_recent()
+        finally:
+            self.setup.close()
