@@ -159,7 +159,14 @@ class NamedSession:
         return session_store.save(self.path, record, session.tokens, engine.state_bytes())
 
     def close(self) -> None:
-        self._lock.close()
+        """Release the lock; a name that was never saved leaves no .lock file behind
+        (removed while still held, so no other process holds it)."""
+        try:
+            if not self.path.exists():
+                with contextlib.suppress(OSError):
+                    self.path.with_suffix(".lock").unlink()
+        finally:
+            self._lock.close()
 
     def __enter__(self) -> NamedSession:
         return self

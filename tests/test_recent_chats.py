@@ -63,3 +63,16 @@ def test_cells_are_listed_against_the_context_llama_cpp_made() -> None:
     assert (info.n_kv, info.n_ctx, info.model) == (3, 256, "m")
     with pytest.raises(SessionError):
         session_store.remove("nothere")
+
+
+def test_a_name_opened_but_never_saved_leaves_no_lock_file() -> None:
+    from kvchat.named_session import NamedSession
+
+    named = NamedSession("tried")
+    assert session_store.session_path("tried").with_suffix(".lock").exists()
+    named.close()
+    assert not list(session_store.sessions_dir().iterdir())
+    _save("kept", 1_000_000)
+    with NamedSession("kept"):
+        pass
+    assert session_store.session_path("kept").exists()
