@@ -56,7 +56,7 @@ KEYS_HELP = (
 )
 
 # Opens a chat: (session name or None for an unsaved one, sampling, max_tokens) -> Conversation.
-Opener = Callable[[str | None, SamplingSettings, int | None], Conversation]
+Opener = Callable[[str | None, SamplingSettings, int | None], "Conversation"]
 
 
 def _session_names() -> Iterator[str]:
