@@ -113,12 +113,14 @@ def test_every_config_key_is_used(home: Path) -> None:
     values = {"model": "'x.gguf'", "ctx": "2048", "ctx_max": "4096", "cache_type_k": "'q8_0'",
               "cache_type_v": "'q8_0'", "flash_attn": "'on'", "ngl": "0", "threads": "1", "batch": "64",
               "max_tokens": "9", "temperature": "0.1", "top_k": "5", "top_p": "0.5", "min_p": "0.2",
-              "repeat_penalty": "1.1", "seed": "3", "system": "'terse'", "overflow": "'stop'"}
+              "repeat_penalty": "1.1", "seed": "3", "system": "'terse'", "overflow": "'stop'",
+              "recent_chats": "5"}
     assert set(values) == set(SETTINGS)
     _config(home, "[defaults]\n" + "".join(f"{k} = {v}\n" for k, v in values.items()))
     got = resolve()
     assert all(got.sources[k] == "config" for k in values)
     assert (got.batch, got.ngl, got.threads, got.ctx_max, got.repeat_penalty) == (64, 0, 1, 4096, 1.1)
+    assert got.recent_chats == 5
 
 
 @pytest.mark.parametrize("value", ["1e30", "99999999", "4294967808", str(MAX_CTX + 1), "1", str(MIN_CTX - 1)])

@@ -222,8 +222,8 @@ class BenchProgress:
         self._done = 0
         self._label = ""
         self._started = self._last_line = 0.0
-        self._bar = None
-        self._task = None
+        self._bar: Any = None  # a rich Progress, on a terminal
+        self._task: Any = None
 
     def __enter__(self) -> BenchProgress:
         self._started = time.monotonic()
