@@ -85,12 +85,13 @@ def test_ctrl_c_during_a_long_prefill_stops_it(kv_env: dict[str, str]) -> None:
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=kv_env,
         cwd=str(REPO), preexec_fn=_default_sigint,
     )
-    assert proc.stdin is not None
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
     proc.stdin.write(document)
     proc.stdin.close()
     time.sleep(4.0)  # loaded, and some way into a prefill of about 9,000 tokens
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    proc.wait(timeout=120)
+    out, err = proc.stdout.read(), proc.stderr.read()
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
     assert out == ""
