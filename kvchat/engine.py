@@ -105,6 +105,13 @@ def supports_gpu_offload() -> bool:
     return bool(llama.llama_supports_gpu_offload())
 
 
+def backend_version() -> str:
+    """The llama-cpp-python version, which pins the llama.cpp it vendors."""
+    import llama_cpp
+
+    return str(llama_cpp.__version__)
+
+
 class Engine:
     """A loaded model with one context and one sequence (seq 0)."""
 
@@ -208,6 +215,18 @@ class Engine:
     @property
     def add_bos(self) -> bool:
         return bool(llama.llama_vocab_get_add_bos(self._vocab))
+
+    @property
+    def memory_kind(self) -> str:
+        """What the context's memory is: kv, swa (sliding-window layers with a window-sized
+        cache), recurrent or hybrid; says what a saved prefix state can be used for."""
+        if llama.llama_model_is_hybrid(self._model):
+            return "hybrid"
+        if llama.llama_model_is_recurrent(self._model):
+            return "recurrent"
+        if llama.llama_model_n_swa(self._model) > 0 and not self.settings.swa_full:
+            return "swa"
+        return "kv"
 
     def is_eog(self, token: int) -> bool:
         return bool(llama.llama_vocab_is_eog(self._vocab, token))
@@ -395,7 +414,8 @@ class Engine:
         size = llama.llama_state_seq_get_size(self._ctx, 0)
         buf = (ctypes.c_uint8 * size)()
         written = llama.llama_state_seq_get_data(self._ctx, buf, size, 0)
-        return bytes(buf[:written])
+        # string_at copies once in C; bytes(buf[:n]) would build a list of n ints first.
+        return ctypes.string_at(buf, written)
 
     def load_state_bytes(self, data: bytes, n_tokens: int) -> None:
         self.kv_clear()
