@@ -46,6 +46,10 @@ class Paths:
         return self.data_dir / "sessions"
 
     @property
+    def prefix_cache_dir(self) -> Path:
+        return self.data_dir / "prefix-cache"
+
+    @property
     def history_file(self) -> Path:
         return self.data_dir / "history"
 
