@@ -22,6 +22,7 @@ from typing import Any
 from kvchat.chat_template import ChatTemplate, Message, preamble_length
 from kvchat.engine_api import ChatEngine, SamplingSettings, TokenEvent
 from kvchat.errors import SessionError, UsageError
+from kvchat.prefix_cache import PrefixCache
 
 OVERFLOW_POLICIES = ("shift", "stop")
 
@@ -40,10 +41,17 @@ class TurnStats:
     stop_reason: str = "eog"
     dropped_turns: int = 0
     dropped_tokens: int = 0
+    # The persistent prefix cache (kvchat.prefix_cache): tokens restored from disk,
+    # the time that took, and why the cache was not used (None: used, or not asked).
+    prefix_cache_tokens: int = 0
+    prefix_cache_restore_s: float = 0.0
+    prefix_cache_skipped: str | None = None
 
     @property
     def prefill_tok_s(self) -> float:
-        return self.evaluated_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+        # Restoring from the prefix cache is not prefill: it is timed on its own.
+        seconds = self.prefill_s - self.prefix_cache_restore_s
+        return self.evaluated_tokens / seconds if seconds > 0 else 0.0
 
     @property
     def decode_tok_s(self) -> float:
@@ -78,6 +86,8 @@ class Session:
     last_turn: TurnStats | None = None
     # Called with (tokens done, tokens to do) while a turn's prompt is evaluated.
     on_prefill: Callable[[int, int], None] | None = None
+    # Used when a turn starts on an empty KV cache (a one-shot run, a new chat).
+    prefix_cache: PrefixCache | None = None
 
     def __post_init__(self) -> None:
         if self.overflow not in OVERFLOW_POLICIES:
@@ -230,7 +240,7 @@ class Session:
 
     # -- a turn -------------------------------------------------------------
 
-    def send(self, text: str) -> Generator[TokenEvent, None, None]:
+    def send(self, text: str, *, shared_chars: int | None = None) -> Generator[TokenEvent, None, None]:
         """Add a user message and stream the reply's tokens.
 
         The turn's figures are in `last_turn` once the iterator ends, whether it
@@ -271,19 +281,51 @@ class Session:
         started = time.perf_counter()
         n_past_before = self.engine.n_past
         try:
-            self.engine.eval(to_eval, self.on_prefill)
+            if self.prefix_cache is not None and n_past_before == 0:
+                cuts = self._prefix_cuts(to_eval, marks, rendered, text, shared_chars)
+                got = self.prefix_cache.prefill(self.engine, to_eval, cuts, self.on_prefill)
+                stats.prefix_cache_tokens = got.restored_tokens
+                stats.prefix_cache_restore_s = got.restore_s
+                stats.prefix_cache_skipped = got.skipped
+            else:
+                self.engine.eval(to_eval, self.on_prefill)
         except BaseException:
             # Interrupted or failed mid-prefill: take the half-evaluated cells out
             # again, so that the history stays the truth of the cache.
             self.engine.kv_remove(n_past_before, -1)
             stats.stop_reason = "interrupted"
             raise
-        stats.evaluated_tokens = len(to_eval)
+        stats.evaluated_tokens = len(to_eval) - stats.prefix_cache_tokens
         self.tokens.extend(new_tokens)
         self.turns.extend(marks)
         self.kv_text = rendered
         self.messages = messages
         yield from self._generate(stats, started)
+        if self.prefix_cache is not None:
+            try:
+                self.prefix_cache.commit()
+            except OSError as exc:  # a full disk costs the cache entry, never the answer
+                stats.prefix_cache_skipped = f"could not store the prefix: {exc.strerror or exc}"
+
+    def _prefix_cuts(self, tokens: list[int], marks: list[TurnMark], rendered: str, text: str,
+                     shared_chars: int | None) -> list[int]:
+        """Token positions where the prefix cache cuts this prompt: the end of what comes
+        before the user turn (the system prompt), and the end of the shared start of the
+        message (`shared_chars`), one token early in case the tokenizer merges across it."""
+        if not marks:
+            return []
+        mark = marks[-1]
+        cuts = [mark.token]
+        content_at = rendered.find(text, mark.char)
+        if shared_chars and content_at >= 0:
+            want = len(rendered[mark.char : content_at + shared_chars].encode("utf-8"))
+            have = 0
+            for i in range(mark.token, len(tokens)):
+                have += len(self.engine.token_piece(tokens[i], special=True))
+                if have > want:
+                    cuts.append(i - 1)
+                    break
+        return cuts
 
     def _generate(self, stats: TurnStats, started: float) -> Generator[TokenEvent, None, None]:
         kv_decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")

@@ -1,0 +1,97 @@
+"""`kvchat cache list|stats|clear`: the persistent prefix cache on disk."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Annotated, Any
+
+import typer
+
+from kvchat import config
+from kvchat.cli import app
+from kvchat.errors import UsageError
+from kvchat.ui.environment import Environment
+from kvchat.ui.render import format_bytes
+
+cache_app = typer.Typer(help="The prefix cache: prompt starts kept on disk for `run` and `chat`.",
+                        no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead.")]
+
+
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M")
+
+
+@cache_app.command("list")
+def list_cmd(as_json: JsonOpt = False) -> None:
+    """One row per stored prefix: model, tokens, size, last use, hits (most recent first)."""
+    from kvchat.prefix_cache import Store
+
+    env = Environment()
+    entries = sorted(Store().read_index().values(), key=lambda e: e.last_used, reverse=True)
+    if as_json:
+        rows = [{"key": e.key, "model": e.model, "start": e.start, "end": e.end, "bytes": e.bytes,
+                 "last_used": e.last_used, "hits": e.hits} for e in entries]
+        env.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    if not entries:
+        env.stderr.write("the prefix cache is empty — `kvchat run` fills it with prompts of 256+ tokens\n")
+        return
+    from rich.table import Table
+
+    table = Table("key", "model", "tokens", "size", "last use", "hits", box=None)
+    for e in entries:
+        table.add_row(e.key[:12], e.model, f"{e.start}-{e.end}", format_bytes(e.bytes), _when(e.last_used),
+                      str(e.hits))
+    env.out_console().print(table)
+
+
+@cache_app.command("stats")
+def stats_cmd(as_json: JsonOpt = False) -> None:
+    """Entries, bytes used, the size limit in force, hits, and where the cache lives."""
+    from kvchat.prefix_cache import Store, effective_limit, parse_size
+
+    env = Environment()
+    store = Store()
+    entries = list(store.read_index().values())
+    configured = parse_size(config.setting("prefix_cache_size"))
+    figures: dict[str, Any] = {
+        "path": str(store.folder),
+        "enabled": config.flag_enabled("prefix_cache"),
+        "entries": len(entries),
+        "tokens": sum(e.end - e.start for e in entries),
+        "bytes": sum(e.bytes for e in entries),
+        "limit_bytes": configured,
+        "effective_limit_bytes": effective_limit(configured, store),
+        "hits": sum(e.hits for e in entries),
+        "models": sorted({e.model for e in entries}),
+    }
+    if as_json:
+        env.stdout.write(json.dumps(figures, indent=2) + "\n")
+        return
+    env.stdout.write(
+        f"path     {figures['path']}\n"
+        f"enabled  {'yes' if figures['enabled'] else 'no (prefix_cache setting)'}\n"
+        f"entries  {figures['entries']} ({figures['tokens']} tokens, {figures['hits']} hits)\n"
+        f"size     {format_bytes(figures['bytes'])} of {format_bytes(figures['effective_limit_bytes'])}"
+        f" (limit {format_bytes(configured)}, at most half the free disk)\n"
+        f"models   {', '.join(figures['models']) or '-'}\n"
+    )
+
+
+@cache_app.command("clear")
+def clear_cmd(yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False) -> None:
+    """Delete every stored prefix."""
+    from kvchat.prefix_cache import Store
+
+    env = Environment()
+    if not yes:
+        if not env.stdin_isatty:
+            raise UsageError("not clearing the prefix cache without confirmation", hint="add --yes")
+        if not typer.confirm("Delete every entry of the prefix cache?", default=False, err=True):
+            raise typer.Exit(1)
+    freed = Store().clear()
+    env.stderr.write(f"prefix cache cleared ({format_bytes(freed)} freed)\n")
