@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from kvchat.memory import Budget, FitResult, MemoryPlan, PlanSettings
     from kvchat.model_spec import ModelSpec
     from kvchat.named_session import ContextSettings, NamedSession
+    from kvchat.prefix_cache import PrefixCache
     from kvchat.session import Session, TurnStats
 
 Warn = Callable[[str], None]
@@ -253,6 +254,7 @@ def open_conversation(
         warn_if_cores_contended(probe, request.n_threads, warn)
         session = Session(engine, chat_template_for(engine), sampling or sampling_of(s), s.max_tokens,
                           s.overflow)
+        session.prefix_cache = open_prefix_cache(engine, request, s)
         conv = Conversation(engine, session, named, request, s)
         if named is not None:
             named.settings = conv.context_settings()
@@ -270,6 +272,31 @@ def open_conversation(
         if named is not None:
             named.close()
         raise
+
+
+def open_prefix_cache(engine: Engine, request: LoadRequest, s: Settings) -> PrefixCache | None:
+    """The persistent prefix cache for this engine (None when turned off): its key
+    from the model file's hash and the settings the context was really created with."""
+    from kvchat.engine import backend_version, supports_gpu_offload
+    from kvchat.prefix_cache import Fingerprint, PrefixCache
+    from kvchat.session_store import model_identity
+
+    if not s.prefix_cache or s.prefix_cache_size == 0:
+        return None
+    e = engine.settings
+    fingerprint = Fingerprint(
+        model_sha256=model_identity(request.model_path)["sha256"],
+        model_name=request.model_path.name,
+        type_k=e.type_k.name,
+        type_v=e.type_v.name,
+        flash_attn=engine.flash_attn,
+        swa_full=e.swa_full,
+        n_gpu_layers=e.n_gpu_layers if supports_gpu_offload() else 0,
+        n_batch=e.n_batch,
+        n_ubatch=e.n_ubatch,
+        backend=backend_version(),
+    )
+    return PrefixCache(fingerprint, limit_bytes=s.prefix_cache_size, memory_kind=engine.memory_kind)
 
 
 def switch_conversation(flags: Mapping[str, Any], warn: Warn, name: str | None, sampling: SamplingSettings,
@@ -350,6 +377,9 @@ def turn_record(conv: Conversation, turn: TurnStats, text: str) -> dict[str, Any
         "cache": {
             "reused_tokens": turn.reused_tokens,
             "evaluated_tokens": turn.evaluated_tokens,
+            "prefix_cache_tokens": turn.prefix_cache_tokens,
+            "prefix_cache_restore_s": round(turn.prefix_cache_restore_s, 4),
+            **({"prefix_cache_skipped": turn.prefix_cache_skipped} if turn.prefix_cache_skipped else {}),
         },
         "memory": {
             "n_ctx": memory.n_ctx,

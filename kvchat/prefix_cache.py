@@ -657,25 +657,3 @@ def _skip_reason(memory_kind: str) -> str | None:
                 "prefix and resumed exactly")
     return None
 
-
-def open_for(engine: Any, model_path: Path, *, limit_bytes: int) -> PrefixCache:
-    """The prefix cache for a loaded engine (kvchat.engine.Engine): its fingerprint
-    from the model file's hash and the settings the context was really created with."""
-    from kvchat.engine import backend_version, supports_gpu_offload
-    from kvchat.session_store import model_identity
-
-    settings = engine.settings
-    identity = model_identity(model_path)
-    fingerprint = Fingerprint(
-        model_sha256=identity["sha256"],
-        model_name=model_path.name,
-        type_k=settings.type_k.name,
-        type_v=settings.type_v.name,
-        flash_attn=engine.flash_attn,
-        swa_full=settings.swa_full,
-        n_gpu_layers=settings.n_gpu_layers if supports_gpu_offload() else 0,
-        n_batch=settings.n_batch,
-        n_ubatch=settings.n_ubatch,
-        backend=backend_version(),
-    )
-    return PrefixCache(fingerprint, limit_bytes=limit_bytes, memory_kind=engine.memory_kind)

@@ -155,6 +155,37 @@ def _choice(*choices: str) -> Callable[[Any], str]:
     return parse_choice
 
 
+def _bool(raw: Any) -> bool:
+    """yes/no: true/false, 1/0, yes/no, on/off (a flag gives a bool already)."""
+    if isinstance(raw, bool):
+        return raw
+    value = _text(raw).lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise BadValue("is not yes or no (true/false, 1/0, on/off)")
+
+
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def parse_size(raw: Any) -> int:
+    """A size in bytes: 4G, 500M, 2GiB, 1048576 (K/M/G/T are powers of 1024)."""
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        value: float = raw
+    else:
+        text = _text(raw).lower().removesuffix("ib").removesuffix("b")
+        unit = text[-1:] if text[-1:] in _SIZE_UNITS else ""
+        try:
+            value = float(text[: len(text) - len(unit)]) * _SIZE_UNITS[unit]
+        except ValueError:
+            raise BadValue("is not a size (e.g. 4G, 500M or 2GiB)") from None
+    if not math.isfinite(value) or value < 0:
+        raise BadValue("is not a size (e.g. 4G, 500M or 2GiB)")
+    return int(value)
+
+
 def _threads(raw: Any) -> int:
     return _int(raw, 1, 4096, "a thread count")
 
@@ -189,6 +220,10 @@ SETTINGS: dict[str, Setting[Any]] = {
                 "when the context is full: shift or stop"),
         Setting("recent_chats", lambda raw: _int(raw, 0, 10_000), 20, None,
                 "unnamed chats kept as auto-* sessions (0: none)"),
+        Setting("prefix_cache", _bool, True, "--prefix-cache",
+                "reuse and store prompt starts on disk (kvchat cache)"),
+        Setting("prefix_cache_size", parse_size, "4G", "--prefix-cache-size",
+                "size limit of the prefix cache (never more than half the free disk)"),
     )
 }
 
@@ -246,6 +281,8 @@ class Settings:
     system: str | None = None
     overflow: str = "shift"
     recent_chats: int = 20
+    prefix_cache: bool = True
+    prefix_cache_size: int = 4 * 1024**3
     sources: Mapping[str, Source] = field(default_factory=dict)
     # Values from the environment or config file that a saved session overrode.
     overridden: tuple[str, ...] = ()

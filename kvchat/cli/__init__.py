@@ -47,6 +47,7 @@ def _root(
 
 
 from kvchat.cli import bench as _bench  # noqa: E402,F401
+from kvchat.cli import cache as _cache  # noqa: E402,F401
 from kvchat.cli import chat as _chat  # noqa: E402,F401
 from kvchat.cli import estimate as _estimate  # noqa: E402,F401
 from kvchat.cli import models as _models  # noqa: E402,F401

@@ -8,11 +8,10 @@ from typing import Annotated, Any
 
 import typer
 
-from kvchat import config
 from kvchat.cli import app
 from kvchat.errors import UsageError
 from kvchat.ui.environment import Environment
-from kvchat.ui.render import format_bytes
+from kvchat.units import format_bytes
 
 cache_app = typer.Typer(help="The prefix cache: prompt starts kept on disk for `run` and `chat`.",
                         no_args_is_help=True)
@@ -52,15 +51,17 @@ def list_cmd(as_json: JsonOpt = False) -> None:
 @cache_app.command("stats")
 def stats_cmd(as_json: JsonOpt = False) -> None:
     """Entries, bytes used, the size limit in force, hits, and where the cache lives."""
-    from kvchat.prefix_cache import Store, effective_limit, parse_size
+    from kvchat.prefix_cache import Store, effective_limit
+    from kvchat.settings import resolve
 
     env = Environment()
     store = Store()
     entries = list(store.read_index().values())
-    configured = parse_size(config.setting("prefix_cache_size"))
+    s = resolve()
+    configured = s.prefix_cache_size
     figures: dict[str, Any] = {
         "path": str(store.folder),
-        "enabled": config.flag_enabled("prefix_cache"),
+        "enabled": s.prefix_cache,
         "entries": len(entries),
         "tokens": sum(e.end - e.start for e in entries),
         "bytes": sum(e.bytes for e in entries),

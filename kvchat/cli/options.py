@@ -79,6 +79,14 @@ CONVERSATION = (
     _option("overflow", Annotated[Optional[str], typer.Option(
         "--overflow", help="When the context is full: shift (drop oldest turns) or stop.")]),
 )
+PREFIX_CACHE = (
+    _option("prefix_cache", Annotated[Optional[bool], typer.Option(
+        "--prefix-cache/--no-prefix-cache", show_default=False,
+        help="Reuse and store prompt starts on disk (default on; see `kvchat cache`).")]),
+    _option("prefix_cache_size", Annotated[Optional[str], typer.Option(
+        "--prefix-cache-size", metavar="SIZE",
+        help="Prefix cache size limit, like 4G or 500M (default 4G).")]),
+)
 SESSION = (
     _option("session_name", Annotated[Optional[str], typer.Option(
         "--session", "-S", help="Named session: resume it (KV state restored) and save each turn.")]),
@@ -94,7 +102,7 @@ JSON = (
 
 # Every option a chat (run or chat) takes, in --help order.
 CHAT_OPTIONS = (*MODEL, *CTX, *CACHE_TYPES, *FLASH_ATTN, *DEVICES, *THREADS, *BATCH, *SAMPLING, *CONVERSATION,
-                *SESSION, *VERBOSE)
+                *PREFIX_CACHE, *SESSION, *VERBOSE)
 # Names that are settings (kvchat.settings) rather than command switches.
 _NOT_SETTINGS = {"session_name", "rebuild", "verbose", "as_json"}
 

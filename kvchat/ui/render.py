@@ -11,11 +11,19 @@ if TYPE_CHECKING:
     from kvchat.session import TurnStats
 
 
+def prefix_cache_text(turn: TurnStats) -> str:
+    """'N tokens from the prefix cache' when the turn restored any, else ''."""
+    n = turn.prefix_cache_tokens
+    return f"{n} tokens from the prefix cache ({turn.prefix_cache_restore_s:.3f}s)" if n else ""
+
+
 def stats_line(turn: TurnStats, load_s: float, memory: MemoryFigures | None = None) -> str:
+    from_disk = prefix_cache_text(turn)
     line = (
         f"load {load_s:.2f}s · prompt {turn.prompt_tokens} tok "
         f"({turn.reused_tokens} cached, {turn.evaluated_tokens} evaluated) · "
-        f"prefill {turn.prefill_tok_s:.1f} tok/s · ttft {turn.ttft_s:.3f}s · "
+        + (f"{from_disk} · " if from_disk else "")
+        + f"prefill {turn.prefill_tok_s:.1f} tok/s · ttft {turn.ttft_s:.3f}s · "
         f"decode {turn.completion_tokens} tok at {turn.decode_tok_s:.1f} tok/s · "
         f"stop: {turn.stop_reason}"
     )

@@ -325,6 +325,8 @@ class ChatRepl:
             else:
                 summary = _summary(turn, self.kv_fill(), self.sampler.latest, self.device)
                 self.say(wrap_segments(summary, self.console.width), style="dim")
+            if turn.prefix_cache_skipped:
+                self.env.warn(turn.prefix_cache_skipped)
             if turn.dropped_turns:
                 self.env.warn(f"context full: dropped the {turn.dropped_turns} oldest turn(s) "
                               f"({turn.dropped_tokens} tokens) to make room")

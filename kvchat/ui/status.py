@@ -22,6 +22,7 @@ from rich.theme import Theme
 
 from kvchat.hardware import HardwareSample
 from kvchat.monitor import KvFill, TokenMeter
+from kvchat.ui.render import prefix_cache_text
 from kvchat.units import format_bytes
 
 SEP = " · "
@@ -83,10 +84,12 @@ def status_text(
 
 def summary_text(turn: Any, kv: KvFill, hw: HardwareSample, device: DeviceInfo) -> str:
     """The line that stays under a reply: the turn's figures from `session.last_turn`."""
+    from_disk = prefix_cache_text(turn)
     parts = [
         f"{turn.completion_tokens} tok",
         f"prefill {turn.evaluated_tokens} tok at {_rate(turn.prefill_tok_s)} tok/s "
         f"({turn.reused_tokens} cached)",
+        *([from_disk] if from_disk else []),
         f"ttft {turn.ttft_s:.2f}s",
         f"decode {_rate(turn.decode_tok_s)} tok/s",
         kv_text(kv),
