@@ -72,7 +72,8 @@ def test_json_schema(kvchat, model_path: Path) -> None:
     usage = record["usage"]
     assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] == 6
     assert record["stop_reason"] == "length"
-    assert record["cache"] == {"reused_tokens": 0, "evaluated_tokens": usage["prompt_tokens"]}
+    assert record["cache"] == {"reused_tokens": 0, "evaluated_tokens": usage["prompt_tokens"],
+                               "prefix_cache_tokens": 0, "prefix_cache_restore_s": 0.0}
     timings = record["timings"]
     assert set(timings) == {"load_s", "ttft_s", "prefill_tok_s", "decode_tok_s"}
     assert all(value > 0 for value in timings.values())
@@ -264,6 +265,7 @@ def test_paths_shows_where_files_live(kvchat, kv_env: dict[str, str], model_path
     assert result.returncode == 0
     rows = json.loads(result.stdout)
     assert rows["sessions"] == str(Path(kv_env["KVCHAT_HOME"]) / "sessions")
+    assert rows["prefix cache"] == str(Path(kv_env["KVCHAT_HOME"]) / "prefix-cache")
     assert rows["models (Hugging Face cache)"] == str(Path(kv_env["HF_HOME"]) / "hub")
     assert rows["default model"] == str(model_path)
 
