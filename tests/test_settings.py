@@ -114,13 +114,29 @@ def test_every_config_key_is_used(home: Path) -> None:
               "cache_type_v": "'q8_0'", "flash_attn": "'on'", "ngl": "0", "threads": "1", "batch": "64",
               "max_tokens": "9", "temperature": "0.1", "top_k": "5", "top_p": "0.5", "min_p": "0.2",
               "repeat_penalty": "1.1", "seed": "3", "system": "'terse'", "overflow": "'stop'",
-              "recent_chats": "5"}
+              "recent_chats": "5", "prefix_cache": "false", "prefix_cache_size": "'500M'"}
     assert set(values) == set(SETTINGS)
     _config(home, "[defaults]\n" + "".join(f"{k} = {v}\n" for k, v in values.items()))
     got = resolve()
     assert all(got.sources[k] == "config" for k in values)
     assert (got.batch, got.ngl, got.threads, got.ctx_max, got.repeat_penalty) == (64, 0, 1, 4096, 1.1)
     assert got.recent_chats == 5
+    assert (got.prefix_cache, got.prefix_cache_size) == (False, 500 * 1024**2)
+
+
+@pytest.mark.parametrize(("raw", "size"), [("4G", 4 * 1024**3), ("500M", 500 * 1024**2),
+                                           ("2GiB", 2 * 1024**3), ("1.5k", 1536), (1024, 1024), ("0", 0)])
+def test_prefix_cache_sizes(home: Path, raw: object, size: int) -> None:
+    assert resolve({"prefix_cache_size": raw}).prefix_cache_size == size
+
+
+@pytest.mark.parametrize(("name", "raw"), [("prefix_cache_size", "lots"), ("prefix_cache_size", "-1G"),
+                                           ("prefix_cache", "maybe")])
+def test_bad_prefix_cache_values_are_refused(home: Path, monkeypatch: pytest.MonkeyPatch, name: str,
+                                             raw: str) -> None:
+    monkeypatch.setenv(f"KVCHAT_{name.upper()}", raw)
+    with pytest.raises(UsageError, match=f"KVCHAT_{name.upper()}"):
+        resolve()
 
 
 @pytest.mark.parametrize("value", ["1e30", "99999999", "4294967808", str(MAX_CTX + 1), "1", str(MIN_CTX - 1)])
