@@ -49,6 +49,7 @@ from kvchat.units import format_bytes
 
 if TYPE_CHECKING:
     from kvchat.app import Conversation
+    from kvchat.named_session import NamedSession
 
 KEYS_HELP = (
     "Enter sends · Alt-Enter (or Esc Enter): new line · Tab completes /commands · "
@@ -167,7 +168,7 @@ class ChatRepl:
         # Unnamed chats are kept as recent chats (session_store.RECENT_PREFIX), the newest
         # `recent_keep` of them; 0 turns that off, and leaving then asks first.
         self._recent_keep = recent_keep
-        self._recent: Any = None  # the NamedSession the unnamed chat is kept in
+        self._recent: NamedSession | None = None  # where the unnamed chat is kept
         self._saved_tokens: list[int] | None = None  # what /save last wrote of an unnamed chat
         self._confirm: str | None = None  # the command that was refused once and is now allowed
         self._use(setup)

@@ -17,6 +17,7 @@ from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderR
 from rich.live import Live
 from rich.live_render import LiveRender
 from rich.markdown import Markdown
+from rich.segment import Segment
 from rich.text import Text
 from rich.theme import Theme
 
@@ -174,6 +175,7 @@ class ReflowingLiveRender(LiveRender):
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         widths = [0]
         for segment in super().__rich_console__(console, options):
+            assert isinstance(segment, Segment)  # LiveRender yields segments
             if segment.text == "\n" and not segment.control:
                 widths.append(0)
             else:
