@@ -18,6 +18,7 @@ from kvchat import registry
 from kvchat.cli import app
 from kvchat.errors import ModelNotFoundError, UsageError
 from kvchat.ui.environment import Environment
+from kvchat.ui.render import safe_text
 from kvchat.ui.tables import TableData, print_table
 from kvchat.units import format_bytes
 
@@ -281,10 +282,11 @@ def show(
     if "remote_bytes_fetched" in info:
         lines.append(("read remotely", f"{format_bytes(info['remote_bytes_fetched'])} (header only)"))
     width = max(len(k) for k, _ in lines)
-    for key, value in lines:
-        env.stdout.write(f"{key:<{width}}  {value}\n")
+    for key, value in lines:  # values come from the file: escaped and cut
+        env.stdout.write(f"{key:<{width}}  {safe_text(value, limit=300)}\n")
     if chat_template:
-        env.stdout.write("\nchat template:\n" + chat_template.rstrip("\n") + "\n")
+        template = safe_text(chat_template.rstrip("\n"), None, multiline=True)  # from the file
+        env.stdout.write("\nchat template:\n" + template + "\n")
 
 
 @app.command()
