@@ -192,7 +192,7 @@ def test_bad_input_table(name: str, kv_env: dict[str, str], model_path: Path) ->
     result = _run([_expand(a, home) for a in case.args], env, case.stdin)
     stderr = result.stderr.decode("utf-8", "replace")
     assert result.returncode == case.code, (result.returncode, stderr)
-    lines = stderr.strip().splitlines()
+    lines = _error_lines(result.stderr)
     assert len(lines) == 1 and "Traceback" not in stderr, stderr
     assert lines[0].startswith("kvchat: error: " + case.first_words), lines[0]
 
@@ -430,7 +430,8 @@ def test_a_refused_kv_state_exits_7(kvchat, kv_env: dict[str, str]) -> None:
     session_store.save(path, record, saved.tokens, b"\x01" * 64)  # checksum valid, state garbage
     result = kvchat("run", "--session", "k", "--max-tokens", "2", "Again")
     assert result.returncode == ExitCode.SESSION, result.stderr
-    assert "KV state" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    errors = _error_lines(result.stderr.encode())
+    assert len(errors) == 1 and "KV state" in errors[0]
 
 
 # -- 18: text from files ------------------------------------------------------------------
