@@ -147,5 +147,5 @@ def test_list_survives_any_record(kv_env: dict[str, str]) -> None:
         path.rename(folder / f"bad{i}.kvs")
     (folder / "dir.kvs").mkdir()
     infos = {i.name: i for i in session_store.list_sessions()}
-    assert infos["good"].model == "model.gguf"
+    assert infos["good"].model == "model"
     assert {n for n, i in infos.items() if i.model == "(damaged)"} == {"bad0", "bad1", "bad2", "bad3", "dir"}

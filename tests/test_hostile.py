@@ -415,7 +415,7 @@ def test_one_bad_session_does_not_hide_the_others(kvchat, kv_env: dict[str, str]
     result = kvchat("sessions", "list", "--json")
     assert result.returncode == 0, result.stderr
     rows = {r["name"]: r for r in json.loads(result.stdout)}
-    assert rows["good"]["model"] == "model.gguf"
+    assert rows["good"]["model"] == "model"
     assert rows["bad"]["model"] == "(damaged)" and rows["dir"]["model"] == "(damaged)"
 
 
@@ -445,13 +445,18 @@ def test_escape_sequences_from_files_never_reach_the_terminal(
 
     md, tensors = tiny_model_parts(model_path)
     md["general.name"] = Value(STR, "\x1b]0;pwned\x07\x1b[31mred" + "n" * 5000)
+    md["general.architecture"] = Value(STR, "llama")
+    md["tokenizer.chat_template"] = Value(
+        STR, "{{ '\x1b]0;pwned\x07' }}{% for m in messages %}{{ m.content }}{% endfor %}"
+    )
     named = tmp_path / "named.gguf"
     named.write_bytes(write_gguf_bytes(md, tensors))
     for args in (("show", str(named)), ("estimate", str(named), "--ctx", "256")):
         result = kvchat(*args)
         assert result.returncode == 0, result.stderr
-        assert "\x1b" not in result.stdout and "\\x1b]0;pwned\\x07" in result.stdout
+        assert "\x1b" not in result.stdout
         assert max(len(line) for line in result.stdout.splitlines()) < 1000
+    assert "\\x1b]0;pwned\\x07" in kvchat("show", str(named)).stdout  # the template, shown escaped
     md, tensors = tiny_model_parts(model_path)
     noise = "\x1b[2J" * 100_000
     md[noise + "a"] = Value(U8, 1)
