@@ -19,6 +19,7 @@ from kvchat import settings as settings_mod
 from kvchat.cache_types import CacheType, flash_attn_enabled, fused_kernel_warning, resolve_flash_attn
 from kvchat.engine_api import SamplingSettings
 from kvchat.errors import OutOfMemoryError
+from kvchat.limits import check_explicit_ctx, forced
 from kvchat.settings import Settings
 
 if TYPE_CHECKING:
@@ -139,6 +140,9 @@ def resolve_load(s: Settings, warn: Warn) -> LoadRequest:
         if s.ngl is None:
             found = gpu_layers_that_fit(spec, replace(base, n_ctx=n_ctx), budget)
             n_gpu_layers = 0 if found is None else found
+        for warning in check_explicit_ctx(spec, replace(base, n_gpu_layers=n_gpu_layers), budget, n_ctx,
+                                          force=forced()):
+            warn(warning)
         if spec.n_ctx_train and n_ctx > spec.n_ctx_train:
             warn(f"--ctx {n_ctx} is above the model's training context ({spec.n_ctx_train}); "
                  "answers may degrade past it")
@@ -346,6 +350,13 @@ def memory_figures(conv: Conversation) -> MemoryFigures:
                          hardware.rss_bytes(), vram)
 
 
+def rebuilt_cache_counts(reused: int, evaluated: int, rebuilt: int) -> dict[str, int]:
+    """A turn's cache figures where tokens `--rebuild` re-evaluated before the turn
+    count as evaluated (llama.cpp did that work in this run), not as reused."""
+    moved = min(rebuilt, reused)
+    return {"reused_tokens": reused - moved, "evaluated_tokens": evaluated + moved, "rebuilt_tokens": moved}
+
+
 def turn_record(conv: Conversation, turn: TurnStats, text: str) -> dict[str, Any]:
     """The JSON record of one turn (`run --json`)."""
     engine, request, session = conv.engine, conv.request, conv.session
@@ -375,8 +386,7 @@ def turn_record(conv: Conversation, turn: TurnStats, text: str) -> dict[str, Any
             "completion_tokens": turn.completion_tokens,
         },
         "cache": {
-            "reused_tokens": turn.reused_tokens,
-            "evaluated_tokens": turn.evaluated_tokens,
+            **rebuilt_cache_counts(turn.reused_tokens, turn.evaluated_tokens, conv.rebuilt_tokens),
             "prefix_cache_tokens": turn.prefix_cache_tokens,
             "prefix_cache_restore_s": round(turn.prefix_cache_restore_s, 4),
             **({"prefix_cache_skipped": turn.prefix_cache_skipped} if turn.prefix_cache_skipped else {}),
@@ -466,9 +476,18 @@ def estimate(s: Settings, contexts: list[int] | None, budget: Budget, *, swa_ful
     plans = [plan_memory(spec, replace(base, n_ctx=n)) for n in contexts]
     for plan in plans:
         warnings.extend(plan.warnings)
-    fitted = fit(spec, base, budget) if budget.gpu_names else None
-    return Estimate(spec, label, fetched, budget, base, plans, largest_ctx(spec, base, budget), fitted,
-                    warnings)
+    # A model without a training length (context_length 0) is capped as `run --ctx auto`
+    # caps it (ctx_max), so the plan above and "largest context" agree.
+    top = largest_ctx_cap(s, spec)
+    fitted = fit(spec, base, budget, max_ctx=top) if budget.gpu_names else None
+    return Estimate(spec, label, fetched, budget, base, plans, largest_ctx(spec, base, budget, max_ctx=top),
+                    fitted, warnings)
+
+
+def largest_ctx_cap(s: Settings, spec: ModelSpec) -> int:
+    """The top of estimate's "largest context" search: the training length, or
+    ctx_max for a model that states none."""
+    return spec.n_ctx_train or s.ctx_max
 
 
 def exact_buffers(model_path: Path, plan: MemoryPlan) -> dict[str, int]:

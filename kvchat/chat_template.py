@@ -7,14 +7,24 @@ llama.cpp and transformers do, so a template can read but never change anything.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from datetime import date
 from typing import Any
 
 from jinja2 import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.runtime import Context
+from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
 
 from kvchat.errors import ModelFormatError
+
+# A template is code from a downloaded file: each render gets a time budget and an
+# output budget (on top of what the messages themselves bring), and no single value
+# it builds (`'x' * 10**8`, a doubled string) may grow past MAX_VALUE_CHARS.
+RENDER_TIMEOUT_S = 2.0
+MAX_TEMPLATE_CHARS = 1 << 20
+MAX_VALUE_CHARS = 1 << 22
+_CHECK_EVERY = 1024
 
 CHATML = (
     "{% for message in messages %}"
@@ -34,18 +44,99 @@ def _strftime_now(fmt: str) -> str:
     return date.today().strftime(fmt)
 
 
+class TemplateLimitError(ModelFormatError):
+    """The template ran too long or produced too much: broken or hostile."""
+
+
+class _Budget:
+    """The deadline of the render in progress."""
+
+    def __init__(self) -> None:
+        self.deadline = float("inf")
+        self.ticks = 0
+
+    def tick(self) -> None:
+        self.ticks += 1
+        if self.ticks % _CHECK_EVERY == 0:
+            self.check()
+
+    def check(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise TemplateLimitError(
+                f"the model's chat template ran for more than {RENDER_TIMEOUT_S:g} s",
+                hint="the template is broken or hostile; use another model or file",
+            )
+
+
+def _too_big(value: object) -> bool:
+    return isinstance(value, (str, bytes, list, tuple)) and len(value) > MAX_VALUE_CHARS
+
+
+class _LimitedEnvironment(ImmutableSandboxedEnvironment):
+    """The sandbox with time checks in loops and calls and size checks on operators."""
+
+    intercepted_binops = frozenset({"*", "**", "+"})
+
+    def __init__(self, budget: _Budget, **options: Any) -> None:
+        super().__init__(**options)
+        self.budget = budget
+        self.globals["range"] = self._range
+
+    def _range(self, *args: int) -> Iterator[int]:
+        budget = self.budget
+        budget.check()
+        for i in safe_range(*args):
+            budget.tick()
+            yield i
+
+    def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
+        self.budget.tick()
+        if operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(right) > 64 \
+                and abs(left) > 1:
+            raise TemplateLimitError(
+                "the model's chat template computes a huge power",
+                hint="the template is broken or hostile; use another model or file",
+            )
+        if operator == "*" and isinstance(right, int) and isinstance(left, (str, list, tuple)):
+            left, right = right, left
+        if operator == "*" and isinstance(left, int) and isinstance(right, (str, list, tuple)) \
+                and left * len(right) > MAX_VALUE_CHARS:
+            raise TemplateLimitError(
+                f"the model's chat template builds a value of {left * len(right)} items",
+                hint="the template is broken or hostile; use another model or file",
+            )
+        result = super().call_binop(context, operator, left, right)
+        if _too_big(result):
+            raise TemplateLimitError(
+                f"the model's chat template builds a value of {len(result)} items",
+                hint="the template is broken or hostile; use another model or file",
+            )
+        return result
+
+    def call(self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        self.budget.check()
+        result = super().call(__context, __obj, *args, **kwargs)
+        if _too_big(result):
+            raise TemplateLimitError(
+                f"the model's chat template builds a value of {len(result)} items",
+                hint="the template is broken or hostile; use another model or file",
+            )
+        return result
+
+
 class ChatTemplate:
     """A compiled chat template with the model's BOS/EOS token texts."""
 
     def __init__(self, source: str | None, *, bos_token: str = "", eos_token: str = "") -> None:
         self.source = source or CHATML
         self.is_default = source is None
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        self._budget = _Budget()
+        env = _LimitedEnvironment(self._budget, trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise_exception
         env.globals["strftime_now"] = _strftime_now
         try:
             self._template = env.from_string(self.source)
-        except TemplateError as exc:
+        except (TemplateError, RecursionError, MemoryError, ValueError, OverflowError) as exc:
             raise ModelFormatError(
                 f"the model's chat template does not compile: {exc}",
                 hint="report it to the model's author; kvchat cannot chat with it",
@@ -60,13 +151,36 @@ class ChatTemplate:
             "bos_token": self.bos_token,
             "eos_token": self.eos_token,
         }
+        limit = MAX_TEMPLATE_CHARS + 2 * sum(len(str(m.get("content", ""))) for m in messages)
+        self._budget.deadline = time.monotonic() + RENDER_TIMEOUT_S
+        parts: list[str] = []
+        size = 0
         try:
-            return self._template.render(**context)
+            for piece in self._template.generate(**context):
+                size += len(piece)
+                if size > limit:
+                    raise TemplateLimitError(
+                        f"the model's chat template produced more than {limit} characters",
+                        hint="the template is broken or hostile; use another model or file",
+                    )
+                parts.append(piece)
+                self._budget.tick()
+        except TemplateLimitError:
+            raise
         except TemplateError as exc:
             raise ModelFormatError(
-                f"the model's chat template failed: {exc}",
+                f"the model's chat template failed: {str(exc)[:200]}",
                 hint="check the roles of the messages (system first, then user/assistant)",
             ) from exc
+        except (RecursionError, MemoryError, OverflowError, ArithmeticError, TypeError, ValueError,
+                AttributeError, IndexError, KeyError) as exc:
+            raise ModelFormatError(
+                f"the model's chat template failed: {type(exc).__name__}: {str(exc)[:200]}",
+                hint="the template is broken; use another model or file",
+            ) from exc
+        finally:
+            self._budget.deadline = float("inf")
+        return "".join(parts)
 
 
 _SENTINELS = ("\x00kvchat-a\x00", "\x00kvchat-b\x00", "\x00kvchat-c\x00")
@@ -95,6 +209,8 @@ def preamble_length(template: ChatTemplate) -> int:
             ],
             add_generation_prompt=False,
         )
+    except TemplateLimitError:
+        raise
     except ModelFormatError:
         return 0
     if not three.startswith(pair) or two not in three or one not in first:

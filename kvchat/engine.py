@@ -23,8 +23,11 @@ import llama_cpp.llama_cpp as llama
 
 from kvchat.cache_types import CacheType, flash_attn_enabled
 from kvchat.engine_api import PerfCounters, SamplingSettings, TokenEvent
-from kvchat.errors import KvchatError, ModelLoadError, UsageError
+from kvchat.errors import KvchatError, ModelLoadError, SessionError, UsageError
+from kvchat.gguf import read_model_header_file
 from kvchat.llama_log import BufferSizes, parse_load_log
+from kvchat.model_spec import check_loadable, spec_from_header
+from kvchat.settings import MIN_CTX
 
 if TYPE_CHECKING:
     import numpy as np
@@ -57,22 +60,33 @@ class EngineSettings:
     verbose: bool = False
 
 
+_MAX_KEPT_LINE = 4096  # a 1 MiB general.name echoed in the log is not kept whole
+
+
 class _Log:
     """Process-wide llama.cpp log sink: records lines, echoes them when verbose."""
 
     def __init__(self) -> None:
         self.lines: list[str] = []
         self.echo = False
-        self._partial = ""
+        self._partial: list[str] = []
+        self._partial_len = 0
         self._lock = threading.Lock()
 
     def write(self, text: str) -> None:
+        """Linear in what arrives: a line fed in many pieces is joined once, and
+        what is kept of each line is cut to _MAX_KEPT_LINE characters."""
         with self._lock:
             if self.echo:
                 sys.stderr.write(text)
-            self._partial += text
-            *complete, self._partial = self._partial.split("\n")
-            self.lines.extend(complete)
+            *complete, rest = text.split("\n")
+            if complete:
+                first = "".join([*self._partial, complete[0]])
+                self._partial, self._partial_len = [], 0
+                self.lines.extend(line[:_MAX_KEPT_LINE] for line in (first, *complete[1:]))
+            if rest and self._partial_len < _MAX_KEPT_LINE:
+                self._partial.append(rest)
+                self._partial_len += len(rest)
 
     def mark(self) -> int:
         with self._lock:
@@ -142,6 +156,14 @@ class Engine:
             self.flash_attn = report.flash_attn  # what llama.cpp resolved auto to
 
     def _load(self, model_path: Path, settings: EngineSettings) -> None:
+        # kvchat's own checks come first on every path (run, chat, bench, estimate
+        # --exact): llama.cpp aborts the process on files and sizes it could refuse.
+        header = read_model_header_file(str(model_path))
+        spec_from_header(header)
+        check_loadable(header)
+        if settings.n_ctx < MIN_CTX:
+            raise UsageError(f"a {settings.n_ctx}-token context is too small",
+                             hint=f"use at least {MIN_CTX} tokens")
         mparams = llama.llama_model_default_params()
         mparams.n_gpu_layers = settings.n_gpu_layers
         model = llama.llama_model_load_from_file(str(model_path).encode(), mparams)
@@ -422,7 +444,14 @@ class Engine:
         buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
         read = llama.llama_state_seq_set_data(self._ctx, buf, len(data), 0)
         if read == 0:
-            raise KvchatError("llama.cpp refused the saved KV state", hint="use --rebuild")
+            raise SessionError("llama.cpp refused the saved KV state", hint="use --rebuild")
+        cells = llama.llama_memory_seq_pos_max(self._memory, 0) + 1
+        if cells != n_tokens:
+            self.kv_clear()
+            raise SessionError(
+                f"the saved KV state holds {cells} positions but its record says {n_tokens}",
+                hint="the session file is inconsistent; use --rebuild",
+            )
         self.n_past = n_tokens
 
     # -- counters ----------------------------------------------------------------

@@ -41,6 +41,10 @@ MAX_STRING_BYTES = 64 * 1024 * 1024
 MAX_ARRAY_ITEMS = 1 << 28
 MAX_ITEMS = 1 << 24  # key/value pairs or tensors
 _CHUNK = 64 * 1024
+MIN_ALIGNMENT = 8
+MAX_ALIGNMENT = 1 << 20
+# Bytes tolerated after the end of the last tensor's data (padding, a stray footer).
+MAX_TRAILING_BYTES = 16 * 1024 * 1024
 
 # (block size in elements, bytes per block) for every ggml type id
 # (ggml/include/ggml.h enum ggml_type; sizes from the block structs in ggml-common.h).
@@ -173,6 +177,15 @@ class StringArray(Sequence[str]):
                 at += 8 + length
             self._items = items
         return self._items
+
+    def raw_items(self) -> Iterator[bytes]:
+        """The items as stored (bytes), without decoding."""
+        unpack = struct.Struct(self._endian + "Q").unpack_from
+        raw, at = self._raw, 0
+        for _ in range(self._count):
+            (length,) = unpack(raw, at)
+            yield raw[at + 8 : at + 8 + length]
+            at += 8 + length
 
     def __len__(self) -> int:
         return self._count
@@ -405,11 +418,13 @@ def read_header(stream: Stream) -> GGUFHeader:
         value_types[key] = vtype
 
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
-    if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0 or alignment & (
-        alignment - 1
-    ):
+    # gguf.md: "a power of two ... must be a multiple of 8"; llama.cpp's mmap'd tensors
+    # need it (ggml asserts on misaligned data, general.alignment=1 aborted the process).
+    if (not isinstance(alignment, int) or isinstance(alignment, bool) or alignment < MIN_ALIGNMENT
+            or alignment > MAX_ALIGNMENT or alignment & (alignment - 1)):
         raise ModelFormatError(
-            f"GGUF header is corrupt: general.alignment {alignment!r} is not a power of two",
+            f"GGUF header is corrupt: general.alignment {_short(alignment)} is not a power of two "
+            f"from {MIN_ALIGNMENT} to {MAX_ALIGNMENT}",
             hint="the file is damaged",
         )
 
@@ -422,12 +437,22 @@ def read_header(stream: Stream) -> GGUFHeader:
     data_offset = -(-header_size // alignment) * alignment
     file_size = None if size is None else size - start
     if file_size is not None:
+        data_end = data_offset
         for t in tensors:
-            if data_offset + t.offset + t.n_bytes > file_size:
+            end = data_offset + t.offset + t.n_bytes
+            if end > file_size:
                 raise ModelFormatError(
                     f"GGUF file is truncated: tensor '{t.name}' ends past the end of the file",
                     hint="the download is incomplete; fetch the file again",
                 )
+            data_end = max(data_end, end)
+        # llama.cpp maps the whole file with MAP_POPULATE: gigabytes of junk after the
+        # last tensor would all be read into memory (a 64 GiB tail reached 20 GiB RSS).
+        if tensors and file_size - data_end > MAX_TRAILING_BYTES:
+            raise ModelFormatError(
+                f"GGUF file has {file_size - data_end} bytes after its last tensor",
+                hint="the file is damaged (or two files were joined); download it again",
+            )
     with contextlib.suppress(AttributeError, OSError, ValueError):
         stream.seek(reader.pos)  # leave the stream at the header's end
     return GGUFHeader(
@@ -441,6 +466,12 @@ def read_header(stream: Stream) -> GGUFHeader:
         big_endian=endian == ">",
         value_types=value_types,
     )
+
+
+def _short(value: object, limit: int = 60) -> str:
+    """A value from the file for an error message: repr, cut to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _tensor_info(p: _Parser, i: int, names: set[str], alignment: int) -> TensorInfo:

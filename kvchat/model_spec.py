@@ -10,11 +10,12 @@ tensor by layer (for GPU placement).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from kvchat.errors import ModelFormatError
-from kvchat.gguf import GGUFHeader, iter_layer_tensors
+from kvchat.gguf import GGUFHeader, StringArray, iter_layer_tensors
 
 # Architectures llama.cpp runs without any KV memory (encoders, diffusion models):
 # llama_model::create_memory returns nullptr for them.
@@ -270,6 +271,8 @@ def spec_from_header(header: GGUFHeader) -> ModelSpec:
     m = _Meta(md, arch, n_layer)
     n_embd = m.uint("embedding_length", required=True)
     n_ctx_train = m.uint("context_length", required=True)
+    if n_ctx_train >= 1 << 31:  # llama.cpp's int32 would read it as negative
+        raise ModelFormatError(f"{arch}.context_length is {n_ctx_train}", hint="the file is damaged")
     n_layer_nextn = min(m.uint("nextn_predict_layers"), n_layer)
     n_head = m.per_layer("attention.head_count", 0)
     # head_count_kv defaults to head_count (llama-model.cpp: "n_head_kv is optional")
@@ -363,6 +366,31 @@ def _kv_from_start(m: _Meta, arch: str, n_layer: int) -> int:
     if arch == "gemma4":
         return n_layer - m.uint("attention.shared_kv_layers")
     return -1
+
+
+def check_loadable(header: GGUFHeader) -> None:
+    """What llama.cpp would abort on (GGML_ASSERT) instead of refusing cleanly
+    (src/llama-vocab.cpp): no vocabulary at all (tokenizing then hits
+    GGML_ASSERT(type != LLAMA_VOCAB_TYPE_NONE)) and duplicate token strings
+    (GGML_ASSERT(id_to_token.size() == token_to_id.size())), and a negative or NaN
+    norm epsilon (ggml-cpu/ops.cpp GGML_ASSERT(eps >= 0.0f))."""
+    md = header.metadata
+    for key, value in md.items():
+        if key.endswith("epsilon") and (not isinstance(value, (int, float)) or not 0 <= value < float("inf")):
+            raise ModelFormatError(f"GGUF metadata {key} = {value!r} is not a small positive number",
+                                   hint="the file is damaged")
+    model = md.get("tokenizer.ggml.model")
+    tokens = md.get("tokenizer.ggml.tokens")
+    if model in (None, "none", "no_vocab") or not isinstance(tokens, Sequence) or isinstance(tokens, str) \
+            or len(tokens) == 0:
+        raise ModelFormatError("the model has no tokenizer vocabulary",
+                               hint="kvchat chats with text models; this file cannot tokenize text")
+    # llama.cpp reads each token as a C string: text after a NUL byte is lost, so
+    # "a\0x" and "a\0y" are the same token to it
+    items = tokens.raw_items() if isinstance(tokens, StringArray) else (str(t).encode() for t in tokens)
+    if len({item.split(b"\0", 1)[0] for item in items}) != len(tokens):
+        raise ModelFormatError("the model's vocabulary lists the same token twice",
+                               hint="the file is damaged; download it again")
 
 
 def read_spec(path: str) -> ModelSpec:

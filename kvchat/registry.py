@@ -117,8 +117,12 @@ def check_gguf_file(path: Path) -> Path:
         raise ModelNotFoundError(f"no such model file: {path}", hint="check the path")
     if not path.is_file():
         raise ModelFormatError(f"{path} is not a file", hint="pass a .gguf file")
-    with path.open("rb") as fh:
-        magic = fh.read(4)
+    try:
+        with path.open("rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise KvchatError(f"cannot read the model file {path}: {exc.strerror or exc}",
+                          hint="check the file's permissions") from None
     if magic != GGUF_MAGIC:
         raise ModelFormatError(
             f"{path} is not a GGUF file", hint="kvchat runs GGUF models; convert it or pick a .gguf"
@@ -177,6 +181,19 @@ def _parse_catalogue(text: str, source: str, base: dict[str, CatalogEntry]) -> d
                 f"{source}: models.{name}: unknown key(s) {', '.join(unknown)}",
                 hint=f"known: {', '.join(sorted(_ENTRY_KEYS))}",
             )
+        text_keys = ("repo", "file", "quant", "note")
+        wrong = sorted(k for k in text_keys if k in fields and not isinstance(fields[k], str))
+        if "aliases" in fields and not (isinstance(fields["aliases"], list)
+                                        and all(isinstance(a, str) for a in fields["aliases"])):
+            wrong.append("aliases")
+        if "bundled" in fields and not isinstance(fields["bundled"], bool):
+            wrong.append("bundled")
+        if wrong:
+            raise UsageError(
+                f"{source}: models.{name}: {', '.join(wrong)} must be "
+                + ("text" if set(wrong) <= {"repo", "file", "quant", "note"} else "of the right type"),
+                hint='e.g. repo = "user/name", file = "name-{quant}.gguf", aliases = ["short"]',
+            )
         previous = entries.get(name)
         if previous is None and "repo" not in fields:
             raise UsageError(f"{source}: models.{name} needs a repo (user/name on the Hugging Face Hub)")
@@ -194,6 +211,14 @@ def _parse_catalogue(text: str, source: str, base: dict[str, CatalogEntry]) -> d
             raise UsageError(f"{source}: models.{name}: repo must look like user/name, got '{entry.repo}'")
         if entry.file is not None and "{quant}" not in entry.file:
             raise UsageError(f"{source}: models.{name}: file must contain {{quant}}")
+        if entry.file is not None:
+            try:
+                entry.file.format(quant=DEFAULT_QUANT)
+            except (KeyError, IndexError, ValueError, AttributeError):
+                raise UsageError(
+                    f"{source}: models.{name}: file pattern '{entry.file}' has a field other than {{quant}}",
+                    hint="write braces as {{ }} and use only {quant}",
+                ) from None
         entries[name] = entry
     return entries
 
@@ -202,7 +227,12 @@ def _parse_catalogue(text: str, source: str, base: dict[str, CatalogEntry]) -> d
 def _catalogue_for(user_file: Path, user_mtime: float) -> dict[str, CatalogEntry]:
     entries = _parse_catalogue(_bundled_catalogue_text(), "the bundled models.toml", {})
     if user_file.is_file():
-        entries = _parse_catalogue(user_file.read_text(encoding="utf-8"), str(user_file), entries)
+        try:
+            text = user_file.read_text(encoding="utf-8")
+        except UnicodeError:
+            raise UsageError(f"cannot read {user_file}: it is not UTF-8 text",
+                             hint="fix or remove that file") from None
+        entries = _parse_catalogue(text, str(user_file), entries)
     return entries
 
 

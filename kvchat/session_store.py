@@ -19,11 +19,14 @@ Layout (little-endian):
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import glob
 import hashlib
 import json
 import os
 import re
+import stat
 import struct
 import sys
 import tempfile
@@ -31,7 +34,7 @@ from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeGuard
 
 from kvchat import config
 from kvchat.errors import SessionError, UsageError
@@ -98,15 +101,18 @@ def model_identity(model_path: Path) -> dict[str, Any]:
     """Path, size and SHA-256 of a model file; the hash is computed once and cached
     (keyed by path, size and modification time)."""
     resolved = model_path.resolve()
-    stat = resolved.stat()
+    st = resolved.stat()
     key = str(resolved)
     cache_file = _hash_cache_path()
     try:
         cache = json.loads(cache_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
+        cache = {}
+    if not isinstance(cache, dict):  # [] or null: a damaged cache is only a cache
         cache = {}
     entry = cache.get(key)
-    if entry and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
+    if (isinstance(entry, dict) and entry.get("size") == st.st_size
+            and entry.get("mtime_ns") == st.st_mtime_ns and isinstance(entry.get("sha256"), str)):
         digest = entry["sha256"]
     else:
         sha = hashlib.sha256()
@@ -114,9 +120,10 @@ def model_identity(model_path: Path) -> dict[str, Any]:
             while block := fh.read(_HASH_CHUNK):
                 sha.update(block)
         digest = sha.hexdigest()
-        cache[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
-        atomic_write(cache_file, [json.dumps(cache, indent=1).encode()])
-    return {"path": key, "size": stat.st_size, "sha256": digest}
+        cache[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+        with contextlib.suppress(OSError):  # unwritable: hash again next time
+            atomic_write(cache_file, [json.dumps(cache, indent=1).encode()])
+    return {"path": key, "size": st.st_size, "sha256": digest}
 
 
 # -- the container ---------------------------------------------------------------
@@ -129,8 +136,25 @@ class SavedSession:
     state: bytes
 
 
+def remove_stale_temps(path: Path) -> int:
+    """Delete `.NAME.kvs.*.tmp` files a killed save left behind; returns how many.
+
+    Call it holding the session's lock: no other save of that name is in flight."""
+    removed = 0
+    with contextlib.suppress(OSError):
+        for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+                removed += 1
+    return removed
+
+
 def save(path: Path, record: dict[str, Any], tokens: list[int], state: bytes) -> int:
-    """Save atomically; returns the file size in bytes."""
+    """Save atomically (the caller holds the lock); returns the file size in bytes.
+
+    A failed write (disk full, permission denied) raises SessionError and leaves the
+    previous file as it was."""
+    remove_stale_temps(path)
     body = json.dumps({**record, "format_version": FORMAT_VERSION}, ensure_ascii=False).encode()
     token_bytes = array("i", tokens)
     if token_bytes.itemsize != 4:  # pragma: no cover - exotic platforms
@@ -150,7 +174,16 @@ def save(path: Path, record: dict[str, Any], tokens: list[int], state: bytes) ->
     for part in parts:
         sha.update(part)
     parts.append(sha.digest())
-    atomic_write(path, parts)
+    try:
+        atomic_write(path, parts)
+    except OSError as exc:
+        reason = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else (
+            exc.strerror or str(exc))
+        raise SessionError(
+            f"could not save session '{path.stem}': {reason}"
+            + (" (the previously saved copy is intact)" if path.is_file() else ""),
+            hint=f"free space or fix permissions in {path.parent}, then send another message to save again",
+        ) from exc
     return sum(len(p) for p in parts)
 
 
@@ -172,15 +205,27 @@ def _read_exact(fh: IO[bytes], n: int, remaining: int, what: str, path: Path) ->
 _DAMAGED_HINT = "remove it with `kvchat sessions rm NAME` and start again"
 
 
-def load(path: Path, *, with_state: bool = True) -> SavedSession:
-    """Read and verify a session file; never returns anything from a damaged one."""
+def load(path: Path, *, with_state: bool = True, verify: bool = True) -> SavedSession:
+    """Read and verify a session file; never returns anything from a damaged one.
+
+    Without `with_state` the KV state is hashed in bounded chunks, not kept (show,
+    export). `verify=False` skips the state and the checksum, trusting lengths only
+    (`sessions list`, which must stay fast over many large files); the record's
+    schema is checked either way."""
     try:
-        size = path.stat().st_size
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise SessionError(f"{path} is not a session file (a directory or device)",
+                               hint="move it out of the sessions folder")
+        size = st.st_size
         fh = path.open("rb")
     except FileNotFoundError:
         raise SessionError(
             f"no session named '{path.stem}'", hint="see `kvchat sessions list`"
         ) from None
+    except OSError as exc:
+        raise SessionError(f"cannot read session file {path}: {exc.strerror or exc}",
+                           hint="check its permissions") from None
     with fh:
         sha = hashlib.sha256()
         remaining = size - 32
@@ -206,29 +251,96 @@ def load(path: Path, *, with_state: bool = True) -> SavedSession:
         (n_tokens,) = _U64.unpack(take(8, "token length"))
         token_raw = take(n_tokens, "tokens")
         (n_state,) = _U64.unpack(take(8, "state length"))
+        state = b""
         if with_state:
             state = take(n_state, "KV state")
+        elif n_state > remaining:
+            raise SessionError(f"session file {path} is truncated (KV state)", hint=_DAMAGED_HINT)
+        elif verify:
+            left = n_state
+            while left:
+                take(min(left, _HASH_CHUNK), "KV state")
+                left -= min(left, _HASH_CHUNK)
         else:
-            # Listing: skip the state, trust lengths only (nothing is loaded from it).
-            if n_state > remaining:
-                raise SessionError(f"session file {path} is truncated (KV state)", hint=_DAMAGED_HINT)
             fh.seek(n_state, os.SEEK_CUR)
             remaining -= n_state
-            state = b""
         if remaining != 0:
             raise SessionError(f"session file {path} has trailing data", hint=_DAMAGED_HINT)
         digest = fh.read(32)
-        if with_state and digest != sha.digest():
+        if (verify or with_state) and digest != sha.digest():
             raise SessionError(f"session file {path} is corrupt (checksum mismatch)", hint=_DAMAGED_HINT)
     try:
         record = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise SessionError(f"session file {path} has an unreadable record", hint=_DAMAGED_HINT) from None
+    if len(token_raw) % 4:
+        raise SessionError(f"session file {path} has a broken token list", hint=_DAMAGED_HINT)
     tokens = array("i")
     tokens.frombytes(token_raw)
     if sys.byteorder != "little":  # pragma: no cover
         tokens.byteswap()
-    return SavedSession(record, tokens.tolist(), state)
+    token_list = tokens.tolist()
+    problem = record_problem(record, token_list)
+    if problem:
+        raise SessionError(f"session file {path} has an invalid record: {problem}", hint=_DAMAGED_HINT)
+    return SavedSession(record, token_list, state)
+
+
+def _is_int(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _message_problem(messages: Any, key: str) -> str | None:
+    if not isinstance(messages, list):
+        return f"'{key}' is not a list"
+    for i, m in enumerate(messages):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            return f"{key}[{i}] is not a message with a role and a content"
+    return None
+
+
+def record_problem(record: Any, tokens: list[int]) -> str | None:
+    """What is wrong with a session record (None when it can be used): every field
+    kvchat reads, its type, and n_kv against the token list. Unknown fields are kept."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    model = record.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("path"), str) \
+            or not _is_int(model.get("size")) or not isinstance(model.get("sha256"), str):
+        return "'model' needs a path, a size and a sha256"
+    settings = record.get("settings")
+    if not isinstance(settings, dict) or not _is_int(settings.get("n_ctx")) or settings["n_ctx"] < 1 \
+            or not all(isinstance(settings.get(k), str) for k in ("type_k", "type_v", "flash_attn")):
+        return "'settings' needs n_ctx, type_k, type_v and flash_attn"
+    for key in ("messages", "dropped"):
+        problem = _message_problem(record.get(key, []), key)
+        if problem:
+            return problem
+    if "messages" not in record:
+        return "no 'messages'"
+    if not isinstance(record.get("kv_text", ""), str):
+        return "'kv_text' is not text"
+    turns = record.get("turns", [])
+    if not isinstance(turns, list) or not all(
+        isinstance(t, dict) and set(t) == {"message", "token", "char"} and all(_is_int(v) and v >= 0
+                                                                                for v in t.values())
+        for t in turns
+    ):
+        return "'turns' is not a list of turn marks"
+    n_kv = record.get("n_kv")
+    if not _is_int(n_kv) or not 0 <= n_kv <= len(tokens):
+        return f"n_kv {n_kv!r} does not match its {len(tokens)} tokens"
+    cells = record.get("n_ctx_cells")
+    if cells is not None and (not _is_int(cells) or cells < 1):
+        return "'n_ctx_cells' is not a cell count"
+    if n_kv > (cells or settings["n_ctx"]):
+        return f"n_kv {n_kv} is more than its context ({cells or settings['n_ctx']})"
+    if any(t < 0 for t in tokens):
+        return "a token id is negative"
+    for key in ("created", "updated"):
+        if key in record and not isinstance(record[key], (int, float)):
+            return f"'{key}' is not a time"
+    return None
 
 
 # -- locks ---------------------------------------------------------------------------
@@ -238,22 +350,48 @@ def load(path: Path, *, with_state: bool = True) -> SavedSession:
 def locked(name: str) -> Iterator[None]:
     """Hold the session's lock for the life of the block (one process at a time)."""
     lock_path = session_path(name).with_suffix(".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _acquire(name, lock_path)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            raise SessionError(
-                f"session '{name}' is in use by another kvchat process (pid {holder})",
-                hint="close that one first, or pick another --session name",
-            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
     finally:
+        # Unlinked while still held: a process that opened this file meanwhile
+        # notices (its inode is no longer the path's) and retries on a fresh one.
+        with contextlib.suppress(OSError):
+            os.unlink(lock_path)
         os.close(fd)
+
+
+def _acquire(name: str, lock_path: Path) -> int:
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SessionError(f"cannot create the sessions folder {lock_path.parent}: {exc.strerror or exc}",
+                           hint="check KVCHAT_HOME and the folder's permissions") from None
+    for _ in range(100):
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise SessionError(f"cannot lock session '{name}' in {lock_path.parent}: {exc.strerror or exc}",
+                               hint="check the sessions folder's permissions") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise SessionError(
+                f"session '{name}' is in use by another kvchat process (pid {holder[:12]})",
+                hint="close that one first, or pick another --session name",
+            ) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)  # the holder released and unlinked it between our open and flock
+    raise SessionError(f"could not lock session '{name}'", hint="try again")
 
 
 # -- listing -------------------------------------------------------------------
@@ -287,10 +425,14 @@ def list_sessions() -> list[SessionInfo]:
     names: dict[str, str] = {}
     for path in sorted(folder.glob(f"*{SUFFIX}")):
         try:
-            saved = load(path, with_state=False)
+            st = path.stat()
+        except OSError:
+            continue  # removed meanwhile
+        try:
+            saved = load(path, with_state=False, verify=False)
         except SessionError:
-            infos.append(SessionInfo(path.stem, path, path.stat().st_size, path.stat().st_mtime,
-                                     "(damaged)", 0, 0, 0))
+            # one bad file is listed as damaged, never hides the others
+            infos.append(SessionInfo(path.stem, path, st.st_size, st.st_mtime, "(damaged)", 0, 0, 0))
             continue
         rec = saved.record
         model_path = rec["model"]["path"]
@@ -300,8 +442,8 @@ def list_sessions() -> list[SessionInfo]:
             SessionInfo(
                 name=path.stem,
                 path=path,
-                size=path.stat().st_size,
-                updated=rec.get("updated", path.stat().st_mtime),
+                size=st.st_size,
+                updated=rec.get("updated", st.st_mtime),
                 model=names[model_path],
                 n_ctx=context_cells(rec),
                 n_kv=rec["n_kv"],
@@ -316,9 +458,15 @@ def remove(name: str) -> None:
     if not path.exists():
         raise SessionError(f"no session named '{name}'", hint="see `kvchat sessions list`")
     with locked(name):
-        path.unlink()
-    with contextlib.suppress(OSError):
-        path.with_suffix(".lock").unlink()
+        try:
+            if path.is_dir() and not path.is_symlink():
+                raise SessionError(f"{path} is a directory, not a session file",
+                                   hint="remove or move it by hand")
+            path.unlink()
+        except OSError as exc:
+            raise SessionError(f"cannot delete {path}: {exc.strerror or exc}",
+                               hint="check the sessions folder's permissions") from None
+        remove_stale_temps(path)
 
 
 # -- recent chats ------------------------------------------------------------------

@@ -25,5 +25,5 @@ def test_wheel_ships_models_toml_and_bench_text(tmp_path: Path) -> None:
         assert zf.read("kvchat/models.toml") == (REPO / "models.toml").read_bytes()
         entry_points = zf.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "kvchat/data/bench_text.txt" in names
-    assert "kvchat = kvchat.cli:main" in entry_points
+    assert "kvchat = kvchat.__main__:main" in entry_points
     assert not any(n.endswith((".gguf", ".pyc")) for n in names)

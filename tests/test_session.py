@@ -178,6 +178,9 @@ def test_changed_settings_are_refused_then_rebuilt(kvchat) -> None:
     assert len(refused.stderr.strip().splitlines()) == 1
     rebuilt = _run_json(kvchat, "--session", "s", "--ctx", "2048", "--rebuild", "Hi again.")
     assert rebuilt["settings"]["n_ctx"] == 2048
+    # re-evaluated by --rebuild in this run: evaluated, not reused (issue 11, item 19)
+    assert rebuilt["cache"]["reused_tokens"] == 0 and rebuilt["cache"]["rebuilt_tokens"] > 0
+    assert rebuilt["cache"]["evaluated_tokens"] == rebuilt["usage"]["prompt_tokens"]
     again = _run_json(kvchat, "--session", "s", "And again.")  # saved settings now 2048
     assert again["settings"]["n_ctx"] == 2048 and again["cache"]["reused_tokens"] > 0
 

@@ -31,6 +31,7 @@ from kvchat.memory import (
 from kvchat.model_spec import ModelSpec
 from kvchat.registry import model_name, remote_model_name
 from kvchat.ui.environment import Environment
+from kvchat.ui.render import safe_text
 from kvchat.ui.tables import TableData, print_table
 from kvchat.units import format_bytes
 
@@ -135,7 +136,7 @@ def _title(spec: ModelSpec, plan: MemoryPlan) -> str:
 
 
 def _compare_table(spec: ModelSpec, base: PlanSettings, contexts: list[int],
-                   budget: Budget) -> tuple[TableData, list[dict[str, Any]]]:
+                   budget: Budget, top: int) -> tuple[TableData, list[dict[str, Any]]]:
     heads = [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in contexts]
     table = TableData(["K / V", *heads, "largest ctx that fits"], right=frozenset(heads),
                       title="KV cache (and total) by cache types and context")
@@ -151,7 +152,7 @@ def _compare_table(spec: ModelSpec, base: PlanSettings, contexts: list[int],
                 plan = plan_memory(spec, replace(settings, n_ctx=n))
                 cells.append(f"{format_bytes(plan.kv + plan.recurrent)}\n({format_bytes(plan.total)})")
                 plans.append(_plan_dict(plan))
-            best = largest_ctx(spec, settings, budget)
+            best = largest_ctx(spec, settings, budget, max_ctx=top)
         except UsageError as exc:
             table.add_row(f"{k_name} / {v_name}", *(["—"] * len(contexts)), exc.message)
             continue
@@ -226,7 +227,7 @@ def estimate(
       kvchat estimate ./model.gguf --ngl auto --vram 6GiB --json
     """
     from kvchat.app import estimate as plan_estimate
-    from kvchat.app import exact_buffers
+    from kvchat.app import exact_buffers, largest_ctx_cap
     from kvchat.settings import resolve
 
     if model_arg is not None and flags["model"] is not None:
@@ -248,7 +249,8 @@ def estimate(
     compare_table = None
     if compare:
         compare_table, record["compare"] = _compare_table(est.spec, est.base,
-                                                          compare_contexts(est.spec.n_ctx_train), est.budget)
+                                                          compare_contexts(est.spec.n_ctx_train), est.budget,
+                                                          largest_ctx_cap(s, est.spec))
     exact_figures = [exact_buffers(est.model_label, plan) for plan in est.plans] if exact else []
     if exact:
         record["exact"] = exact_figures
@@ -298,7 +300,7 @@ def _render(env: Environment, est: Estimate, name: str, limits: str, exact_figur
     # The weights figure is the plan's, as in the table below (with GPUs it counts what is
     # placed on each device, e.g. a tied embedding kept on the CPU and copied for the output).
     out.print(
-        f"{name} · {spec.architecture} · {spec.n_layer} layers · "
+        f"{safe_text(name)} · {safe_text(spec.architecture)} · {spec.n_layer} layers · "
         f"trained on {spec.n_ctx_train} tokens · weights {format_bytes(est.plans[0].weights)}",
         style="bold", markup=False, soft_wrap=True,
     )

@@ -18,6 +18,7 @@ from kvchat import registry
 from kvchat.cli import app
 from kvchat.errors import ModelNotFoundError, UsageError
 from kvchat.ui.environment import Environment
+from kvchat.ui.render import safe_text
 from kvchat.ui.tables import TableData, print_table
 from kvchat.units import format_bytes
 
@@ -264,9 +265,9 @@ def show(
         env.stdout.write(json.dumps(info, indent=2) + "\n")
         return
     chat_template = info.get("chat_template")
-    lines = [
+    lines: list[tuple[str, str]] = [
         ("name", info["name"]),
-        ("file", info.get("path") or info.get("url")),
+        ("file", str(info.get("path") or info.get("url"))),
         ("size", format_bytes(info["size_bytes"])),
         ("architecture", info.get("architecture") or "-"),
         ("parameters", _params_text(info.get("parameters"))),
@@ -281,10 +282,11 @@ def show(
     if "remote_bytes_fetched" in info:
         lines.append(("read remotely", f"{format_bytes(info['remote_bytes_fetched'])} (header only)"))
     width = max(len(k) for k, _ in lines)
-    for key, value in lines:
-        env.stdout.write(f"{key:<{width}}  {value}\n")
+    for key, value in lines:  # values come from the file: escaped and cut
+        env.stdout.write(f"{key:<{width}}  {safe_text(value, limit=300)}\n")
     if chat_template:
-        env.stdout.write("\nchat template:\n" + chat_template.rstrip("\n") + "\n")
+        shown = safe_text(chat_template.rstrip("\n"), None, multiline=True)  # from the file
+        env.stdout.write("\nchat template:\n" + shown + "\n")
 
 
 @app.command()

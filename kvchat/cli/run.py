@@ -10,7 +10,7 @@ import typer
 from kvchat.cli import app
 from kvchat.cli.options import CHAT_OPTIONS, JSON, shared_options
 from kvchat.errors import ExitCode, KvchatError, UsageError
-from kvchat.ui.environment import Environment
+from kvchat.ui.environment import Environment, valid_text
 
 if TYPE_CHECKING:
     from kvchat.app import Conversation
@@ -35,7 +35,7 @@ def build_prompt(piped: str, words: list[str]) -> str:
             "no prompt given",
             hint='pass it as arguments (kvchat run "Why is the sky blue?") or pipe it on stdin',
         )
-    return "\n\n".join(parts)
+    return valid_text("\n\n".join(parts))
 
 
 def _guessed_model_failed(exc: KvchatError, word: str, rest: list[str]) -> KvchatError:

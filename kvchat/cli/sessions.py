@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 from datetime import datetime
 from enum import Enum
@@ -12,9 +13,10 @@ import typer
 
 from kvchat import session_store
 from kvchat.cli import app
-from kvchat.errors import UsageError
+from kvchat.errors import KvchatError, UsageError
 from kvchat.registry import model_name
 from kvchat.ui.environment import Environment
+from kvchat.ui.render import safe_text
 from kvchat.ui.tables import TableData, print_table
 from kvchat.units import format_bytes
 
@@ -31,7 +33,10 @@ class ExportFormat(str, Enum):
 
 
 def _when(ts: float) -> str:
-    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M")
+    try:
+        return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M")
+    except (OverflowError, ValueError, OSError, TypeError):
+        return "?"
 
 
 @sessions_app.command("list")
@@ -49,9 +54,9 @@ def list_cmd(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
         return
     table = TableData(("name", "turns", "KV cells", "size", "model", "updated"),
                       right=frozenset({"turns", "KV cells", "size"}))
-    for i in infos:
-        table.add_row(i.name, str(i.turns), f"{i.n_kv}/{i.n_ctx}", format_bytes(i.size), i.model,
-                      _when(i.updated))
+    for i in infos:  # names come from files: escaped
+        table.add_row(safe_text(i.name), str(i.turns), f"{i.n_kv}/{i.n_ctx}", format_bytes(i.size),
+                      safe_text(i.model), _when(i.updated))
     print_table(table, env.stdout, env.out_console())
 
 
@@ -69,14 +74,17 @@ def show_cmd(name: NameArg, as_json: Annotated[bool, typer.Option("--json")] = F
         return
     s = record["settings"]
     con = env.out_console()
-    con.print(f"session {name}: model {model_name(Path(record['model']['path']))}, "
+    # everything from the file is escaped before it reaches the terminal
+    con.print(f"session {name}: model {safe_text(model_name(Path(record['model']['path'])))}, "
               f"n_ctx {session_store.context_cells(record)}, "
-              f"K {s['type_k']}, V {s['type_v']}, flash attention {s['flash_attn']}, "
-              f"{record['n_kv']} KV cells in use", markup=False)
+              f"K {safe_text(s['type_k'])}, V {safe_text(s['type_v'])}, "
+              f"flash attention {safe_text(s['flash_attn'])}, {record['n_kv']} KV cells in use",
+              markup=False, highlight=False)
     if record.get("dropped"):
         con.print(f"({len(record['dropped'])} earlier messages dropped from the context)", markup=False)
     for message in record["messages"]:
-        con.print(f"[{message['role']}] {message['content']}", markup=False)
+        con.print(f"[{safe_text(message['role'])}] {safe_text(message['content'], None, multiline=True)}",
+                  markup=False, highlight=False)
 
 
 def _export_record(name: str, record: dict[str, Any]) -> dict[str, Any]:
@@ -115,7 +123,21 @@ def export_cmd(
     if output is None:
         Environment().stdout.write(text)
     else:
-        session_store.atomic_write(output, [text.encode("utf-8")])
+        write_output(output, text.encode("utf-8"))
+
+
+def write_output(path: Path, data: bytes) -> None:
+    """Write to what `path` names, as `cmd > path` would: through a symlink to its
+    target, into a device or FIFO as a stream, a regular file truncated in place
+    (its mode kept). Only session files use temp-and-rename; a folder is refused."""
+    if path.is_dir():
+        raise UsageError(f"{path} is a directory", hint="give a file name, e.g. -o transcript.md")
+    try:
+        with open(path, "wb") as fh:
+            fh.write(data)
+    except OSError as exc:
+        reason = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        raise KvchatError(f"cannot write {path}: {reason}", hint="pick another --output path") from None
 
 
 @sessions_app.command("rm")

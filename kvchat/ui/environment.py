@@ -40,7 +40,11 @@ class Environment:
         if self.stdin is None or self.stdin_isatty:
             return ""
         try:
-            return self.stdin.read()
+            raw = getattr(self.stdin, "buffer", None)
+            if raw is not None:  # bytes that are not UTF-8 become U+FFFD, never an error
+                data: bytes = raw.read()
+                return data.decode("utf-8", errors="replace")
+            return valid_text(self.stdin.read())
         except (OSError, ValueError):
             return ""
 
@@ -57,3 +61,13 @@ class Environment:
     def warn(self, message: str) -> None:
         self.stderr.write(f"kvchat: warning: {message}\n")
         self.stderr.flush()
+
+
+def valid_text(text: str) -> str:
+    """Text that encodes as UTF-8: arguments carry undecodable bytes as lone
+    surrogates (PEP 383); they become U+FFFD, as bytes from stdin do."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return text

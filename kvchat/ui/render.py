@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 from kvchat.units import format_bytes
@@ -38,3 +39,33 @@ def stats_line(turn: TurnStats, load_s: float, memory: MemoryFigures | None = No
 def plural(n: int, word: str) -> str:
     """'1 turn', '2 turns', '0 turns'."""
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+# C0 and C1 controls (ESC starts ANSI/OSC sequences), DEL, and the invisible
+# bidirectional overrides that make text read differently from what it is.
+_UNSAFE_RE = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+_UNSAFE_MULTILINE_RE = re.compile(
+    "[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
+)
+TEXT_LIMIT = 200
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def safe_text(value: object, limit: int | None = TEXT_LIMIT, *, multiline: bool = False) -> str:
+    """Text from a file (GGUF metadata, a template, a session, a name), made safe to
+    print: control characters and escape sequences shown as \\xNN instead of reaching
+    the terminal, and cut to `limit` characters (None: no cut) with a count of the rest.
+    `multiline` keeps newlines and tabs (transcripts)."""
+    text = value if isinstance(value, str) else str(value)
+    extra = 0
+    if limit is not None and len(text) > limit:
+        extra = len(text) - limit
+        text = text[:limit]
+    text = (_UNSAFE_MULTILINE_RE if multiline else _UNSAFE_RE).sub(_escape_char, text)
+    if extra:
+        text += f"… ({extra} more characters)"
+    return text

@@ -34,7 +34,7 @@ from kvchat.registry import model_name
 from kvchat.ui.commands import COMMANDS, SETTINGS, Command, completions, is_command, parse_command
 from kvchat.ui.commands import unescape_message as _unescape
 from kvchat.ui.environment import Environment
-from kvchat.ui.render import plural, stats_line
+from kvchat.ui.render import plural, safe_text, stats_line
 from kvchat.ui.status import (
     DeviceInfo,
     ReplyView,
@@ -476,7 +476,7 @@ class ChatRepl:
                   else f"none (--ngl {req.n_gpu_layers})")
         kv_total = self.kv_fill().total_bytes  # the status line's figure
         rows = [
-            ("model", model_name(req.model_path)),
+            ("model", safe_text(model_name(req.model_path))),
             ("file", str(req.model_path)),
             ("context", f"{engine.n_ctx} tokens (trained on {engine.n_ctx_train})"),
             ("KV cache", f"K {req.type_k.name}, V {req.type_v.name} · {format_bytes(kv_total)} "
