@@ -46,8 +46,10 @@ def check_invariants(session: Session, engine: Engine) -> None:
     n_past = engine.n_past
     assert engine.cells_in_use() == n_past, "the engine's cells disagree with its own count"
     assert n_past <= len(session.tokens)
-    # Pending tokens: the last reply's final token, or a history the template rewrote.
-    bos = engine.token_text(engine.bos_token) if session.tokens[:1] == [engine.bos_token] else ""
+    # A BOS token the model adds is not in the cached text; one the template writes is.
+    bos_text = engine.token_text(engine.bos_token)
+    added_bos = session.tokens[:1] == [engine.bos_token] and not session.kv_text.startswith(bos_text)
+    bos = bos_text if added_bos else ""
     assert bos + session.kv_text == _text_of(engine, session.tokens)
     for mark in session.turns:
         assert session.messages[mark.message]["role"] == "user"
