@@ -149,6 +149,10 @@ class Engine:
         self.flash_attn = settings.flash_attn
         self.gpu_layers: tuple[int, int] | None = None
         self.n_past = 0
+        # Leading positions whose cells are all in the cache, full-attention layers
+        # included (seq_pos_max reports the SWA part only on a sliding-window cache):
+        # a partial checkpoint can be restored up to here.
+        self._held_upto = 0
         _LOG.echo = settings.verbose
         mark = _LOG.mark()
         started = time.perf_counter()
@@ -357,6 +361,8 @@ class Engine:
                 f"llama_decode failed (code {rc}) after {self.n_past} tokens",
                 hint="the context may be full; raise --ctx",
             )
+        if self._held_upto == self.n_past:
+            self._held_upto += n_tokens
         self.n_past += n_tokens
 
     def set_sampling(self, sampling: SamplingSettings) -> None:
@@ -463,12 +469,15 @@ class Engine:
         check `covers()` after every removal.
         """
         ok = bool(llama.llama_memory_seq_rm(self._memory, 0, start, end))
+        if ok:
+            self._held_upto = min(self._held_upto, max(start, 0))
         self._sync_n_past()
         return ok
 
     def kv_shift(self, start: int, end: int, delta: int) -> None:
         llama.llama_memory_seq_add(self._memory, 0, start, end, delta)
         self._sync_n_past()
+        self._held_upto = self.n_past
 
     def cells_in_use(self) -> int:
         """Positions of seq 0 the cache holds, as llama.cpp counts them (pos_max + 1)."""
@@ -480,6 +489,7 @@ class Engine:
     def kv_clear(self) -> None:
         llama.llama_memory_clear(self._memory, True)
         self.n_past = 0
+        self._held_upto = 0
 
     def seq_pos_min(self) -> int:
         """Oldest position seq 0 still holds (-1 when empty); on a sliding-window
@@ -539,7 +549,7 @@ class Engine:
         data = checkpoint.data
         buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
         flags = llama.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY if checkpoint.partial else 0
-        if checkpoint.partial and self.seq_pos_max() < checkpoint.n_tokens - 1:
+        if checkpoint.partial and checkpoint.n_tokens > self._held_upto:
             return False
         read = llama.llama_state_seq_set_data_ext(self._ctx, buf, len(data), 0, flags)
         if read == 0:
@@ -548,6 +558,8 @@ class Engine:
         # The restored part ends at the checkpoint; trim the attention cells after it.
         self.kv_remove(checkpoint.n_tokens, -1)
         self._sync_n_past()
+        if not checkpoint.partial:
+            self._held_upto = checkpoint.n_tokens
         return self.covers(checkpoint.n_tokens)
 
     def state_bytes(self) -> bytes:
@@ -571,7 +583,7 @@ class Engine:
                 f"the saved KV state holds {cells} positions but its record says {n_tokens}",
                 hint="the session file is inconsistent; use --rebuild",
             )
-        self.n_past = n_tokens
+        self.n_past = self._held_upto = n_tokens
 
     # -- counters ----------------------------------------------------------------
 
