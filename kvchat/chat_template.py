@@ -210,7 +210,8 @@ class ChatTemplate:
         return "".join(parts)
 
 
-_SENTINELS = ("\x00kvchat-a\x00", "\x00kvchat-b\x00", "\x00kvchat-c\x00")
+# Placeholder message texts for finding where a template puts things (no real text has NULs).
+TURN_SENTINELS = ("\x00kvchat-a\x00", "\x00kvchat-b\x00", "\x00kvchat-c\x00")
 
 
 def preamble_length(template: ChatTemplate) -> int:
@@ -221,7 +222,7 @@ def preamble_length(template: ChatTemplate) -> int:
     message's content, after the first reply, is the user header; what precedes
     the first user header is the preamble. 0 when the template is not that regular.
     """
-    one, reply, two = _SENTINELS
+    one, reply, two = TURN_SENTINELS
     try:
         first = template.render([{"role": "user", "content": one}], add_generation_prompt=False)
         pair = template.render(

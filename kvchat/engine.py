@@ -455,6 +455,14 @@ class Engine:
         finally:
             llama.llama_batch_free(batch)
 
+    def last_logits(self) -> np.ndarray:
+        """A copy of the next-token logits after the last token evaluated (tests
+        compare them with a cold evaluation of the same history)."""
+        import numpy as np
+
+        row = llama.llama_get_logits_ith(self._ctx, -1)
+        return np.ctypeslib.as_array(row, shape=(self.n_vocab,)).copy()
+
     # -- KV memory -----------------------------------------------------------
 
     def _sync_n_past(self) -> None:

@@ -22,15 +22,16 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import struct
 import time
 from array import array
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from kvchat.chat_template import ChatTemplate, Message, preamble_length
+from kvchat.chat_template import TURN_SENTINELS, ChatTemplate, Message, preamble_length
 from kvchat.engine_api import ChatEngine, Checkpoint, SamplingSettings, TokenEvent
-from kvchat.errors import SessionError, UsageError
+from kvchat.errors import ModelFormatError, SessionError, UsageError
 from kvchat.prefix_cache import PrefixCache
 from kvchat.reasoning import ReasoningSplitter, opens_in_prompt, template_has_reasoning
 
@@ -100,6 +101,39 @@ class SavedCheckpoint:
     @property
     def n_tokens(self) -> int:
         return self.checkpoint.n_tokens
+
+
+_CHECKPOINT_HEAD = struct.Struct("<IB16sQ")  # n_tokens, partial, digest, data length
+PERSISTED_CHECKPOINTS = 2  # a named session keeps what rewinding its last exchange needs
+
+
+def encode_checkpoints(checkpoints: list[SavedCheckpoint]) -> bytes:
+    """Checkpoints as bytes for a session file (kvchat.session_store)."""
+    parts = [struct.pack("<I", len(checkpoints))]
+    for saved in checkpoints:
+        cp = saved.checkpoint
+        parts.append(_CHECKPOINT_HEAD.pack(cp.n_tokens, cp.partial, saved.digest, cp.size))
+        parts.append(cp.data)
+    return b"".join(parts)
+
+
+def decode_checkpoints(blob: bytes) -> list[SavedCheckpoint]:
+    """The inverse of encode_checkpoints; [] for an empty or malformed blob (they
+    are an optimisation: without them an undo re-evaluates, and says so)."""
+    if len(blob) < 4:
+        return []
+    (count,) = struct.unpack_from("<I", blob)
+    at, out = 4, []
+    for _ in range(count):
+        if at + _CHECKPOINT_HEAD.size > len(blob):
+            return []
+        n_tokens, partial, digest, size = _CHECKPOINT_HEAD.unpack_from(blob, at)
+        at += _CHECKPOINT_HEAD.size
+        if at + size > len(blob):
+            return []
+        out.append(SavedCheckpoint(Checkpoint(n_tokens, blob[at : at + size], bool(partial)), digest))
+        at += size
+    return out
 
 
 @dataclass
@@ -493,8 +527,10 @@ class Session:
         if self.turns and self.turns[-1].reply_token == len(self.tokens):
             self.turns[-1].reply_char = len(self.kv_text)
         splitter = None
+        prefilled = ""
         if self.template.render_fn is None and template_has_reasoning(self.template.source):
             splitter = ReasoningSplitter(inside=opens_in_prompt(self.kv_text))
+            prefilled = self._prefilled_reply()
         try:
             for event in self.engine.generate(self.max_tokens):
                 if first_token_at is None:
@@ -519,9 +555,29 @@ class Session:
         finally:
             if first_token_at is not None:
                 stats.decode_s = time.perf_counter() - first_token_at
-            self.messages.append({"role": "assistant", "content": "".join(reply_pieces)})
+            self.messages.append({"role": "assistant", "content": prefilled + "".join(reply_pieces)})
             # Every generated token but the last is in the cache.
             self._evaluated_upto = max(self.engine.n_past, len(self.tokens) - 1)
+
+    def _prefilled_reply(self) -> str:
+        """Text the generation prompt already wrote into the reply (a reasoning block
+        opened, or closed empty by enable_thinking=false): it is part of the reply as
+        the template renders it back, so the history keeps it with the model's text."""
+        messages = self.messages
+        try:
+            before = self.template.render(messages, add_generation_prompt=False)
+            with_reply = self.template.render([*messages, {"role": "assistant", "content": TURN_SENTINELS[1]}],
+                                              add_generation_prompt=False)
+        except ModelFormatError:
+            return ""
+        if not with_reply.startswith(before) or TURN_SENTINELS[1] not in with_reply:
+            return ""
+        header = with_reply[len(before) : with_reply.index(TURN_SENTINELS[1])]
+        start = len(before) + len(header)
+        if not self.kv_text.startswith(before + header):
+            return ""
+        tail = self.kv_text[start:]
+        return tail if "<think>" in tail else ""
 
     def _split_reasoning(self, splitter: ReasoningSplitter, event: TokenEvent,
                          stats: TurnStats) -> TokenEvent:
@@ -604,9 +660,11 @@ class Session:
             "n_kv": self.engine.n_past,
         }
 
-    def restore(self, record: dict[str, Any], tokens: list[int], state: bytes | None) -> int:
-        """Load a saved conversation. With `state`, the KV cache is restored as saved;
-        without it (rebuild), the history is re-evaluated. Returns tokens evaluated."""
+    def restore(self, record: dict[str, Any], tokens: list[int], state: bytes | None,
+                checkpoints: bytes = b"") -> int:
+        """Load a saved conversation. With `state`, the KV cache is restored as saved
+        (and the saved checkpoints with it); without it (rebuild), the history is
+        re-evaluated. Returns tokens evaluated."""
         self.messages = list(record["messages"])
         self.dropped = list(record.get("dropped", []))
         self.turns = [TurnMark(**m) for m in record.get("turns", [])]
@@ -617,6 +675,8 @@ class Session:
             self.tokens = list(tokens)
             self.kv_text = record["kv_text"]
             self.engine.load_state_bytes(state, n_kv)
+            if self.engine.needs_checkpoints:
+                self.checkpoints = decode_checkpoints(checkpoints)
             return 0
         # Rebuild: evaluate the transcript's tokens (exactly as they were in the
         # cache, generated tokens included) from scratch.
