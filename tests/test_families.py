@@ -171,7 +171,7 @@ def test_gemma_interrupted_prefill_restores_a_checkpoint_not_a_window_with_holes
     monkeypatch.setattr(gemma, "eval", interrupted)
     monkeypatch.setattr(gemma, "restore_checkpoint", restore)
     with pytest.raises(KeyboardInterrupt):
-        list(session.send("Read this:\n" + _words(20000, 3500)))
+        list(session.send("Read this:\n" + _words(8000, 3500)))
     monkeypatch.undo()
     assert restored == [len(tokens)]  # removing the cells alone left holes in the window
     # Removing the 512 cells again left the window with holes; the checkpoint at

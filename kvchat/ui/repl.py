@@ -500,6 +500,10 @@ class ChatRepl:
             ("KV cache", f"K {req.type_k.name}, V {req.type_v.name} · {format_bytes(kv_total)} "
                          f"({self.bytes_per_cell / 1024:.1f} KiB per cell)"),
             ("flash attention", f"{engine.flash_attn} (asked: {req.flash_attn})"),
+            ("memory", engine.memory_kind + (
+                f" · {len(self.session.checkpoints)} checkpoints, "
+                f"{format_bytes(self.session.checkpoint_bytes)}" if engine.needs_checkpoints else "")),
+            ("chat template", self.session.template.origin),
             ("layers", f"{engine.n_layer} · on GPU: {on_gpu}"),
             ("threads", str(req.n_threads)),
             ("sampling", self._settings_line()),
