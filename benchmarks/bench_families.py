@@ -35,9 +35,10 @@ from typing import Any
 import llama_tools
 import model_files
 
+from kvchat.app import chat_template_for
 from kvchat.cache_types import parse_cache_type
-from kvchat.cli.common import chat_template_for
-from kvchat.engine import Engine, EngineSettings, SamplingSettings
+from kvchat.engine import Engine, EngineSettings
+from kvchat.engine_api import SamplingSettings
 from kvchat.session import Session
 
 F16 = parse_cache_type("f16")

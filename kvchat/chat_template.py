@@ -293,12 +293,12 @@ def recognise_family(arch: str, has_token: Callable[[str], bool],
     template, from its control tokens, else its architecture. `names`: the
     built-in templates of the llama.cpp at hand (None: trust the tables)."""
     known = set(names) if names is not None else None
-    for token, name in _FAMILY_TOKENS:
-        if (known is None or name in known) and has_token(token):
-            return name, f"its vocabulary has {token}"
-    name = _FAMILY_ARCH.get(arch)
-    if name is not None and (known is None or name in known):
-        return name, f"architecture {arch}"
+    for token, family in _FAMILY_TOKENS:
+        if (known is None or family in known) and has_token(token):
+            return family, f"its vocabulary has {token}"
+    by_arch = _FAMILY_ARCH.get(arch)
+    if by_arch is not None and (known is None or by_arch in known):
+        return by_arch, f"architecture {arch}"
     return None
 
 
@@ -313,9 +313,9 @@ def select_template(model: TemplateModel, override: str | None = None, *, raw: b
                     variables: dict[str, Any] | None = None) -> tuple[ChatTemplate, str | None]:
     """The template to chat with, and a one-line notice when the user should know
     (a fallback to ChatML). `override` is a built-in name or a Jinja file."""
-    tokens = {"bos_token": model.token_text(model.bos_token), "eos_token": model.token_text(model.eos_token)}
+    bos, eos = model.token_text(model.bos_token), model.token_text(model.eos_token)
     if raw:
-        return ChatTemplate(RAW, origin="none (--raw: plain completion)", **tokens), None
+        return ChatTemplate(RAW, bos_token=bos, eos_token=eos, origin="none (--raw: plain completion)"), None
     if override:
         path = Path(override).expanduser()
         if path.is_file():
@@ -324,15 +324,16 @@ def select_template(model: TemplateModel, override: str | None = None, *, raw: b
             except (OSError, UnicodeDecodeError) as exc:
                 raise UsageError(f"cannot read the chat template {path}: {exc}",
                                  hint="pass a UTF-8 Jinja file or a built-in name") from exc
-            return ChatTemplate(source, origin=f"file {path}", variables=variables, **tokens), None
+            return ChatTemplate(source, bos_token=bos, eos_token=eos, origin=f"file {path}",
+                                variables=variables), None
         names = model.builtin_template_names()
         if override in names:
             return _builtin(model, override, f"llama.cpp built-in '{override}' (--chat-template)"), None
         raise UsageError(f"--chat-template '{override}' is neither a file nor a built-in template",
                          hint="built-in names: " + ", ".join(names))
-    source = model.chat_template()
-    if source:
-        return ChatTemplate(source, variables=variables, **tokens), None
+    own = model.chat_template()
+    if own:
+        return ChatTemplate(own, bos_token=bos, eos_token=eos, variables=variables), None
     found = recognise_family(model.metadata("general.architecture") or "", model.has_special_token,
                              model.builtin_template_names())
     if found is not None:
@@ -340,4 +341,4 @@ def select_template(model: TemplateModel, override: str | None = None, *, raw: b
         return _builtin(model, name, f"llama.cpp built-in '{name}' (no template in the GGUF; {why})"), None
     notice = ("the model has no chat template and kvchat does not recognise its family: using ChatML; "
               "pass --chat-template NAME|FILE, or --raw for plain completion")
-    return ChatTemplate(None, **tokens), notice
+    return ChatTemplate(None, bos_token=bos, eos_token=eos), notice

@@ -25,7 +25,7 @@ import hashlib
 import struct
 import time
 from array import array
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -566,8 +566,8 @@ class Session:
         messages = self.messages
         try:
             before = self.template.render(messages, add_generation_prompt=False)
-            with_reply = self.template.render([*messages, {"role": "assistant", "content": TURN_SENTINELS[1]}],
-                                              add_generation_prompt=False)
+            reply: Message = {"role": "assistant", "content": TURN_SENTINELS[1]}
+            with_reply = self.template.render([*messages, reply], add_generation_prompt=False)
         except ModelFormatError:
             return ""
         if not with_reply.startswith(before) or TURN_SENTINELS[1] not in with_reply:
@@ -616,7 +616,7 @@ class Session:
         self._rollback(mark.token, "undo")
         return user
 
-    def retry(self) -> Iterator[TokenEvent]:
+    def retry(self) -> Generator[TokenEvent, None, None]:
         """Regenerate the last reply (a new sample of it): the reply's tokens leave
         the history and the cache, the last prompt token is evaluated again for its
         logits, and generation starts over."""

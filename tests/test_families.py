@@ -26,10 +26,11 @@ from typing import Any
 import numpy as np
 import pytest
 
+from kvchat.app import chat_template_for
 from kvchat.cache_types import parse_cache_type
 from kvchat.chat_template import ChatTemplate
-from kvchat.cli.common import chat_template_for
-from kvchat.engine import Checkpoint, Engine, EngineSettings, SamplingSettings
+from kvchat.engine import Engine, EngineSettings
+from kvchat.engine_api import Checkpoint, SamplingSettings
 from kvchat.errors import SessionError
 from kvchat.memory import PlanSettings, checkpoint_bytes
 from kvchat.model_spec import read_spec
@@ -155,7 +156,7 @@ def test_gemma_interrupted_prefill_restores_a_checkpoint_not_a_window_with_holes
     tokens, n_kv = list(session.tokens), gemma.n_past
     real_eval = gemma.eval
 
-    def interrupted(batch: list[int]) -> None:
+    def interrupted(batch: list[int], progress: object = None) -> None:
         if len(batch) > 600:  # two 256-token batches in, then Ctrl-C
             real_eval(batch[:512])
             raise KeyboardInterrupt
@@ -333,7 +334,7 @@ def test_hybrid_interrupted_prefill_keeps_history_and_cache_in_step(
     tokens = list(session.tokens)
     real_eval = hybrid.eval
 
-    def interrupted(batch: list[int]) -> None:
+    def interrupted(batch: list[int], progress: object = None) -> None:
         real_eval(batch[: len(batch) // 2])
         raise KeyboardInterrupt
 

@@ -14,7 +14,7 @@ import contextlib
 import dataclasses
 import signal
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +26,7 @@ from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
 from rich.table import Table
 
 from kvchat import config, session_store
-from kvchat.engine_api import SamplingSettings
+from kvchat.engine_api import SamplingSettings, TokenEvent
 from kvchat.errors import KvchatError, SessionError
 from kvchat.hardware import NvmlReader
 from kvchat.monitor import HardwareSampler, KvFill, TokenMeter, kv_bytes_per_cell
@@ -293,7 +293,7 @@ class ChatRepl:
         self._confirm = None  # a new message: what was confirmed before no longer holds
         self._show(self.session.send(text))
 
-    def _show(self, stream: Iterator[Any]) -> None:
+    def _show(self, stream: Generator[TokenEvent, None, None]) -> None:
         """Stream a reply with the live status line, then its summary; save."""
         session = self.session
         before = session.last_turn
