@@ -10,9 +10,10 @@
 - SmolLM2 (standard memory) driven by a Qwen3-style thinking template.
 
 How close is close enough: the same tokens evaluated in other batch splits give
-the same distribution up to float rounding (KL ~1e-6 here); a cache with holes
-in its window measured KL 0.22 on Gemma (issue 12). We require the same top-1
-token and KL < 1e-3.
+the same distribution up to float rounding, which the f16 cache and 2,000 tokens
+accumulate to KL 1e-4..1.5e-3 here; a cache with holes in its window measured KL
+0.22 on Gemma (issue 12), and a q4_0 cache costs about 0.05. We require the same
+top-1 token and KL < 5e-3.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from kvchat.session import SavedCheckpoint, Session
 F16 = parse_cache_type("f16")
 GREEDY = SamplingSettings(temperature=0, seed=1)
 TEXT = (Path(__file__).resolve().parent.parent / "kvchat" / "data" / "bench_text.txt").read_text()
-MAX_KL = 1e-3
+MAX_KL = 5e-3
 
 
 def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
