@@ -141,7 +141,7 @@ def _long_history(engine: Engine, saved: _Saved) -> Session:
 
 @pytest.mark.slow
 def test_gemma_is_a_sliding_window_model_with_llama_cpps_gemma_template(gemma: Engine) -> None:
-    assert gemma.memory_kind == "sliding-window" and gemma.n_swa == 512
+    assert gemma.memory_kind == "swa" and gemma.n_swa == 512
     assert gemma.needs_checkpoints and not gemma.can_shift()
     template = chat_template_for(gemma)
     assert "built-in 'gemma'" in template.origin
