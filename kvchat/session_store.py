@@ -278,9 +278,14 @@ def load(path: Path, *, with_state: bool = True, verify: bool = True) -> SavedSe
             (n_checkpoints,) = _U64.unpack(take(8, "checkpoints length"))
             if with_state:
                 checkpoints = take(n_checkpoints, "checkpoints")
+            elif n_checkpoints > remaining:
+                raise SessionError(f"session file {path} is truncated (checkpoints)", hint=_DAMAGED_HINT)
+            elif verify:
+                left = n_checkpoints
+                while left:
+                    take(min(left, _HASH_CHUNK), "checkpoints")
+                    left -= min(left, _HASH_CHUNK)
             else:
-                if n_checkpoints > remaining:
-                    raise SessionError(f"session file {path} is truncated (checkpoints)", hint=_DAMAGED_HINT)
                 fh.seek(n_checkpoints, os.SEEK_CUR)
                 remaining -= n_checkpoints
         if remaining != 0:
