@@ -169,14 +169,20 @@ def load_engine(request: LoadRequest, warn: Warn, *, verbose: bool = False) -> E
     return engine
 
 
-def chat_template_for(engine: ChatEngine) -> ChatTemplate:
-    from kvchat.chat_template import ChatTemplate
+def chat_template_for(engine: ChatEngine, override: str | None = None, *, raw: bool = False,
+                      think: str | None = None, warn: Warn | None = None) -> ChatTemplate:
+    """The template to chat with (kvchat.chat_template.select_template); its notices
+    (a fallback to ChatML, a --think the template cannot switch) go to `warn`."""
+    from kvchat.chat_template import select_template
 
-    return ChatTemplate(
-        engine.chat_template(),
-        bos_token=engine.token_text(engine.bos_token),
-        eos_token=engine.token_text(engine.eos_token),
-    )
+    variables = {} if think is None else {"enable_thinking": think == "on"}
+    template, notice = select_template(engine, override, raw=raw, variables=variables)
+    if warn is not None:
+        if notice:
+            warn(notice)
+        if think is not None and not raw and not template.supports_thinking:
+            warn(f"--think {think}: this chat template has no thinking switch (enable_thinking); ignored")
+    return template
 
 
 @dataclass
@@ -256,8 +262,9 @@ def open_conversation(
         probe = hardware.CpuLoadProbe()
         engine = load_engine(request, warn, verbose=verbose)
         warn_if_cores_contended(probe, request.n_threads, warn)
-        session = Session(engine, chat_template_for(engine), sampling or sampling_of(s), s.max_tokens,
-                          s.overflow)
+        template = chat_template_for(engine, s.chat_template, raw=s.raw, think=s.think, warn=warn)
+        session = Session(engine, template, sampling or sampling_of(s), s.max_tokens, s.overflow,
+                          checkpoint_max=s.checkpoints, checkpoint_mib=s.checkpoint_mib)
         session.prefix_cache = open_prefix_cache(engine, request, s)
         conv = Conversation(engine, session, named, request, s)
         if named is not None:
@@ -357,13 +364,14 @@ def rebuilt_cache_counts(reused: int, evaluated: int, rebuilt: int) -> dict[str,
     return {"reused_tokens": reused - moved, "evaluated_tokens": evaluated + moved, "rebuilt_tokens": moved}
 
 
-def turn_record(conv: Conversation, turn: TurnStats, text: str) -> dict[str, Any]:
-    """The JSON record of one turn (`run --json`)."""
+def turn_record(conv: Conversation, turn: TurnStats, text: str, reasoning: str = "") -> dict[str, Any]:
+    """The JSON record of one turn (`run --json`); a thinking model's reasoning apart."""
     engine, request, session = conv.engine, conv.request, conv.session
     sampling = session.sampling
     memory = memory_figures(conv)
     return {
         "text": text,
+        "reasoning": reasoning,
         "model": str(request.model_path),
         "settings": {
             "n_ctx": engine.n_ctx,
@@ -384,12 +392,14 @@ def turn_record(conv: Conversation, turn: TurnStats, text: str) -> dict[str, Any
         "usage": {
             "prompt_tokens": turn.prompt_tokens,
             "completion_tokens": turn.completion_tokens,
+            "reasoning_tokens": turn.reasoning_tokens,
         },
         "cache": {
             **rebuilt_cache_counts(turn.reused_tokens, turn.evaluated_tokens, conv.rebuilt_tokens),
             "prefix_cache_tokens": turn.prefix_cache_tokens,
             "prefix_cache_restore_s": round(turn.prefix_cache_restore_s, 4),
             **({"prefix_cache_skipped": turn.prefix_cache_skipped} if turn.prefix_cache_skipped else {}),
+            "reevaluated_tokens": turn.reevaluated_tokens,
         },
         "memory": {
             "n_ctx": memory.n_ctx,

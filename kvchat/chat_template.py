@@ -1,22 +1,26 @@
 """Render a conversation with the model's own Jinja chat template, sandboxed.
 
-The template comes from the GGUF (`tokenizer.chat_template`); a model without one
-gets ChatML. Rendering happens in Jinja's ImmutableSandboxedEnvironment, as
-llama.cpp and transformers do, so a template can read but never change anything.
+The template comes from, in order: `--chat-template NAME|FILE`; the GGUF
+(`tokenizer.chat_template`); for a GGUF without one, llama.cpp's built-in
+template of the family recognised from its special tokens or architecture;
+else ChatML, said once. `--raw` renders no template at all (plain completion).
+Jinja renders in an ImmutableSandboxedEnvironment, as llama.cpp and transformers
+do, so a template can read but never change anything.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import date
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 from jinja2 import TemplateError
 from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
 
-from kvchat.errors import ModelFormatError
+from kvchat.errors import ModelFormatError, UsageError
 
 # A template is code from a downloaded file: each render gets a time budget and an
 # output budget (on top of what the messages themselves bring), and no single value
@@ -33,7 +37,11 @@ CHATML = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# Plain completion: the messages' texts back to back, nothing around them.
+RAW = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+
 Message = dict[str, str]
+RenderFn = Callable[[Sequence[Message], bool], str]
 
 
 def _raise_exception(message: str) -> None:
@@ -125,11 +133,22 @@ class _LimitedEnvironment(ImmutableSandboxedEnvironment):
 
 
 class ChatTemplate:
-    """A compiled chat template with the model's BOS/EOS token texts."""
+    """A compiled chat template with the model's BOS/EOS token texts.
 
-    def __init__(self, source: str | None, *, bos_token: str = "", eos_token: str = "") -> None:
+    `origin` says where it came from (shown by /info and `kvchat show`);
+    `render_fn`, when given, renders instead of Jinja (llama.cpp's built-in
+    templates); `variables` are extra names the template sees (enable_thinking).
+    """
+
+    def __init__(self, source: str | None, *, bos_token: str = "", eos_token: str = "",
+                 origin: str | None = None, render_fn: RenderFn | None = None,
+                 variables: dict[str, Any] | None = None) -> None:
         self.source = source or CHATML
-        self.is_default = source is None
+        self.is_default = source is None and render_fn is None
+        self.origin = origin or ("ChatML (kvchat's fallback)" if source is None
+                                 else "tokenizer.chat_template")
+        self.render_fn = render_fn
+        self.variables = dict(variables or {})
         self._budget = _Budget()
         env = _LimitedEnvironment(self._budget, trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise_exception
@@ -144,8 +163,16 @@ class ChatTemplate:
         self.bos_token = bos_token
         self.eos_token = eos_token
 
+    @property
+    def supports_thinking(self) -> bool:
+        """The template switches reasoning on and off with `enable_thinking` (Qwen3 style)."""
+        return self.render_fn is None and "enable_thinking" in self.source
+
     def render(self, messages: Sequence[Message], *, add_generation_prompt: bool) -> str:
+        if self.render_fn is not None:
+            return self.render_fn(messages, add_generation_prompt)
         context: dict[str, Any] = {
+            **self.variables,
             "messages": list(messages),
             "add_generation_prompt": add_generation_prompt,
             "bos_token": self.bos_token,
@@ -183,7 +210,8 @@ class ChatTemplate:
         return "".join(parts)
 
 
-_SENTINELS = ("\x00kvchat-a\x00", "\x00kvchat-b\x00", "\x00kvchat-c\x00")
+# Placeholder message texts for finding where a template puts things (no real text has NULs).
+TURN_SENTINELS = ("\x00kvchat-a\x00", "\x00kvchat-b\x00", "\x00kvchat-c\x00")
 
 
 def preamble_length(template: ChatTemplate) -> int:
@@ -194,7 +222,7 @@ def preamble_length(template: ChatTemplate) -> int:
     message's content, after the first reply, is the user header; what precedes
     the first user header is the preamble. 0 when the template is not that regular.
     """
-    one, reply, two = _SENTINELS
+    one, reply, two = TURN_SENTINELS
     try:
         first = template.render([{"role": "user", "content": one}], add_generation_prompt=False)
         pair = template.render(
@@ -220,3 +248,97 @@ def preamble_length(template: ChatTemplate) -> int:
     if header and before_first.endswith(header):
         return len(before_first) - len(header)
     return 0
+
+
+# Control tokens that give a family away, most specific first, and the built-in
+# llama.cpp template (llama-chat.cpp LLM_CHAT_TEMPLATES) that goes with each.
+_FAMILY_TOKENS = (
+    ("<start_of_turn>", "gemma"),
+    ("<|start_header_id|>", "llama3"),
+    ("<|channel|>", "gpt-oss"),
+    ("<|start_of_role|>", "granite"),
+    ("<|im_start|>", "chatml"),
+    ("[INST]", "mistral-v7"),
+    ("<|user|>", "phi3"),
+)
+_FAMILY_ARCH = {
+    "gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma", "gemma3n": "gemma",
+    "llama": "llama2", "llama4": "llama4", "phi3": "phi3", "qwen2": "chatml", "qwen3": "chatml",
+    "qwen3moe": "chatml", "lfm2": "chatml", "granite": "granite", "granitehybrid": "granite-4.0",
+    "gpt-oss": "gpt-oss", "command-r": "command-r", "cohere2": "command-r", "exaone": "exaone3",
+    "exaone4": "exaone4", "deepseek2": "deepseek2", "rwkv6": "rwkv-world", "rwkv7": "rwkv-world",
+    "chatglm": "chatglm4", "glm4": "chatglm4", "minicpm": "minicpm",
+}
+
+
+class TemplateModel(Protocol):
+    """What choosing a template needs from a loaded model (kvchat.engine.Engine)."""
+
+    def chat_template(self) -> str | None: ...
+    def metadata(self, key: str) -> str | None: ...
+    def has_special_token(self, text: str) -> bool: ...
+    def builtin_template_names(self) -> list[str]: ...
+    def apply_builtin_template(self, name: str, messages: Sequence[Message], *,
+                               add_generation_prompt: bool) -> str: ...
+    def token_text(self, token: int) -> str: ...
+    @property
+    def bos_token(self) -> int: ...
+    @property
+    def eos_token(self) -> int: ...
+
+
+def recognise_family(arch: str, has_token: Callable[[str], bool],
+                     names: Sequence[str] | None = None) -> tuple[str, str] | None:
+    """(built-in template name, how it was recognised) for a model without a
+    template, from its control tokens, else its architecture. `names`: the
+    built-in templates of the llama.cpp at hand (None: trust the tables)."""
+    known = set(names) if names is not None else None
+    for token, family in _FAMILY_TOKENS:
+        if (known is None or family in known) and has_token(token):
+            return family, f"its vocabulary has {token}"
+    by_arch = _FAMILY_ARCH.get(arch)
+    if by_arch is not None and (known is None or by_arch in known):
+        return by_arch, f"architecture {arch}"
+    return None
+
+
+def _builtin(model: TemplateModel, name: str, origin: str) -> ChatTemplate:
+    def render(messages: Sequence[Message], add_generation_prompt: bool) -> str:
+        return model.apply_builtin_template(name, messages, add_generation_prompt=add_generation_prompt)
+
+    return ChatTemplate(None, origin=origin, render_fn=render)
+
+
+def select_template(model: TemplateModel, override: str | None = None, *, raw: bool = False,
+                    variables: dict[str, Any] | None = None) -> tuple[ChatTemplate, str | None]:
+    """The template to chat with, and a one-line notice when the user should know
+    (a fallback to ChatML). `override` is a built-in name or a Jinja file."""
+    bos, eos = model.token_text(model.bos_token), model.token_text(model.eos_token)
+    if raw:
+        return ChatTemplate(RAW, bos_token=bos, eos_token=eos, origin="none (--raw: plain completion)"), None
+    if override:
+        path = Path(override).expanduser()
+        if path.is_file():
+            try:
+                source = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise UsageError(f"cannot read the chat template {path}: {exc}",
+                                 hint="pass a UTF-8 Jinja file or a built-in name") from exc
+            return ChatTemplate(source, bos_token=bos, eos_token=eos, origin=f"file {path}",
+                                variables=variables), None
+        names = model.builtin_template_names()
+        if override in names:
+            return _builtin(model, override, f"llama.cpp built-in '{override}' (--chat-template)"), None
+        raise UsageError(f"--chat-template '{override}' is neither a file nor a built-in template",
+                         hint="built-in names: " + ", ".join(names))
+    own = model.chat_template()
+    if own:
+        return ChatTemplate(own, bos_token=bos, eos_token=eos, variables=variables), None
+    found = recognise_family(model.metadata("general.architecture") or "", model.has_special_token,
+                             model.builtin_template_names())
+    if found is not None:
+        name, why = found
+        return _builtin(model, name, f"llama.cpp built-in '{name}' (no template in the GGUF; {why})"), None
+    notice = ("the model has no chat template and kvchat does not recognise its family: using ChatML; "
+              "pass --chat-template NAME|FILE, or --raw for plain completion")
+    return ChatTemplate(None, bos_token=bos, eos_token=eos), notice

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import llama_cpp.llama_cpp as llama
 
 from kvchat.cache_types import CacheType, flash_attn_enabled
-from kvchat.engine_api import PerfCounters, SamplingSettings, TokenEvent
+from kvchat.engine_api import Checkpoint, PerfCounters, SamplingSettings, TokenEvent
 from kvchat.errors import KvchatError, ModelLoadError, SessionError, UsageError
 from kvchat.gguf import read_model_header_file
 from kvchat.llama_log import BufferSizes, parse_load_log
@@ -111,6 +111,14 @@ llama.llama_log_set(_log_callback, ctypes.c_void_p(0))
 llama.llama_backend_init()
 
 
+def builtin_templates() -> list[str]:
+    """Names of llama.cpp's built-in chat templates (llama_chat_builtin_templates)."""
+    n = llama.llama_chat_builtin_templates((ctypes.c_char_p * 0)(), 0)
+    names = (ctypes.c_char_p * max(n, 1))()
+    n = llama.llama_chat_builtin_templates(names, n)
+    return [names[i].decode() for i in range(max(n, 0))]
+
+
 def system_info() -> str:
     return (llama.llama_print_system_info() or b"").decode("utf-8", errors="replace")
 
@@ -126,6 +134,8 @@ def backend_version() -> str:
     return str(llama_cpp.__version__)
 
 
+
+
 class Engine:
     """A loaded model with one context and one sequence (seq 0)."""
 
@@ -139,6 +149,10 @@ class Engine:
         self.flash_attn = settings.flash_attn
         self.gpu_layers: tuple[int, int] | None = None
         self.n_past = 0
+        # Leading positions whose cells are all in the cache, full-attention layers
+        # included (seq_pos_max reports the SWA part only on a sliding-window cache):
+        # a partial checkpoint can be restored up to here.
+        self._held_upto = 0
         _LOG.echo = settings.verbose
         mark = _LOG.mark()
         started = time.perf_counter()
@@ -206,6 +220,7 @@ class Engine:
         self.n_vocab = llama.llama_vocab_n_tokens(self._vocab)
         self.n_layer = llama.llama_model_n_layer(model)
         self.n_batch = llama.llama_n_batch(ctx)
+        self.n_swa = int(llama.llama_model_n_swa(model))
         self._piece_buf = ctypes.create_string_buffer(256)
         self._one_token = (llama.llama_token * 1)()
 
@@ -221,6 +236,37 @@ class Engine:
     def chat_template(self) -> str | None:
         raw = llama.llama_model_chat_template(self._model, None)
         return raw.decode("utf-8", errors="replace") if raw else None
+
+    def has_special_token(self, text: str) -> bool:
+        """Whether `text` is one token of the vocabulary (a control token such as
+        '<start_of_turn>'): it tokenizes, special tokens parsed, to itself alone."""
+        tokens = self.tokenize(text, add_special=False, parse_special=True)
+        return len(tokens) == 1 and self.token_text(tokens[0]) == text
+
+    def builtin_template_names(self) -> list[str]:
+        return builtin_templates()
+
+    def apply_builtin_template(self, name: str, messages: Sequence[dict[str, str]],
+                               *, add_generation_prompt: bool) -> str:
+        """Render `messages` with llama.cpp's built-in template `name`
+        (llama_chat_apply_template; see builtin_templates())."""
+        keep = [(m["role"].encode(), m["content"].encode()) for m in messages]
+        chat = (llama.llama_chat_message * max(len(keep), 1))()
+        for i, (role, content) in enumerate(keep):
+            chat[i].role = role
+            chat[i].content = content
+        size = max(256, 2 * sum(len(r) + len(c) for r, c in keep) + 256)
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(size)
+            n = llama.llama_chat_apply_template(name.encode(), chat, len(keep), add_generation_prompt,
+                                                buf, size)
+            if n < 0:
+                raise UsageError(f"llama.cpp has no built-in chat template '{name}'",
+                                 hint="see `kvchat show MODEL` or pass a Jinja file to --chat-template")
+            if n <= size:
+                return buf.raw[:n].decode("utf-8", errors="replace")
+            size = n + 1
+        raise KvchatError(f"llama.cpp's '{name}' template output did not fit its buffer")
 
     def token_text(self, token: int) -> str:
         raw = llama.llama_vocab_get_text(self._vocab, token)
@@ -315,6 +361,8 @@ class Engine:
                 f"llama_decode failed (code {rc}) after {self.n_past} tokens",
                 hint="the context may be full; raise --ctx",
             )
+        if self._held_upto == self.n_past:
+            self._held_upto += n_tokens
         self.n_past += n_tokens
 
     def set_sampling(self, sampling: SamplingSettings) -> None:
@@ -407,18 +455,37 @@ class Engine:
         finally:
             llama.llama_batch_free(batch)
 
+    def last_logits(self) -> np.ndarray:
+        """A copy of the next-token logits after the last token evaluated (tests
+        compare them with a cold evaluation of the same history)."""
+        import numpy as np
+
+        row = llama.llama_get_logits_ith(self._ctx, -1)
+        return np.ctypeslib.as_array(row, shape=(self.n_vocab,)).copy()
+
     # -- KV memory -----------------------------------------------------------
 
+    def _sync_n_past(self) -> None:
+        self.n_past = llama.llama_memory_seq_pos_max(self._memory, 0) + 1
+
     def kv_remove(self, start: int, end: int) -> bool:
-        """Remove positions [start, end) of seq 0; end -1 means to the end."""
+        """Remove positions [start, end) of seq 0; end -1 means to the end.
+
+        False when llama.cpp refuses (a partial removal on recurrent or hybrid
+        memory); the cache is then unchanged. Even when it succeeds, a
+        sliding-window cache may no longer hold the window the next token needs:
+        check `covers()` after every removal.
+        """
         ok = bool(llama.llama_memory_seq_rm(self._memory, 0, start, end))
         if ok:
-            self.n_past = llama.llama_memory_seq_pos_max(self._memory, 0) + 1
+            self._held_upto = min(self._held_upto, max(start, 0))
+        self._sync_n_past()
         return ok
 
     def kv_shift(self, start: int, end: int, delta: int) -> None:
         llama.llama_memory_seq_add(self._memory, 0, start, end, delta)
-        self.n_past = llama.llama_memory_seq_pos_max(self._memory, 0) + 1
+        self._sync_n_past()
+        self._held_upto = self.n_past
 
     def cells_in_use(self) -> int:
         """Positions of seq 0 the cache holds, as llama.cpp counts them (pos_max + 1)."""
@@ -430,6 +497,78 @@ class Engine:
     def kv_clear(self) -> None:
         llama.llama_memory_clear(self._memory, True)
         self.n_past = 0
+        self._held_upto = 0
+
+    def seq_pos_min(self) -> int:
+        """Oldest position seq 0 still holds (-1 when empty); on a sliding-window
+        cache, older cells are dropped as evaluation moves on."""
+        return int(llama.llama_memory_seq_pos_min(self._memory, 0))
+
+    def seq_pos_max(self) -> int:
+        """Newest position seq 0 holds (-1 when empty)."""
+        return int(llama.llama_memory_seq_pos_max(self._memory, 0))
+
+    def covers(self, n_tokens: int) -> bool:
+        """Whether the cache holds exactly what the token at position `n_tokens`
+        needs after a history of `n_tokens` tokens: nothing past it, and every cell
+        it attends to (all of them; the last `n_swa` on a sliding-window cache).
+
+        Recurrent and hybrid memory keep one state per sequence whose position is
+        the last token evaluated; its min and max are that position.
+        """
+        pos_min, pos_max = self.seq_pos_min(), self.seq_pos_max()
+        if n_tokens == 0:
+            return pos_max < 0
+        if pos_max != n_tokens - 1:
+            return False
+        if self.memory_kind in ("recurrent", "hybrid"):
+            return True
+        if self.memory_kind == "swa":
+            # The token at position n attends to positions p with n - p < n_swa
+            # (llama_hparams::is_masked_swa, standard SWA type).
+            return 0 <= pos_min <= max(0, n_tokens - self.n_swa + 1)
+        return pos_min == 0
+
+    @property
+    def needs_checkpoints(self) -> bool:
+        """True when removing the tail of the sequence can lose what the history
+        needs (sliding window without swa_full, recurrent or hybrid memory)."""
+        return self.memory_kind != "kv"
+
+    def checkpoint(self, n_tokens: int) -> Checkpoint:
+        """Snapshot the sequence as it is now (it must hold `n_tokens` tokens).
+
+        On memory that cannot roll back, only the part that cannot (the SWA
+        window, the recurrent state) is saved (LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY):
+        the full-attention cells of the older positions stay valid in the cache
+        and are kept by trimming the tail on restore, as llama-server does.
+        Elsewhere the whole sequence is saved.
+        """
+        flags = llama.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY if self.needs_checkpoints else 0
+        size = llama.llama_state_seq_get_size_ext(self._ctx, 0, flags)
+        buf = (ctypes.c_uint8 * size)()
+        written = llama.llama_state_seq_get_data_ext(self._ctx, buf, size, 0, flags)
+        return Checkpoint(n_tokens, bytes(buf[:written]), partial=bool(flags))
+
+    def restore_checkpoint(self, checkpoint: Checkpoint) -> bool:
+        """Put the sequence back to `checkpoint`; True when the cache then covers
+        exactly its tokens. A partial checkpoint needs the full-attention cells of
+        its positions to be still in the cache (they are, unless cleared)."""
+        data = checkpoint.data
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        flags = llama.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY if checkpoint.partial else 0
+        if checkpoint.partial and checkpoint.n_tokens > self._held_upto:
+            return False
+        read = llama.llama_state_seq_set_data_ext(self._ctx, buf, len(data), 0, flags)
+        if read == 0:
+            self.kv_clear()
+            return False
+        # The restored part ends at the checkpoint; trim the attention cells after it.
+        self.kv_remove(checkpoint.n_tokens, -1)
+        self._sync_n_past()
+        if not checkpoint.partial:
+            self._held_upto = checkpoint.n_tokens
+        return self.covers(checkpoint.n_tokens)
 
     def state_bytes(self) -> bytes:
         """The sequence's KV state only (no logits), for saving to disk."""
@@ -452,7 +591,7 @@ class Engine:
                 f"the saved KV state holds {cells} positions but its record says {n_tokens}",
                 hint="the session file is inconsistent; use --rebuild",
             )
-        self.n_past = n_tokens
+        self.n_past = self._held_upto = n_tokens
 
     # -- counters ----------------------------------------------------------------
 

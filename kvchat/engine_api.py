@@ -25,11 +25,38 @@ class SamplingSettings:
 
 @dataclass(frozen=True)
 class TokenEvent:
-    """One generated token: its id and the text it completes (may be '')."""
+    """One generated token: its id and the text it completes (may be '').
+
+    For a thinking model the session moves the reasoning part of the text to
+    `reasoning_text`; `text` is then the answer part only.
+    """
 
     token: int
     text: str
     is_eog: bool
+    reasoning_text: str = ""
+
+
+# What a context's memory is (Engine.memory_kind): a plain KV cache removes cells to
+# roll back; a sliding-window cache (swa), recurrent and hybrid memory need checkpoints.
+MEMORY_KINDS = ("kv", "swa", "recurrent", "hybrid")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A snapshot of the sequence after `n_tokens` tokens (llama_state_seq_get_data_ext).
+
+    `partial`: only the part of the memory that cannot roll back (SWA window or
+    recurrent state); restoring it also needs the older attention cells in place.
+    """
+
+    n_tokens: int
+    data: bytes
+    partial: bool
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
 
 
 @dataclass(frozen=True)
@@ -67,9 +94,22 @@ class ChatEngine(Protocol):
     @property
     def load_s(self) -> float: ...
 
+    @property
+    def memory_kind(self) -> str:
+        """One of MEMORY_KINDS."""
+        ...
+    @property
+    def needs_checkpoints(self) -> bool:
+        """Removing the tail of the sequence can lose what the history needs."""
+        ...
+
     def chat_template(self) -> str | None: ...
     def metadata(self, key: str) -> str | None: ...
     def is_eog(self, token: int) -> bool: ...
+    def has_special_token(self, text: str) -> bool: ...
+    def builtin_template_names(self) -> list[str]: ...
+    def apply_builtin_template(self, name: str, messages: Sequence[dict[str, str]], *,
+                               add_generation_prompt: bool) -> str: ...
 
     # -- tokens ------------------------------------------------------------------
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]: ...
@@ -94,6 +134,11 @@ class ChatEngine(Protocol):
     def kv_shift(self, start: int, end: int, delta: int) -> None: ...
     def can_shift(self) -> bool: ...
     def kv_clear(self) -> None: ...
+    def covers(self, n_tokens: int) -> bool:
+        """The cache holds exactly what the token after `n_tokens` history tokens needs."""
+        ...
+    def checkpoint(self, n_tokens: int) -> Checkpoint: ...
+    def restore_checkpoint(self, checkpoint: Checkpoint) -> bool: ...
     def state_bytes(self) -> bytes: ...
     def load_state_bytes(self, data: bytes, n_tokens: int) -> None: ...
 

@@ -288,6 +288,31 @@ def _plan_kv(
             dev.v += _row_bytes(s.type_v, width, "V") * n_cells
 
 
+def checkpoint_bytes(spec: ModelSpec, s: PlanSettings) -> int:
+    """Bytes of one KV checkpoint kvchat keeps at a turn boundary (kvchat.session),
+    0 where none is needed (memory that rolls back by removing cells).
+
+    It is llama_state_seq_get_data_ext with LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY:
+    the SWA layers' cells inside the window (n_swa of them, the rest are masked;
+    src/llama-kv-cache.cpp state_write) or the recurrent state; a few bytes of
+    cell metadata are left out. Checkpoints live in host RAM, outside `total`.
+    """
+    kind = spec.memory_type
+    if kind == "standard" or (kind == "sliding-window" and s.swa_full):
+        return 0
+    if kind in ("recurrent", "hybrid"):
+        return 4 * (spec.n_embd_r + spec.n_embd_s) * sum(
+            1 for il in range(spec.n_layer_main) if spec.is_recurrent[il])
+    n_cells = min(spec.n_swa, kv_cells(spec, s)[3])
+    total = 0
+    for il in range(spec.n_layer):
+        if spec.has_kv[il] and spec.is_swa[il]:
+            total += _row_bytes(s.type_k, spec.n_embd_k_gqa(il), "K") * n_cells
+            if not spec.is_mla:
+                total += _row_bytes(s.type_v, spec.n_embd_v_gqa(il), "V") * n_cells
+    return total
+
+
 def _row_bytes(cache_type: CacheType, n: int, which: str) -> int:
     if n % cache_type.block_size:
         raise UsageError(

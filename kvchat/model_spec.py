@@ -103,6 +103,18 @@ class ModelSpec:
     def is_hybrid(self) -> bool:
         return any(self.is_recurrent) and any(self.has_kv)
 
+    @property
+    def memory_type(self) -> str:
+        """standard, sliding-window, recurrent or hybrid: what rolling back costs
+        (see kvchat.session: the last three need checkpoints)."""
+        if self.is_hybrid:
+            return "hybrid"
+        if any(self.is_recurrent):
+            return "recurrent"
+        if any(self.is_swa):
+            return "sliding-window"
+        return "standard"
+
     def n_embd_k_gqa(self, il: int) -> int:
         return self.head_dim_k[il] * self.n_head_kv[il]
 

@@ -18,7 +18,7 @@ from typing import Any
 from kvchat import session_store
 from kvchat.engine_api import ChatEngine
 from kvchat.errors import SessionError
-from kvchat.session import Session
+from kvchat.session import PERSISTED_CHECKPOINTS, Session, encode_checkpoints
 from kvchat.session_store import SavedSession
 
 
@@ -137,7 +137,8 @@ class NamedSession:
             and self.saved.record["model"]["sha256"] == self.model_identity["sha256"]
         )
         if not rebuild:
-            return session.restore(self.saved.record, self.saved.tokens, self.saved.state)
+            return session.restore(self.saved.record, self.saved.tokens, self.saved.state,
+                                   self.saved.checkpoints)
         if same_model:
             return session.restore(self.saved.record, self.saved.tokens, None)
         return session.restore_from_messages(self.saved.record)
@@ -156,7 +157,9 @@ class NamedSession:
             "n_ctx_cells": engine.n_ctx,
             "sampling": {**dataclasses.asdict(session.sampling), "max_tokens": session.max_tokens},
         }
-        return session_store.save(self.path, record, session.tokens, engine.state_bytes())
+        keep = session.checkpoints[-PERSISTED_CHECKPOINTS:]
+        return session_store.save(self.path, record, session.tokens, engine.state_bytes(),
+                                  encode_checkpoints(keep))
 
     def close(self) -> None:
         """Release the lock; a name that was never saved leaves no .lock file behind

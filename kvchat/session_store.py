@@ -13,7 +13,10 @@ Layout (little-endian):
     u64 + bytes         record (UTF-8 JSON)
     u64 + bytes         tokens (int32 array)
     u64 + bytes         KV state
+    u64 + bytes         checkpoints (version 2; see kvchat.session.encode_checkpoints)
     32 bytes            SHA-256 of everything above
+
+Version 1 files (no checkpoints section) are still read.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ from kvchat import config
 from kvchat.errors import SessionError, UsageError
 
 MAGIC = b"KVCHATSESSION\n"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 SUFFIX = ".kvs"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _U32 = struct.Struct("<I")
@@ -134,6 +138,7 @@ class SavedSession:
     record: dict[str, Any]
     tokens: list[int]
     state: bytes
+    checkpoints: bytes = b""
 
 
 def remove_stale_temps(path: Path) -> int:
@@ -149,7 +154,8 @@ def remove_stale_temps(path: Path) -> int:
     return removed
 
 
-def save(path: Path, record: dict[str, Any], tokens: list[int], state: bytes) -> int:
+def save(path: Path, record: dict[str, Any], tokens: list[int], state: bytes,
+         checkpoints: bytes = b"") -> int:
     """Save atomically (the caller holds the lock); returns the file size in bytes.
 
     A failed write (disk full, permission denied) raises SessionError and leaves the
@@ -169,6 +175,8 @@ def save(path: Path, record: dict[str, Any], tokens: list[int], state: bytes) ->
         token_raw,
         _U64.pack(len(state)),
         state,
+        _U64.pack(len(checkpoints)),
+        checkpoints,
     ]
     sha = hashlib.sha256()
     for part in parts:
@@ -240,10 +248,10 @@ def load(path: Path, *, with_state: bool = True, verify: bool = True) -> SavedSe
         if take(len(MAGIC), "header") != MAGIC:
             raise SessionError(f"{path} is not a kvchat session file", hint=_DAMAGED_HINT)
         (version,) = _U32.unpack(take(4, "version"))
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise SessionError(
                 f"session file {path} has format version {version}; this kvchat reads "
-                f"version {FORMAT_VERSION}",
+                f"versions {', '.join(map(str, READABLE_VERSIONS))}",
                 hint="use the kvchat version that wrote it, or start a new session",
             )
         (n_body,) = _U64.unpack(take(8, "record length"))
@@ -264,6 +272,22 @@ def load(path: Path, *, with_state: bool = True, verify: bool = True) -> SavedSe
         else:
             fh.seek(n_state, os.SEEK_CUR)
             remaining -= n_state
+            state = b""
+        checkpoints = b""
+        if version >= 2:
+            (n_checkpoints,) = _U64.unpack(take(8, "checkpoints length"))
+            if with_state:
+                checkpoints = take(n_checkpoints, "checkpoints")
+            elif n_checkpoints > remaining:
+                raise SessionError(f"session file {path} is truncated (checkpoints)", hint=_DAMAGED_HINT)
+            elif verify:
+                left = n_checkpoints
+                while left:
+                    take(min(left, _HASH_CHUNK), "checkpoints")
+                    left -= min(left, _HASH_CHUNK)
+            else:
+                fh.seek(n_checkpoints, os.SEEK_CUR)
+                remaining -= n_checkpoints
         if remaining != 0:
             raise SessionError(f"session file {path} has trailing data", hint=_DAMAGED_HINT)
         digest = fh.read(32)
@@ -283,7 +307,7 @@ def load(path: Path, *, with_state: bool = True, verify: bool = True) -> SavedSe
     problem = record_problem(record, token_list)
     if problem:
         raise SessionError(f"session file {path} has an invalid record: {problem}", hint=_DAMAGED_HINT)
-    return SavedSession(record, token_list, state)
+    return SavedSession(record, token_list, state, checkpoints)
 
 
 def _is_int(value: Any) -> TypeGuard[int]:
@@ -321,9 +345,12 @@ def record_problem(record: Any, tokens: list[int]) -> str | None:
     if not isinstance(record.get("kv_text", ""), str):
         return "'kv_text' is not text"
     turns = record.get("turns", [])
+    # A turn mark: where a user turn starts; since format 2 also where its reply starts
+    # (reply_token/reply_char, -1 while unknown).
     if not isinstance(turns, list) or not all(
-        isinstance(t, dict) and set(t) == {"message", "token", "char"} and all(_is_int(v) and v >= 0
-                                                                                for v in t.values())
+        isinstance(t, dict) and {"message", "token", "char"} <= set(t)
+        and set(t) <= {"message", "token", "char", "reply_token", "reply_char"}
+        and all(_is_int(v) and v >= (-1 if k.startswith("reply_") else 0) for k, v in t.items())
         for t in turns
     ):
         return "'turns' is not a list of turn marks"

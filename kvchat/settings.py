@@ -224,6 +224,15 @@ SETTINGS: dict[str, Setting[Any]] = {
                 "reuse and store prompt starts on disk (kvchat cache)"),
         Setting("prefix_cache_size", parse_size, "4G", "--prefix-cache-size",
                 "size limit of the prefix cache (never more than half the free disk)"),
+        Setting("chat_template", _optional(_string), None, "--chat-template",
+                "a llama.cpp built-in template name or a Jinja file (default: the model's own)"),
+        Setting("raw", _bool, False, "--raw", "no chat template: plain text completion"),
+        Setting("think", _optional(_choice("on", "off")), None, "--think",
+                "reasoning on or off where the template has enable_thinking"),
+        Setting("checkpoints", lambda raw: _int(raw, 0, 1024), 8, "--checkpoints",
+                "KV checkpoints kept on sliding-window, recurrent and hybrid models"),
+        Setting("checkpoint_mib", lambda raw: _float(raw, 0.0), 256.0, "--checkpoint-mib",
+                "memory cap for those checkpoints, MiB"),
     )
 }
 
@@ -283,6 +292,11 @@ class Settings:
     recent_chats: int = 20
     prefix_cache: bool = True
     prefix_cache_size: int = 4 * 1024**3
+    chat_template: str | None = None
+    raw: bool = False
+    think: str | None = None
+    checkpoints: int = 8
+    checkpoint_mib: float = 256.0
     sources: Mapping[str, Source] = field(default_factory=dict)
     # Values from the environment or config file that a saved session overrode.
     overridden: tuple[str, ...] = ()

@@ -19,9 +19,12 @@ from kvchat.ui.commands import (
 
 def test_every_documented_command_parses() -> None:
     assert set(COMMANDS) == {"/help", "/system", "/clear", "/save", "/load", "/sessions", "/stats",
-                             "/set", "/info", "/exit"}
-    for name in ("/help", "/clear", "/sessions", "/stats", "/info", "/exit", "/system", "/set"):
+                             "/set", "/info", "/exit", "/undo", "/retry"}
+    for name in ("/help", "/clear", "/sessions", "/stats", "/info", "/exit", "/system", "/set", "/undo",
+                 "/retry"):
         assert parse_command(name) == Command(name)
+    with pytest.raises(UsageError, match="takes no argument"):
+        parse_command("/undo 2")
 
 
 def test_arguments_are_kept() -> None:

@@ -82,6 +82,7 @@ def test_show_prints_metadata_template_and_kv_per_1k(cli):
     assert text.endswith("chat template:\n" + info["chat_template"].rstrip("\n") + "\n")
     only = cli.invoke(app, ["show", "test/Tiny-GGUF", "--template"])
     assert only.exit_code == 0 and only.stdout.rstrip("\n") == info["chat_template"].rstrip("\n")
+    assert info["memory_type"] == "standard" and "memory            standard" in text
 
 
 def test_rm_asks_first_and_refuses_without_a_terminal(cli, tmp_path):

@@ -93,6 +93,7 @@ def test_a_conversation_with_slash_commands(chat, kv_env: dict[str, str]) -> Non
     assert re.search(r"model +smollm2-135m *\n", out)
     assert "SmolLM2-135M-Instruct.Q4_1.gguf" in "".join(out.split())  # the file row, folded
     assert "2048 tokens" in out
+    assert "memory" in out and "standard" in out and "tokenizer.chat_template" in out
 
     out = command(child, "/set temperature 0.5", "seed")
     assert "temperature 0.5" in out
@@ -339,3 +340,21 @@ def test_sessions_list_counts_cells_against_the_context_llama_cpp_made(kvchat, m
     lines = kvchat("sessions", "list").stdout.splitlines()  # piped: tab-separated
     assert lines[0].split("\t") == ["name", "turns", "KV cells", "size", "model", "updated"]
     assert lines[1].split("\t")[:3] == ["small", "1", f"{row['n_kv']}/256"]
+
+
+def test_undo_and_retry(chat, kv_env: dict[str, str]) -> None:
+    child = chat("--max-tokens", "8", "--session", "redo")
+    message(child, "Name a colour.")
+    message(child, "Name a fruit.")
+    again = message(child, "/retry")
+    assert "prefill 1 tok" in again  # the reply again from the cached prompt: one token re-evaluated
+    undone = command(child, "/undo", "undone")
+    assert 'undone: "Name a fruit."' in plain(undone + child.before)
+    saved = session_store.load(session_store.session_path("redo"), with_state=False)
+    assert [m["content"] for m in saved.record["messages"] if m["role"] == "user"] == ["Name a colour."]
+    out = command(child, "/undo", "undone")
+    assert "undone" in out
+    err = command(child, "/undo", "no exchange")
+    assert "no exchange to undo" in err
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)

@@ -114,7 +114,9 @@ def test_every_config_key_is_used(home: Path) -> None:
               "cache_type_v": "'q8_0'", "flash_attn": "'on'", "ngl": "0", "threads": "1", "batch": "64",
               "max_tokens": "9", "temperature": "0.1", "top_k": "5", "top_p": "0.5", "min_p": "0.2",
               "repeat_penalty": "1.1", "seed": "3", "system": "'terse'", "overflow": "'stop'",
-              "recent_chats": "5", "prefix_cache": "false", "prefix_cache_size": "'500M'"}
+              "recent_chats": "5", "prefix_cache": "false", "prefix_cache_size": "'500M'",
+              "chat_template": "'gemma'", "raw": "true", "think": "'off'", "checkpoints": "3",
+              "checkpoint_mib": "64"}
     assert set(values) == set(SETTINGS)
     _config(home, "[defaults]\n" + "".join(f"{k} = {v}\n" for k, v in values.items()))
     got = resolve()
@@ -122,13 +124,14 @@ def test_every_config_key_is_used(home: Path) -> None:
     assert (got.batch, got.ngl, got.threads, got.ctx_max, got.repeat_penalty) == (64, 0, 1, 4096, 1.1)
     assert got.recent_chats == 5
     assert (got.prefix_cache, got.prefix_cache_size) == (False, 500 * 1024**2)
+    assert (got.chat_template, got.raw, got.think, got.checkpoints, got.checkpoint_mib) == \
+        ("gemma", True, "off", 3, 64.0)
 
 
 @pytest.mark.parametrize(("raw", "size"), [("4G", 4 * 1024**3), ("500M", 500 * 1024**2),
                                            ("2GiB", 2 * 1024**3), ("1.5k", 1536), (1024, 1024), ("0", 0)])
 def test_prefix_cache_sizes(home: Path, raw: object, size: int) -> None:
     assert resolve({"prefix_cache_size": raw}).prefix_cache_size == size
-
 
 @pytest.mark.parametrize(("name", "raw"), [("prefix_cache_size", "lots"), ("prefix_cache_size", "-1G"),
                                            ("prefix_cache", "maybe")])

@@ -103,6 +103,25 @@ def _plan_dict(plan: MemoryPlan) -> dict[str, Any]:
     }
 
 
+def _checkpoints(spec: ModelSpec, plan: MemoryPlan, count: int, cap_mib: float) -> dict[str, Any]:
+    """Checkpoint memory (host RAM, outside the total): one, and at most all of them."""
+    from kvchat.memory import checkpoint_bytes
+
+    one = checkpoint_bytes(spec, plan.settings)
+    most = min(one * count, int(cap_mib * 1024 * 1024 // one) * one) if one else 0
+    return {"memory_type": spec.memory_type, "checkpoint_bytes": one, "checkpoints": count,
+            "checkpoints_max_bytes": most}
+
+
+def _checkpoint_line(record: dict[str, Any]) -> str | None:
+    if not record["checkpoint_bytes"]:
+        return None
+    return (f"{record['memory_type']} memory: KV checkpoints at turn boundaries (undo, retry, interrupted "
+            f"prefill) take {format_bytes(record['checkpoint_bytes'])} each, up to "
+            f"{format_bytes(record['checkpoints_max_bytes'])} ({record['checkpoints']} max, --checkpoints / "
+            "--checkpoint-mib), host RAM outside the total")
+
+
 def _plan_table(plan: MemoryPlan) -> TableData:
     columns = ["component"] + [dev.name for dev in plan.devices]
     if len(plan.devices) > 1:
@@ -246,6 +265,8 @@ def estimate(
     name = (model_name(est.model_label) if est.remote_bytes_fetched is None
             else remote_model_name(str(s.model), est.model_label.name))
     record = _record(est, name)
+    for plan_record, plan in zip(record["plans"], est.plans, strict=True):
+        plan_record["checkpoints"] = _checkpoints(est.spec, plan, s.checkpoints, s.checkpoint_mib)
     compare_table = None
     if compare:
         compare_table, record["compare"] = _compare_table(est.spec, est.base,
@@ -263,7 +284,8 @@ def estimate(
         env.stdout.write(json.dumps(record) + "\n")
         env.stdout.flush()
     else:
-        _render(env, est, name, limits, exact_figures, compare_table)
+        _render(env, est, name, limits, exact_figures, compare_table,
+                [_checkpoint_line(p["checkpoints"]) for p in record["plans"]])
     if est.largest_ctx is None:
         raise OutOfMemoryError(
             f"{name} does not fit the budget ({limits}) at any context, even with every layer on the CPU",
@@ -293,7 +315,7 @@ def _record(est: Estimate, name: str) -> dict[str, Any]:
 
 
 def _render(env: Environment, est: Estimate, name: str, limits: str, exact_figures: list[dict[str, int]],
-            compare_table: TableData | None) -> None:
+            compare_table: TableData | None, checkpoint_lines: list[str | None]) -> None:
     """The report; piped, each table row is one tab-separated line."""
     spec, budget, base = est.spec, est.budget, est.base
     out = env.out_console()
@@ -307,6 +329,8 @@ def _render(env: Environment, est: Estimate, name: str, limits: str, exact_figur
     for i, plan in enumerate(est.plans):
         out.print(_title(spec, plan), markup=False, soft_wrap=True)
         print_table(_plan_table(plan), env.stdout, out)
+        if checkpoint_lines[i]:
+            out.print(checkpoint_lines[i], markup=False, soft_wrap=True)
         if exact_figures:
             print_table(_exact_table(plan, exact_figures[i]), env.stdout, out)
     if compare_table is not None:

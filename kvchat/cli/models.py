@@ -135,10 +135,49 @@ def _header_facts(source: Path | Any) -> dict[str, Any]:
         "n_ctx_train": md.get(f"{arch}.context_length"),
         "n_layer": md.get(f"{arch}.block_count"),
         "chat_template": md.get("tokenizer.chat_template") or None,
+        "chat_template_builtin": None,
+        "memory_type": None,
         "header_bytes": header.header_size,
         "header": header,
     }
+    if not facts["chat_template"]:
+        from kvchat.chat_template import recognise_family
+
+        vocab = md.get("tokenizer.ggml.tokens") or []
+        token_set = set(vocab) if isinstance(vocab, list) else set()
+        found = recognise_family(arch or "", token_set.__contains__)
+        facts["chat_template_builtin"] = found[0] if found else None
+    from kvchat.errors import KvchatError
+    from kvchat.model_spec import spec_from_header
+
+    try:
+        spec = spec_from_header(header)
+        facts["memory_type"] = spec.memory_type
+        if spec.memory_type == "sliding-window":
+            facts["sliding_window"] = spec.n_swa
+    except KvchatError:
+        pass
     return facts
+
+
+def _template_text(info: dict[str, Any]) -> str:
+    name = info.get("chat_template_builtin")
+    if name:
+        return f"none in the GGUF: kvchat uses llama.cpp's built-in '{name}' (recognised family)"
+    return "none in the GGUF: kvchat falls back to ChatML (--chat-template NAME|FILE to choose)"
+
+
+def _memory_text(info: dict[str, Any]) -> str:
+    kind = info.get("memory_type")
+    if kind is None:
+        return "-"
+    notes = {
+        "standard": "rolls back by removing cells",
+        "sliding-window": f"window {info.get('sliding_window')} tokens; rollback needs checkpoints",
+        "recurrent": "a fixed state per sequence; rollback needs checkpoints",
+        "hybrid": "attention plus recurrent layers; rollback needs checkpoints",
+    }
+    return f"{kind} ({notes[kind]})"
 
 
 def _params_text(n: int | None) -> str:
@@ -273,8 +312,9 @@ def show(
         ("parameters", _params_text(info.get("parameters"))),
         ("layers", str(info.get("n_layer") or "-")),
         ("training context", f"{info['n_ctx_train']} tokens" if info.get("n_ctx_train") else "-"),
+        ("memory", _memory_text(info)),
         ("chat template", f"{len(chat_template):,} characters, printed below (only it: --template)"
-         if chat_template else "none in the file (a generic one is used)"),
+         if chat_template else _template_text(info)),
     ]
     kv = info["kv_bytes_per_1k_tokens"]
     if kv:

@@ -87,6 +87,25 @@ PREFIX_CACHE = (
         "--prefix-cache-size", metavar="SIZE",
         help="Prefix cache size limit, like 4G or 500M (default 4G).")]),
 )
+TEMPLATE = (
+    _option("chat_template", Annotated[Optional[str], typer.Option(
+        "--chat-template",
+        help="A llama.cpp built-in template name (chatml, gemma, llama3, ...) or a Jinja file; "
+        "overrides the model's own.")]),
+    _option("raw", Annotated[Optional[bool], typer.Option(
+        "--raw/--no-raw", help="No chat template: plain text completion (base models).")]),
+    _option("think", Annotated[Optional[str], typer.Option(
+        "--think", help="Reasoning on or off, where the template has a switch (enable_thinking).")]),
+)
+CHECKPOINTS = (
+    _option("checkpoints", Annotated[Optional[str], typer.Option(
+        "--checkpoints",
+        help="KV checkpoints kept at turn boundaries on sliding-window, recurrent and hybrid models, "
+        "so that undo, retry and an interrupted prefill re-evaluate a turn, not the conversation "
+        "(default 8).")]),
+    _option("checkpoint_mib", Annotated[Optional[str], typer.Option(
+        "--checkpoint-mib", help="Memory cap for those checkpoints, MiB (default 256).")]),
+)
 SESSION = (
     _option("session_name", Annotated[Optional[str], typer.Option(
         "--session", "-S", help="Named session: resume it (KV state restored) and save each turn.")]),
@@ -102,7 +121,7 @@ JSON = (
 
 # Every option a chat (run or chat) takes, in --help order.
 CHAT_OPTIONS = (*MODEL, *CTX, *CACHE_TYPES, *FLASH_ATTN, *DEVICES, *THREADS, *BATCH, *SAMPLING, *CONVERSATION,
-                *PREFIX_CACHE, *SESSION, *VERBOSE)
+                *PREFIX_CACHE, *TEMPLATE, *CHECKPOINTS, *SESSION, *VERBOSE)
 # Names that are settings (kvchat.settings) rather than command switches.
 _NOT_SETTINGS = {"session_name", "rebuild", "verbose", "as_json"}
 

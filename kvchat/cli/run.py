@@ -63,6 +63,9 @@ def run(
     verbose: bool = False,
     session_name: str | None = None,
     rebuild: bool = False,
+    undo: Annotated[bool, typer.Option(
+        "--undo", help="With --session: drop its last message and reply first (then answer PROMPT, if any).",
+    )] = False,
 ) -> None:
     """Answer one prompt. stdin comes first, then the arguments, a blank line between.
 
@@ -77,22 +80,26 @@ def run(
       git diff | kvchat run "Write a commit message for this diff" --json
       kvchat run --session work "Remember: my name is Ada."   (then later)
       kvchat run --session work "What is my name?"
+      kvchat run --session work --undo "Forget that; my name is Grace."
     """
     answer_piped(Environment(), flags, words=list(words or []), stats=stats, as_json=as_json,
-                 verbose=verbose, session_name=session_name, rebuild=rebuild)
+                 verbose=verbose, session_name=session_name, rebuild=rebuild, undo=undo)
 
 
 def answer_piped(env: Environment, flags: dict[str, Any], *, words: list[str] | None = None,
                  stats: bool = False, as_json: bool = False, verbose: bool = False,
-                 session_name: str | None = None, rebuild: bool = False) -> None:
-    """One prompt (stdin, then `words`) answered on stdout: `run`, and `chat` when piped."""
+                 session_name: str | None = None, rebuild: bool = False, undo: bool = False) -> None:
+    """One prompt (stdin, then `words`) answered on stdout: `run`, and `chat` when piped.
+    `undo` first drops the named session's last exchange; the prompt is then optional."""
     from kvchat.app import open_conversation
     from kvchat.ui.progress import LoadProgress
 
+    if undo and not session_name:
+        raise UsageError("--undo needs --session NAME", hint="kvchat run --session NAME --undo")
     all_words = words or []
     model_ref, prompt_words, guessed = split_model_and_prompt(all_words, flags.get("model"))
     piped = env.read_stdin()
-    prompt = build_prompt(piped, prompt_words)
+    prompt = build_prompt(piped, prompt_words) if not undo or piped.strip() or prompt_words else None
     # Where the piped part ends: other prompts over the same document share it.
     shared_chars = len(piped.strip("\n")) if piped.strip() else None
     with LoadProgress(env, enabled=not verbose) as progress:
@@ -106,7 +113,14 @@ def answer_piped(env: Environment, flags: dict[str, Any], *, words: list[str] | 
         progress.loaded(conv.request.model_path.name)
         conv.session.on_prefill = progress.prefill
         try:
-            _answer(env, conv, prompt, progress, stats=stats, as_json=as_json, shared_chars=shared_chars)
+            if undo:
+                undone = conv.session.undo()
+                conv.save()
+                env.stderr.write(f"kvchat: undone in '{session_name}': the last message "
+                                 f"({undone['content'][:60]!r}) and its reply; "
+                                 f"{conv.session.n_kv} KV cells kept\n")
+            if prompt is not None:
+                _answer(env, conv, prompt, progress, stats=stats, as_json=as_json, shared_chars=shared_chars)
         finally:
             conv.close()
 
@@ -114,19 +128,25 @@ def answer_piped(env: Environment, flags: dict[str, Any], *, words: list[str] | 
 def _answer(env: Environment, conv: Conversation, prompt: str, progress: LoadProgress, *, stats: bool,
             as_json: bool, shared_chars: int | None = None) -> None:
     from kvchat.app import memory_figures, turn_record
-    from kvchat.ui.render import stats_line
+    from kvchat.ui.render import reevaluated_notice, stats_line
 
     session = conv.session
     pieces: list[str] = []
+    reasoning: list[str] = []
     interrupted = False
     stream = session.send(prompt, shared_chars=shared_chars)
     try:
         for event in stream:
             progress.done()
             pieces.append(event.text)
-            if not as_json:
-                env.stdout.write(event.text)
-                env.stdout.flush()
+            reasoning.append(event.reasoning_text)
+            if as_json:
+                continue
+            if event.reasoning_text:  # a thinking model's reasoning is not the answer
+                env.stderr.write(event.reasoning_text)
+                env.stderr.flush()
+            env.stdout.write(event.text)
+            env.stdout.flush()
     except KeyboardInterrupt:
         stream.close()
         interrupted = True
@@ -137,7 +157,8 @@ def _answer(env: Environment, conv: Conversation, prompt: str, progress: LoadPro
         raise KeyboardInterrupt
     text = "".join(pieces)
     if as_json:
-        env.stdout.write(json.dumps(turn_record(conv, turn, text), ensure_ascii=False) + "\n")
+        record = turn_record(conv, turn, text, "".join(reasoning))
+        env.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
     elif text and not text.endswith("\n"):
         env.stdout.write("\n")
     env.stdout.flush()
@@ -145,6 +166,8 @@ def _answer(env: Environment, conv: Conversation, prompt: str, progress: LoadPro
         env.stderr.write(stats_line(turn, conv.engine.load_s, memory_figures(conv)) + "\n")
     if turn.prefix_cache_skipped and not as_json:
         env.warn(turn.prefix_cache_skipped)
+    if turn.reevaluated_tokens:
+        env.warn(reevaluated_notice(turn))
     if turn.dropped_turns:
         env.warn(
             f"context full: dropped the {turn.dropped_turns} oldest turn(s) "

@@ -23,6 +23,8 @@ COMMANDS: dict[str, CommandSpec] = {
     "/help": CommandSpec("/help", "list commands and keys"),
     "/system": CommandSpec("/system [TEXT]", "show or set the system prompt"),
     "/clear": CommandSpec("/clear", "forget the conversation and empty the KV cache (system prompt stays)"),
+    "/undo": CommandSpec("/undo", "drop the last message and its reply (the KV cache rolls back)"),
+    "/retry": CommandSpec("/retry", "answer the last message again (a new sample of the reply)"),
     "/save": CommandSpec("/save NAME", "save the conversation and its KV cache as session NAME"),
     "/load": CommandSpec("/load NAME", "switch to saved session NAME (KV cache restored, no re-evaluation)"),
     "/sessions": CommandSpec("/sessions", "list saved sessions"),

@@ -69,3 +69,10 @@ def safe_text(value: object, limit: int | None = TEXT_LIMIT, *, multiline: bool 
     if extra:
         text += f"… ({extra} more characters)"
     return text
+
+
+def reevaluated_notice(turn: TurnStats) -> str:
+    """One line saying what the cache had lost and what it cost this turn."""
+    noun = "token" if turn.reevaluated_tokens == 1 else "tokens"
+    why = f" ({turn.reevaluated_reason})" if turn.reevaluated_reason else ""
+    return f"re-evaluated {turn.reevaluated_tokens} {noun} of history{why}"

@@ -14,7 +14,7 @@ import contextlib
 import dataclasses
 import signal
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +26,7 @@ from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
 from rich.table import Table
 
 from kvchat import config, session_store
-from kvchat.engine_api import SamplingSettings
+from kvchat.engine_api import SamplingSettings, TokenEvent
 from kvchat.errors import KvchatError, SessionError
 from kvchat.hardware import NvmlReader
 from kvchat.monitor import HardwareSampler, KvFill, TokenMeter, kv_bytes_per_cell
@@ -34,7 +34,7 @@ from kvchat.registry import model_name
 from kvchat.ui.commands import COMMANDS, SETTINGS, Command, completions, is_command, parse_command
 from kvchat.ui.commands import unescape_message as _unescape
 from kvchat.ui.environment import Environment
-from kvchat.ui.render import plural, safe_text, stats_line
+from kvchat.ui.render import plural, reevaluated_notice, safe_text, stats_line
 from kvchat.ui.status import (
     DeviceInfo,
     ReplyView,
@@ -291,6 +291,10 @@ class ChatRepl:
 
     def reply(self, text: str) -> None:
         self._confirm = None  # a new message: what was confirmed before no longer holds
+        self._show(self.session.send(text))
+
+    def _show(self, stream: Generator[TokenEvent, None, None]) -> None:
+        """Stream a reply with the live status line, then its summary; save."""
         session = self.session
         before = session.last_turn
         meter = TokenMeter()
@@ -302,13 +306,14 @@ class ChatRepl:
         def status() -> str:
             return status_text(meter, prefill_tokens(), self.kv_fill(), self.sampler.latest, self.device)
 
-        stream = session.send(text)
         with _echo_off(self.env.stdin), self.sampler, \
                 ReplyView(self.console, markdown=self.markdown, status=status) as view:
             try:
                 meter.start()
                 for event in stream:
                     meter.token()
+                    if event.reasoning_text:
+                        view.feed_reasoning(event.reasoning_text)
                     if event.text:
                         view.feed(event.text)
             except KeyboardInterrupt:
@@ -328,6 +333,8 @@ class ChatRepl:
                 self.say(wrap_segments(summary, self.console.width), style="dim")
             if turn.prefix_cache_skipped:
                 self.env.warn(turn.prefix_cache_skipped)
+            if turn.reevaluated_tokens:
+                self.env.warn(reevaluated_notice(turn))
             if turn.dropped_turns:
                 self.env.warn(f"context full: dropped the {turn.dropped_turns} oldest turn(s) "
                               f"({turn.dropped_tokens} tokens) to make room")
@@ -426,6 +433,17 @@ class ChatRepl:
         if kept:
             self.say(f"(the conversation before is kept in history as '{kept}')", style="dim")
 
+    def _cmd_undo(self, command: Command) -> None:
+        user = self.session.undo()
+        self.setup.save()
+        text = user["content"].replace("\n", " ")
+        shown = text if len(text) <= 60 else text[:57] + "..."
+        self.say(f"undone: \"{shown}\" and its reply · KV {self.session.n_kv}/{self.engine.n_ctx} cells",
+                 style="dim")
+
+    def _cmd_retry(self, command: Command) -> None:
+        self._show(self.session.retry())
+
     def _cmd_sessions(self, command: Command) -> None:
         infos = session_store.list_sessions()
         if not infos:
@@ -482,6 +500,10 @@ class ChatRepl:
             ("KV cache", f"K {req.type_k.name}, V {req.type_v.name} · {format_bytes(kv_total)} "
                          f"({self.bytes_per_cell / 1024:.1f} KiB per cell)"),
             ("flash attention", f"{engine.flash_attn} (asked: {req.flash_attn})"),
+            ("memory", engine.memory_kind + (
+                f" · {len(self.session.checkpoints)} checkpoints, "
+                f"{format_bytes(self.session.checkpoint_bytes)}" if engine.needs_checkpoints else "")),
+            ("chat template", self.session.template.origin),
             ("layers", f"{engine.n_layer} · on GPU: {on_gpu}"),
             ("threads", str(req.n_threads)),
             ("sampling", self._settings_line()),

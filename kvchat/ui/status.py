@@ -28,7 +28,8 @@ from kvchat.units import format_bytes
 
 SEP = " · "
 # Inline code and code blocks without a fixed background: readable on dark and light.
-THEME = Theme({"markdown.code": "bold", "markdown.code_block": "none", "kvchat.status": "dim"})
+THEME = Theme({"markdown.code": "bold", "markdown.code_block": "none", "kvchat.status": "dim",
+               "kvchat.reasoning": "dim italic"})
 CODE_THEME = "ansi_dark"
 
 
@@ -87,12 +88,14 @@ def summary_text(turn: Any, kv: KvFill, hw: HardwareSample, device: DeviceInfo) 
     """The line that stays under a reply: the turn's figures from `session.last_turn`."""
     from_disk = prefix_cache_text(turn)
     parts = [
-        f"{turn.completion_tokens} tok",
+        f"{turn.completion_tokens} tok" + (f" ({turn.reasoning_tokens} reasoning)"
+                                            if getattr(turn, "reasoning_tokens", 0) else ""),
         f"prefill {turn.evaluated_tokens} tok at {_rate(turn.prefill_tok_s)} tok/s "
         f"({turn.reused_tokens} cached)",
         *([from_disk] if from_disk else []),
         f"ttft {turn.ttft_s:.2f}s",
         f"decode {_rate(turn.decode_tok_s)} tok/s",
+        *([f"{turn.reevaluated_tokens} re-evaluated"] if getattr(turn, "reevaluated_tokens", 0) else []),
         kv_text(kv),
         hardware_text(hw, device),
         f"stop: {turn.stop_reason}",
@@ -230,6 +233,7 @@ class ReplyView:
         self._live: Live | None = None
         self._refresh = refresh_per_second
         self._blocks = 0
+        self._thinking = ""  # unfinished line of reasoning, shown dim
 
     def __enter__(self) -> ReplyView:
         if self.console.is_terminal:
@@ -260,6 +264,8 @@ class ReplyView:
     def _renderable(self) -> RenderableType:
         parts: list[RenderableType] = []
         pending = self._pending
+        if self._thinking:
+            parts.append(Text(self._thinking, style="kvchat.reasoning"))
         if pending:
             parts.append(self._block(pending))
         if self._status is not None:
@@ -285,7 +291,23 @@ class ReplyView:
         width, height = self.console.size
         return max(width * max(height - 4, 4), 80)
 
+    def feed_reasoning(self, text: str) -> None:
+        """A thinking model's reasoning: dim, plain, finished line by line, before the answer."""
+        thinking = self._thinking + text
+        cut = thinking.rfind("\n")
+        if cut >= 0:
+            self.console.print(Text(thinking[: cut + 1], style="kvchat.reasoning"), end="")
+            thinking = thinking[cut + 1 :]
+        self._thinking = thinking[-self._max_pending_chars() :]
+
+    def _end_reasoning(self) -> None:
+        if self._thinking.strip():
+            self.console.print(Text(self._thinking, style="kvchat.reasoning"))
+        self._thinking = ""
+
     def feed(self, text: str) -> None:
+        if self._thinking:
+            self._end_reasoning()
         pending = self._pending + text
         if "\n" in text:
             done, pending = split_finished(pending, markdown=self.markdown)
@@ -311,6 +333,7 @@ class ReplyView:
         if self._live is not None:
             live, self._live = self._live, None
             live.stop()
+        self._end_reasoning()
         pending, self._pending = self._pending, ""
         if pending.strip():
             if not self.markdown and not pending.endswith("\n"):
