@@ -73,7 +73,8 @@ step = st.one_of(
 
 
 @pytest.mark.slow
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@pytest.mark.timeout(900)  # several real-model conversations in one test
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(steps=st.lists(step, min_size=3, max_size=10))
 def test_session_invariants_hold_after_every_step(engine: Engine,
                                                   steps: list[tuple[str, str, int]]) -> None:
