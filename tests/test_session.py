@@ -209,17 +209,23 @@ def test_damaged_session_files_are_reported_not_loaded(kvchat, kv_env: dict[str,
     assert "Traceback" not in result.stderr
 
 
+def _record(i: int) -> dict:
+    """A minimal record that passes session_store's schema check on load."""
+    return {"i": i, "n_kv": 0, "messages": [], "model": {"path": "m.gguf", "size": 1, "sha256": "0" * 64},
+            "settings": {"n_ctx": 4096, "type_k": "f16", "type_v": "f16", "flash_attn": "off"}}
+
+
 def _save_forever(path: str, home: str) -> None:
     os.environ["KVCHAT_HOME"] = home
     i = 0
     while True:
         i += 1
-        session_store.save(Path(path), {"i": i, "n_kv": 0}, [i] * 1000, os.urandom(1) * (8 << 20))
+        session_store.save(Path(path), _record(i), [i] * 1000, os.urandom(1) * (8 << 20))
 
 
 def test_sigkill_during_save_never_damages_the_previous_file(tmp_path: Path) -> None:
     path = tmp_path / "sessions" / "k.kvs"
-    session_store.save(path, {"i": 0, "n_kv": 0}, [0], b"x" * 1000)
+    session_store.save(path, _record(0), [0], b"x" * 1000)
     ctx = multiprocessing.get_context("fork")
     for delay in (0.05, 0.11, 0.17, 0.23, 0.31):
         proc = ctx.Process(target=_save_forever, args=(str(path), str(tmp_path)))
