@@ -46,6 +46,13 @@ class TurnStats:
     prefix_cache_tokens: int = 0
     prefix_cache_restore_s: float = 0.0
     prefix_cache_skipped: str | None = None
+    # Speculative decoding: draft tokens verified, and those kept (see kvchat.speculative).
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
 
     @property
     def prefill_tok_s(self) -> float:
@@ -332,13 +339,15 @@ class Session:
         reply_pieces: list[str] = []
         first_token_at: float | None = None
         try:
-            for event in self.engine.generate(self.max_tokens):
+            for event in self.engine.generate(self.max_tokens, context=self.tokens):
                 if first_token_at is None:
                     first_token_at = time.perf_counter()
                     stats.ttft_s = stats.prefill_s = first_token_at - started
                 self.tokens.append(event.token)
                 self.kv_text += kv_decoder.decode(self.engine.token_piece(event.token, special=True))
                 stats.completion_tokens += 1
+                stats.drafted_tokens += event.drafted
+                stats.accepted_tokens += event.accepted
                 reply_pieces.append(event.text)
                 if event.is_eog:
                     stats.stop_reason = "eog"
