@@ -21,6 +21,7 @@ from typing import Any, Generic, Literal, TypeVar
 from kvchat import config
 from kvchat.cache_types import CacheType, parse_cache_type, resolve_flash_attn
 from kvchat.errors import KvchatError, UsageError
+from kvchat.speculative import MODES as SPECULATIVE_MODES
 
 T = TypeVar("T")
 Source = Literal["flag", "session", "env", "config", "default"]
@@ -224,6 +225,9 @@ SETTINGS: dict[str, Setting[Any]] = {
                 "reuse and store prompt starts on disk (kvchat cache)"),
         Setting("prefix_cache_size", parse_size, "4G", "--prefix-cache-size",
                 "size limit of the prefix cache (never more than half the free disk)"),
+        Setting("speculative", _choice(*SPECULATIVE_MODES), "auto", "--speculative",
+                "speculative decoding: auto, ngram, draft or off"),
+        Setting("draft", _optional(_text), None, "--draft", "draft model for speculative decoding"),
     )
 }
 
@@ -283,6 +287,8 @@ class Settings:
     recent_chats: int = 20
     prefix_cache: bool = True
     prefix_cache_size: int = 4 * 1024**3
+    speculative: str = "auto"
+    draft: str | None = None
     sources: Mapping[str, Source] = field(default_factory=dict)
     # Values from the environment or config file that a saved session overrode.
     overridden: tuple[str, ...] = ()
