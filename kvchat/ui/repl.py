@@ -308,7 +308,7 @@ class ChatRepl:
             try:
                 meter.start()
                 for event in stream:
-                    meter.token()
+                    meter.token(event.drafted, event.accepted)
                     if event.text:
                         view.feed(event.text)
             except KeyboardInterrupt:
