@@ -557,6 +557,15 @@ def largest_ctx_cap(s: Settings, spec: ModelSpec) -> int:
     return spec.n_ctx_train or s.ctx_max
 
 
+def draft_estimate(ref: str, est: Estimate, *, allow_remote: bool = True) -> tuple[Path, list[MemoryPlan]]:
+    """A speculative draft model's plans beside `est`: it runs a context as long as the
+    target's, with the same cache types and GPU layer count (start_speculation)."""
+    from kvchat.memory import plan_memory
+
+    spec, label, _fetched = read_model_spec(ref, allow_remote=allow_remote)
+    return label, [plan_memory(spec, plan.settings) for plan in est.plans]
+
+
 def exact_buffers(model_path: Path, plan: MemoryPlan) -> dict[str, int]:
     """Load the model with llama.cpp as `plan` describes and return the buffer sizes
     it reported, in bytes (`estimate --exact`)."""
