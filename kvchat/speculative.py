@@ -83,11 +83,16 @@ class NgramDrafter:
         # (n-gram) -> index just after its latest occurrence whose continuation is known
         self._index: dict[tuple[int, ...], int] = {}
         self._indexed_end = 0
+        self._ref: Sequence[int] | None = None
 
     def _sync(self, context: Sequence[int]) -> None:
         n = len(self._seq)
-        if len(context) < n or list(context[:n]) != self._seq:
+        # The engine appends to one list during a reply: then the indexed part is
+        # known to be unchanged and the O(n) comparison is skipped.
+        same = context is self._ref and len(context) >= n
+        if not same and (len(context) < n or list(context[:n]) != self._seq):
             self._seq, self._index, self._indexed_end = [], {}, 0
+        self._ref = context
         self._seq.extend(context[len(self._seq):])
 
     def sync(self, context: Sequence[int]) -> None:
@@ -116,7 +121,7 @@ class NgramDrafter:
         return []
 
     def close(self) -> None:
-        self._seq, self._index, self._indexed_end = [], {}, 0
+        self._seq, self._index, self._indexed_end, self._ref = [], {}, 0, None
 
 
 def vocab_mismatch(target: Engine, draft: Engine) -> str | None:
@@ -151,15 +156,18 @@ class ModelDrafter:
         self.engine = engine
         self._n_vocab_target = n_vocab_target
         self._tokens: list[int] = []  # exactly what the draft engine's cache holds
+        self._ref: Sequence[int] | None = None  # the context list last seen ...
+        self._known = 0  # ... and how much of it `_tokens` is known to start with
 
     def _common_prefix(self, context: Sequence[int]) -> int:
         """Length of the longest common prefix of the cached tokens and `context`
         (slice comparisons run in C; a binary search keeps them few)."""
         have = self._tokens
         n = min(len(have), len(context))
-        if list(context[:n]) == have[:n]:
+        lo = min(self._known, n) if context is self._ref else 0
+        if list(context[lo:n]) == have[lo:n]:
             return n
-        lo, hi = 0, n  # have[:lo] == context[:lo]; have[:hi] != context[:hi]
+        hi = n  # have[:lo] == context[:lo]; have[:hi] != context[:hi]
         while hi - lo > 1:
             mid = (lo + hi) // 2
             if list(context[:mid]) == have[:mid]:
@@ -181,6 +189,7 @@ class ModelDrafter:
         if new:
             engine.eval(new)
             self._tokens.extend(new)
+        self._ref, self._known = context, end
 
     def sync(self, context: Sequence[int]) -> None:
         if 1 < len(context) <= self.engine.n_ctx:
