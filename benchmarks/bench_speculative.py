@@ -40,9 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llama_tools  # noqa: E402
 import model_files  # noqa: E402
 
+from kvchat.app import chat_template_for  # noqa: E402
 from kvchat.cache_types import parse_cache_type  # noqa: E402
-from kvchat.cli.common import chat_template_for  # noqa: E402
-from kvchat.engine import Engine, EngineSettings, SamplingSettings  # noqa: E402
+from kvchat.engine import Engine, EngineSettings  # noqa: E402
+from kvchat.engine_api import SamplingSettings  # noqa: E402
 from kvchat.session import Session  # noqa: E402
 from kvchat.speculative import DraftPolicy, ModelDrafter, NgramDrafter, Speculator, vocab_mismatch  # noqa: E402
 
