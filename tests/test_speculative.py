@@ -112,3 +112,28 @@ def test_parse_mode_refuses_unknown_modes_and_draft_without_a_model() -> None:
         parse_mode("fast", has_draft_model=False)
     with pytest.raises(UsageError, match="needs a draft model"):
         parse_mode("draft", has_draft_model=False)
+
+
+class _RecurrentEngine:
+    """Stands in for a model whose memory cannot drop a tail (Mamba, RWKV, hybrids)."""
+
+    def __init__(self) -> None:
+        self.speculator: object | None = None
+
+    def speculation_blocker(self) -> str:
+        return "this model's recurrent state cannot drop rejected draft tokens"
+
+    def set_speculator(self, speculator: object) -> None:
+        raise AssertionError("must not be called on a recurrent model")
+
+
+@pytest.mark.parametrize(("asked", "warnings"), [(True, 1), (False, 0)])
+def test_recurrent_models_stay_off_and_say_why_when_asked(asked: bool, warnings: int) -> None:
+    from kvchat.app import SpeculationRequest, start_speculation
+
+    said: list[str] = []
+    engine = _RecurrentEngine()
+    start_speculation(engine, None, SpeculationRequest("ngram", None, asked), said.append)  # type: ignore[arg-type]
+    assert engine.speculator is None
+    assert len(said) == warnings
+    assert all("stays off" in line and "recurrent" in line for line in said)
