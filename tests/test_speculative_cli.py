@@ -51,6 +51,7 @@ def test_stats_line_names_the_effective_speed(kvchat) -> None:  # noqa: ANN001
     assert "tok/s effective" in result.stderr and "accepted (" in result.stderr
 
 
+@pytest.mark.slow
 def test_config_key_and_env_turn_it_off(kvchat, kv_env: dict[str, str]) -> None:  # noqa: ANN001
     Path(kv_env["KVCHAT_HOME"]).mkdir(parents=True, exist_ok=True)
     (Path(kv_env["KVCHAT_HOME"]) / "config.toml").write_text('[defaults]\nspeculative = "off"\n')
@@ -77,6 +78,7 @@ def test_a_draft_model_with_another_vocabulary_is_refused(kvchat, gemma_path: Pa
     _one_line_error(result, ExitCode.USAGE, "cannot draft for", "vocabulary")
 
 
+@pytest.mark.slow
 def test_draft_model_runs(kvchat, model_path: Path) -> None:  # noqa: ANN001
     record = _json(kvchat, "--draft", str(model_path), COPY)
     assert record["speculative"]["mode"] == "draft"

@@ -231,6 +231,7 @@ def estimate(
       kvchat estimate ./model.gguf --ctx 8k,32k -ctk q8_0 -ctv q8_0
       kvchat estimate ./model.gguf --compare --vram 8GB
       kvchat estimate ./model.gguf --ngl auto --vram 6GiB --json
+      kvchat estimate qwen2.5-7b --draft qwen2.5-0.5b   (the draft model's share too)
     """
     from kvchat.app import draft_estimate, exact_buffers, largest_ctx_cap
     from kvchat.app import estimate as plan_estimate
