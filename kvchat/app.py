@@ -169,6 +169,59 @@ def load_engine(request: LoadRequest, warn: Warn, *, verbose: bool = False) -> E
     return engine
 
 
+@dataclass(frozen=True)
+class SpeculationRequest:
+    """--speculative / --draft after resolution: the mode to run and the draft model."""
+
+    mode: str  # ngram, draft or off
+    draft_path: Path | None
+    asked: bool  # named by a flag, variable, config file or session (not the built-in auto)
+
+
+def resolve_speculation(s: Settings) -> SpeculationRequest:
+    """The speculative mode and draft model, checked before anything loads."""
+    from kvchat.registry import resolve_model
+    from kvchat.speculative import parse_mode
+
+    mode = parse_mode(s.speculative, has_draft_model=s.draft is not None)
+    draft_path = resolve_model(s.draft) if mode == "draft" else None
+    asked = s.sources.get("speculative", "default") != "default" or s.draft is not None
+    return SpeculationRequest(mode, draft_path, asked)
+
+
+def start_speculation(engine: Engine, request: LoadRequest, spec: SpeculationRequest, warn: Warn,
+                      *, verbose: bool = False) -> None:
+    """Give `engine` its speculator (the engine owns and closes it, and a draft model);
+    say once why it stays off where the model rules it out."""
+    from kvchat.errors import UsageError
+    from kvchat.speculative import ModelDrafter, NgramDrafter, Speculator, vocab_mismatch
+
+    if spec.mode == "off":
+        return
+    blocker = engine.speculation_blocker()
+    if blocker is not None:
+        if spec.asked:
+            warn(f"speculative decoding stays off: {blocker}")
+        return
+    if spec.draft_path is None:
+        engine.set_speculator(Speculator(NgramDrafter()))
+        return
+    draft_engine = load_engine(replace(request, model_path=spec.draft_path), warn, verbose=verbose)
+    try:
+        mismatch = vocab_mismatch(engine, draft_engine)
+        if mismatch is not None:
+            raise UsageError(
+                f"draft model {spec.draft_path.name} cannot draft for {request.model_path.name}: "
+                f"{mismatch}",
+                hint="pick a smaller model of the same family (same tokenizer), or --speculative ngram",
+            )
+        draft_engine.set_sampling(SamplingSettings(temperature=0))
+        engine.set_speculator(Speculator(ModelDrafter(draft_engine, engine.n_vocab)))
+    except BaseException:
+        draft_engine.close()
+        raise
+
+
 def chat_template_for(engine: ChatEngine, override: str | None = None, *, raw: bool = False,
                       think: str | None = None, warn: Warn | None = None) -> ChatTemplate:
     """The template to chat with (kvchat.chat_template.select_template); its notices
@@ -256,6 +309,7 @@ def open_conversation(
         for message in s.overridden:
             warn(message)
         request = resolve_load(s, warn)
+        speculation = resolve_speculation(s)
         if named is not None:
             # The saved flash-attention mode is the one that ran: compare like with like.
             named.check(request.model_path, _expected_context(request), rebuild=rebuild)
@@ -263,6 +317,7 @@ def open_conversation(
         engine = load_engine(request, warn, verbose=verbose)
         warn_if_cores_contended(probe, request.n_threads, warn)
         template = chat_template_for(engine, s.chat_template, raw=s.raw, think=s.think, warn=warn)
+        start_speculation(engine, request, speculation, warn, verbose=verbose)
         session = Session(engine, template, sampling or sampling_of(s), s.max_tokens, s.overflow,
                           checkpoint_max=s.checkpoints, checkpoint_mib=s.checkpoint_mib)
         session.prefix_cache = open_prefix_cache(engine, request, s)
@@ -414,8 +469,20 @@ def turn_record(conv: Conversation, turn: TurnStats, text: str, reasoning: str =
             "prefill_tok_s": round(turn.prefill_tok_s, 2),
             "decode_tok_s": round(turn.decode_tok_s, 2),
         },
+        "speculative": {
+            "mode": speculative_mode(engine),
+            "drafted_tokens": turn.drafted_tokens,
+            "accepted_tokens": turn.accepted_tokens,
+            "acceptance": round(turn.acceptance, 4),
+        },
         "stop_reason": turn.stop_reason,
     }
+
+
+def speculative_mode(engine: ChatEngine) -> str:
+    """ngram, draft, or off (an engine without speculative decoding)."""
+    speculator = getattr(engine, "speculator", None)
+    return speculator.mode if speculator is not None else "off"
 
 
 # --- estimates: what a model will cost, from its header alone -------------------------
@@ -498,6 +565,15 @@ def largest_ctx_cap(s: Settings, spec: ModelSpec) -> int:
     """The top of estimate's "largest context" search: the training length, or
     ctx_max for a model that states none."""
     return spec.n_ctx_train or s.ctx_max
+
+
+def draft_estimate(ref: str, est: Estimate, *, allow_remote: bool = True) -> tuple[Path, list[MemoryPlan]]:
+    """A speculative draft model's plans beside `est`: it runs a context as long as the
+    target's, with the same cache types and GPU layer count (start_speculation)."""
+    from kvchat.memory import plan_memory
+
+    spec, label, _fetched = read_model_spec(ref, allow_remote=allow_remote)
+    return label, [plan_memory(spec, plan.settings) for plan in est.plans]
 
 
 def exact_buffers(model_path: Path, plan: MemoryPlan) -> dict[str, int]:

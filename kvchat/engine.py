@@ -32,6 +32,8 @@ from kvchat.settings import MIN_CTX
 if TYPE_CHECKING:
     import numpy as np
 
+    from kvchat.speculative import Speculator
+
 # A prefill chunk should take about this long, so Ctrl-C stops it promptly.
 _CHUNK_S = 0.5
 _MIN_CHUNK = 32
@@ -146,6 +148,9 @@ class Engine:
         self._model: Any = None
         self._ctx: Any = None
         self._sampler: Any = None
+        self._spec_batch: Any = None
+        self._spec_batch_size = 0
+        self.speculator: Speculator | None = None
         self.flash_attn = settings.flash_attn
         self.gpu_layers: tuple[int, int] | None = None
         self.n_past = 0
@@ -219,6 +224,7 @@ class Engine:
         self.n_ctx_train = llama.llama_model_n_ctx_train(model)
         self.n_vocab = llama.llama_vocab_n_tokens(self._vocab)
         self.n_layer = llama.llama_model_n_layer(model)
+        self.n_swa = llama.llama_model_n_swa(model)
         self.n_batch = llama.llama_n_batch(ctx)
         self.n_swa = int(llama.llama_model_n_swa(model))
         self._piece_buf = ctypes.create_string_buffer(256)
@@ -388,7 +394,15 @@ class Engine:
             llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_dist(seed))
         self._sampler = chain
 
-    def generate(self, max_tokens: int | None, *, stop_at_eog: bool = True) -> Iterator[TokenEvent]:
+    def sample(self, index: int = -1) -> int:
+        """Sample with the native chain at batch index `index` of the last decode (-1:
+        its last output). llama_sampler_sample also accepts the token into the chain's
+        state, so call it once per token that is kept."""
+        return int(llama.llama_sampler_sample(self._sampler, self._ctx, index))
+
+    def generate(
+        self, max_tokens: int | None, *, stop_at_eog: bool = True, context: Sequence[int] = ()
+    ) -> Iterator[TokenEvent]:
         """Sample after the last eval, feeding each token back, until end of turn.
 
         The last token yielded (an end-of-generation token, or the token that hit
@@ -396,9 +410,16 @@ class Engine:
         the caller owns the token history and evaluates it with the next turn.
         `stop_at_eog=False` keeps going past end-of-generation tokens, as
         llama-bench's tg test does (benchmarks).
+
+        With a speculator set (`set_speculator`), tokens are drafted from `context`
+        (the token history in the cache) plus the reply so far and verified in one
+        batch; the tokens yielded are the same the plain loop would sample.
         """
         if self._sampler is None:
             self.set_sampling(SamplingSettings())
+        if self.speculator is not None:
+            yield from self._generate_speculative(self.speculator, max_tokens, stop_at_eog, context)
+            return
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         produced = 0
         one = self._one_token
@@ -416,6 +437,149 @@ class Engine:
                 return
             one[0] = token
             self._decode(llama.llama_batch_get_one(one, 1), 1)
+
+    # -- speculative decoding --------------------------------------------------
+
+    def speculation_blocker(self) -> str | None:
+        """Why speculative decoding cannot run on this model, or None.
+
+        Rejected draft tokens must be removed from the cache; recurrent and hybrid
+        memories hold one state per sequence and cannot drop a tail
+        (llama_memory_seq_rm returns false there).
+        """
+        if llama.llama_model_is_recurrent(self._model) or llama.llama_model_is_hybrid(self._model):
+            return "this model's recurrent state cannot drop rejected draft tokens"
+        return None
+
+    def set_speculator(self, speculator: Speculator | None) -> None:
+        """Use `speculator` in `generate` (None: plain decoding). The engine owns it from
+        here: `close()` closes it (and a draft model it holds)."""
+        if speculator is not None:
+            blocker = self.speculation_blocker()
+            if blocker is not None:
+                raise UsageError(f"speculative decoding is not possible: {blocker}",
+                                 hint="use --speculative off")
+        if self.speculator is not None and self.speculator is not speculator:
+            self.speculator.close()
+        self.speculator = speculator
+
+    def _draft_batch(self, size: int) -> llama.llama_batch:
+        if self._spec_batch is None or self._spec_batch_size < size:
+            if self._spec_batch is not None:
+                llama.llama_batch_free(self._spec_batch)
+            self._spec_batch = llama.llama_batch_init(size, 0, 1)
+            self._spec_batch_size = size
+        return self._spec_batch
+
+    def _decode_all_logits(self, tokens: Sequence[int]) -> None:
+        """Append `tokens` with logits at every position (a draft to verify)."""
+        batch = self._draft_batch(len(tokens))
+        for i, token in enumerate(tokens):
+            batch.token[i] = token
+            batch.pos[i] = self.n_past + i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = 1
+        batch.n_tokens = len(tokens)
+        self._decode(batch, len(tokens))
+
+    def _truncate(self, n_tokens: int) -> None:
+        """Keep the first `n_tokens` positions of the sequence; drop the rest, checked.
+
+        Asks llama.cpp what the cache holds rather than trusting `n_past`: an interrupt
+        may land between a decode and the bookkeeping after it."""
+        held = llama.llama_memory_seq_pos_max(self._memory, 0) + 1
+        if held <= n_tokens:
+            self.n_past = held
+            return
+        if not llama.llama_memory_seq_rm(self._memory, 0, n_tokens, -1):
+            raise KvchatError(
+                "llama.cpp refused to remove rejected draft tokens from the KV cache",
+                hint="use --speculative off",
+            )
+        self._held_upto = min(self._held_upto, n_tokens)
+        self.n_past = llama.llama_memory_seq_pos_max(self._memory, 0) + 1
+        if self.n_past != n_tokens:
+            raise KvchatError(
+                f"the KV cache holds {self.n_past} positions after removing draft tokens, "
+                f"expected {n_tokens}",
+                hint="use --speculative off",
+            )
+        if self.n_swa > 0 and not self.settings.swa_full:
+            # A sliding-window cache must still hold the window before the new end.
+            oldest = llama.llama_memory_seq_pos_min(self._memory, 0)
+            if oldest > max(0, n_tokens - self.n_swa):
+                raise KvchatError(
+                    "the sliding-window cache lost cells inside the window while verifying a draft",
+                    hint="use --speculative off",
+                )
+
+    def _generate_speculative(
+        self, spec: Speculator, max_tokens: int | None, stop_at_eog: bool, context: Sequence[int]
+    ) -> Iterator[TokenEvent]:
+        """`generate` with drafts: each step evaluates the pending token and the draft in
+        one batch, samples the target's choice at each position in turn and keeps draft
+        tokens only while they equal it. The sampler sees exactly the tokens it would
+        in plain decoding, one `sample` per token kept."""
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        policy = spec.policy
+        history = list(context)
+        start = self.n_past
+        produced = 0
+        one = self._one_token
+        sampled = [self.sample(-1)]
+        drafted = accepted = 0
+        spec.sync(history)  # e.g. a draft model's prefill: not a cost of any one step
+        try:
+            while True:
+                for j, token in enumerate(sampled):
+                    produced += 1
+                    eog = bool(llama.llama_vocab_is_eog(self._vocab, token))
+                    text = "" if eog else decoder.decode(self.token_piece(token))
+                    at_limit = max_tokens is not None and produced >= max_tokens
+                    last = (eog and stop_at_eog) or at_limit or start + produced >= self.n_ctx
+                    if last:
+                        text += decoder.decode(b"", final=True)
+                    yield TokenEvent(token, text, eog, drafted=drafted if j == 0 else 0,
+                                     accepted=accepted if j == 0 else 0)
+                    if last:
+                        return
+                history.extend(sampled)
+                pending = sampled[-1]
+                base = self.n_past  # == start + produced - 1: the pending token goes here
+                room = min(self.n_ctx - base - 2, policy.n_max)
+                if max_tokens is not None:
+                    room = min(room, max_tokens - produced - 1)
+                began = time.perf_counter()
+                drafts = spec.propose(history, room)
+                if not drafts:
+                    one[0] = pending
+                    self._decode(llama.llama_batch_get_one(one, 1), 1)
+                    sampled = [self.sample(-1)]
+                    drafted = accepted = 0
+                    policy.observe_plain(time.perf_counter() - began)
+                    continue
+                self._decode_all_logits([pending, *drafts])
+                sampled = []
+                for i in range(len(drafts) + 1):
+                    token = self.sample(i)
+                    sampled.append(token)
+                    if i == len(drafts) or token != drafts[i]:
+                        break
+                    if stop_at_eog and llama.llama_vocab_is_eog(self._vocab, token):
+                        break
+                    if max_tokens is not None and produced + len(sampled) >= max_tokens:
+                        break
+                drafted = len(drafts)
+                accepted = sum(1 for a, b in zip(sampled, drafts, strict=False) if a == b)
+                # Keep the pending token and the accepted drafts but the last one sampled,
+                # which stays pending like any last token yielded.
+                self._truncate(base + len(sampled))
+                policy.observe_draft(drafted, accepted, len(sampled), time.perf_counter() - began)
+        finally:
+            # Stopped early (closed, interrupted, max_tokens inside a step): the cache
+            # holds every token yielded but the last, nothing more.
+            self._truncate(start + max(produced - 1, 0))
 
     def eval_logits(
         self, tokens: Sequence[int], *, max_rows: int | None = None
@@ -482,6 +646,11 @@ class Engine:
         self._sync_n_past()
         return ok
 
+    def kv_span(self) -> tuple[int, int]:
+        """(oldest, newest) position llama.cpp holds for seq 0; (-1, -1) when empty."""
+        return (llama.llama_memory_seq_pos_min(self._memory, 0),
+                llama.llama_memory_seq_pos_max(self._memory, 0))
+
     def kv_shift(self, start: int, end: int, delta: int) -> None:
         llama.llama_memory_seq_add(self._memory, 0, start, end, delta)
         self._sync_n_past()
@@ -526,7 +695,7 @@ class Engine:
         if self.memory_kind == "swa":
             # The token at position n attends to positions p with n - p < n_swa
             # (llama_hparams::is_masked_swa, standard SWA type).
-            return 0 <= pos_min <= max(0, n_tokens - self.n_swa + 1)
+            return bool(0 <= pos_min <= max(0, n_tokens - self.n_swa + 1))
         return pos_min == 0
 
     @property
@@ -604,7 +773,13 @@ class Engine:
         llama.llama_perf_context_reset(self._ctx)
 
     def close(self) -> None:
-        """Free the sampler, context and model now (VRAM is released here)."""
+        """Free the speculator, sampler, context and model now (VRAM is released here)."""
+        if self.speculator is not None:
+            self.speculator.close()
+            self.speculator = None
+        if self._spec_batch is not None:
+            llama.llama_batch_free(self._spec_batch)
+            self._spec_batch = None
         if self._sampler is not None:
             llama.llama_sampler_free(self._sampler)
             self._sampler = None

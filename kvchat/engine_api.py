@@ -29,12 +29,16 @@ class TokenEvent:
 
     For a thinking model the session moves the reasoning part of the text to
     `reasoning_text`; `text` is then the answer part only.
+    With speculative decoding, the first token out of a verify step carries how many
+    draft tokens that step verified (`drafted`) and kept (`accepted`); the others 0.
     """
 
     token: int
     text: str
     is_eog: bool
     reasoning_text: str = ""
+    drafted: int = 0
+    accepted: int = 0
 
 
 # What a context's memory is (Engine.memory_kind): a plain KV cache removes cells to
@@ -122,9 +126,13 @@ class ChatEngine(Protocol):
         chunk, between which a KeyboardInterrupt may stop it."""
         ...
     def set_sampling(self, sampling: SamplingSettings) -> None: ...
-    def generate(self, max_tokens: int | None, *, stop_at_eog: bool = True) -> Iterator[TokenEvent]:
+    def generate(
+        self, max_tokens: int | None, *, stop_at_eog: bool = True, context: Sequence[int] = ()
+    ) -> Iterator[TokenEvent]:
         """Sample after the last eval until end of turn; the last token yielded is not
-        evaluated into the cache (the caller evaluates it with the next turn)."""
+        evaluated into the cache (the caller evaluates it with the next turn).
+        `context` is the token history in the cache, from which a speculative engine
+        drafts; the tokens yielded do not depend on it."""
         ...
 
     # -- the cache -----------------------------------------------------------------

@@ -73,7 +73,8 @@ class TokenMeter:
 
     `start()` when the prompt goes in, `token()` for every token out. TTFT (and
     with it the prefill speed) is fixed at the first token; decode speed counts the tokens
-    after it, as `session.TurnStats.decode_tok_s` does.
+    after it, as `session.TurnStats.decode_tok_s` does. With speculative decoding,
+    `token()` also adds up the draft tokens verified and accepted.
     """
 
     def __init__(self, clock: Any = time.perf_counter) -> None:
@@ -82,18 +83,22 @@ class TokenMeter:
         self.first_at: float | None = None
         self.last_at: float | None = None
         self.tokens = 0
+        self.drafted = 0
+        self.accepted = 0
 
     def start(self) -> None:
         self.started = self._clock()
         self.first_at = self.last_at = None
-        self.tokens = 0
+        self.tokens = self.drafted = self.accepted = 0
 
-    def token(self) -> None:
+    def token(self, drafted: int = 0, accepted: int = 0) -> None:
         now = self._clock()
         if self.first_at is None:
             self.first_at = now
         self.last_at = now
         self.tokens += 1
+        self.drafted += drafted
+        self.accepted += accepted
 
     @property
     def ttft_s(self) -> float | None:

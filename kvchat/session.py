@@ -26,7 +26,7 @@ import struct
 import time
 from array import array
 from collections.abc import Callable, Generator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from kvchat.chat_template import TURN_SENTINELS, ChatTemplate, Message, preamble_length
@@ -61,6 +61,13 @@ class TurnStats:
     # History tokens evaluated again this turn because the cache had lost them, and why.
     reevaluated_tokens: int = 0
     reevaluated_reason: str = ""
+    # Speculative decoding: draft tokens verified, and those kept (see kvchat.speculative).
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
 
     @property
     def prefill_tok_s(self) -> float:
@@ -532,13 +539,15 @@ class Session:
             splitter = ReasoningSplitter(inside=opens_in_prompt(self.kv_text))
             prefilled = self._prefilled_reply()
         try:
-            for event in self.engine.generate(self.max_tokens):
+            for event in self.engine.generate(self.max_tokens, context=self.tokens):
                 if first_token_at is None:
                     first_token_at = time.perf_counter()
                     stats.ttft_s = stats.prefill_s = first_token_at - started
                 self.tokens.append(event.token)
                 self.kv_text += kv_decoder.decode(self.engine.token_piece(event.token, special=True))
                 stats.completion_tokens += 1
+                stats.drafted_tokens += event.drafted
+                stats.accepted_tokens += event.accepted
                 reply_pieces.append(event.text)
                 if event.is_eog:
                     stats.stop_reason = "eog"
@@ -590,7 +599,7 @@ class Session:
             reasoning, answer = reasoning + more_reasoning, answer + more_answer
         if reasoning or (was_inside and splitter.inside):
             stats.reasoning_tokens += 1
-        return TokenEvent(event.token, answer, event.is_eog, reasoning)
+        return replace(event, text=answer, reasoning_text=reasoning)
 
     # -- undo and retry -------------------------------------------------------
 

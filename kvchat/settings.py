@@ -21,6 +21,7 @@ from typing import Any, Generic, Literal, TypeVar
 from kvchat import config
 from kvchat.cache_types import CacheType, parse_cache_type, resolve_flash_attn
 from kvchat.errors import KvchatError, UsageError
+from kvchat.speculative import MODES as SPECULATIVE_MODES
 
 T = TypeVar("T")
 Source = Literal["flag", "session", "env", "config", "default"]
@@ -233,6 +234,9 @@ SETTINGS: dict[str, Setting[Any]] = {
                 "KV checkpoints kept on sliding-window, recurrent and hybrid models"),
         Setting("checkpoint_mib", lambda raw: _float(raw, 0.0), 256.0, "--checkpoint-mib",
                 "memory cap for those checkpoints, MiB"),
+        Setting("speculative", _choice(*SPECULATIVE_MODES), "auto", "--speculative",
+                "speculative decoding: auto, ngram, draft or off"),
+        Setting("draft", _optional(_string), None, "--draft", "draft model for speculative decoding"),
     )
 }
 
@@ -297,6 +301,8 @@ class Settings:
     think: str | None = None
     checkpoints: int = 8
     checkpoint_mib: float = 256.0
+    speculative: str = "auto"
+    draft: str | None = None
     sources: Mapping[str, Source] = field(default_factory=dict)
     # Values from the environment or config file that a saved session overrode.
     overridden: tuple[str, ...] = ()

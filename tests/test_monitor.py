@@ -250,6 +250,30 @@ def test_summary_line() -> None:
                     "VRAM 2.00/8.00 GiB · GPU layers 31/31 · stop: eog")
 
 
+def test_status_and_summary_lines_show_draft_acceptance() -> None:
+    clock = FakeClock()
+    meter = TokenMeter(clock)
+    meter.start()
+    clock.now += 0.3
+    meter.token()
+    clock.now += 1.0
+    meter.token(drafted=8, accepted=6)
+    for _ in range(6):
+        meter.token()
+    meter.token(drafted=4, accepted=0)
+    kv = KvFill(812, 4096, 23040.0)
+    hw = HardwareSample(412 * 2**20, None, "cpu", 0.0)
+    line = status_text(meter, 40, kv, hw, CPU_ONLY)
+    assert "(9 tok) · drafts 6/12 accepted (50%) · KV 812/4096" in line
+    turn = TurnStats(reused_tokens=30, evaluated_tokens=25, prompt_tokens=55, completion_tokens=11,
+                     ttft_s=0.05, prefill_s=0.05, decode_s=0.1, stop_reason="eog",
+                     drafted_tokens=12, accepted_tokens=9)
+    summary = summary_text(turn, kv, hw, CPU_ONLY)
+    assert "decode 100.0 tok/s · drafts 9/12 accepted (75%) · KV 812/4096" in summary
+    without = summary_text(TurnStats(completion_tokens=3), kv, hw, CPU_ONLY)
+    assert "drafts" not in without
+
+
 def test_long_lines_wrap_between_segments() -> None:
     line = "prefill 1.0 tok/s · ttft 0.10s · KV 1/4096 (0%, 0.0/90.0 MiB) · RSS 1.00 MiB · CPU"
     assert wrap_segments(line, 200) == line

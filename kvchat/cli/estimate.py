@@ -36,6 +36,8 @@ from kvchat.ui.tables import TableData, print_table
 from kvchat.units import format_bytes
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from kvchat.app import Estimate
 
 COMPARE_PAIRS = (("f16", "f16"), ("q8_0", "q8_0"), ("q8_0", "q4_0"), ("q4_0", "q4_0"))
@@ -235,6 +237,10 @@ def estimate(
     exact: Annotated[
         bool, typer.Option("--exact", help="Also load the model and print llama.cpp's own figures.")
     ] = False,
+    draft: Annotated[
+        Optional[str], typer.Option("--draft", help="Also plan this speculative draft model, at the same "
+                                    "context and cache types.")
+    ] = None,
     as_json: bool = False,
 ) -> None:
     """Memory a model needs — weights, KV cache, compute — per device, from its header alone.
@@ -244,16 +250,18 @@ def estimate(
       kvchat estimate ./model.gguf --ctx 8k,32k -ctk q8_0 -ctv q8_0
       kvchat estimate ./model.gguf --compare --vram 8GB
       kvchat estimate ./model.gguf --ngl auto --vram 6GiB --json
+      kvchat estimate qwen2.5-7b --draft qwen2.5-0.5b   (the draft model's share too)
     """
+    from kvchat.app import draft_estimate, exact_buffers, largest_ctx_cap
     from kvchat.app import estimate as plan_estimate
-    from kvchat.app import exact_buffers, largest_ctx_cap
     from kvchat.settings import resolve
 
     if model_arg is not None and flags["model"] is not None:
         raise UsageError("give the model once: as the argument or with --model")
     ctx_text = flags["ctx"]
     contexts = parse_ctx_list(ctx_text) if ctx_text and "," in ctx_text else None
-    s = resolve({**flags, "model": model_arg or flags["model"], "ctx": None if contexts else ctx_text})
+    s = resolve({**flags, "model": model_arg or flags["model"], "ctx": None if contexts else ctx_text,
+                 "draft": draft})
     if contexts is None and s.ctx is not None:
         contexts = [s.ctx]
     env = Environment()
@@ -267,6 +275,13 @@ def estimate(
     record = _record(est, name)
     for plan_record, plan in zip(record["plans"], est.plans, strict=True):
         plan_record["checkpoints"] = _checkpoints(est.spec, plan, s.checkpoints, s.checkpoint_mib)
+    drafts = draft_estimate(s.draft, est, allow_remote=not exact) if s.draft is not None else None
+    if drafts is not None:
+        record["draft"] = {
+            "model": str(drafts[0]),
+            "plans": [_plan_dict(p) for p in drafts[1]],
+            "total_with_target": [p.total + d.total for p, d in zip(est.plans, drafts[1], strict=True)],
+        }
     compare_table = None
     if compare:
         compare_table, record["compare"] = _compare_table(est.spec, est.base,
@@ -285,7 +300,7 @@ def estimate(
         env.stdout.flush()
     else:
         _render(env, est, name, limits, exact_figures, compare_table,
-                [_checkpoint_line(p["checkpoints"]) for p in record["plans"]])
+                [_checkpoint_line(p["checkpoints"]) for p in record["plans"]], drafts)
     if est.largest_ctx is None:
         raise OutOfMemoryError(
             f"{name} does not fit the budget ({limits}) at any context, even with every layer on the CPU",
@@ -315,7 +330,8 @@ def _record(est: Estimate, name: str) -> dict[str, Any]:
 
 
 def _render(env: Environment, est: Estimate, name: str, limits: str, exact_figures: list[dict[str, int]],
-            compare_table: TableData | None, checkpoint_lines: list[str | None]) -> None:
+            compare_table: TableData | None, checkpoint_lines: list[str | None],
+            drafts: tuple[Path, list[MemoryPlan]] | None = None) -> None:
     """The report; piped, each table row is one tab-separated line."""
     spec, budget, base = est.spec, est.budget, est.base
     out = env.out_console()
@@ -333,6 +349,11 @@ def _render(env: Environment, est: Estimate, name: str, limits: str, exact_figur
             out.print(checkpoint_lines[i], markup=False, soft_wrap=True)
         if exact_figures:
             print_table(_exact_table(plan, exact_figures[i]), env.stdout, out)
+        if drafts is not None:
+            out.print(f"draft model {drafts[0]} at the same settings:", markup=False, soft_wrap=True)
+            print_table(_plan_table(drafts[1][i]), env.stdout, out)
+            out.print(f"target + draft: {format_bytes(plan.total + drafts[1][i].total)}", style="bold",
+                      markup=False, soft_wrap=True)
     if compare_table is not None:
         print_table(compare_table, env.stdout, out)
     fit_line = f"largest context for K {base.type_k.name} / V {base.type_v.name}: " + (

@@ -112,6 +112,14 @@ SESSION = (
     _option("rebuild", Annotated[bool, typer.Option(
         "--rebuild", help="Re-evaluate a saved session whose model or settings changed.")], False),
 )
+SPECULATIVE = (
+    _option("speculative", Annotated[Optional[str], typer.Option(
+        "--speculative", help="Speculative decoding: auto (n-gram lookup, or the --draft model), ngram, "
+        "draft or off. The tokens are the model's own either way.")]),
+    _option("draft", Annotated[Optional[str], typer.Option(
+        "--draft", help="Draft model for speculative decoding: a small model with the same vocabulary "
+        "(a .gguf path, an alias, user/repo:QUANT).")]),
+)
 VERBOSE = (
     _option("verbose", Annotated[bool, typer.Option("--verbose", "-v", help="Show llama.cpp's log.")], False),
 )
@@ -121,7 +129,7 @@ JSON = (
 
 # Every option a chat (run or chat) takes, in --help order.
 CHAT_OPTIONS = (*MODEL, *CTX, *CACHE_TYPES, *FLASH_ATTN, *DEVICES, *THREADS, *BATCH, *SAMPLING, *CONVERSATION,
-                *PREFIX_CACHE, *TEMPLATE, *CHECKPOINTS, *SESSION, *VERBOSE)
+                *PREFIX_CACHE, *TEMPLATE, *CHECKPOINTS, *SPECULATIVE, *SESSION, *VERBOSE)
 # Names that are settings (kvchat.settings) rather than command switches.
 _NOT_SETTINGS = {"session_name", "rebuild", "verbose", "as_json"}
 

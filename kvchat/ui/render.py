@@ -25,7 +25,9 @@ def stats_line(turn: TurnStats, load_s: float, memory: MemoryFigures | None = No
         f"({turn.reused_tokens} cached, {turn.evaluated_tokens} evaluated) · "
         + (f"{from_disk} · " if from_disk else "")
         + f"prefill {turn.prefill_tok_s:.1f} tok/s · ttft {turn.ttft_s:.3f}s · "
-        f"decode {turn.completion_tokens} tok at {turn.decode_tok_s:.1f} tok/s · "
+        f"decode {turn.completion_tokens} tok at {turn.decode_tok_s:.1f} tok/s"
+        f"{' effective' if turn.drafted_tokens else ''} · "
+        f"{draft_text(turn.drafted_tokens, turn.accepted_tokens)}"
         f"stop: {turn.stop_reason}"
     )
     if memory is not None:
@@ -76,3 +78,10 @@ def reevaluated_notice(turn: TurnStats) -> str:
     noun = "token" if turn.reevaluated_tokens == 1 else "tokens"
     why = f" ({turn.reevaluated_reason})" if turn.reevaluated_reason else ""
     return f"re-evaluated {turn.reevaluated_tokens} {noun} of history{why}"
+
+
+def draft_text(drafted: int, accepted: int) -> str:
+    """Speculative decoding's share of a reply, as a ' · '-ended segment ('' without drafts)."""
+    if not drafted:
+        return ""
+    return f"drafts {accepted}/{drafted} accepted ({accepted / drafted:.0%}) · "

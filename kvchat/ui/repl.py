@@ -311,7 +311,7 @@ class ChatRepl:
             try:
                 meter.start()
                 for event in stream:
-                    meter.token()
+                    meter.token(event.drafted, event.accepted)
                     if event.reasoning_text:
                         view.feed_reasoning(event.reasoning_text)
                     if event.text:
@@ -507,6 +507,7 @@ class ChatRepl:
             ("layers", f"{engine.n_layer} · on GPU: {on_gpu}"),
             ("threads", str(req.n_threads)),
             ("sampling", self._settings_line()),
+            ("speculative", self._speculative_line()),
             ("session", self.session_name or "unsaved (/save NAME keeps it)"),
         ]
         table = Table(box=None, show_header=False, pad_edge=False)
@@ -515,6 +516,15 @@ class ChatRepl:
         for key, value in rows:
             table.add_row(key, value)
         self.console.print(table)
+
+    def _speculative_line(self) -> str:
+        """The drafting mode and what it did in this process (kvchat.speculative)."""
+        speculator = getattr(self.engine, "speculator", None)
+        if speculator is None:
+            return "off"
+        c = speculator.counters
+        return (f"{speculator.mode} · {c.accepted}/{c.drafted} draft tokens accepted ({c.acceptance:.0%}) "
+                f"in {c.steps} steps")
 
     def _cmd_save(self, command: Command) -> None:
         name = command.argument

@@ -23,7 +23,7 @@ from rich.theme import Theme
 
 from kvchat.hardware import HardwareSample
 from kvchat.monitor import KvFill, TokenMeter
-from kvchat.ui.render import prefix_cache_text
+from kvchat.ui.render import draft_text, prefix_cache_text
 from kvchat.units import format_bytes
 
 SEP = " · "
@@ -81,6 +81,7 @@ def status_text(
         head = SEP.join((f"prefill {_rate(meter.prefill_tok_s(prefill_tokens))} tok/s",
                          f"ttft {meter.ttft_s:.2f}s",
                          f"decode {_rate(meter.decode_tok_s())} tok/s ({meter.tokens} tok)"))
+        head += SEP + draft_text(meter.drafted, meter.accepted).removesuffix(SEP) if meter.drafted else ""
     return SEP.join((head, kv_text(kv), hardware_text(hw, device)))
 
 
@@ -96,6 +97,8 @@ def summary_text(turn: Any, kv: KvFill, hw: HardwareSample, device: DeviceInfo) 
         f"ttft {turn.ttft_s:.2f}s",
         f"decode {_rate(turn.decode_tok_s)} tok/s",
         *([f"{turn.reevaluated_tokens} re-evaluated"] if getattr(turn, "reevaluated_tokens", 0) else []),
+        *([draft_text(turn.drafted_tokens, turn.accepted_tokens).removesuffix(SEP)]
+          if turn.drafted_tokens else []),
         kv_text(kv),
         hardware_text(hw, device),
         f"stop: {turn.stop_reason}",

@@ -1,0 +1,328 @@
+"""Speculative decoding, the drafting side: who proposes tokens, and how many.
+
+The engine (kvchat.engine) verifies a draft in one batch with the target model's
+logits at every position and keeps a draft token only where the target's own
+sampler picks it, so the output is the target's. This module decides what to
+draft and is pure bookkeeping: no llama_cpp import, no printing.
+
+- `NgramDrafter` (prompt lookup): the latest earlier occurrence of the context's
+  last few tokens (prompt, reply so far, earlier turns) proposes what followed it.
+  Pays off where a reply copies its input (rewrites, edits, conversions).
+- `ModelDrafter`: a small model with the same vocabulary drafts greedily; its own
+  context follows the target's token history.
+- `DraftPolicy`: the draft length follows what drafting has paid (tokens per
+  second of verify steps against one-token steps, timed as they run); while
+  drafting does not pay it switches itself off and probes again later.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from kvchat.errors import UsageError
+
+if TYPE_CHECKING:
+    from kvchat.engine import Engine
+
+MODES = ("auto", "ngram", "draft", "off")
+# llama.cpp's own rule for draft models (common/speculative.cpp): vocabularies may
+# differ by a few padding tokens at the end, never in the tokens both have.
+VOCAB_MAX_SIZE_DIFFERENCE = 128
+
+
+@dataclass
+class SpecCounters:
+    """What speculative decoding did, summed over a reply or a process."""
+
+    steps: int = 0  # verify batches
+    drafted: int = 0  # draft tokens sent for verification
+    accepted: int = 0  # draft tokens the target sampled too (kept)
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    def add(self, drafted: int, accepted: int) -> None:
+        self.steps += 1
+        self.drafted += drafted
+        self.accepted += accepted
+
+
+class Drafter(Protocol):
+    """Proposes up to `n_max` tokens that may follow `context` (the whole token history)."""
+
+    name: str
+
+    def sync(self, context: Sequence[int]) -> None:
+        """Catch up with `context` ahead of time (a new turn's prompt), untimed."""
+
+    def draft(self, context: Sequence[int], n_max: int) -> list[int]: ...
+
+    def close(self) -> None: ...
+
+
+class NgramDrafter:
+    """Prompt lookup: match the context's last `n` tokens (longest first) against an
+    index of every earlier n-gram, and propose the tokens that followed the latest
+    earlier occurrence.
+
+    The index grows with the context; a context that is not an extension of the
+    indexed one (a new conversation, dropped turns) rebuilds it.
+    """
+
+    name = "ngram"
+
+    def __init__(self, n_min: int = 2, n_max: int = 4) -> None:
+        if not 1 <= n_min <= n_max:
+            raise ValueError("need 1 <= n_min <= n_max")
+        self.n_min = n_min
+        self.n_max = n_max
+        self._seq: list[int] = []
+        # (n-gram) -> index just after its latest occurrence whose continuation is known
+        self._index: dict[tuple[int, ...], int] = {}
+        self._indexed_end = 0
+        self._ref: Sequence[int] | None = None
+
+    def _sync(self, context: Sequence[int]) -> None:
+        n = len(self._seq)
+        # The engine appends to one list during a reply: then the indexed part is
+        # known to be unchanged and the O(n) comparison is skipped.
+        same = context is self._ref and len(context) >= n
+        if not same and (len(context) < n or list(context[:n]) != self._seq):
+            self._seq, self._index, self._indexed_end = [], {}, 0
+        self._ref = context
+        self._seq.extend(context[len(self._seq):])
+
+    def sync(self, context: Sequence[int]) -> None:
+        self._sync(context)
+        self._index_until(len(self._seq) - 1)
+
+    def _index_until(self, end: int) -> None:
+        """Index the n-grams ending at positions (indexed_end, end]."""
+        seq, index = self._seq, self._index
+        for stop in range(self._indexed_end + 1, end + 1):
+            for n in range(self.n_min, min(self.n_max, stop) + 1):
+                index[tuple(seq[stop - n : stop])] = stop
+        self._indexed_end = max(self._indexed_end, end)
+
+    def draft(self, context: Sequence[int], n_max: int) -> list[int]:
+        if n_max <= 0:
+            return []
+        self._sync(context)
+        length = len(self._seq)
+        # Every n-gram that ends before the current end has a continuation to offer.
+        self._index_until(length - 1)
+        for n in range(min(self.n_max, length - 1), self.n_min - 1, -1):
+            start = self._index.get(tuple(self._seq[length - n :]))
+            if start is not None:
+                return self._seq[start : start + n_max]
+        return []
+
+    def close(self) -> None:
+        self._seq, self._index, self._indexed_end, self._ref = [], {}, 0, None
+
+
+def vocab_mismatch(target: Engine, draft: Engine) -> str | None:
+    """Why `draft` cannot draft for `target`, or None when their vocabularies agree
+    (llama.cpp's test: special tokens, BOS handling and the text of every shared token)."""
+    if abs(target.n_vocab - draft.n_vocab) > VOCAB_MAX_SIZE_DIFFERENCE:
+        return f"vocabulary sizes differ ({target.n_vocab} vs {draft.n_vocab} tokens)"
+    if target.add_bos != draft.add_bos:
+        return "one model adds a BOS token and the other does not"
+    specials = (("BOS", target.bos_token, draft.bos_token), ("EOS", target.eos_token, draft.eos_token))
+    for what, a, b in specials:
+        if a != b:
+            return f"{what} tokens differ ({a} vs {b})"
+    for token in range(min(target.n_vocab, draft.n_vocab)):
+        if target.token_text(token) != draft.token_text(token):
+            return (f"token {token} is {target.token_text(token)!r} in one model and "
+                    f"{draft.token_text(token)!r} in the other")
+    return None
+
+
+class ModelDrafter:
+    """Greedy drafts from a second, smaller model sharing the target's vocabulary.
+
+    Its KV cache mirrors the target's token history: before each draft the part
+    that differs (rejected drafts, a new turn) is removed and the new tokens are
+    evaluated. `engine` is owned (closed) by this drafter.
+    """
+
+    name = "draft"
+
+    def __init__(self, engine: Engine, n_vocab_target: int) -> None:
+        self.engine = engine
+        self._n_vocab_target = n_vocab_target
+        self._tokens: list[int] = []  # exactly what the draft engine's cache holds
+        self._ref: Sequence[int] | None = None  # the context list last seen ...
+        self._known = 0  # ... and how much of it `_tokens` is known to start with
+
+    def _common_prefix(self, context: Sequence[int]) -> int:
+        """Length of the longest common prefix of the cached tokens and `context`
+        (slice comparisons run in C; a binary search keeps them few)."""
+        have = self._tokens
+        n = min(len(have), len(context))
+        lo = min(self._known, n) if context is self._ref else 0
+        if list(context[lo:n]) == have[lo:n]:
+            return n
+        hi = n  # have[:lo] == context[:lo]; have[:hi] != context[:hi]
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if list(context[:mid]) == have[:mid]:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    def _catch_up(self, context: Sequence[int], end: int) -> None:
+        """Make the draft cache hold context[:end]: drop what differs, evaluate the rest."""
+        engine = self.engine
+        keep = min(self._common_prefix(context), end)
+        if keep < len(self._tokens):
+            if not engine.kv_remove(keep, -1):
+                engine.kv_clear()
+                keep = 0
+            del self._tokens[keep:]
+        new = list(context[keep:end])
+        if new:
+            engine.eval(new)
+            self._tokens.extend(new)
+        self._ref, self._known = context, end
+
+    def sync(self, context: Sequence[int]) -> None:
+        if 1 < len(context) <= self.engine.n_ctx:
+            self._catch_up(context, len(context) - 1)
+
+    def draft(self, context: Sequence[int], n_max: int) -> list[int]:
+        if n_max <= 0 or not context:
+            return []
+        engine = self.engine
+        if len(context) + n_max > engine.n_ctx:
+            return []
+        # The last context token is (re-)evaluated here: its logits give the first draft.
+        self._catch_up(context, len(context) - 1)
+        engine.eval([context[-1]])
+        self._tokens.append(context[-1])
+        drafts: list[int] = []
+        while True:
+            token = engine.sample(-1)
+            if token >= self._n_vocab_target or engine.is_eog(token):
+                break
+            drafts.append(token)
+            if len(drafts) >= n_max:
+                break
+            engine.eval([token])
+            self._tokens.append(token)
+        return drafts
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+@dataclass
+class DraftPolicy:
+    """How many tokens to draft next, from what drafting has paid so far.
+
+    Pay is measured, not assumed: `gain` is the emitted tokens per second of
+    verify steps over one-token steps, an exponential average. Drafting pauses
+    for `cooldown` tokens while `gain` is below 1 (it costs more than it saves),
+    then probes again; each failed probe doubles the pause, up to `max_backoff`.
+    The draft length doubles after a fully accepted draft and falls to one past
+    the accepted part after a rejection.
+    """
+
+    n_max: int = 16
+    alpha: float = 0.3
+    min_gain: float = 1.0
+    first_backoff: int = 16
+    max_backoff: int = 512
+    n_draft: int = 4
+    gain: float = 1.2
+    t_plain_s: float | None = None
+    cooldown: int = 0
+    backoff: int = 0  # set from first_backoff
+    counters: SpecCounters = field(default_factory=SpecCounters)
+
+    def __post_init__(self) -> None:
+        self.backoff = self.first_backoff
+
+    def budget(self) -> int:
+        """Draft tokens to ask for now; 0 means decode one token plainly."""
+        if self.t_plain_s is None or self.cooldown > 0:
+            return 0
+        return self.n_draft
+
+    def observe_plain(self, seconds: float) -> None:
+        """A one-token decode step took `seconds`."""
+        if self.cooldown > 0:
+            self.cooldown -= 1
+            if self.cooldown == 0:
+                self.gain = 1.2  # probe with a clean slate
+        if seconds > 0:
+            t = self.t_plain_s
+            self.t_plain_s = seconds if t is None else t + self.alpha * (seconds - t)
+
+    def observe_draft(self, drafted: int, accepted: int, emitted: int, seconds: float) -> None:
+        """A verify step of `drafted` tokens kept `accepted` of them, produced `emitted`
+        tokens (accepted + the target's own next token, fewer at a stop) in `seconds`."""
+        self.counters.add(drafted, accepted)
+        if accepted >= drafted:
+            if drafted >= self.n_draft:
+                self.n_draft = min(self.n_max, self.n_draft * 2)
+        else:
+            self.n_draft = max(1, accepted + 1)
+        if self.t_plain_s is None or seconds <= 0:
+            return
+        ratio = emitted * self.t_plain_s / seconds
+        self.gain += self.alpha * (ratio - self.gain)
+        if self.gain < self.min_gain:
+            self.cooldown = self.backoff
+            self.backoff = min(self.max_backoff, self.backoff * 2)
+            self.n_draft = 1
+        elif ratio > self.min_gain:
+            self.backoff = self.first_backoff
+
+
+class Speculator:
+    """A drafter and its policy, as the engine uses them during `generate`."""
+
+    def __init__(self, drafter: Drafter, policy: DraftPolicy | None = None) -> None:
+        self.drafter = drafter
+        self.policy = policy or DraftPolicy()
+
+    @property
+    def mode(self) -> str:
+        return self.drafter.name
+
+    @property
+    def counters(self) -> SpecCounters:
+        return self.policy.counters
+
+    def sync(self, context: Sequence[int]) -> None:
+        self.drafter.sync(context)
+
+    def propose(self, context: Sequence[int], room: int) -> list[int]:
+        """Draft tokens for the next verify step, at most `room` (what the context and
+        the token limit leave); [] to decode one token plainly."""
+        n = min(self.policy.budget(), room)
+        if n <= 0:
+            return []
+        return self.drafter.draft(context, n)[:n]
+
+    def close(self) -> None:
+        self.drafter.close()
+
+
+def parse_mode(value: str | None, *, has_draft_model: bool) -> str:
+    """`--speculative auto|ngram|draft|off` -> the mode to run ('ngram', 'draft' or 'off')."""
+    mode = (value or "auto").strip().lower()
+    if mode not in MODES:
+        raise UsageError(f"unknown --speculative '{value}'", hint="use auto, ngram, draft or off")
+    if mode == "auto":
+        return "draft" if has_draft_model else "ngram"
+    if mode == "draft" and not has_draft_model:
+        raise UsageError("--speculative draft needs a draft model",
+                         hint="add --draft MODEL (a small model with the same vocabulary)")
+    return mode

@@ -1,0 +1,139 @@
+"""The drafting side of speculative decoding, without a model: n-gram lookup, the
+draft-length policy and the mode flag."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvchat.errors import UsageError
+from kvchat.speculative import DraftPolicy, NgramDrafter, Speculator, parse_mode
+
+
+def test_ngram_drafts_what_followed_the_latest_earlier_match() -> None:
+    drafter = NgramDrafter(n_min=2, n_max=4)
+    context = [1, 2, 3, 4, 5, 9, 1, 2, 3, 7, 7, 1, 2, 3]
+    # The suffix (1, 2, 3) occurred twice before; the latest is followed by 7, 7, 1.
+    assert drafter.draft(context, 3) == [7, 7, 1]
+    assert drafter.draft(context, 1) == [7]
+
+
+def test_ngram_prefers_the_longest_match() -> None:
+    drafter = NgramDrafter(n_min=2, n_max=4)
+    # (5, 6) alone last occurred before 30; (4, 5, 6) only before 20.
+    context = [4, 5, 6, 20, 21, 9, 5, 6, 30, 31, 0, 4, 5, 6]
+    assert drafter.draft(context, 2) == [20, 21]
+
+
+def test_ngram_without_a_match_drafts_nothing() -> None:
+    drafter = NgramDrafter(n_min=2, n_max=4)
+    assert drafter.draft([1, 2, 3, 4, 5, 6], 4) == []
+    assert drafter.draft([1], 4) == []
+    assert drafter.draft([1, 2, 1, 2], 0) == []
+
+
+def test_ngram_index_follows_a_growing_context_and_rebuilds_on_a_new_one() -> None:
+    drafter = NgramDrafter(n_min=2, n_max=3)
+    context = [10, 11, 12, 13, 10, 11]
+    assert drafter.draft(context, 2) == [12, 13]
+    context += [12, 99, 10, 11]  # the reply went on; (10, 11) is now followed by 12, 99 last
+    assert drafter.draft(context, 2) == [12, 99]
+    # Another conversation (not an extension): nothing of the old one may be drafted.
+    assert drafter.draft([50, 51, 52, 10, 11], 2) == []
+    assert drafter.draft([50, 51, 52, 10, 11, 50, 51], 2) == [52, 10]
+
+
+def test_policy_waits_for_a_plain_step_to_know_what_a_token_costs() -> None:
+    policy = DraftPolicy(n_draft=4)
+    assert policy.budget() == 0
+    policy.observe_plain(0.010)
+    assert policy.budget() == 4
+
+
+def test_policy_doubles_after_full_acceptance_and_falls_after_rejection() -> None:
+    policy = DraftPolicy(n_draft=4, n_max=16)
+    policy.observe_plain(0.010)
+    policy.observe_draft(drafted=4, accepted=4, emitted=5, seconds=0.015)
+    assert policy.budget() == 8
+    policy.observe_draft(drafted=8, accepted=8, emitted=9, seconds=0.020)
+    policy.observe_draft(drafted=16, accepted=16, emitted=17, seconds=0.030)
+    assert policy.budget() == 16  # capped at n_max
+    policy.observe_draft(drafted=16, accepted=2, emitted=3, seconds=0.030)
+    assert policy.budget() == 3
+    assert policy.counters.drafted == 44 and policy.counters.accepted == 30
+    assert policy.counters.steps == 4
+
+
+def test_policy_pauses_while_drafting_costs_more_than_it_saves_then_probes_again() -> None:
+    policy = DraftPolicy(n_draft=2, first_backoff=4, alpha=0.5)
+    policy.observe_plain(0.010)
+    # Rejected drafts: one token per 14 ms against 10 ms plainly.
+    for _ in range(5):
+        if policy.budget() == 0:
+            break
+        policy.observe_draft(drafted=2, accepted=0, emitted=1, seconds=0.014)
+    assert policy.budget() == 0
+    for _ in range(4):
+        assert policy.budget() == 0
+        policy.observe_plain(0.010)
+    assert policy.budget() > 0  # the probe
+    policy.observe_draft(drafted=1, accepted=0, emitted=1, seconds=0.014)
+    assert policy.budget() == 0
+    assert policy.cooldown == 8  # a second failure waits twice as long
+
+
+def test_policy_keeps_drafting_while_it_pays() -> None:
+    policy = DraftPolicy(n_draft=4, alpha=0.5)
+    policy.observe_plain(0.010)
+    for _ in range(20):
+        policy.observe_draft(drafted=4, accepted=3, emitted=4, seconds=0.016)
+        assert policy.budget() > 0
+
+
+def test_speculator_respects_the_room_left() -> None:
+    policy = DraftPolicy(n_draft=8)
+    policy.observe_plain(0.01)
+    spec = Speculator(NgramDrafter(), policy)
+    context = [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2]
+    assert spec.propose(context, room=3) == [3, 4, 5]
+    assert spec.propose(context, room=0) == []
+
+
+@pytest.mark.parametrize(
+    ("value", "draft", "mode"),
+    [(None, False, "ngram"), ("auto", True, "draft"), ("AUTO", False, "ngram"), ("off", True, "off"),
+     ("ngram", True, "ngram"), ("draft", True, "draft")],
+)
+def test_parse_mode(value: str | None, draft: bool, mode: str) -> None:
+    assert parse_mode(value, has_draft_model=draft) == mode
+
+
+def test_parse_mode_refuses_unknown_modes_and_draft_without_a_model() -> None:
+    with pytest.raises(UsageError, match="unknown --speculative"):
+        parse_mode("fast", has_draft_model=False)
+    with pytest.raises(UsageError, match="needs a draft model"):
+        parse_mode("draft", has_draft_model=False)
+
+
+class _RecurrentEngine:
+    """Stands in for a model whose memory cannot drop a tail (Mamba, RWKV, hybrids)."""
+
+    def __init__(self) -> None:
+        self.speculator: object | None = None
+
+    def speculation_blocker(self) -> str:
+        return "this model's recurrent state cannot drop rejected draft tokens"
+
+    def set_speculator(self, speculator: object) -> None:
+        raise AssertionError("must not be called on a recurrent model")
+
+
+@pytest.mark.parametrize(("asked", "warnings"), [(True, 1), (False, 0)])
+def test_recurrent_models_stay_off_and_say_why_when_asked(asked: bool, warnings: int) -> None:
+    from kvchat.app import SpeculationRequest, start_speculation
+
+    said: list[str] = []
+    engine = _RecurrentEngine()
+    start_speculation(engine, None, SpeculationRequest("ngram", None, asked), said.append)  # type: ignore[arg-type]
+    assert engine.speculator is None
+    assert len(said) == warnings
+    assert all("stays off" in line and "recurrent" in line for line in said)
