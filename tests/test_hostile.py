@@ -371,7 +371,7 @@ def _resave(path: Path, **changes: object) -> None:
 def test_show_and_export_verify_the_checksum(kvchat, kv_env: dict[str, str]) -> None:
     path = _saved_session(Path(kv_env["KVCHAT_HOME"]))
     data = bytearray(path.read_bytes())
-    data[-33] ^= 0x01  # the KV state's last byte: show/export do not print it
+    data[len(data) * 3 // 4] ^= 0x01  # inside the KV state, the bulk of the file: show/export do not print it
     path.write_bytes(bytes(data))
     for args in (("sessions", "show", "s"), ("sessions", "export", "s")):
         result = kvchat(*args)
@@ -525,8 +525,13 @@ def test_ctrl_c_during_start_up_prints_no_traceback(kv_env: dict[str, str]) -> N
         assert proc.stdout.readline() == b"up\n"
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=60)
         assert b"Traceback" not in err, (delay, err)
+        if proc.returncode == -signal.SIGINT:
+            # The signal landed while the interpreter was shutting down (Python restores
+            # the default handlers then): only acceptable once the work was all done.
+            assert b"Usage: kvchat estimate" in out and err == b"", (delay, out, err)
+            continue
         assert proc.returncode in (0, ExitCode.INTERRUPTED), (delay, proc.returncode, err)
 
 

@@ -159,7 +159,12 @@ def test_remote_estimate_reads_only_the_header(tmp_path, hub, tiny):
     assert _blobs(tmp_path) == []  # nothing was downloaded
 
 
-def test_remote_file_reads_like_a_local_one(hub, tiny):
+def test_remote_file_reads_like_a_local_one(hub, tiny, monkeypatch):
+    # In process: huggingface_hub reads HF_HUB_OFFLINE once, at import, and another
+    # test may have imported it under the offline kv_env. This test is online.
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     url = f"{hub.url}/{REPO}/resolve/main/Tiny-Q4_K_M.gguf"
     remote = RemoteFile(url, tiny.stat().st_size, name=f"{REPO}/Tiny-Q4_K_M.gguf", first_fetch_bytes=4096)
     header = read_header(remote)

@@ -73,7 +73,7 @@ def test_json_schema(kvchat, model_path: Path) -> None:
     assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] == 6
     assert record["stop_reason"] == "length"
     assert record["cache"] == {"reused_tokens": 0, "evaluated_tokens": usage["prompt_tokens"],
-                               "rebuilt_tokens": 0, "prefix_cache_tokens": 0,
+                               "rebuilt_tokens": 0, "reevaluated_tokens": 0, "prefix_cache_tokens": 0,
                                "prefix_cache_restore_s": 0.0}
     timings = record["timings"]
     assert set(timings) == {"load_s", "ttft_s", "prefill_tok_s", "decode_tok_s"}

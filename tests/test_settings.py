@@ -116,7 +116,7 @@ def test_every_config_key_is_used(home: Path) -> None:
               "repeat_penalty": "1.1", "seed": "3", "system": "'terse'", "overflow": "'stop'",
               "recent_chats": "5", "prefix_cache": "false", "prefix_cache_size": "'500M'",
               "chat_template": "'gemma'", "raw": "true", "think": "'off'", "checkpoints": "3",
-              "checkpoint_mib": "64"}
+              "checkpoint_mib": "64", "speculative": "'off'", "draft": "'d.gguf'"}
     assert set(values) == set(SETTINGS)
     _config(home, "[defaults]\n" + "".join(f"{k} = {v}\n" for k, v in values.items()))
     got = resolve()
@@ -126,6 +126,7 @@ def test_every_config_key_is_used(home: Path) -> None:
     assert (got.prefix_cache, got.prefix_cache_size) == (False, 500 * 1024**2)
     assert (got.chat_template, got.raw, got.think, got.checkpoints, got.checkpoint_mib) == \
         ("gemma", True, "off", 3, 64.0)
+    assert (got.speculative, got.draft) == ("off", "d.gguf")
 
 
 @pytest.mark.parametrize(("raw", "size"), [("4G", 4 * 1024**3), ("500M", 500 * 1024**2),

@@ -148,9 +148,12 @@ def _answer(env: Environment, conv: Conversation, prompt: str, progress: LoadPro
             env.stdout.write(event.text)
             env.stdout.flush()
     except KeyboardInterrupt:
-        stream.close()
         interrupted = True
     finally:
+        # Close the reply now, whatever stopped it (Ctrl-C, a full or closed stdout):
+        # the engine trims its cache in the generator's cleanup, which must run
+        # before the engine is freed, never later from the garbage collector.
+        stream.close()
         progress.done()
     turn = session.last_turn
     if turn is None:  # interrupted before the turn began

@@ -51,6 +51,9 @@ if TYPE_CHECKING:
     from kvchat.app import Conversation
     from kvchat.named_session import NamedSession
 
+# The engine's memory kinds as `kvchat show` names them.
+_MEMORY_LABELS = {"kv": "standard", "swa": "sliding-window", "recurrent": "recurrent", "hybrid": "hybrid"}
+
 KEYS_HELP = (
     "Enter sends · Alt-Enter (or Esc Enter): new line · Tab completes /commands · "
     "Ctrl-C stops a reply · Ctrl-D or /exit leaves"
@@ -500,7 +503,7 @@ class ChatRepl:
             ("KV cache", f"K {req.type_k.name}, V {req.type_v.name} · {format_bytes(kv_total)} "
                          f"({self.bytes_per_cell / 1024:.1f} KiB per cell)"),
             ("flash attention", f"{engine.flash_attn} (asked: {req.flash_attn})"),
-            ("memory", engine.memory_kind + (
+            ("memory", _MEMORY_LABELS.get(engine.memory_kind, engine.memory_kind) + (
                 f" · {len(self.session.checkpoints)} checkpoints, "
                 f"{format_bytes(self.session.checkpoint_bytes)}" if engine.needs_checkpoints else "")),
             ("chat template", self.session.template.origin),
