@@ -474,6 +474,11 @@ class Engine:
     def _decode_all_logits(self, tokens: Sequence[int]) -> None:
         """Append `tokens` with logits at every position (a draft to verify)."""
         batch = self._draft_batch(len(tokens))
+        self._fill_all_logits(batch, tokens)
+        self._decode(batch, len(tokens))
+
+    def _fill_all_logits(self, batch: llama.llama_batch, tokens: Sequence[int]) -> None:
+        """Put `tokens` in `batch` at the next positions of seq 0, each an output."""
         for i, token in enumerate(tokens):
             batch.token[i] = token
             batch.pos[i] = self.n_past + i
@@ -481,7 +486,6 @@ class Engine:
             batch.seq_id[i][0] = 0
             batch.logits[i] = 1
         batch.n_tokens = len(tokens)
-        self._decode(batch, len(tokens))
 
     def _truncate(self, n_tokens: int) -> None:
         """Keep the first `n_tokens` positions of the sequence; drop the rest, checked.
@@ -604,13 +608,7 @@ class Engine:
         try:
             for start in range(0, len(tokens), step):
                 chunk = tokens[start : start + step]
-                for i, token in enumerate(chunk):
-                    batch.token[i] = token
-                    batch.pos[i] = self.n_past + i
-                    batch.n_seq_id[i] = 1
-                    batch.seq_id[i][0] = 0
-                    batch.logits[i] = 1
-                batch.n_tokens = len(chunk)
+                self._fill_all_logits(batch, chunk)
                 self._decode(batch, len(chunk))
                 # With every position an output, llama_get_logits is [n_outputs, n_vocab]
                 # in batch order (llama-context.cpp reorders outputs before returning).
