@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from kvchat import hardware
 from kvchat import settings as settings_mod
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from kvchat.model_spec import ModelSpec
     from kvchat.named_session import ContextSettings, NamedSession
     from kvchat.prefix_cache import PrefixCache
+    from kvchat.remote.llama_server import LlamaServerEngine
     from kvchat.session import Session, TurnStats
 
 Warn = Callable[[str], None]
@@ -240,21 +241,51 @@ def chat_template_for(engine: ChatEngine, override: str | None = None, *, raw: b
 
 @dataclass
 class Conversation:
-    """A loaded engine, its session and (for --session) the named file behind it."""
+    """A loaded engine, its session and (for --session) the named file behind it.
 
-    engine: Engine
+    Exactly one of `request` (a model loaded here) and `server` (a conversation on
+    llama-server) is set; `engine` is that model's or that server's engine.
+    """
+
+    engine: Engine | LlamaServerEngine
     session: Session
     named: NamedSession | None
-    request: LoadRequest
+    request: LoadRequest | None
     settings: Settings
     resumed_tokens: int = 0
     rebuilt_tokens: int = 0
+    server: LlamaServerEngine | None = None
+
+    @property
+    def local(self) -> Engine | None:
+        """The in-process engine, None on a server."""
+        return None if self.server is not None else cast("Engine", self.engine)
+
+    @property
+    def model_label(self) -> str:
+        if self.server is not None:
+            return f"{self.server.model_name} on {self.server.client.url}"
+        assert self.request is not None
+        return self.request.model_path.name
+
+    def model_identity(self) -> dict[str, Any]:
+        """What a saved session's tokens depend on: the model file (its hash), or the
+        server's model (its path there: the server does not say more)."""
+        from kvchat.session_store import model_identity
+
+        if self.server is not None:
+            return server_identity(self.server)
+        assert self.request is not None
+        return model_identity(self.request.model_path)
 
     def context_settings(self) -> ContextSettings:
         """What a saved KV state depends on, with the flash-attention mode that ran."""
         from kvchat.named_session import ContextSettings
 
+        if self.server is not None:
+            return ContextSettings(self.server.n_ctx, "server", "server", "auto")
         r = self.request
+        assert r is not None
         return ContextSettings(r.n_ctx, r.type_k.name, r.type_v.name, self.engine.flash_attn)
 
     def save(self) -> int | None:
@@ -273,7 +304,7 @@ class Conversation:
             if target.exists and not replace_existing:
                 raise SessionError(f"session '{name}' already exists",
                                    hint=f"pick another name, /load {name}, or `kvchat sessions rm {name}`")
-            target.check(self.request.model_path, self.context_settings(), rebuild=True)
+            target.check(self.model_identity(), self.context_settings(), rebuild=True)
             return target.save(self.session, self.engine)
         finally:
             target.close()
@@ -299,45 +330,114 @@ def open_conversation(
     load the model, and restore or start the conversation. `sampling` (the REPL's
     current values when it switches sessions) wins over resolved sampling."""
     from kvchat.named_session import NamedSession
-    from kvchat.session import Session
+    from kvchat.session_store import model_identity
 
     named = NamedSession(session_name) if session_name else None
-    engine = None
+    engine: Engine | LlamaServerEngine | None = None
     try:
         saved = named.saved_values() if named is not None else {}
         s = settings_mod.resolve(flags, saved)
         for message in s.overridden:
             warn(message)
+        if s.server is not None:
+            server = engine = open_server(s, warn)
+            return _start_conversation(server, None, named, s, sampling, warn, rebuild=rebuild, server=server)
         request = resolve_load(s, warn)
         speculation = resolve_speculation(s)
         if named is not None:
             # The saved flash-attention mode is the one that ran: compare like with like.
-            named.check(request.model_path, _expected_context(request), rebuild=rebuild)
+            named.check(model_identity(request.model_path), _expected_context(request), rebuild=rebuild)
         probe = hardware.CpuLoadProbe()
-        engine = load_engine(request, warn, verbose=verbose)
+        local = engine = load_engine(request, warn, verbose=verbose)
         warn_if_cores_contended(probe, request.n_threads, warn)
-        template = chat_template_for(engine, s.chat_template, raw=s.raw, think=s.think, warn=warn)
-        start_speculation(engine, request, speculation, warn, verbose=verbose)
-        session = Session(engine, template, sampling or sampling_of(s), s.max_tokens, s.overflow,
-                          checkpoint_max=s.checkpoints, checkpoint_mib=s.checkpoint_mib)
-        session.prefix_cache = open_prefix_cache(engine, request, s)
-        conv = Conversation(engine, session, named, request, s)
-        if named is not None:
-            named.settings = conv.context_settings()
-            if named.exists:
-                conv.rebuilt_tokens = named.attach(session, rebuild=rebuild)
-                conv.resumed_tokens = len(session.tokens) - conv.rebuilt_tokens
-        current = session.messages[0]["content"] if session.messages and \
-            session.messages[0]["role"] == "system" else None
-        if s.system and s.system != current:
-            session.set_system(s.system)
-        return conv
+        start_speculation(local, request, speculation, warn, verbose=verbose)
+        return _start_conversation(local, request, named, s, sampling, warn, rebuild=rebuild)
     except BaseException:
         if engine is not None:
             engine.close()
         if named is not None:
             named.close()
         raise
+
+
+def _start_conversation(engine: Engine | LlamaServerEngine, request: LoadRequest | None,
+                        named: NamedSession | None, s: Settings, sampling: SamplingSettings | None,
+                        warn: Warn, *, rebuild: bool,
+                        server: LlamaServerEngine | None = None) -> Conversation:
+    """The session on a loaded engine (here or on a server): template, prefix cache,
+    the named session's saved conversation, the system prompt."""
+    from kvchat.session import Session
+
+    template = chat_template_for(engine, s.chat_template, raw=s.raw, think=s.think, warn=warn)
+    session = Session(engine, template, sampling or sampling_of(s), s.max_tokens, s.overflow,
+                      checkpoint_max=s.checkpoints, checkpoint_mib=s.checkpoint_mib)
+    conv = Conversation(engine, session, named, request, s, server=server)
+    if request is not None and conv.local is not None:
+        session.prefix_cache = open_prefix_cache(conv.local, request, s)
+    if named is not None:
+        if request is None:
+            named.check(conv.model_identity(), conv.context_settings(), rebuild=rebuild)
+        named.settings = conv.context_settings()
+        if named.exists:
+            conv.rebuilt_tokens = named.attach(session, rebuild=rebuild)
+            conv.resumed_tokens = len(session.tokens) - conv.rebuilt_tokens
+            if conv.server is not None:
+                _say_resume_cost(conv, warn)
+    current = session.messages[0]["content"] if session.messages and \
+        session.messages[0]["role"] == "system" else None
+    if s.system and s.system != current:
+        session.set_system(s.system)
+    return conv
+
+
+# --- conversations on a server ----------------------------------------------------------
+
+# Settings that size or place a model loaded here; a server decides them itself.
+_LOCAL_ONLY = ("ctx", "cache_type_k", "cache_type_v", "flash_attn", "ngl", "threads", "batch", "draft",
+               "prefix_cache", "checkpoints")
+
+
+def open_server(s: Settings, warn: Warn) -> LlamaServerEngine:
+    """Connect to `s.server`; say which local settings the server decides instead."""
+    from kvchat.remote import open_llama_server
+    from kvchat.remote.client import ServerOptions
+
+    assert s.server is not None
+    engine = open_llama_server(ServerOptions(s.server, s.api_key, s.server_timeout, s.tls_verify))
+    ignored = [settings_mod.SETTINGS[k].flag or k for k in _LOCAL_ONLY
+               if s.sources.get(k) in ("flag", "env") and k in s.sources]
+    if s.sources.get("speculative") in ("flag", "env") and s.speculative != "off":
+        ignored.append("--speculative")
+    if ignored:
+        warn(f"{', '.join(str(i) for i in ignored)}: decided by the server, not here (start llama-server "
+             f"with the matching options; its context is {engine.n_ctx} tokens)")
+    if s.model is not None and s.sources.get("model") == "flag" and \
+            s.model not in (engine.model_name, engine.model_path) and \
+            not engine.model_path.endswith(s.model):
+        warn(f"--model {s.model}: this llama-server serves {engine.model_name}; using it")
+    return engine
+
+
+def server_identity(server: LlamaServerEngine) -> dict[str, Any]:
+    """A saved session's model on a server: the model file's path there, which is what
+    the server says about it (its tokens are only valid for that model)."""
+    import hashlib
+
+    label = server.model_path or server.model_name
+    return {"path": f"{server.client.url} {label}", "size": 0,
+            "sha256": "llama-server:" + hashlib.sha256(label.encode()).hexdigest(),
+            "server": server.client.url}
+
+
+def _say_resume_cost(conv: Conversation, warn: Warn) -> None:
+    """A resumed session on a server: restored from the slot file, or what the first
+    turn will re-evaluate."""
+    assert conv.server is not None
+    action = conv.server.last_slot_action
+    n = len(conv.session.tokens)
+    if n and (action is None or not action.ok):
+        reason = action.reason if action is not None else "no saved slot"
+        warn(f"the server re-evaluates this session's {n} tokens with the next message ({reason})")
 
 
 def open_prefix_cache(engine: Engine, request: LoadRequest, s: Settings) -> PrefixCache | None:
@@ -388,17 +488,24 @@ def _expected_context(request: LoadRequest) -> ContextSettings:
 
 @dataclass(frozen=True)
 class MemoryFigures:
-    """What a conversation costs now: context, KV cells and bytes, RSS, VRAM."""
+    """What a conversation costs now: context, KV cells and bytes, RSS, VRAM.
+
+    On a server, KV bytes and VRAM are the server's and it does not report them:
+    None (shown as unknown); RSS is this process's.
+    """
 
     n_ctx: int
     kv_cells_used: int
-    kv_bytes: int  # KV and recurrent-state buffers llama.cpp allocated
+    kv_bytes: int | None  # KV and recurrent-state buffers llama.cpp allocated
     rss_bytes: int
     vram_used_bytes: int | None  # all NVIDIA GPUs together; None without NVML
 
 
 def memory_figures(conv: Conversation) -> MemoryFigures:
-    buffers = conv.engine.buffers
+    local = conv.local
+    if local is None:
+        return MemoryFigures(conv.engine.n_ctx, conv.session.n_kv, None, hardware.rss_bytes(), None)
+    buffers = local.buffers
     vram = None
     nvml = hardware.open_nvml()
     if nvml is not None:
@@ -407,7 +514,7 @@ def memory_figures(conv: Conversation) -> MemoryFigures:
             vram = reading.used if reading is not None else None
         finally:
             nvml.close()
-    return MemoryFigures(conv.engine.n_ctx, conv.session.n_kv,
+    return MemoryFigures(local.n_ctx, conv.session.n_kv,
                          sum(buffers.kv.values()) + sum(buffers.recurrent.values()),
                          hardware.rss_bytes(), vram)
 
@@ -424,11 +531,9 @@ def turn_record(conv: Conversation, turn: TurnStats, text: str, reasoning: str =
     engine, request, session = conv.engine, conv.request, conv.session
     sampling = session.sampling
     memory = memory_figures(conv)
-    return {
-        "text": text,
-        "reasoning": reasoning,
-        "model": str(request.model_path),
-        "settings": {
+    if request is not None:
+        model = str(request.model_path)
+        where: dict[str, Any] = {
             "n_ctx": engine.n_ctx,
             "cache_type_k": request.type_k.name,
             "cache_type_v": request.type_v.name,
@@ -436,6 +541,17 @@ def turn_record(conv: Conversation, turn: TurnStats, text: str, reasoning: str =
             "n_gpu_layers": request.n_gpu_layers,
             "n_threads": request.n_threads,
             "n_batch": request.n_batch,
+        }
+    else:  # the server decides (and does not report) cache types, layers, threads
+        assert conv.server is not None
+        model = conv.server.model_path or conv.server.model_name
+        where = {"server": conv.server.client.url, "n_ctx": engine.n_ctx}
+    return {
+        "text": text,
+        "reasoning": reasoning,
+        "model": model,
+        "settings": {
+            **where,
             "temperature": sampling.temperature,
             "top_k": sampling.top_k,
             "top_p": sampling.top_p,
@@ -455,6 +571,7 @@ def turn_record(conv: Conversation, turn: TurnStats, text: str, reasoning: str =
             "prefix_cache_restore_s": round(turn.prefix_cache_restore_s, 4),
             **({"prefix_cache_skipped": turn.prefix_cache_skipped} if turn.prefix_cache_skipped else {}),
             "reevaluated_tokens": turn.reevaluated_tokens,
+            **(server_cache_counts(conv.server) if conv.server is not None else {}),
         },
         "memory": {
             "n_ctx": memory.n_ctx,
@@ -477,6 +594,17 @@ def turn_record(conv: Conversation, turn: TurnStats, text: str, reasoning: str =
         },
         "stop_reason": turn.stop_reason,
     }
+
+
+def server_cache_counts(server: LlamaServerEngine) -> dict[str, Any]:
+    """What llama-server itself says the last reply cost: prompt tokens found in its
+    slot's cache (`cache_n`) and evaluated (`prompt_n`)."""
+    t = server.last_timings
+    return {"server": None if t is None else {
+        "cached_tokens": t.cache_n, "evaluated_tokens": t.prompt_n, "predicted_tokens": t.predicted_n,
+        "prompt_ms": round(t.prompt_ms, 2), "predicted_per_second": round(t.predicted_per_second, 2),
+        "unstreamed_tokens": server.unstreamed_tokens, "id_slot": server.id_slot,
+    }}
 
 
 def speculative_mode(engine: ChatEngine) -> str:

@@ -127,15 +127,15 @@ class KvFill:
 
     cells: int
     n_ctx: int
-    bytes_per_cell: float
+    bytes_per_cell: float | None  # None: not known (a server that does not report it)
 
     @property
-    def used_bytes(self) -> float:
-        return self.cells * self.bytes_per_cell
+    def used_bytes(self) -> float | None:
+        return None if self.bytes_per_cell is None else self.cells * self.bytes_per_cell
 
     @property
-    def total_bytes(self) -> float:
-        return self.n_ctx * self.bytes_per_cell
+    def total_bytes(self) -> float | None:
+        return None if self.bytes_per_cell is None else self.n_ctx * self.bytes_per_cell
 
     @property
     def fraction(self) -> float:

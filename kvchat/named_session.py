@@ -105,19 +105,25 @@ class NamedSession:
         saved = self.saved_settings()
         if saved is None:
             return {}
-        values: dict[str, Any] = {"model": str(self.saved_model_path()), "ctx": saved.n_ctx,
-                                  "cache_type_k": saved.type_k, "cache_type_v": saved.type_v}
-        if saved.flash_attn != "auto":
-            values["flash_attn"] = saved.flash_attn
+        assert self.saved is not None
+        server = self.saved.record["model"].get("server")
+        if isinstance(server, str):  # a conversation on a server: it decides the rest
+            values: dict[str, Any] = {"server": server}
+        else:
+            values = {"model": str(self.saved_model_path()), "ctx": saved.n_ctx,
+                      "cache_type_k": saved.type_k, "cache_type_v": saved.type_v}
+            if saved.flash_attn != "auto":
+                values["flash_attn"] = saved.flash_attn
         # Sampling and the reply limit as they were at the last save (/set included).
         sampling = self.saved.record.get("sampling") if self.saved else None
         if isinstance(sampling, dict):
             values.update({k: sampling[k] for k in SAVED_SAMPLING_KEYS if sampling.get(k) is not None})
         return values
 
-    def check(self, model_path: Path, settings: ContextSettings, *, rebuild: bool) -> None:
-        """Refuse a saved session that does not match, unless rebuilding."""
-        self.model_identity = session_store.model_identity(model_path)
+    def check(self, identity: dict[str, Any], settings: ContextSettings, *, rebuild: bool) -> None:
+        """Refuse a saved session whose model (`identity`: session_store.model_identity,
+        or a server's model) or context settings do not match, unless rebuilding."""
+        self.model_identity = identity
         self.settings = settings
         if self.saved is None or rebuild:
             return

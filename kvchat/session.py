@@ -31,7 +31,7 @@ from typing import Any
 
 from kvchat.chat_template import TURN_SENTINELS, ChatTemplate, Message, preamble_length
 from kvchat.engine_api import ChatEngine, Checkpoint, SamplingSettings, TokenEvent
-from kvchat.errors import ModelFormatError, SessionError, UsageError
+from kvchat.errors import ModelFormatError, NetworkError, SessionError, UsageError
 from kvchat.prefix_cache import PrefixCache
 from kvchat.reasoning import ReasoningSplitter, opens_in_prompt, template_has_reasoning
 
@@ -560,6 +560,9 @@ class Session:
                 yield event
         except (GeneratorExit, KeyboardInterrupt):
             stats.stop_reason = "interrupted"
+            raise
+        except NetworkError:  # a server's stream broke: the reply so far is kept
+            stats.stop_reason = "dropped"
             raise
         finally:
             if first_token_at is not None:

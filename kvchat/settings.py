@@ -187,6 +187,15 @@ def parse_size(raw: Any) -> int:
     return int(value)
 
 
+def _server_url(raw: Any) -> str:
+    from kvchat.remote.client import check_url
+
+    try:
+        return check_url(_string(raw))
+    except UsageError:
+        raise BadValue("is not an http:// or https:// URL (e.g. http://gpu-box:8080)") from None
+
+
 def _threads(raw: Any) -> int:
     return _int(raw, 1, 4096, "a thread count")
 
@@ -237,6 +246,12 @@ SETTINGS: dict[str, Setting[Any]] = {
         Setting("speculative", _choice(*SPECULATIVE_MODES), "auto", "--speculative",
                 "speculative decoding: auto, ngram, draft or off"),
         Setting("draft", _optional(_string), None, "--draft", "draft model for speculative decoding"),
+        Setting("server", _optional(_server_url), None, "--server",
+                "run on this llama-server or OpenAI-compatible server (http[s]://host:port)"),
+        Setting("api_key", _optional(_string), None, "--api-key", "the server's API key (bearer token)"),
+        Setting("server_timeout", lambda raw: _float(raw, 0.0, 86_400.0, open_low=True), 300.0, None,
+                "seconds to wait for the next byte from the server"),
+        Setting("tls_verify", _bool, True, None, "check the server's TLS certificate"),
     )
 }
 
@@ -303,6 +318,10 @@ class Settings:
     checkpoint_mib: float = 256.0
     speculative: str = "auto"
     draft: str | None = None
+    server: str | None = None
+    api_key: str | None = None
+    server_timeout: float = 300.0
+    tls_verify: bool = True
     sources: Mapping[str, Source] = field(default_factory=dict)
     # Values from the environment or config file that a saved session overrode.
     overridden: tuple[str, ...] = ()

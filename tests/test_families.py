@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from kvchat import session_store
 from kvchat.app import chat_template_for
 from kvchat.cache_types import parse_cache_type
 from kvchat.chat_template import ChatTemplate
@@ -461,13 +462,13 @@ def test_named_session_keeps_checkpoints_to_rewind_after_resuming(
     settings = ContextSettings(1024, "f16", "f16", hybrid.flash_attn)
     session = _hybrid_session(hybrid)
     with NamedSession("rewind") as named:
-        named.check(hybrid_path, settings, rebuild=False)
+        named.check(session_store.model_identity(hybrid_path), settings, rebuild=False)
         named.save(session, hybrid)
     n_history = len(session.tokens)
     hybrid.kv_clear()
     resumed = Session(hybrid, chat_template_for(hybrid), GREEDY, max_tokens=12)
     with NamedSession("rewind") as named:
-        named.check(hybrid_path, settings, rebuild=False)
+        named.check(session_store.model_identity(hybrid_path), settings, rebuild=False)
         assert named.attach(resumed, rebuild=False) == 0
     assert resumed.tokens == session.tokens and len(resumed.checkpoints) == 2
     resumed.undo()

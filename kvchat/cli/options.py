@@ -120,6 +120,13 @@ SPECULATIVE = (
         "--draft", help="Draft model for speculative decoding: a small model with the same vocabulary "
         "(a .gguf path, an alias, user/repo:QUANT).")]),
 )
+SERVER = (
+    _option("server", Annotated[Optional[str], typer.Option(
+        "--server", metavar="URL", help="Chat on a running llama-server, vLLM or other OpenAI-compatible "
+        "server (http://host:port) instead of loading the model here.")]),
+    _option("api_key", Annotated[Optional[str], typer.Option(
+        "--api-key", help="The server's API key (or KVCHAT_API_KEY).")]),
+)
 VERBOSE = (
     _option("verbose", Annotated[bool, typer.Option("--verbose", "-v", help="Show llama.cpp's log.")], False),
 )
@@ -129,7 +136,7 @@ JSON = (
 
 # Every option a chat (run or chat) takes, in --help order.
 CHAT_OPTIONS = (*MODEL, *CTX, *CACHE_TYPES, *FLASH_ATTN, *DEVICES, *THREADS, *BATCH, *SAMPLING, *CONVERSATION,
-                *PREFIX_CACHE, *TEMPLATE, *CHECKPOINTS, *SPECULATIVE, *SESSION, *VERBOSE)
+                *PREFIX_CACHE, *TEMPLATE, *CHECKPOINTS, *SPECULATIVE, *SERVER, *SESSION, *VERBOSE)
 # Names that are settings (kvchat.settings) rather than command switches.
 _NOT_SETTINGS = {"session_name", "rebuild", "verbose", "as_json"}
 

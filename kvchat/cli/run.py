@@ -9,7 +9,7 @@ import typer
 
 from kvchat.cli import app
 from kvchat.cli.options import CHAT_OPTIONS, JSON, shared_options
-from kvchat.errors import ExitCode, KvchatError, UsageError
+from kvchat.errors import ExitCode, KvchatError, NetworkError, UsageError
 from kvchat.ui.environment import Environment, valid_text
 
 if TYPE_CHECKING:
@@ -110,7 +110,7 @@ def answer_piped(env: Environment, flags: dict[str, Any], *, words: list[str] | 
             if guessed and exc.exit_code in (ExitCode.NOT_FOUND, ExitCode.NETWORK, ExitCode.BAD_MODEL):
                 raise _guessed_model_failed(exc, all_words[0], prompt_words) from None
             raise
-        progress.loaded(conv.request.model_path.name)
+        progress.loaded(conv.model_label)
         conv.session.on_prefill = progress.prefill
         try:
             if undo:
@@ -134,6 +134,7 @@ def _answer(env: Environment, conv: Conversation, prompt: str, progress: LoadPro
     pieces: list[str] = []
     reasoning: list[str] = []
     interrupted = False
+    dropped: NetworkError | None = None
     stream = session.send(prompt, shared_chars=shared_chars)
     try:
         for event in stream:
@@ -149,6 +150,10 @@ def _answer(env: Environment, conv: Conversation, prompt: str, progress: LoadPro
             env.stdout.flush()
     except KeyboardInterrupt:
         interrupted = True
+    except NetworkError as exc:
+        if session.last_turn is None or session.last_turn.stop_reason != "dropped":
+            raise
+        dropped = exc  # the server went away mid-reply: keep and save what came
     finally:
         # Close the reply now, whatever stopped it (Ctrl-C, a full or closed stdout):
         # the engine trims its cache in the generator's cleanup, which must run
@@ -177,5 +182,7 @@ def _answer(env: Environment, conv: Conversation, prompt: str, progress: LoadPro
             f"({turn.dropped_tokens} tokens) to make room"
         )
     conv.save()
+    if dropped is not None:
+        raise dropped
     if interrupted:
         raise KeyboardInterrupt

@@ -31,7 +31,8 @@ def stats_line(turn: TurnStats, load_s: float, memory: MemoryFigures | None = No
         f"stop: {turn.stop_reason}"
     )
     if memory is not None:
-        line += (f" · context {memory.kv_cells_used}/{memory.n_ctx} · KV {format_bytes(memory.kv_bytes)}"
+        line += (f" · context {memory.kv_cells_used}/{memory.n_ctx} · KV "
+                 f"{'unknown' if memory.kv_bytes is None else format_bytes(memory.kv_bytes)}"
                  f" · RSS {format_bytes(memory.rss_bytes)}")
         if memory.vram_used_bytes is not None:
             line += f" · VRAM {format_bytes(memory.vram_used_bytes)}"

@@ -27,7 +27,7 @@ from rich.table import Table
 
 from kvchat import config, session_store
 from kvchat.engine_api import SamplingSettings, TokenEvent
-from kvchat.errors import KvchatError, SessionError
+from kvchat.errors import KvchatError, NetworkError, SessionError
 from kvchat.hardware import NvmlReader
 from kvchat.monitor import HardwareSampler, KvFill, TokenMeter, kv_bytes_per_cell
 from kvchat.registry import model_name
@@ -183,8 +183,14 @@ class ChatRepl:
 
         self.setup = setup
         self.engine, self.session = setup.engine, setup.session
-        self.bytes_per_cell = kv_bytes_per_cell(self.engine.buffers, self.engine.n_ctx)
-        self.device = DeviceInfo(self.engine.gpu_layers, supports_gpu_offload())
+        local = setup.local
+        if local is not None:
+            self.bytes_per_cell: float | None = kv_bytes_per_cell(local.buffers, local.n_ctx)
+            self.device = DeviceInfo(local.gpu_layers, supports_gpu_offload())
+        else:  # on a server: its KV bytes and devices are not reported
+            assert setup.server is not None
+            self.bytes_per_cell = None
+            self.device = DeviceInfo(None, False, server=setup.server.client.url)
         self.sampler = HardwareSampler(nvml=self._nvml)
 
     @property
@@ -205,10 +211,13 @@ class ChatRepl:
 
     def banner(self) -> None:
         req = self.setup.request
-        name = model_name(req.model_path)
-        where = hardware_text(self.sampler.sample(), self.device).split(" · ", 1)[1]
-        self.say(f"kvchat · {name} · ctx {self.engine.n_ctx} · KV {req.type_k.name}/{req.type_v.name} "
-                 f"· flash attn {self.engine.flash_attn} · {where}", style="bold")
+        if req is None:
+            self.say(f"kvchat · {self.setup.model_label} · ctx {self.engine.n_ctx}", style="bold")
+        else:
+            name = model_name(req.model_path)
+            where = hardware_text(self.sampler.sample(), self.device).split(" · ", 1)[1]
+            self.say(f"kvchat · {name} · ctx {self.engine.n_ctx} · KV {req.type_k.name}/{req.type_v.name} "
+                     f"· flash attn {self.engine.flash_attn} · {where}", style="bold")
         if self.session_name:
             kind = "recent chat" if session_store.is_recent(self.session_name) else "session"
             turns = plural(self._user_turns(), "turn")
@@ -301,6 +310,7 @@ class ChatRepl:
         session = self.session
         before = session.last_turn
         meter = TokenMeter()
+        dropped: NetworkError | None = None
 
         def prefill_tokens() -> int:
             turn = session.last_turn
@@ -323,6 +333,12 @@ class ChatRepl:
                 with _sigint_ignored():
                     stream.close()  # the partial reply stays in the transcript and the KV cache
                     view.finish()
+            except NetworkError as exc:
+                turn = session.last_turn
+                if turn is None or turn is before or turn.stop_reason != "dropped":
+                    raise
+                dropped = exc  # a server's stream broke: keep, show and save what came
+                view.finish()
             finally:
                 stream.close()
         with _sigint_ignored():
@@ -343,6 +359,8 @@ class ChatRepl:
                               f"({turn.dropped_tokens} tokens) to make room")
             self.setup.save()
             self._keep_recent()
+        if dropped is not None:
+            raise dropped
 
     # -- keeping unnamed chats -----------------------------------------------------
 
@@ -373,7 +391,7 @@ class ChatRepl:
             if self._recent is None:
                 recent = NamedSession(session_store.recent_name(time.time()))
                 try:
-                    recent.check(self.setup.request.model_path, self.setup.context_settings(), rebuild=True)
+                    recent.check(self.setup.model_identity(), self.setup.context_settings(), rebuild=True)
                     recent.save(self.session, self.engine)
                 except BaseException:
                     recent.close()
@@ -465,13 +483,18 @@ class ChatRepl:
                                    self.console.width))
         else:
             self.say(f"no reply yet (model loaded in {self.engine.load_s:.2f}s)")
-        req = self.setup.request
-        self.say(f"{kv_text(self.kv_fill())} at K {req.type_k.name}, V {req.type_v.name} "
-                 f"({self.bytes_per_cell / 1024:.1f} KiB per cell)")
+        self.say(f"{kv_text(self.kv_fill())}{self._cell_text()}")
         self.say(hardware_text(self.sampler.sample(), self.device))
         dropped = sum(1 for m in self.session.dropped if m["role"] == "user")
         self.say(f"conversation: {plural(self._user_turns(), 'turn')} in context, "
                  f"{plural(len(self.session.tokens), 'token')}, {plural(dropped, 'turn')} dropped")
+
+    def _cell_text(self) -> str:
+        req = self.setup.request
+        if req is None or self.bytes_per_cell is None:
+            return " on the server"
+        return (f" at K {req.type_k.name}, V {req.type_v.name} "
+                f"({self.bytes_per_cell / 1024:.1f} KiB per cell)")
 
     def _settings_line(self) -> str:
         s = self.session.sampling
@@ -491,28 +514,61 @@ class ChatRepl:
 
     def _cmd_info(self, command: Command) -> None:
         req, engine = self.setup.request, self.engine
+        local = self.setup.local
+        if req is None or local is None:
+            self._server_info()
+            return
         layers = self.device.gpu_layers
         on_gpu = (f"{layers[0]}/{layers[1]} offloaded" if layers
                   else "none (llama.cpp built without a GPU backend)" if not self.device.gpu_build
                   else f"none (--ngl {req.n_gpu_layers})")
-        kv_total = self.kv_fill().total_bytes  # the status line's figure
+        kv_total = self.kv_fill().total_bytes or 0.0  # the status line's figure
+        per_cell = self.bytes_per_cell or 0.0
         rows = [
             ("model", safe_text(model_name(req.model_path))),
             ("file", str(req.model_path)),
             ("context", f"{engine.n_ctx} tokens (trained on {engine.n_ctx_train})"),
             ("KV cache", f"K {req.type_k.name}, V {req.type_v.name} · {format_bytes(kv_total)} "
-                         f"({self.bytes_per_cell / 1024:.1f} KiB per cell)"),
+                         f"({per_cell / 1024:.1f} KiB per cell)"),
             ("flash attention", f"{engine.flash_attn} (asked: {req.flash_attn})"),
-            ("memory", _MEMORY_LABELS.get(engine.memory_kind, engine.memory_kind) + (
+            ("memory", _MEMORY_LABELS.get(local.memory_kind, local.memory_kind) + (
                 f" · {len(self.session.checkpoints)} checkpoints, "
-                f"{format_bytes(self.session.checkpoint_bytes)}" if engine.needs_checkpoints else "")),
+                f"{format_bytes(self.session.checkpoint_bytes)}" if local.needs_checkpoints else "")),
             ("chat template", self.session.template.origin),
-            ("layers", f"{engine.n_layer} · on GPU: {on_gpu}"),
+            ("layers", f"{local.n_layer} · on GPU: {on_gpu}"),
             ("threads", str(req.n_threads)),
             ("sampling", self._settings_line()),
             ("speculative", self._speculative_line()),
             ("session", self.session_name or "unsaved (/save NAME keeps it)"),
         ]
+        self._info_table(rows)
+
+    def _server_info(self) -> None:
+        """/info on a server: what it reports (/props, the last reply's timings), and
+        what it does not say shown as such."""
+        from kvchat.app import server_cache_counts
+
+        server = self.setup.server
+        assert server is not None
+        counts = server_cache_counts(server)["server"]
+        last = ("no reply yet" if counts is None else
+                f"{counts['cached_tokens']} prompt tokens from its cache, {counts['evaluated_tokens']} "
+                f"evaluated, decode {counts['predicted_per_second']:.1f} tok/s (server's figure)")
+        rows = [
+            ("server", f"{server.client.url} (llama-server, {server.total_slots} slots; this chat on "
+                       f"slot {server.id_slot if server.id_slot >= 0 else 'not yet chosen'})"),
+            ("model", safe_text(server.model_name)),
+            ("file", safe_text(server.model_path or "not reported")),
+            ("context", f"{server.n_ctx} tokens per slot"),
+            ("KV cache", kv_text(self.kv_fill()) + " · cache types and memory: not reported by the server"),
+            ("last reply", last),
+            ("chat template", self.session.template.origin),
+            ("sampling", self._settings_line()),
+            ("session", self.session_name or "unsaved (/save NAME keeps it)"),
+        ]
+        self._info_table(rows)
+
+    def _info_table(self, rows: list[tuple[str, str]]) -> None:
         table = Table(box=None, show_header=False, pad_edge=False)
         table.add_column(no_wrap=True)
         table.add_column(overflow="fold")

@@ -49,14 +49,19 @@ class DeviceInfo:
 
     gpu_layers: tuple[int, int] | None  # (offloaded, total) from llama.cpp's log
     gpu_build: bool  # llama.cpp was built with a GPU backend
+    server: str | None = None  # the model runs there (its memory is not ours to show)
 
 
 def kv_text(kv: KvFill) -> str:
+    if kv.used_bytes is None or kv.total_bytes is None:
+        return f"KV {kv.cells}/{kv.n_ctx} ({kv.fraction:.0%}, size unknown)"
     return (f"KV {kv.cells}/{kv.n_ctx} ({kv.fraction:.0%}, {_mib(kv.used_bytes)}/"
             f"{_mib(kv.total_bytes)} MiB)")
 
 
 def hardware_text(hw: HardwareSample, device: DeviceInfo) -> str:
+    if device.server is not None:
+        return f"server {device.server} (its RAM and VRAM: not reported)"
     parts = [f"RSS {format_bytes(hw.rss_bytes)}"]
     if hw.vram is not None:
         parts.append(f"VRAM {hw.vram.used / 2**30:.2f}/{hw.vram.total / 2**30:.2f} GiB")

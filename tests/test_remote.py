@@ -1,0 +1,179 @@
+"""kvchat on a real llama-server (built from the llama.cpp llama-cpp-python vendors).
+
+The server's own counters are the proof: `timings.cache_n` (prompt tokens found in
+its slot's cache) and `prompt_n` (evaluated) for each reply, as `run --json`
+reports them under cache.server. Errors are provoked for real: nothing listening,
+a name that does not resolve, a server started with --api-key, a server killed
+in the middle of a reply.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx2
+import pytest
+
+from kvchat.app import open_conversation
+from kvchat.errors import ExitCode
+from tests.conftest import REPO
+from tests.llama_servers import LlamaServer, free_port, llama_tool
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def server(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServer]:
+    slots = tmp_path_factory.mktemp("slots")
+    with LlamaServer(llama_tool("llama-server"), "-m", str(model_path), "-c", "2048", "-np", "1",
+                     "--slot-save-path", str(slots), "-t", "1") as running:
+        yield running
+
+
+def _run_json(kvchat, *args: str, stdin: str = "") -> dict:  # noqa: ANN001
+    result = kvchat("run", *args, "--json", stdin=stdin)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_ten_turns_evaluate_only_new_tokens_by_the_servers_counters(server: LlamaServer, kv_env) -> None:  # noqa: ANN001
+    warnings: list[str] = []
+    flags = {"server": server.url, "temperature": "0", "max_tokens": "24", "seed": "1"}
+    conv = open_conversation(flags, warnings.append)
+    try:
+        session = conv.session
+        for turn in range(10):
+            before = len(session.tokens)
+            list(session.send(f"Turn {turn}: name a colour."))
+            stats = session.last_turn
+            assert stats is not None
+            timings = conv.server.last_timings if conv.server else None
+            assert timings is not None
+            # Everything kvchat had in its history was in the server's cache...
+            assert timings.cache_n == before == stats.reused_tokens
+            # ...and the server evaluated exactly this turn's new tokens.
+            assert timings.prompt_n == stats.evaluated_tokens
+            assert stats.reevaluated_tokens == 0
+        assert conv.engine.n_past == len(session.tokens) - 1  # the last token waits for the next turn
+    finally:
+        conv.close()
+    assert warnings == []
+
+
+def test_kvchat_renders_the_template_as_the_server_does(server: LlamaServer, kv_env) -> None:  # noqa: ANN001
+    conv = open_conversation({"server": server.url, "temperature": "0", "max_tokens": "8"}, print)
+    try:
+        session = conv.session
+        session.set_system("Be brief.")
+        for text in ("Hello!", "And again?"):
+            list(session.send(text))
+        assert conv.server is not None
+        theirs = conv.server.apply_template_remotely(session.messages)
+        ours = session.template.render(session.messages, add_generation_prompt=True)
+        assert ours == theirs
+    finally:
+        conv.close()
+
+
+def test_named_session_restores_the_slot_across_processes(server: LlamaServer, kvchat) -> None:  # noqa: ANN001
+    first = _run_json(kvchat, "--server", server.url, "--session", "work", "--temperature", "0",
+                      "--max-tokens", "16", "My name is Ada. Say hi.")
+    assert first["cache"]["server"]["cached_tokens"] == 0
+    # Another client takes the slot: its cache no longer holds the conversation.
+    httpx2.post(f"{server.url}/completion", json={"prompt": "Unrelated text " * 20, "n_predict": 4,
+                                                  "id_slot": 0, "cache_prompt": True}, timeout=120)
+    second = kvchat("run", "--server", server.url, "--session", "work", "--json", "What is my name?")
+    assert second.returncode == 0, second.stderr
+    record = json.loads(second.stdout)
+    assert "re-evaluates" not in second.stderr
+    # The slot file brought the whole history back: only the new message was evaluated.
+    assert record["cache"]["server"]["cached_tokens"] == record["cache"]["reused_tokens"] > 0
+    assert record["cache"]["server"]["evaluated_tokens"] == record["cache"]["evaluated_tokens"]
+    assert record["settings"]["temperature"] == 0  # restored from the session
+
+
+def test_without_slot_files_resuming_says_what_it_costs(model_path: Path, kvchat) -> None:  # noqa: ANN001
+    with LlamaServer(llama_tool("llama-server"), "-m", str(model_path), "-c", "1024", "-np", "1",
+                     "-t", "1") as plain:
+        _run_json(kvchat, "--server", plain.url, "--session", "s", "--max-tokens", "8", "Hi there.")
+        httpx2.post(f"{plain.url}/completion", json={"prompt": "Other " * 30, "n_predict": 2, "id_slot": 0},
+                    timeout=120)
+        again = kvchat("run", "--server", plain.url, "--session", "s", "--max-tokens", "8", "--json", "Bye.")
+    assert again.returncode == 0, again.stderr
+    assert "re-evaluates this session's" in again.stderr and "--slot-save-path" in again.stderr
+    record = json.loads(again.stdout)
+    # Exact all the same: the server evaluated the history and the new message.
+    assert record["cache"]["server"]["evaluated_tokens"] == record["usage"]["prompt_tokens"]
+
+
+def test_nothing_listening_is_a_network_error(kvchat) -> None:  # noqa: ANN001
+    port = free_port()
+    result = kvchat("run", "--server", f"http://127.0.0.1:{port}", "hello")
+    assert result.returncode == ExitCode.NETWORK
+    assert "connection refused" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_unknown_host_is_a_network_error(kvchat) -> None:  # noqa: ANN001
+    result = kvchat("run", "--server", "http://no-such-host.invalid:8080", "hello")
+    assert result.returncode == ExitCode.NETWORK
+    assert "cannot resolve the server name 'no-such-host.invalid'" in result.stderr
+
+
+def test_bad_server_url_is_a_usage_error(kvchat) -> None:  # noqa: ANN001
+    result = kvchat("run", "--server", "gpu-box:8080", "hello")
+    assert result.returncode == ExitCode.USAGE
+    assert "--server 'gpu-box:8080' is not an http:// or https:// URL" in result.stderr
+
+
+def test_wrong_api_key_names_the_variable(model_path: Path, kvchat, kv_env) -> None:  # noqa: ANN001
+    with LlamaServer(llama_tool("llama-server"), "-m", str(model_path), "-c", "512", "-t", "1",
+                     "--api-key", "sesame") as locked:
+        refused = kvchat("run", "--server", locked.url, "--api-key", "wrong", "hello")
+        assert refused.returncode == ExitCode.NETWORK
+        assert "API key was refused" in refused.stderr and "KVCHAT_API_KEY" in refused.stderr
+        missing = kvchat("run", "--server", locked.url, "hello")
+        assert missing.returncode == ExitCode.NETWORK and "wants an API key" in missing.stderr
+        kv_env["KVCHAT_API_KEY"] = "sesame"
+        ok = kvchat("run", "--server", locked.url, "--max-tokens", "4", "hello")
+        assert ok.returncode == 0, ok.stderr
+
+
+def test_server_killed_mid_reply_keeps_the_partial_reply(model_path: Path, kv_env) -> None:  # noqa: ANN001
+    running = LlamaServer(llama_tool("llama-server"), "-m", str(model_path), "-c", "2048", "-t", "1")
+    running.start()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kvchat", "run", "--server", running.url, "--session", "cut",
+             "--max-tokens", "1500", "--temperature", "1", "--seed", "3",
+             "Write a very long story about a lighthouse keeper."],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=kv_env, cwd=REPO,
+        )
+        assert proc.stdout is not None
+        first = proc.stdout.read(40)  # the reply has started streaming
+        assert first
+    finally:
+        running.kill()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == ExitCode.NETWORK, err
+    assert "broke in the middle of the reply" in err.decode() and "Traceback" not in err.decode()
+    partial = (first + out).decode()
+    saved = json.loads(subprocess.run(
+        [sys.executable, "-m", "kvchat", "sessions", "show", "cut", "--json"], capture_output=True,
+        env=kv_env, cwd=REPO, check=True, text=True).stdout)
+    reply = [m for m in saved["messages"] if m["role"] == "assistant"][-1]["content"]
+    assert reply and partial.startswith(reply[:20])
+
+
+def test_the_server_s_context_is_kvchat_s(server: LlamaServer, kv_env) -> None:  # noqa: ANN001
+    conv = open_conversation({"server": server.url, "ctx": "4096"}, (warned := []).append)
+    try:
+        assert conv.engine.n_ctx == 2048
+    finally:
+        conv.close()
+    assert any("--ctx" in w and "decided by the server" in w for w in warned)
+
