@@ -55,7 +55,8 @@ def main() -> None:
           f"ctx {args.ctx} · {args.threads} threads · {args.max_tokens} tokens per reply, greedy")
     with llama_tools.LlamaServer(server_bin, "-m", str(model), "-c", str(args.ctx), "-np", "1",
                                  "-t", str(args.threads), "-tb", str(args.threads)) as server:
-        flags = {"server": server.url, "temperature": "0", "max_tokens": str(args.max_tokens), "overflow": "stop"}
+        flags = {"server": server.url, "temperature": "0", "max_tokens": str(args.max_tokens),
+                 "overflow": "stop"}
         conv = open_conversation(flags, lambda w: print(f"warning: {w}"))
         ttft, ratios = [], []
         try:
