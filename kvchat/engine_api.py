@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -152,4 +152,39 @@ class ChatEngine(Protocol):
 
     # -- counters and lifetime -----------------------------------------------------
     def perf(self) -> PerfCounters: ...
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class ChatUsage:
+    """What a server says one chat completion cost (OpenAI `usage`)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int | None  # prompt tokens from its prefix cache; None: not reported
+
+
+@runtime_checkable
+class MessageEngine(Protocol):
+    """A server that renders and tokenizes messages itself (OpenAI chat completions:
+    vLLM, ollama, LM Studio, llama-cpp-python's server). `Session` then keeps the
+    messages and the server's own token counts; there is no token history here."""
+
+    renders_messages: bool
+
+    @property
+    def n_ctx(self) -> int:
+        """The server's context (max_model_len), 0 where it does not say."""
+        ...
+    @property
+    def load_s(self) -> float: ...
+    @property
+    def last_usage(self) -> ChatUsage | None: ...
+    @property
+    def last_finish_reason(self) -> str | None: ...
+
+    def set_sampling(self, sampling: SamplingSettings) -> None: ...
+    def chat(self, messages: Sequence[dict[str, str]], max_tokens: int | None) -> Iterator[TokenEvent]:
+        """Stream the reply to `messages` (TokenEvent.token is -1: ids are not sent)."""
+        ...
     def close(self) -> None: ...

@@ -13,10 +13,10 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from kvchat import session_store
-from kvchat.engine_api import ChatEngine
+from kvchat.engine_api import ChatEngine, MessageEngine
 from kvchat.errors import SessionError
 from kvchat.session import PERSISTED_CHECKPOINTS, Session, encode_checkpoints
 from kvchat.session_store import SavedSession
@@ -149,9 +149,11 @@ class NamedSession:
             return session.restore(self.saved.record, self.saved.tokens, None)
         return session.restore_from_messages(self.saved.record)
 
-    def save(self, session: Session, engine: ChatEngine) -> int:
-        """Write transcript + tokens + KV state atomically; returns bytes written."""
+    def save(self, session: Session, engine: ChatEngine | MessageEngine) -> int:
+        """Write transcript + tokens + KV state atomically; returns bytes written (a
+        server that renders messages itself keeps no state here: the transcript)."""
         assert self.model_identity is not None and self.settings is not None
+        state = b"" if session.chat_api is not None else cast(ChatEngine, engine).state_bytes()
         record = {
             **session.to_record(),
             "name": self.name,
@@ -160,12 +162,11 @@ class NamedSession:
             "model": self.model_identity,
             "settings": self.settings.as_record(),
             # The cells llama.cpp made (n_ctx rounded up to 256): what n_kv is measured against.
-            "n_ctx_cells": engine.n_ctx,
+            **({"n_ctx_cells": engine.n_ctx} if engine.n_ctx else {}),
             "sampling": {**dataclasses.asdict(session.sampling), "max_tokens": session.max_tokens},
         }
         keep = session.checkpoints[-PERSISTED_CHECKPOINTS:]
-        return session_store.save(self.path, record, session.tokens, engine.state_bytes(),
-                                  encode_checkpoints(keep))
+        return session_store.save(self.path, record, session.tokens, state, encode_checkpoints(keep))
 
     def close(self) -> None:
         """Release the lock; a name that was never saved leaves no .lock file behind

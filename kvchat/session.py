@@ -27,10 +27,10 @@ import time
 from array import array
 from collections.abc import Callable, Generator
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 from kvchat.chat_template import TURN_SENTINELS, ChatTemplate, Message, preamble_length
-from kvchat.engine_api import ChatEngine, Checkpoint, SamplingSettings, TokenEvent
+from kvchat.engine_api import ChatEngine, Checkpoint, MessageEngine, SamplingSettings, TokenEvent
 from kvchat.errors import ModelFormatError, NetworkError, SessionError, UsageError
 from kvchat.prefix_cache import PrefixCache
 from kvchat.reasoning import ReasoningSplitter, opens_in_prompt, template_has_reasoning
@@ -171,6 +171,11 @@ class Session:
         if self.overflow not in OVERFLOW_POLICIES:
             raise UsageError(f"unknown --overflow '{self.overflow}'", hint="use shift or stop")
         self.engine.set_sampling(self.sampling)
+        # A server that renders and tokenizes messages itself (MessageEngine): the
+        # session keeps messages and the server's counts, no token history.
+        self.chat_api: MessageEngine | None = (cast(MessageEngine, self.engine)
+                                               if getattr(self.engine, "renders_messages", False) else None)
+        self._context_used = 0  # the server's prompt + completion tokens of the last turn
         self._preamble = preamble_length(self.template)
         # History tokens that have been in the cache (the rest were never evaluated),
         # and why the cache last lost some of them.
@@ -190,7 +195,9 @@ class Session:
 
     def clear(self) -> None:
         """Forget the conversation (the system prompt stays) and empty the KV cache."""
-        self.engine.kv_clear()
+        if self.chat_api is None:
+            self.engine.kv_clear()
+        self._context_used = 0
         self.messages = [m for m in self.messages[:1] if m["role"] == "system"]
         self.dropped = []
         self.tokens = []
@@ -205,8 +212,9 @@ class Session:
 
     @property
     def n_kv(self) -> int:
-        """Cells of the KV cache in use by this conversation."""
-        return self.engine.n_past
+        """Cells of the KV cache in use by this conversation (on a server that renders
+        messages itself: its token count of the last exchange)."""
+        return self._context_used if self.chat_api is not None else self.engine.n_past
 
     # -- tokens for a turn -----------------------------------------------
 
@@ -426,6 +434,9 @@ class Session:
         ran to the end of the turn or was closed early (Ctrl-C): a partial reply
         is kept in both the transcript and the token history.
         """
+        if self.chat_api is not None:
+            yield from self._send_messages(self.chat_api, text)
+            return
         stats = TurnStats()
         self.last_turn = stats
         user: Message = {"role": "user", "content": text}
@@ -604,6 +615,79 @@ class Session:
             stats.reasoning_tokens += 1
         return replace(event, text=answer, reasoning_text=reasoning)
 
+    # -- a turn on a server that renders messages itself ------------------------
+
+    def _drop_oldest_exchange(self) -> bool:
+        """Drop the oldest user message after the system prompt and its replies."""
+        start = 1 if self.messages and self.messages[0]["role"] == "system" else 0
+        users = [i for i in range(start, len(self.messages)) if self.messages[i]["role"] == "user"]
+        if not users:
+            return False
+        end = users[1] if len(users) > 1 else len(self.messages)
+        self.dropped.extend(self.messages[users[0] : end])
+        del self.messages[users[0] : end]
+        return True
+
+    def _send_messages(self, api: MessageEngine, text: str) -> Generator[TokenEvent, None, None]:
+        """Send the messages; the server's `usage` gives the turn's counts. Overflow is
+        handled here with the same policy, from the server's count of the last exchange
+        (the new message estimated at one token per 3 bytes: the server's tokenizer is
+        not at hand)."""
+        stats = TurnStats()
+        self.last_turn = stats
+        n_ctx = api.n_ctx
+        if n_ctx:
+            reserve = min(self.max_tokens or 512, n_ctx // 4)
+            while self._context_used + len(text.encode()) // 3 + reserve > n_ctx and self.messages[-1:]:
+                if self.overflow == "stop":
+                    raise SessionError(f"the context is full ({self._context_used} of {n_ctx} tokens used)",
+                                       hint="clear the conversation, or use --overflow shift")
+                before = self._context_used
+                if not self._drop_oldest_exchange():
+                    break
+                stats.dropped_turns += 1
+                # The server counts again next turn; until then, assume the drop freed half.
+                self._context_used = before // 2
+        messages = [*self.messages, {"role": "user", "content": text}]
+        pieces: list[str] = []
+        started = time.perf_counter()
+        first_token_at: float | None = None
+        try:
+            for event in api.chat(messages, self.max_tokens):
+                if first_token_at is None:
+                    first_token_at = time.perf_counter()
+                    stats.ttft_s = stats.prefill_s = first_token_at - started
+                stats.completion_tokens += 1
+                pieces.append(event.text)
+                if event.reasoning_text:
+                    stats.reasoning_tokens += 1
+                yield event
+        except (GeneratorExit, KeyboardInterrupt):
+            stats.stop_reason = "interrupted"
+            raise
+        except NetworkError:
+            stats.stop_reason = "dropped"
+            raise
+        finally:
+            if first_token_at is not None:
+                stats.decode_s = time.perf_counter() - first_token_at
+            if pieces or stats.stop_reason != "interrupted":
+                self.messages = [*messages, {"role": "assistant", "content": "".join(pieces)}]
+            self._count_usage(api, stats)
+
+    def _count_usage(self, api: MessageEngine, stats: TurnStats) -> None:
+        usage = api.last_usage
+        if stats.stop_reason not in ("interrupted", "dropped"):
+            stats.stop_reason = {"stop": "eog", "length": "length"}.get(api.last_finish_reason or "", "eog")
+        if usage is None:
+            return
+        cached = usage.cached_tokens or 0
+        stats.prompt_tokens = usage.prompt_tokens
+        stats.completion_tokens = usage.completion_tokens
+        stats.reused_tokens = cached
+        stats.evaluated_tokens = usage.prompt_tokens - cached
+        self._context_used = usage.prompt_tokens + usage.completion_tokens
+
     # -- undo and retry -------------------------------------------------------
 
     def _last_exchange(self) -> TurnMark:
@@ -618,6 +702,13 @@ class Session:
         taken there where the memory cannot simply remove its tail), so the next
         message costs about its own tokens, not the conversation.
         """
+        if self.chat_api is not None:
+            users = [i for i, m in enumerate(self.messages) if m["role"] == "user"]
+            if not users:
+                raise SessionError("there is no exchange to undo", hint="send a message first")
+            user = self.messages[users[-1]]
+            del self.messages[users[-1] :]
+            return user
         mark = self._last_exchange()
         user = self.messages[mark.message]
         del self.messages[mark.message :]
@@ -632,6 +723,9 @@ class Session:
         """Regenerate the last reply (a new sample of it): the reply's tokens leave
         the history and the cache, the last prompt token is evaluated again for its
         logits, and generation starts over."""
+        if self.chat_api is not None:  # the server renders: sending the message again is a retry
+            yield from self.send(self.undo()["content"])
+            return
         mark = self._last_exchange()
         if mark.reply_token < 0 or mark.reply_char < 0:
             user = self.undo()
@@ -669,7 +763,7 @@ class Session:
             "dropped": self.dropped,
             "kv_text": self.kv_text,
             "turns": [asdict(m) for m in self.turns],
-            "n_kv": self.engine.n_past,
+            "n_kv": 0 if self.chat_api is not None else self.engine.n_past,
         }
 
     def restore(self, record: dict[str, Any], tokens: list[int], state: bytes | None,
@@ -679,6 +773,8 @@ class Session:
         re-evaluated. Returns tokens evaluated."""
         self.messages = list(record["messages"])
         self.dropped = list(record.get("dropped", []))
+        if self.chat_api is not None:  # the server's prefix cache, not a state here
+            return 0
         self.turns = [TurnMark(**m) for m in record.get("turns", [])]
         n_kv = int(record["n_kv"])
         self.checkpoints = []
@@ -701,9 +797,11 @@ class Session:
     def restore_from_messages(self, record: dict[str, Any]) -> int:
         """Rebuild from the transcript alone (another model: tokens do not carry over).
         Returns tokens evaluated."""
-        self.engine.kv_clear()
         self.messages = list(record["messages"])
         self.dropped = list(record.get("dropped", []))
+        if self.chat_api is not None:
+            return 0
+        self.engine.kv_clear()
         self.tokens, self.kv_text, self.turns, self.checkpoints = [], "", [], []
         self._evaluated_upto = 0
         if self.messages:

@@ -333,7 +333,9 @@ def record_problem(record: Any, tokens: list[int]) -> str | None:
             or not _is_int(model.get("size")) or not isinstance(model.get("sha256"), str):
         return "'model' needs a path, a size and a sha256"
     settings = record.get("settings")
-    if not isinstance(settings, dict) or not _is_int(settings.get("n_ctx")) or settings["n_ctx"] < 1 \
+    # n_ctx 0: a server that does not say its context (type_k "server": it decides the cache).
+    smallest = 0 if isinstance(settings, dict) and settings.get("type_k") == "server" else 1
+    if not isinstance(settings, dict) or not _is_int(settings.get("n_ctx")) or settings["n_ctx"] < smallest \
             or not all(isinstance(settings.get(k), str) for k in ("type_k", "type_v", "flash_attn")):
         return "'settings' needs n_ctx, type_k, type_v and flash_attn"
     for key in ("messages", "dropped"):

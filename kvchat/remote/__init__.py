@@ -14,16 +14,27 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from kvchat.remote.client import ServerOptions
     from kvchat.remote.llama_server import LlamaServerEngine
+    from kvchat.remote.openai_compat import OpenAIChatEngine
 
 
-def open_llama_server(options: ServerOptions) -> LlamaServerEngine:
-    """Connect to llama-server at `options.url` (its /props answered as llama-server does)."""
-    from kvchat.remote.client import ServerClient
-    from kvchat.remote.llama_server import LlamaServerEngine
+def open_server_engine(options: ServerOptions, model: str | None) -> LlamaServerEngine | OpenAIChatEngine:
+    """Connect to the server at `options.url`: llama-server (its /props says so) gets
+    the exact token path; any other server the OpenAI chat API, with `model`."""
+    from kvchat.remote.client import ServerClient, ServerHTTPError
+    from kvchat.remote.llama_server import LlamaServerEngine, looks_like_llama_server
+    from kvchat.remote.openai_compat import OpenAIChatEngine
 
     client = ServerClient(options)
     try:
-        return LlamaServerEngine(client)
+        try:
+            props = client.get_json("/props")
+        except ServerHTTPError as exc:
+            if exc.status in (401, 403):
+                raise
+            props = None
+        if looks_like_llama_server(props):
+            return LlamaServerEngine(client, props)
+        return OpenAIChatEngine(client, model)
     except BaseException:
         client.close()
         raise

@@ -110,13 +110,13 @@ class ServerClient:
     # -- requests ----------------------------------------------------------------
 
     def get_json(self, path: str) -> Any:
-        return self._request("GET", path).json()
+        return _json(self._request("GET", path), self.url + path)
 
     def get_text(self, path: str) -> str:
         return self._request("GET", path).text
 
     def post_json(self, path: str, body: dict[str, Any]) -> Any:
-        return self._request("POST", path, body).json()
+        return _json(self._request("POST", path, body), self.url + path)
 
     def stream(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """POST `body` and yield each server-sent event's JSON; closing the iterator
@@ -167,12 +167,6 @@ class ServerClient:
                 continue
             if response.status_code >= 400:
                 raise self._status_error(response, path)
-            try:
-                if response.headers.get("content-type", "").startswith("application/json"):
-                    response.json()
-            except ValueError:
-                raise NetworkError(f"{self.url}{path} sent a reply that is not JSON",
-                                   hint="is --server the address of an inference server?") from None
             return response
         raise AssertionError("unreachable")
 
@@ -225,6 +219,14 @@ class ServerClient:
             return ContextExceededError(f"the server refused the prompt: {message}",
                                         hint="start a new conversation or send a shorter message")
         return NetworkError(f"the server stopped the reply: {message}", hint="see the server's log")
+
+
+def _json(response: httpx2.Response, where: str) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        raise NetworkError(f"{where} sent a reply that is not JSON",
+                           hint="is --server the address of an inference server?") from None
 
 
 def _reason(exc: BaseException) -> str:

@@ -76,6 +76,12 @@ class SlotSave:
     reason: str = ""
 
 
+def looks_like_llama_server(props: object) -> bool:
+    """Whether a /props reply is llama-server's (it has the slot settings and template)."""
+    return isinstance(props, dict) and isinstance(props.get("default_generation_settings"), dict) \
+        and "chat_template" in props
+
+
 def _digest(tokens: Sequence[int]) -> str:
     return hashlib.blake2b(array("i", tokens).tobytes(), digest_size=12).hexdigest()
 
@@ -93,14 +99,11 @@ class LlamaServerEngine:
 
     kind = "llama-server"
 
-    def __init__(self, client: ServerClient) -> None:
+    def __init__(self, client: ServerClient, props: dict[str, Any]) -> None:
+        """`props`: the server's /props (see looks_like_llama_server)."""
         started = time.perf_counter()
         self.client = client
-        props = client.get_json("/props")
-        if not isinstance(props, dict) or "default_generation_settings" not in props:
-            raise NetworkError(f"{client.url} does not answer /props as llama-server does",
-                               hint="for another OpenAI-compatible server, kvchat uses its chat API")
-        self.props: dict[str, Any] = props
+        self.props = props
         self._n_ctx = int(props["default_generation_settings"].get("n_ctx") or 0)
         if self._n_ctx <= 0:
             raise NetworkError(f"{client.url} reports no context size in /props", hint="see the server's log")

@@ -527,7 +527,7 @@ class ChatRepl:
         rows = [
             ("model", safe_text(model_name(req.model_path))),
             ("file", str(req.model_path)),
-            ("context", f"{engine.n_ctx} tokens (trained on {engine.n_ctx_train})"),
+            ("context", f"{engine.n_ctx} tokens (trained on {local.n_ctx_train})"),
             ("KV cache", f"K {req.type_k.name}, V {req.type_v.name} · {format_bytes(kv_total)} "
                          f"({per_cell / 1024:.1f} KiB per cell)"),
             ("flash attention", f"{engine.flash_attn} (asked: {req.flash_attn})"),
@@ -546,22 +546,13 @@ class ChatRepl:
     def _server_info(self) -> None:
         """/info on a server: what it reports (/props, the last reply's timings), and
         what it does not say shown as such."""
-        from kvchat.app import server_cache_counts
+        from kvchat.app import server_rows
 
         server = self.setup.server
         assert server is not None
-        counts = server_cache_counts(server)["server"]
-        last = ("no reply yet" if counts is None else
-                f"{counts['cached_tokens']} prompt tokens from its cache, {counts['evaluated_tokens']} "
-                f"evaluated, decode {counts['predicted_per_second']:.1f} tok/s (server's figure)")
-        rows = [
-            ("server", f"{server.client.url} (llama-server, {server.total_slots} slots; this chat on "
-                       f"slot {server.id_slot if server.id_slot >= 0 else 'not yet chosen'})"),
-            ("model", safe_text(server.model_name)),
-            ("file", safe_text(server.model_path or "not reported")),
-            ("context", f"{server.n_ctx} tokens per slot"),
+        rows = [(key, safe_text(value)) for key, value in server_rows(server)]
+        rows += [
             ("KV cache", kv_text(self.kv_fill()) + " · cache types and memory: not reported by the server"),
-            ("last reply", last),
             ("chat template", self.session.template.origin),
             ("sampling", self._settings_line()),
             ("session", self.session_name or "unsaved (/save NAME keeps it)"),

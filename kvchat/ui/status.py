@@ -53,6 +53,8 @@ class DeviceInfo:
 
 
 def kv_text(kv: KvFill) -> str:
+    if not kv.n_ctx:
+        return f"KV {kv.cells} tokens (context size not reported)"
     if kv.used_bytes is None or kv.total_bytes is None:
         return f"KV {kv.cells}/{kv.n_ctx} ({kv.fraction:.0%}, size unknown)"
     return (f"KV {kv.cells}/{kv.n_ctx} ({kv.fraction:.0%}, {_mib(kv.used_bytes)}/"
