@@ -39,6 +39,15 @@ import httpx2
 TOOLS = ("llama-server", "rpc-server", "llama-bench")
 
 
+def _target(source: Path, tool: str) -> str:
+    """The CMake target that builds `tool`: llama.cpp renamed rpc-server's target
+    (and binary) to ggml-rpc-server; kvchat's cache keeps the tool's own name."""
+    rpc_cmake = source / "tools" / "rpc" / "CMakeLists.txt"
+    if tool == "rpc-server" and rpc_cmake.is_file() and "ggml-rpc-server" in rpc_cmake.read_text():
+        return "ggml-rpc-server"
+    return tool
+
+
 def llama_cpp_python_version() -> str:
     return version("llama-cpp-python")
 
@@ -112,17 +121,18 @@ def build(jobs: int | None = None) -> dict[str, Path]:
             work = Path(tmp)
             source = _extract_llama_cpp(_fetch_sdist(work), work)
             build_dir = work / "build"
+            targets = {tool: _target(source, tool) for tool in TOOLS}
             log = target / "build.log"  # kept: a failed build says why
             _logged(["cmake", "-S", str(source), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
                      "-DGGML_RPC=ON", "-DLLAMA_CURL=OFF", "-DBUILD_SHARED_LIBS=OFF",
                      "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON",
                      "-DLLAMA_BUILD_TOOLS=ON"], log)
             _logged(["cmake", "--build", str(build_dir), "--config", "Release",
-                     "-j", str(jobs or os.cpu_count() or 2), "--target", *TOOLS], log)
+                     "-j", str(jobs or os.cpu_count() or 2), "--target", *targets.values()], log)
             bin_dir = target / "bin"
             bin_dir.mkdir(exist_ok=True)
-            for name in TOOLS:
-                shutil.copy2(build_dir / "bin" / name, bin_dir / name)
+            for name, made in targets.items():
+                shutil.copy2(build_dir / "bin" / made, bin_dir / name)
         done = built()
         assert done is not None
         return done

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,6 +155,8 @@ class NamedSession:
         """Write transcript + tokens + KV state atomically; returns bytes written (a
         server that renders messages itself keeps no state here: the transcript)."""
         assert self.model_identity is not None and self.settings is not None
+        if hasattr(engine, "slot_file"):  # llama-server: the slot goes to this session's file there
+            engine.slot_file = self.server_file_name()
         state = b"" if session.chat_api is not None else cast(ChatEngine, engine).state_bytes()
         record = {
             **session.to_record(),
@@ -167,6 +171,12 @@ class NamedSession:
         }
         keep = session.checkpoints[-PERSISTED_CHECKPOINTS:]
         return session_store.save(self.path, record, session.tokens, state, encode_checkpoints(keep))
+
+    def server_file_name(self) -> str:
+        """The file on a llama-server this session's slot is saved to: one per session
+        and client (host and kvchat home), rewritten by each save."""
+        key = f"{socket.gethostname()}\0{self.path.resolve()}".encode()
+        return f"kvchat-{hashlib.blake2b(key, digest_size=10).hexdigest()}.bin"
 
     def close(self) -> None:
         """Release the lock; a name that was never saved leaves no .lock file behind

@@ -18,9 +18,11 @@ its cache differ from the history): each request asks for at most the tokens tha
 still fit, and kvchat's `--overflow` policy drops old turns client-side.
 
 Named sessions: `state_bytes` saves the slot's KV to a file on the server
-(`POST /slots/{id}?action=save`, servers started with `--slot-save-path`), named
-by a digest of the tokens, and returns a small record (server file, tokens);
-`load_state_bytes` restores it. Without the slot file the history is still
+(`POST /slots/{id}?action=save`, servers started with `--slot-save-path`), one
+file per session, and returns a small record (server file, tokens);
+`load_state_bytes` restores it. Whatever the slot holds, the server keeps only
+the prefix it shares with the tokens sent, so a stale file costs time, never
+exactness. Without the slot file the history is still
 exact: the first turn after resuming re-evaluates it on the server.
 """
 
@@ -121,6 +123,9 @@ class LlamaServerEngine:
         self._progress: Callable[[int, int], None] | None = None
         self._eog: set[int] = {self._eos} if self._eos >= 0 else set()
         self.id_slot = -1
+        # The server file a named session saves its slot to (one per session, rewritten
+        # by each save; see kvchat.app), else one named by the tokens' digest.
+        self.slot_file: str | None = None
         # Generated tokens the stream did not name (see generate): the history misses
         # them, so the server re-evaluates from there next turn; counted per reply.
         self.unstreamed_tokens = 0
@@ -272,10 +277,12 @@ class LlamaServerEngine:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         try:
             for event in self.client.stream("/completion", body):
-                if "prompt_progress" in event and progress is not None:
-                    p = event["prompt_progress"]
-                    cached = int(p.get("cache", 0))
-                    progress(int(p.get("processed", 0)) - cached, int(p.get("total", 0)) - cached)
+                if "prompt_progress" in event:  # its "tokens" is a placeholder, not a token
+                    if progress is not None:
+                        p = event["prompt_progress"]
+                        cached = int(p.get("cache", 0))
+                        progress(int(p.get("processed", 0)) - cached, int(p.get("total", 0)) - cached)
+                    continue
                 if isinstance(event.get("id_slot"), int) and event["id_slot"] >= 0:
                     self.id_slot = event["id_slot"]
                 if event.get("stop"):
@@ -350,7 +357,7 @@ class LlamaServerEngine:
         """Save the slot on the server (where it has slot files) and return the record
         that restores it: the server file's name and the tokens it holds."""
         tokens = list(self._history)
-        filename = f"kvchat-{_digest(tokens)}.bin" if tokens else None
+        filename = (self.slot_file or f"kvchat-{_digest(tokens)}.bin") if tokens else None
         if filename is not None and self.id_slot >= 0:
             self.last_slot_action = self._slot_action("save", filename)
             if not self.last_slot_action.ok:
