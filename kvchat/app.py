@@ -451,7 +451,8 @@ def _say_resume_cost(conv: Conversation, warn: Warn) -> None:
     n = len(conv.session.tokens)
     if n and (action is None or not action.ok):
         reason = action.reason if action is not None else "no saved slot"
-        warn(f"the server re-evaluates this session's {n} tokens with the next message ({reason})")
+        warn(f"the server re-evaluates up to {n} tokens of this session with the next message, unless "
+             f"its prompt cache still holds them ({reason})")
 
 
 def open_prefix_cache(engine: Engine, request: LoadRequest, s: Settings) -> PrefixCache | None:
