@@ -576,12 +576,14 @@ def turn_record(conv: Conversation, turn: TurnStats, text: str, reasoning: str =
             "max_tokens": session.max_tokens,
         },
         "usage": {
-            "prompt_tokens": turn.prompt_tokens,
+            "prompt_tokens": turn.prompt_tokens if turn.usage_reported else None,
             "completion_tokens": turn.completion_tokens,
             "reasoning_tokens": turn.reasoning_tokens,
         },
         "cache": {
-            **rebuilt_cache_counts(turn.reused_tokens, turn.evaluated_tokens, conv.rebuilt_tokens),
+            **(rebuilt_cache_counts(turn.reused_tokens, turn.evaluated_tokens, conv.rebuilt_tokens)
+               if turn.usage_reported
+               else {"reused_tokens": None, "evaluated_tokens": None, "rebuilt_tokens": 0}),
             "prefix_cache_tokens": turn.prefix_cache_tokens,
             "prefix_cache_restore_s": round(turn.prefix_cache_restore_s, 4),
             **({"prefix_cache_skipped": turn.prefix_cache_skipped} if turn.prefix_cache_skipped else {}),

@@ -64,6 +64,9 @@ class TurnStats:
     # Speculative decoding: draft tokens verified, and those kept (see kvchat.speculative).
     drafted_tokens: int = 0
     accepted_tokens: int = 0
+    # False on a server that renders messages and sent no `usage`: the prompt counts
+    # are unknown (completion_tokens then counts the streamed pieces).
+    usage_reported: bool = True
 
     @property
     def acceptance(self) -> float:
@@ -680,6 +683,7 @@ class Session:
         if stats.stop_reason not in ("interrupted", "dropped"):
             stats.stop_reason = {"stop": "eog", "length": "length"}.get(api.last_finish_reason or "", "eog")
         if usage is None:
+            stats.usage_reported = False
             return
         cached = usage.cached_tokens or 0
         stats.prompt_tokens = usage.prompt_tokens

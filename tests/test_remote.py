@@ -87,7 +87,8 @@ def test_named_session_restores_the_slot_across_processes(server: LlamaServer, k
     first = _run_json(kvchat, "--server", server.url, "--session", "work", "--temperature", "0",
                       "--max-tokens", "16", "My name is Ada. Say hi.")
     server_counts = first["cache"]["server"]
-    assert server_counts["cached_tokens"] + server_counts["evaluated_tokens"] == first["usage"]["prompt_tokens"]
+    n_prompt = first["usage"]["prompt_tokens"]
+    assert server_counts["cached_tokens"] + server_counts["evaluated_tokens"] == n_prompt
     # Another client takes the slot: its cache no longer holds the conversation.
     httpx2.post(f"{server.url}/completion", json={"prompt": "Unrelated text " * 20, "n_predict": 4,
                                                   "id_slot": 0, "cache_prompt": True}, timeout=120)
