@@ -37,6 +37,7 @@ from kvchat.errors import KvchatError, UsageError
 
 if TYPE_CHECKING:
     from kvchat.engine import Engine
+    from kvchat.remote.llama_server import LlamaServerEngine
 
 SCHEMA = "kvchat.bench/1"
 DEFAULT_PAIRS = "f16,q8_0,q4_0,q8_0/q4_0"
@@ -223,7 +224,7 @@ def bench_text() -> str:
     return importlib.resources.files("kvchat").joinpath("data/bench_text.txt").read_text("utf-8")
 
 
-def bench_tokens(engine: Engine, n_tokens: int) -> list[int]:
+def bench_tokens(engine: Engine | LlamaServerEngine, n_tokens: int) -> list[int]:
     tokens = engine.tokenize(bench_text(), add_special=True)
     if len(tokens) < n_tokens:
         raise UsageError(
@@ -382,6 +383,69 @@ def measure_speed(
             progress(1, "speed")
     engine.kv_clear()
     return SpeedResult(Spread(tuple(prefill)), Spread(tuple(decode)), Spread(tuple(ttft)))
+
+
+@dataclass(frozen=True)
+class ServerSpeed:
+    """`kvchat bench --server`: speed measured by kvchat on the stream, beside the
+    server's own figures (llama-server's timings) for the same requests."""
+
+    url: str
+    model: str
+    prompt_tokens: int
+    decode_tokens: int
+    ttft_s: Spread  # request sent to first token streamed back
+    decode_tok_s: Spread  # on the stream, first to last token
+    server_prefill_tok_s: Spread  # timings.prompt_per_second
+    server_decode_tok_s: Spread  # timings.predicted_per_second
+
+    def to_json(self) -> dict[str, Any]:
+        return {"server": self.url, "model": self.model, "prompt_tokens": self.prompt_tokens,
+                "decode_tokens": self.decode_tokens, "ttft_s": self.ttft_s.to_json(),
+                "decode_tok_s": self.decode_tok_s.to_json(),
+                "server_prefill_tok_s": self.server_prefill_tok_s.to_json(),
+                "server_decode_tok_s": self.server_decode_tok_s.to_json()}
+
+
+def measure_server_speed(engine: LlamaServerEngine, prompt: Sequence[int], decode_tokens: int, repeats: int,
+                         progress: Progress | None = None) -> ServerSpeed:
+    """Like measure_speed on llama-server: its prompt cache is turned off for these
+    requests, so each repeat evaluates the whole prompt."""
+    from kvchat.engine_api import SamplingSettings
+
+    engine.set_sampling(SamplingSettings(temperature=0.0))
+    engine.cache_prompt = False
+    try:
+        engine.kv_clear()
+        engine.eval(prompt[:_WARMUP_TOKENS])
+        for _ in engine.generate(4, stop_at_eog=False):
+            pass
+        if progress:
+            progress(1, "speed")
+        ttft, decode, server_prefill, server_decode = [], [], [], []
+        for _ in range(repeats):
+            engine.kv_clear()
+            started = time.perf_counter()
+            engine.eval(prompt)
+            first = last = started
+            n_events = 0
+            for _event in engine.generate(decode_tokens, stop_at_eog=False):
+                last = time.perf_counter()
+                if n_events == 0:
+                    first = last
+                n_events += 1
+            ttft.append(first - started)
+            decode.append((n_events - 1) / (last - first) if n_events > 1 and last > first else 0.0)
+            timings = engine.last_timings
+            server_prefill.append(timings.prompt_per_second if timings else 0.0)
+            server_decode.append(timings.predicted_per_second if timings else 0.0)
+            if progress:
+                progress(1, "speed")
+    finally:
+        engine.cache_prompt = True
+        engine.kv_clear()
+    return ServerSpeed(engine.client.url, engine.model_name, len(prompt), decode_tokens, Spread(tuple(ttft)),
+                       Spread(tuple(decode)), Spread(tuple(server_prefill)), Spread(tuple(server_decode)))
 
 
 # -- the whole bench ---------------------------------------------------------------------

@@ -184,3 +184,16 @@ def test_the_server_s_context_is_kvchat_s(server: LlamaServer, kv_env) -> None: 
         conv.close()
     assert any("--ctx" in w and "decided by the server" in w for w in warned)
 
+
+
+def test_bench_measures_the_server_beside_its_own_timings(server: LlamaServer, kvchat) -> None:  # noqa: ANN001
+    result = kvchat("bench", "--server", server.url, "--repeats", "2", "--prompt-tokens", "64",
+                    "--decode-tokens", "8", "--json")
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["model"].endswith(".gguf") and "/" not in record["model"]
+    assert record["prompt_tokens"] == 64 and len(record["ttft_s"]["samples"]) == 2
+    assert record["decode_tok_s"]["median"] > 0 and record["server_decode_tok_s"]["median"] > 0
+    assert record["server_prefill_tok_s"]["median"] > 0
+    refused = kvchat("bench", "--server", server.url, "--cache-types", "q8_0")
+    assert refused.returncode == ExitCode.USAGE and "server's speed only" in refused.stderr

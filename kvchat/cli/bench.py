@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 
 from kvchat.cli import app
-from kvchat.cli.options import CTX, DEVICES, FLASH_ATTN, JSON, THREADS, VERBOSE, shared_options
+from kvchat.cli.options import CTX, DEVICES, FLASH_ATTN, JSON, SERVER, THREADS, VERBOSE, shared_options
 from kvchat.errors import KvchatError, UsageError
 from kvchat.registry import model_name
 from kvchat.ui.environment import Environment
@@ -108,7 +108,7 @@ def render_table(result: BenchResult) -> TableData:
 
 
 @app.command()
-@shared_options(CTX, FLASH_ATTN, DEVICES, THREADS, VERBOSE, JSON)
+@shared_options(CTX, FLASH_ATTN, DEVICES, THREADS, SERVER, VERBOSE, JSON)
 def bench(
     model: Annotated[
         Optional[str], typer.Argument(help="A .gguf path or model reference (default: bundled SmolLM2).")
@@ -161,6 +161,12 @@ def bench(
     from kvchat.settings import resolve
 
     env = Environment()
+    if flags.get("server") is not None or resolve_server(flags) is not None:
+        if cache_types is not None or no_speed:
+            raise UsageError("with --server, bench measures the server's speed only (its cache types are "
+                             "set where it runs)", hint="drop --cache-types / --no-speed, or bench locally")
+        _bench_server(env, flags, repeats, prompt_tokens, decode_tokens, as_json=as_json)
+        return
     if cache_types is not None and not cache_types.strip(" ,"):
         raise UsageError("--cache-types is empty", hint="e.g. --cache-types q8_0,q4_0 (or leave it out)")
     pairs = parse_cache_pairs(cache_types or DEFAULT_PAIRS)
@@ -211,6 +217,47 @@ def bench(
         notes.append(f"quality: {quality_tokens} tokens of the bundled text vs f16/f16")
     notes.append(f"total {result.total_s:.0f}s")
     out.print(" · ".join(notes), style="dim", soft_wrap=True, markup=False)
+
+
+def resolve_server(flags: dict[str, Any]) -> str | None:
+    """The server to bench: --server, else KVCHAT_SERVER or the config file."""
+    from kvchat.settings import resolve
+
+    return resolve({k: v for k, v in flags.items() if k in ("server", "api_key")}).server
+
+
+def _bench_server(env: Environment, flags: dict[str, Any], repeats: int, prompt_tokens: int,
+                  decode_tokens: int, *, as_json: bool) -> None:
+    """`kvchat bench --server URL`: prefill and decode speed on llama-server, kvchat's
+    figures on the stream beside the server's own."""
+    from kvchat.app import open_server
+    from kvchat.bench import bench_tokens, measure_server_speed
+    from kvchat.remote.llama_server import LlamaServerEngine
+    from kvchat.settings import resolve
+
+    s = resolve({k: v for k, v in flags.items() if k in ("server", "api_key")})
+    engine = open_server(s, env.warn)
+    try:
+        if not isinstance(engine, LlamaServerEngine):
+            raise UsageError("bench --server needs llama-server (token prompts and its own timings)",
+                             hint="elsewhere `kvchat run --server URL --json` reports each reply's speed")
+        result = measure_server_speed(engine, bench_tokens(engine, prompt_tokens), decode_tokens, repeats)
+    finally:
+        engine.close()
+    if as_json:
+        env.stdout.write(json.dumps(result.to_json()) + "\n")
+        return
+    out = env.out_console()
+    columns = ["measured by", "prefill\ntok/s", "TTFT\nms", "decode\ntok/s"]
+    table = TableData(columns, right=frozenset(columns[1:]), title=f"{result.model} on {result.url}")
+    table.add_row("kvchat (on the stream)", "–", _figure(1000 * result.ttft_s.median),
+                  _speed(result.decode_tok_s))
+    table.add_row("llama-server (its timings)", _speed(result.server_prefill_tok_s), "–",
+                  _speed(result.server_decode_tok_s))
+    print_table(table, env.stdout, out, boxed=True)
+    out.print(f"prompt {result.prompt_tokens} tokens (the server's prompt cache off) · "
+              f"{result.decode_tokens} decoded · median ±half-range of {repeats} runs after a warm-up",
+              style="dim", soft_wrap=True, markup=False)
 
 
 class BenchProgress:

@@ -110,7 +110,9 @@ class LlamaServerEngine:
         if self._n_ctx <= 0:
             raise NetworkError(f"{client.url} reports no context size in /props", hint="see the server's log")
         self.model_path = str(props.get("model_path") or "")
-        self.model_name = str(props.get("model_alias") or self.model_path.rsplit("/", 1)[-1] or "model")
+        alias = str(props.get("model_alias") or "")
+        basename = self.model_path.replace("\\", "/").rsplit("/", 1)[-1]
+        self.model_name = (alias if alias and alias != self.model_path else basename) or "model"
         self.total_slots = int(props.get("total_slots") or 1)
         self._template = str(props.get("chat_template") or "") or None
         self._pieces: dict[int, bytes] = {}
@@ -126,6 +128,7 @@ class LlamaServerEngine:
         # The server file a named session saves its slot to (one per session, rewritten
         # by each save; see kvchat.app), else one named by the tokens' digest.
         self.slot_file: str | None = None
+        self.cache_prompt = True  # off only to measure prefill (kvchat bench --server)
         # Generated tokens the stream did not name (see generate): the history misses
         # them, so the server re-evaluates from there next turn; counted per reply.
         self.unstreamed_tokens = 0
@@ -249,7 +252,7 @@ class LlamaServerEngine:
         return {
             "prompt": list(self._history),
             "n_predict": max(n_predict, 0),
-            "cache_prompt": True,
+            "cache_prompt": self.cache_prompt,
             "stream": True,
             "return_tokens": True,
             "return_progress": True,
