@@ -10,6 +10,7 @@ in the middle of a reply.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -197,3 +198,29 @@ def test_bench_measures_the_server_beside_its_own_timings(server: LlamaServer, k
     assert record["server_prefill_tok_s"]["median"] > 0
     refused = kvchat("bench", "--server", server.url, "--cache-types", "q8_0")
     assert refused.returncode == ExitCode.USAGE and "server's speed only" in refused.stderr
+
+
+def test_chat_repl_on_a_server_shows_what_it_reports(server: LlamaServer, kv_env) -> None:  # noqa: ANN001
+    pexpect = pytest.importorskip("pexpect")
+    from tests.test_repl import PROMPT, SUMMARY, command, plain
+
+    env = dict(kv_env, PROMPT_TOOLKIT_NO_CPR="1")
+    args = ["-m", "kvchat", "chat", "--server", server.url, "--temperature", "0", "--max-tokens", "12"]
+    child = pexpect.spawn(sys.executable, args,
+                          env=env, cwd=str(REPO), dimensions=(40, 120), encoding="utf-8", timeout=180)
+    try:
+        child.expect(PROMPT)
+        assert f"SmolLM2-135M-Instruct.Q4_1.gguf on {server.url} · ctx 2048" in plain(child.before)
+        out = command(child, "Name a colour.", SUMMARY)
+        # KV fill from kvchat's exact history; its size is the server's and not reported.
+        assert "size unknown" in out and f"server {server.url}" in out
+        out = command(child, "/info", "session")
+        assert "llama-server, 1 slots" in out and "slot 0" in out
+        assert "prompt tokens from its cache" in out and "not reported by the server" in out
+        second = command(child, "And another?", SUMMARY)
+        assert re.search(r"\(\d+ cached\)", second)
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        if child.isalive():
+            child.terminate(force=True)
