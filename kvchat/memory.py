@@ -12,6 +12,7 @@ memory budget, as llama.cpp's `--fit` does, without loading anything.
 from __future__ import annotations
 
 import re
+import struct
 from dataclasses import dataclass, field, replace
 
 from kvchat.cache_types import CACHE_TYPES, CacheType, fused_kernel_warning
@@ -37,8 +38,8 @@ class PlanSettings:
     n_batch: int = 512
     n_ubatch: int = 512
     n_gpu_layers: int = -1  # -1: all layers and the output layer (ignored without GPUs)
-    gpus: tuple[str, ...] = ()  # GPU names; empty: a CPU-only plan
-    tensor_split: tuple[float, ...] = ()  # share of layers per GPU (default: even)
+    gpus: tuple[str, ...] = ()  # GPUs and RPC workers, in llama.cpp's order; empty: a CPU-only plan
+    tensor_split: tuple[float, ...] = ()  # share of layers per GPU, in gpus' order (default: even)
     n_seq: int = 1
     kv_unified: bool = False
     offload_kqv: bool = True
@@ -49,6 +50,7 @@ class DevicePlan:
     """Bytes one device holds."""
 
     name: str
+    layers: int = 0  # repeating layers (blocks) placed here
     weights: int = 0
     k: int = 0
     v: int = 0
@@ -81,6 +83,7 @@ class MemoryPlan:
     output_on_gpu: bool
     devices: list[DevicePlan]
     warnings: list[str] = field(default_factory=list)
+    output_device: str = CPU  # where the output layer (and the logits' matmul) lives
 
     def device(self, name: str) -> DevicePlan:
         for dev in self.devices:
@@ -164,15 +167,18 @@ def _layer_devices(spec: ModelSpec, s: PlanSettings) -> tuple[list[str], str, in
     shares = list(s.tensor_split) if s.tensor_split else [1.0] * len(s.gpus)
     if len(shares) != len(s.gpus) or sum(shares) <= 0 or min(shares) < 0:
         raise UsageError("tensor split needs one non-negative share per GPU")
+    # llama.cpp sums and normalises the shares in single precision: a layer that
+    # falls on a split point goes where float32 rounding sends it
     bounds, acc = [], 0.0
     for share in shares:
-        acc += share
-        bounds.append(acc / sum(shares))
+        acc = _f32(acc + _f32(share))
+        bounds.append(acc)
+    bounds = [_f32(bound / acc) for bound in bounds]
 
     def device(il: int) -> str:
         if il < i_gpu_start or il - i_gpu_start >= act:
             return CPU
-        frac = (il - i_gpu_start) / act
+        frac = _f32((il - i_gpu_start) / act)
         # std::upper_bound over the cumulative split points
         for gpu, bound in zip(s.gpus, bounds, strict=True):
             if frac < bound:
@@ -180,6 +186,11 @@ def _layer_devices(spec: ModelSpec, s: PlanSettings) -> tuple[list[str], str, in
         return s.gpus[-1]
 
     return [device(il) for il in range(n_layer)], device(n_layer), act
+
+
+def _f32(x: float) -> float:
+    """x rounded to single precision, as a C float holds it."""
+    return float(struct.unpack("f", struct.pack("f", x))[0])
 
 
 def kv_cells(spec: ModelSpec, s: PlanSettings) -> tuple[int, int, int, int, int]:
@@ -227,6 +238,7 @@ def plan_memory(spec: ModelSpec, settings: PlanSettings) -> MemoryPlan:
     # output layer; a tied head is a copy of token_embd when it leaves the CPU
     devices[CPU].weights += spec.input_bytes
     for il, dev in enumerate(layer_dev):
+        devices[dev].layers += 1
         devices[dev].weights += spec.layer_bytes[il]
     devices[output_dev].weights += spec.output_bytes
     if spec.output_is_tied and output_dev != CPU:
@@ -257,6 +269,7 @@ def plan_memory(spec: ModelSpec, settings: PlanSettings) -> MemoryPlan:
         output_on_gpu=output_dev != CPU,
         devices=list(devices.values()),
         warnings=warnings,
+        output_device=output_dev,
     )
 
 
@@ -430,6 +443,13 @@ class Budget:
             return self.ram - self.margin
         return self.vram[self.gpu_names.index(device)] - self.margin
 
+    def split(self) -> tuple[float, ...]:
+        """llama.cpp's default tensor split: each GPU's share of the free memory
+        (src/llama-model.cpp, load_tensors); even where none reports any."""
+        if not self.gpu_names or sum(self.vram) <= 0:
+            return ()
+        return tuple(float(size) for size in self.vram)
+
 
 def fits(plan: MemoryPlan, budget: Budget) -> bool:
     """Every device's total within its budget."""
@@ -437,8 +457,10 @@ def fits(plan: MemoryPlan, budget: Budget) -> bool:
 
 
 def _with_gpus(settings: PlanSettings, budget: Budget) -> PlanSettings:
+    """The budget's GPUs, split as llama.cpp splits by default: by free memory."""
     if budget.gpu_names and not settings.gpus:
-        return replace(settings, gpus=budget.gpu_names)
+        split = settings.tensor_split or budget.split()
+        return replace(settings, gpus=budget.gpu_names, tensor_split=split)
     return settings
 
 
