@@ -60,6 +60,7 @@ class EngineSettings:
     n_ubatch: int = 512
     swa_full: bool = False
     verbose: bool = False
+    tensor_split: tuple[float, ...] = ()  # share of layers per GPU, in llama.cpp's device order
 
 
 _MAX_KEPT_LINE = 4096  # a 1 MiB general.name echoed in the log is not kept whole
@@ -185,6 +186,9 @@ class Engine:
                              hint=f"use at least {MIN_CTX} tokens")
         mparams = llama.llama_model_default_params()
         mparams.n_gpu_layers = settings.n_gpu_layers
+        if settings.tensor_split:  # llama.cpp copies it while loading (llama_model's constructor)
+            split = (ctypes.c_float * llama.llama_max_devices())(*settings.tensor_split)
+            mparams.tensor_split = ctypes.cast(split, ctypes.POINTER(ctypes.c_float))
         model = llama.llama_model_load_from_file(str(model_path).encode(), mparams)
         if not model:
             raise ModelLoadError(
