@@ -713,15 +713,18 @@ def read_model_spec(ref: str | None, *, allow_remote: bool) -> tuple[ModelSpec, 
 
 
 def estimate(s: Settings, contexts: list[int] | None, budget: Budget, *, swa_full: bool = False,
-             n_ubatch: int = 512, n_seq: int = 1, allow_remote: bool = True) -> Estimate:
+             n_ubatch: int = 512, n_seq: int = 1, allow_remote: bool = True,
+             tensor_split: tuple[float, ...] = ()) -> Estimate:
     """Plan memory at `contexts` (None: the context `run --ctx auto` would pick) with
-    the GPU layers asked for (`--ngl auto`: the most that fit), as `run` would load."""
+    the GPU layers asked for (`--ngl auto`: the most that fit), as `run` would load:
+    over the budget's devices, split by `tensor_split` (default: by their memory, as
+    llama.cpp splits by free memory)."""
     from kvchat.memory import fit, largest_ctx, plan_memory
 
     spec, label, fetched = read_model_spec(s.model, allow_remote=allow_remote)
     warnings: list[str] = []
     base = replace(plan_settings(s, gpu=bool(budget.gpu_names)), swa_full=swa_full, n_ubatch=n_ubatch,
-                   n_seq=n_seq, gpus=budget.gpu_names)
+                   n_seq=n_seq, gpus=budget.gpu_names, tensor_split=tensor_split or budget.split())
     if not budget.gpu_names:
         base = replace(base, n_gpu_layers=0)
     if contexts is None:
@@ -762,9 +765,9 @@ def draft_estimate(ref: str, est: Estimate, *, allow_remote: bool = True) -> tup
     return label, [plan_memory(spec, plan.settings) for plan in est.plans]
 
 
-def exact_buffers(model_path: Path, plan: MemoryPlan) -> dict[str, int]:
-    """Load the model with llama.cpp as `plan` describes and return the buffer sizes
-    it reported, in bytes (`estimate --exact`)."""
+def exact_buffers(model_path: Path, plan: MemoryPlan) -> dict[str, Any]:
+    """Load the model with llama.cpp as `plan` describes (GPU layers and their split)
+    and return the buffer sizes it reported, in bytes (`estimate --exact`)."""
     from kvchat.engine import Engine, EngineSettings
 
     s = plan.settings
@@ -772,10 +775,16 @@ def exact_buffers(model_path: Path, plan: MemoryPlan) -> dict[str, int]:
         n_ctx=s.n_ctx, type_k=s.type_k, type_v=s.type_v, flash_attn="on" if s.flash_attn else "off",
         n_gpu_layers=plan.n_gpu_layers if s.gpus else 0, n_threads=hardware.physical_cores(),
         n_batch=s.n_batch, n_ubatch=s.n_ubatch, swa_full=s.swa_full,
+        tensor_split=s.tensor_split if s.gpus else (),
     )
     with Engine(model_path, settings) as engine:
         b = engine.buffers
+        kinds = {"weights": b.model, "kv": b.kv, "recurrent": b.recurrent, "output": b.output,
+                 "compute": b.compute}
+        names = sorted({name for sizes in kinds.values() for name in sizes})
         return {
+            # per buffer, as llama.cpp names them (CPU_Mapped, CUDA0, CUDA_Host, ...)
+            "buffers": {name: {kind: sizes.get(name, 0) for kind, sizes in kinds.items()} for name in names},
             "weights": sum(b.model.values()),
             "kv": sum(b.kv.values()),
             "k": b.k,

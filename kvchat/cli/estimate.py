@@ -16,14 +16,16 @@ from kvchat.cache_types import CACHE_TYPES
 from kvchat.cli import app
 from kvchat.cli.options import BATCH, CTX, DEVICES, FLASH_ATTN, JSON, MODEL, shared_options
 from kvchat.cli.options import CACHE_TYPES as CACHE_TYPE_OPTIONS
+from kvchat.devices import Device, device_budget, parse_devices, parse_tensor_split
 from kvchat.errors import OutOfMemoryError, UsageError
-from kvchat.hardware import detect_budget
+from kvchat.hardware import available_ram, detect_budget
 from kvchat.memory import (
     CPU,
     DEFAULT_MARGIN,
     Budget,
     MemoryPlan,
     PlanSettings,
+    fits,
     largest_ctx,
     parse_size,
     plan_memory,
@@ -67,15 +69,27 @@ def compare_contexts(n_ctx_train: int) -> list[int]:
     return out
 
 
-def _budget(ram: str | None, vram: str | None, margin: str | None) -> Budget:
+def _budget(ram: str | None, vram: str | None, margin: str | None, devices: list[Device]) -> Budget:
     margin_bytes = parse_size(margin) if margin else DEFAULT_MARGIN
-    detected = detect_budget(margin_bytes)
+    if devices and vram is not None:
+        raise UsageError("give --vram or --device, not both",
+                         hint="--device NAME=SIZE gives each device's memory")
     for flag, given in (("--vram", vram), ("--ram", ram)):
         if given is not None and parse_size(given) <= margin_bytes:
             raise UsageError(
                 f"{flag} {given.strip()} leaves nothing after the {format_bytes(margin_bytes)} kept free",
                 hint=f"give more, or a smaller --margin (e.g. {flag} {given.strip()} --margin 0)",
             )
+    for dev in devices:
+        if dev.size <= margin_bytes:
+            raise UsageError(
+                f"--device {dev.name} ({format_bytes(dev.size)}) leaves nothing after the "
+                f"{format_bytes(margin_bytes)} kept free per device",
+                hint="give it more memory, or a smaller --margin (e.g. --margin 0)",
+            )
+    if devices:  # given devices replace the GPUs found here
+        return device_budget(devices, parse_size(ram) if ram is not None else available_ram(), margin_bytes)
+    detected = detect_budget(margin_bytes)
     if vram is not None:
         vram_bytes = parse_size(vram)
         names = detected.gpu_names or ("GPU0",)
@@ -85,7 +99,52 @@ def _budget(ram: str | None, vram: str | None, margin: str | None) -> Budget:
     return detected
 
 
-def _plan_dict(plan: MemoryPlan) -> dict[str, Any]:
+def _tensor_split(text: str | None, budget: Budget) -> tuple[float, ...]:
+    if text is None:
+        return ()
+    if not budget.gpu_names:
+        raise UsageError("--tensor-split needs devices to split over, and none are planned",
+                         hint="name them with --device NAME=SIZE")
+    return parse_tensor_split(text, len(budget.gpu_names))
+
+
+def _check_exact_devices(devices: list[Device], est: Estimate) -> None:
+    """--exact loads through llama-cpp-python on this machine: it has no RPC client
+    (its rpc_servers parameter is gone) and sees only the GPUs here. Say what cannot
+    be checked, and how to check it, rather than compare with another load."""
+    from kvchat.engine import supports_gpu_offload
+    from kvchat.hardware import free_vram
+
+    plan = est.plans[0]
+    rpc = [d for d in devices if d.is_rpc]
+    if rpc:
+        model = est.model_label
+        unit = min((share for share in plan.settings.tensor_split if share > 0), default=1.0)
+        shares = ",".join(f"{share / unit:g}" for share in plan.settings.tensor_split)
+        raise UsageError(
+            f"--exact cannot load onto {', '.join(d.name for d in rpc)}: kvchat loads models through "
+            "llama-cpp-python, which has no RPC client",
+            hint=f"check this split with llama.cpp's own tools: start rpc-server on each worker, run "
+            f"`llama-server -m {model} --rpc {','.join(d.endpoint for d in rpc)} -ngl {plan.n_gpu_layers} "
+            f"-c {plan.n_ctx} -np {plan.settings.n_seq} -b {plan.n_batch} -ub {plan.n_ubatch} -ts {shares} "
+            f"-fa {'on' if plan.settings.flash_attn else 'off'} --fit off` and "
+            "compare its per-device 'model/KV/compute buffer size' lines with this estimate",
+        )
+    here = free_vram()
+    if tuple(here) != est.budget.gpu_names:
+        missing = [d.name for d in devices if d.name not in here]
+        raise UsageError(
+            f"--exact loads onto this machine's GPUs ({', '.join(here) or 'none found'}), not the ones "
+            f"given{' (' + ', '.join(missing) + ' not here)' if missing else ''}",
+            hint="run it on the machine with those GPUs, naming every one of them, or drop --exact",
+        )
+    if not supports_gpu_offload():
+        raise UsageError("--exact cannot load onto GPUs: this llama-cpp-python build has no GPU backend",
+                         hint="install a GPU build of llama-cpp-python (e.g. CMAKE_ARGS=-DGGML_CUDA=on), "
+                         "or drop --exact")
+
+
+def _plan_dict(plan: MemoryPlan, budget: Budget) -> dict[str, Any]:
     s = plan.settings
     return {
         "n_ctx": plan.n_ctx,
@@ -97,12 +156,24 @@ def _plan_dict(plan: MemoryPlan) -> dict[str, Any]:
         "flash_attn": s.flash_attn,
         "n_gpu_layers": plan.n_gpu_layers,
         "n_ubatch": plan.n_ubatch,
+        "tensor_split": _shares(plan),
+        "output_device": plan.output_device,
         "devices": {
-            d.name: {**{c: getattr(d, c) for c in COMPONENTS}, "total": d.total} for d in plan.devices
+            d.name: {"layers": d.layers, **{c: getattr(d, c) for c in COMPONENTS}, "total": d.total,
+                     "limit": budget.limit(d.name), "fits": d.total <= budget.limit(d.name)}
+            for d in plan.devices
         },
+        "fits": fits(plan, budget),
         "total": {**{c: getattr(plan, c) for c in COMPONENTS}, "total": plan.total},
         "warnings": plan.warnings,
     }
+
+
+def _shares(plan: MemoryPlan) -> list[float]:
+    """Each GPU's share of the offloaded layers, normalised (empty without GPUs)."""
+    s = plan.settings
+    shares = list(s.tensor_split) if s.tensor_split else [1.0] * len(s.gpus)
+    return [share / sum(shares) for share in shares] if s.gpus else []
 
 
 def _checkpoints(spec: ModelSpec, plan: MemoryPlan, count: int, cap_mib: float) -> dict[str, Any]:
@@ -124,11 +195,17 @@ def _checkpoint_line(record: dict[str, Any]) -> str | None:
             "--checkpoint-mib), host RAM outside the total")
 
 
-def _plan_table(plan: MemoryPlan) -> TableData:
+def _plan_table(plan: MemoryPlan, budget: Budget | None = None) -> TableData:
+    """Bytes per component and device; with GPUs, the layers each holds and, given a
+    budget, whether each device's total fits its memory after the margin."""
     columns = ["component"] + [dev.name for dev in plan.devices]
     if len(plan.devices) > 1:
         columns.append("total")
     table = TableData(columns, right=frozenset(columns[1:]))
+    if plan.gpus:
+        n_layer = sum(d.layers for d in plan.devices)
+        table.add_row("layers", *[f"{d.layers}{' + output' if plan.output_device == d.name else ''}"
+                                  for d in plan.devices], f"{n_layer} + output")
     for comp in COMPONENTS:
         if comp == "recurrent" and not plan.recurrent:
             continue
@@ -141,7 +218,16 @@ def _plan_table(plan: MemoryPlan) -> TableData:
     if len(plan.devices) > 1:
         total_row.append(format_bytes(plan.total))
     table.add_row(*total_row, bold=True)
+    if budget is not None and plan.gpus:
+        cells = [_fits_cell(d.total, budget.limit(d.name)) for d in plan.devices]
+        table.add_row("fits (after margin)", *cells, "yes" if fits(plan, budget) else "no")
     return table
+
+
+def _fits_cell(total: int, limit: int) -> str:
+    if total <= limit:
+        return f"yes, of {format_bytes(limit)}"
+    return f"no, over by {format_bytes(total - limit)}"
 
 
 def _title(spec: ModelSpec, plan: MemoryPlan) -> str:
@@ -172,7 +258,7 @@ def _compare_table(spec: ModelSpec, base: PlanSettings, contexts: list[int],
             for n in contexts:
                 plan = plan_memory(spec, replace(settings, n_ctx=n))
                 cells.append(f"{format_bytes(plan.kv + plan.recurrent)}\n({format_bytes(plan.total)})")
-                plans.append(_plan_dict(plan))
+                plans.append(_plan_dict(plan, budget))
             best = largest_ctx(spec, settings, budget, max_ctx=top)
         except UsageError as exc:
             table.add_row(f"{k_name} / {v_name}", *(["—"] * len(contexts)), exc.message)
@@ -183,7 +269,7 @@ def _compare_table(spec: ModelSpec, base: PlanSettings, contexts: list[int],
     return table, rows
 
 
-def _exact_table(plan: MemoryPlan, exact: dict[str, int]) -> TableData:
+def _exact_table(plan: MemoryPlan, exact: dict[str, Any]) -> TableData:
     table = TableData(("component", "plan", "llama.cpp", "difference"),
                       right=frozenset({"plan", "llama.cpp", "difference"}),
                       title="plan vs llama.cpp (--exact)")
@@ -241,6 +327,17 @@ def estimate(
         Optional[str], typer.Option("--draft", help="Also plan this speculative draft model, at the same "
                                     "context and cache types.")
     ] = None,
+    device: Annotated[
+        Optional[list[str]], typer.Option(
+            "--device", metavar="NAME=SIZE", help="A device to plan over, with its memory: a GPU as "
+            "llama.cpp names it (CUDA0=24GiB) or an rpc-server worker (rpc://10.0.0.2:50052=24GiB). "
+            "Repeat it; the devices replace the GPUs found here.")
+    ] = None,
+    tensor_split: Annotated[
+        Optional[str], typer.Option(
+            "--tensor-split", "-ts", metavar="N0,N1,...", help="Share of the layers per device, in the order "
+            "the estimate lists them (default: by memory, as llama.cpp splits by free memory).")
+    ] = None,
     as_json: bool = False,
 ) -> None:
     """Memory a model needs — weights, KV cache, compute — per device, from its header alone.
@@ -251,6 +348,7 @@ def estimate(
       kvchat estimate ./model.gguf --compare --vram 8GB
       kvchat estimate ./model.gguf --ngl auto --vram 6GiB --json
       kvchat estimate qwen2.5-7b --draft qwen2.5-0.5b   (the draft model's share too)
+      kvchat estimate qwen2.5-72b:Q4_K_M --device CUDA0=24GiB --device rpc://10.0.0.2:50052=24GiB
     """
     from kvchat.app import draft_estimate, exact_buffers, largest_ctx_cap
     from kvchat.app import estimate as plan_estimate
@@ -265,21 +363,30 @@ def estimate(
     if contexts is None and s.ctx is not None:
         contexts = [s.ctx]
     env = Environment()
-    est = plan_estimate(s, contexts, _budget(ram, vram, margin), swa_full=swa_full, n_ubatch=ubatch,
-                        n_seq=parallel, allow_remote=not exact)
+    devices = parse_devices(device or [])
+    budget = _budget(ram, vram, margin, devices)
+    split = _tensor_split(tensor_split, budget)
+    est = plan_estimate(s, contexts, budget, swa_full=swa_full, n_ubatch=ubatch, n_seq=parallel,
+                        allow_remote=not exact, tensor_split=split)
+    if exact and devices:
+        _check_exact_devices(devices, est)
     if est.remote_bytes_fetched is not None:
         env.stderr.write(f"kvchat: read {format_bytes(est.remote_bytes_fetched)} of {est.model_label} "
                          "(header only)\n")
     name = (model_name(est.model_label) if est.remote_bytes_fetched is None
             else remote_model_name(str(s.model), est.model_label.name))
     record = _record(est, name)
+    if devices:
+        record["budget"]["devices"] = [
+            {"name": d.name, "kind": "rpc" if d.is_rpc else "gpu", "size": d.size,
+             "llama_cpp_buffer": d.buffer_name} for d in devices]
     for plan_record, plan in zip(record["plans"], est.plans, strict=True):
         plan_record["checkpoints"] = _checkpoints(est.spec, plan, s.checkpoints, s.checkpoint_mib)
     drafts = draft_estimate(s.draft, est, allow_remote=not exact) if s.draft is not None else None
     if drafts is not None:
         record["draft"] = {
             "model": str(drafts[0]),
-            "plans": [_plan_dict(p) for p in drafts[1]],
+            "plans": [_plan_dict(p, est.budget) for p in drafts[1]],
             "total_with_target": [p.total + d.total for p, d in zip(est.plans, drafts[1], strict=True)],
         }
     compare_table = None
@@ -322,14 +429,14 @@ def _record(est: Estimate, name: str) -> dict[str, Any]:
         "n_vocab": spec.n_vocab,
         "budget": {"ram": budget.ram, "vram": dict(zip(budget.gpu_names, budget.vram, strict=True)),
                    "margin": budget.margin},
-        "plans": [_plan_dict(p) for p in est.plans],
+        "plans": [_plan_dict(p, budget) for p in est.plans],
         "largest_ctx": est.largest_ctx,
         "fit": None if est.fitted is None else {"n_ctx": est.fitted.n_ctx,
                                                 "n_gpu_layers": est.fitted.n_gpu_layers},
     }
 
 
-def _render(env: Environment, est: Estimate, name: str, limits: str, exact_figures: list[dict[str, int]],
+def _render(env: Environment, est: Estimate, name: str, limits: str, exact_figures: list[dict[str, Any]],
             compare_table: TableData | None, checkpoint_lines: list[str | None],
             drafts: tuple[Path, list[MemoryPlan]] | None = None) -> None:
     """The report; piped, each table row is one tab-separated line."""
@@ -344,7 +451,7 @@ def _render(env: Environment, est: Estimate, name: str, limits: str, exact_figur
     )
     for i, plan in enumerate(est.plans):
         out.print(_title(spec, plan), markup=False, soft_wrap=True)
-        print_table(_plan_table(plan), env.stdout, out)
+        print_table(_plan_table(plan, budget), env.stdout, out)
         if checkpoint_lines[i]:
             out.print(checkpoint_lines[i], markup=False, soft_wrap=True)
         if exact_figures:
