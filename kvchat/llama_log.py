@@ -18,7 +18,7 @@ _MIB = 1024 * 1024
 # llama.cpp's allocation lines are short; anything longer is not one of them (e.g. a
 # 1 MiB general.name echoed by the loader) and is never handed to a regex.
 _MAX_LINE = 400
-_BUFFER_RE = re.compile(r"(?P<dev>[\w.:\-]+) +(?P<kind>model|KV|RS|output|compute) buffer size = *"
+_BUFFER_RE = re.compile(r"(?P<dev>[\w.:\-\[\]]+) +(?P<kind>model|KV|RS|output|compute) buffer size = *"
                         r"(?P<mib>\d+(?:\.\d+)?) MiB")
 _KV_SUMMARY_RE = re.compile(
     r"size = *[\d.]+ MiB \( *(?P<cells>\d+) cells,[^)]*\), K \(\w+\): *(?P<k>[\d.]+) MiB, "
