@@ -77,7 +77,8 @@ def _parse_endpoint(endpoint: str, name: str) -> tuple[str, int]:
     if not sep or not port_text:
         raise UsageError(f"--device {name} has no port", hint="write rpc://HOST:PORT, e.g. rpc://10.0.0.2:50052")
     if ":" in port_text or host.startswith("["):
-        raise UsageError(f"--device {name}: llama.cpp's RPC client cannot reach an IPv6 address",
+        raise UsageError(f"--device {name}: llama.cpp's RPC client reads HOST:PORT up to the first ':', "
+                         "so it cannot reach an IPv6 address",
                          hint="give the worker's IPv4 address or host name")
     if not port_text.isascii() or not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise UsageError(f"--device {name}: '{port_text}' is not a port", hint="ports are 1 to 65535")
@@ -154,3 +155,9 @@ def device_budget(devices: list[Device], ram: int, margin: int = DEFAULT_MARGIN)
     return Budget(ram=ram, vram=tuple(d.size for d in devices), gpu_names=tuple(d.name for d in devices),
                   margin=margin)
 
+
+def served_by_llama_server(names: tuple[str, ...]) -> bool:
+    """Whether a plan over these devices runs on llama-server: RPC workers need it
+    (llama-cpp-python has no RPC client). llama-server asks llama.cpp for one row of
+    logits per slot (its log: n_outputs_max = n_parallel), not one per batch token."""
+    return any(name.startswith(RPC_SCHEME) for name in names)

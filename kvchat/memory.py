@@ -23,6 +23,7 @@ MiB = 1024 * 1024
 GiB = 1024 * MiB
 CTX_PAD = 256  # llama-context.cpp: cparams.n_ctx = GGML_PAD(cparams.n_ctx, 256)
 DEFAULT_MARGIN = 1 * GiB  # what llama.cpp's --fit leaves free per device by default
+GGML_SCHED_MAX_COPIES = 4  # input copies the scheduler keeps with pipeline parallelism (ggml-backend.cpp)
 CPU = "CPU"
 
 
@@ -43,6 +44,7 @@ class PlanSettings:
     n_seq: int = 1
     kv_unified: bool = False
     offload_kqv: bool = True
+    n_outputs_max: int = 0  # logits rows a batch may ask for; 0: n_batch (llama.cpp's default)
 
 
 @dataclass
@@ -252,7 +254,7 @@ def plan_memory(spec: ModelSpec, settings: PlanSettings) -> MemoryPlan:
     # (llama_context::output_reserve), in host memory
     devices[CPU].output = 4 * spec.n_vocab * max(1, s.n_seq)
 
-    _plan_compute(spec, s, devices, layer_dev, output_dev, cells, n_ubatch, n_batch)
+    _plan_compute(spec, s, devices, layer_dev, output_dev, cells, swa_cells, n_ubatch, n_batch)
 
     if s.gpus and s.flash_attn and (warning := fused_kernel_warning(s.type_k, s.type_v)):
         warnings.append(warning)
@@ -358,46 +360,64 @@ def _plan_compute(
     layer_dev: list[str],
     output_dev: str,
     cells: int,
+    swa_cells: int,
     n_ubatch: int,
     n_batch: int,
 ) -> None:
     """Estimate the compute buffers that llama.cpp's graph allocator reserves.
 
     The reserve graph processes one micro-batch of n_tokens = min(n_ctx, n_ubatch)
-    with every token an output (llama_context::graph_reserve). Its peak is either
-    the logits (n_vocab floats per output, next to two n_embd activations) or,
-    without flash attention, the attention scores: n_kv floats per token and head,
-    plus the f32 mask, plus a few n_embd-wide activations. Flash attention never
-    materialises the scores; its mask is f16. Measured against llama.cpp on
-    SmolLM2 this is within ~2%; for other models treat it as an estimate.
+    with min(n_tokens, n_outputs_max) outputs (llama_context::sched_reserve). Its
+    peak is the logits (n_vocab floats per output, next to two n_embd activations),
+    the attention (without flash attention the scores: n_kv floats per token and
+    head, plus the f32 mask; flash attention never materialises them and its mask is
+    f16) or the FFN (gate, up and their product beside three n_embd activations),
+    the mask staying alive throughout. Measured against llama.cpp on SmolLM2 this is
+    within ~2% on the CPU alone; over two RPC workers within 5% per device (12% on
+    the host without flash attention). For other models treat it as an estimate.
+
+    Graph inputs (the masks, the embeddings a device receives) live in the compute
+    buffers of the CPU and of each device. With pipeline parallelism -- more than one
+    device and every layer offloaded (llama_context's constructor) -- the scheduler
+    keeps GGML_SCHED_MAX_COPIES (4) copies of every input (ggml-backend.cpp,
+    ggml_backend_sched_split_graph, pass 6).
     """
     n_tokens = n_ubatch
-    n_outputs = min(n_tokens, n_batch)
+    n_outputs = min(n_tokens, n_batch, s.n_outputs_max or n_batch)
     logits_phase = 4 * n_tokens * 2 * spec.n_embd + 4 * n_outputs * spec.n_vocab
     n_head = max(spec.n_head, default=0)
     n_kv = cells if any(spec.has_kv) else 0
-    if s.flash_attn:
-        attn_phase = 2 * n_tokens * n_kv + 4 * n_tokens * 6 * spec.n_embd
-    else:
-        attn_phase = 4 * n_tokens * n_kv * (n_head + 1) + 4 * n_tokens * 6 * spec.n_embd
+    mask_bytes = 2 if s.flash_attn else 4
+    mask = mask_bytes * n_tokens * n_kv
+    masks = mask + (mask_bytes * n_tokens * swa_cells if any(spec.is_swa) else 0)
+    attn_phase = mask + 4 * n_tokens * 6 * spec.n_embd
+    if not s.flash_attn:
+        attn_phase += 4 * n_tokens * n_kv * n_head
+    ffn_phase = mask + 4 * n_tokens * 3 * (spec.n_embd + spec.n_ff_max)
+    layer_phase = max(attn_phase, ffn_phase)
     if any(spec.is_recurrent):
         # the scan keeps a copy of the state of every sequence in the batch
-        attn_phase = max(attn_phase, 4 * (spec.n_embd_r + spec.n_embd_s) * max(1, s.n_seq) * 2)
+        layer_phase = max(layer_phase, 4 * (spec.n_embd_r + spec.n_embd_s) * max(1, s.n_seq) * 2)
     gpu_devs = {d for d in [*layer_dev, output_dev] if d != CPU}
     if not gpu_devs:
-        devices[CPU].compute = max(logits_phase, attn_phase)
+        devices[CPU].compute = max(logits_phase, layer_phase)
         return
+    pipeline = len(s.gpus) > 1 and CPU not in layer_dev and output_dev != CPU and s.offload_kqv
+    n_copies = GGML_SCHED_MAX_COPIES if pipeline else 1
+    inputs = masks + 4 * n_tokens * spec.n_embd  # the masks and the hidden state arriving
     # split graph: each GPU holds the activations of its layers; the CPU keeps the
     # input embeddings and, when the output layer stays there, the logits
     for gpu in gpu_devs:
+        holds_layers = gpu in layer_dev
         devices[gpu].compute = max(
-            attn_phase if gpu in layer_dev else 0, logits_phase if output_dev == gpu else 0
+            layer_phase + (n_copies - 1) * inputs if holds_layers else 0,
+            logits_phase if output_dev == gpu else 0,
         )
-    host = 4 * n_tokens * spec.n_embd
+    host = 4 * n_tokens * spec.n_embd + n_copies * inputs
     if output_dev == CPU:
         host = max(host, logits_phase)
     if any(d == CPU for d in layer_dev):
-        host = max(host, attn_phase)
+        host = max(host, layer_phase)
     devices[CPU].compute = host
 
 

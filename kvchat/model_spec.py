@@ -94,6 +94,7 @@ class ModelSpec:
     output_is_tied: bool  # no output.weight: llama.cpp reuses token_embd (a copy if offloaded)
     tied_output_bytes: int  # bytes of that copy
     file_type: int | None = None
+    n_ff_max: int = 0  # widest feed_forward_length (dense FFN), 0 where the GGUF gives none
 
     @property
     def n_layer_main(self) -> int:
@@ -368,6 +369,7 @@ def spec_from_header(header: GGUFHeader) -> ModelSpec:
         output_is_tied=output_is_tied,
         tied_output_bytes=tied_bytes,
         file_type=file_type if isinstance(file_type, int) else None,
+        n_ff_max=max(n_ff, default=0),
     )
 
 

@@ -156,6 +156,7 @@ def _plan_dict(plan: MemoryPlan, budget: Budget) -> dict[str, Any]:
         "flash_attn": s.flash_attn,
         "n_gpu_layers": plan.n_gpu_layers,
         "n_ubatch": plan.n_ubatch,
+        "n_outputs_max": s.n_outputs_max or plan.n_batch,
         "tensor_split": _shares(plan),
         "output_device": plan.output_device,
         "devices": {
@@ -236,9 +237,10 @@ def _title(spec: ModelSpec, plan: MemoryPlan) -> str:
     if plan.swa_cells:
         cells += f", SWA {plan.swa_cells}"
     gpu = f", {plan.n_gpu_layers}/{spec.n_layer + 1} layers on GPU" if s.gpus else ""
+    server = " · as llama-server runs it (logits for one token per slot)" if s.n_outputs_max else ""
     return (
         f"n_ctx {plan.n_ctx} ({cells}) · K {s.type_k.name} · V {s.type_v.name} · "
-        f"flash attention {'on' if s.flash_attn else 'off'}{gpu}"
+        f"flash attention {'on' if s.flash_attn else 'off'}{gpu}{server}"
     )
 
 
