@@ -289,6 +289,7 @@ def test_split_over_two_rpc_workers_matches_llama_server(
                          "--fit", "off", "--no-warmup", "-t", "1",
                          "-lv", "4") as server:  # -lv 4: libllama's allocation lines
             log = server.log
+            _chat_over_the_split(server.url, kv_env)
     logged = parse_buffer_sizes(log.splitlines())
     report = {}
     for endpoint in endpoints:
@@ -309,3 +310,19 @@ def test_split_over_two_rpc_workers_matches_llama_server(
     assert abs(cpu["output"] - logged.output["CPU"]) <= 0.006 * MiB
     assert abs(cpu["compute"] - logged.compute["CPU"]) <= 0.1 * logged.compute["CPU"], report
     sys.stderr.write(json.dumps({k: {"plan": o, "llama.cpp": t} for k, (o, t) in report.items()}) + "\n")
+
+
+def _chat_over_the_split(url: str, kv_env: dict[str, str]) -> None:
+    """kvchat chats with the model split over the two workers: two turns of a named
+    session, the second evaluating only its new tokens by the server's counters."""
+    records = []
+    for text in ("Name a colour.", "And a fruit?"):
+        proc = subprocess.run([sys.executable, "-m", "kvchat", "run", "--server", url, "--session", "rpc",
+                               "--max-tokens", "8", "--temperature", "0", "--json", text],
+                              capture_output=True, text=True, env=kv_env, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        records.append(json.loads(proc.stdout))
+    assert all(r["text"] for r in records)
+    second = records[1]["cache"]
+    assert second["server"]["cached_tokens"] == second["reused_tokens"] > 0
+    assert second["server"]["evaluated_tokens"] == second["evaluated_tokens"]
