@@ -149,14 +149,17 @@ def server_side(model: Path, threads: int, runs: dict[str, Any]) -> dict[str, An
         proc.wait(timeout=30)
 
 
-def overflow_turns(model: Path, threads: int, turns: int) -> tuple[int, int]:
+def overflow_turns(model: Path, threads: int, turns: int) -> tuple[int, int, int, bool]:
+    """Turns, turns that re-evaluated history, turns that dropped old turns, and
+    whether the cache could shift positions (then a drop costs no re-evaluation)."""
     with Engine(model, _settings(1024, threads)) as engine:
         session = Session(engine, chat_template_for(engine), GREEDY, REPLY_TOKENS)
-        reevaluations = 0
+        reevaluations = drops = 0
         for i in range(turns):
             list(session.send(f"Question {i}: {TEXT[i * 300:i * 300 + 250]}"))
-            reevaluations += bool(session.last_turn.dropped_turns)
-    return turns, reevaluations
+            reevaluations += session.last_turn.reevaluated_tokens > 0
+            drops += session.last_turn.dropped_turns > 0
+        return turns, reevaluations, drops, engine.can_shift()
 
 
 def main() -> None:
@@ -193,9 +196,10 @@ def main() -> None:
           f"{kv['undo']['ttft_s'] / cold['ttft_s']:.3f} of the time")
     if server is None:
         print("llama-server: not built (python benchmarks/llama_tools.py builds it); skipped")
-    turns, reevaluations = overflow_turns(model, args.threads, args.turns)
-    print(f"overflow at ctx 1024: {turns} turns, {reevaluations} re-evaluations "
-          f"({turns / max(reevaluations, 1):.1f} turns per re-evaluation)")
+    turns, reevaluations, drops, can_shift = overflow_turns(model, args.threads, args.turns)
+    print(f"overflow at ctx 1024: {turns} turns, {drops} with old turns dropped, {reevaluations} that "
+          f"re-evaluated history ({turns / max(reevaluations, 1):.1f} turns per re-evaluation; the cache "
+          f"{'shifts positions' if can_shift else 'cannot shift positions'})")
 
 
 if __name__ == "__main__":
