@@ -344,6 +344,19 @@ def compare_engines(reference: Engine, other: Engine, tokens: Sequence[int]) -> 
 # -- speed -------------------------------------------------------------------------
 
 
+def _decode_timing(events: Iterator[object], since: float) -> tuple[float, float]:
+    """When the first event came (`since` if none did), and decode tok/s: between
+    the first and the last event, one fewer tokens than events were decoded."""
+    first = last = since
+    n_events = 0
+    for _event in events:
+        last = time.perf_counter()
+        if n_events == 0:
+            first = last
+        n_events += 1
+    return first, (n_events - 1) / (last - first) if n_events > 1 and last > first else 0.0
+
+
 def measure_speed(
     engine: Engine, prompt: Sequence[int], decode_tokens: int, repeats: int,
     progress: Progress | None = None,
@@ -368,17 +381,10 @@ def measure_speed(
         started = time.perf_counter()
         engine.eval(prompt)
         prefilled = time.perf_counter()
-        first = last = prefilled
-        n_events = 0
-        for _event in engine.generate(decode_tokens, stop_at_eog=False):
-            last = time.perf_counter()
-            if n_events == 0:
-                first = last
-            n_events += 1
+        first, tok_s = _decode_timing(engine.generate(decode_tokens, stop_at_eog=False), prefilled)
         prefill.append(len(prompt) / (prefilled - started))
         ttft.append(first - started)
-        # Between the first and the last token, n_events - 1 tokens were decoded.
-        decode.append((n_events - 1) / (last - first) if n_events > 1 and last > first else 0.0)
+        decode.append(tok_s)
         if progress:
             progress(1, "speed")
     engine.kv_clear()
@@ -426,16 +432,10 @@ def measure_server_speed(engine: LlamaServerEngine, prompt: Sequence[int], decod
         for _ in range(repeats):
             engine.kv_clear()
             started = time.perf_counter()
-            engine.eval(prompt)
-            first = last = started
-            n_events = 0
-            for _event in engine.generate(decode_tokens, stop_at_eog=False):
-                last = time.perf_counter()
-                if n_events == 0:
-                    first = last
-                n_events += 1
+            engine.eval(prompt)  # evaluated by the server with the request
+            first, tok_s = _decode_timing(engine.generate(decode_tokens, stop_at_eog=False), started)
             ttft.append(first - started)
-            decode.append((n_events - 1) / (last - first) if n_events > 1 and last > first else 0.0)
+            decode.append(tok_s)
             timings = engine.last_timings
             server_prefill.append(timings.prompt_per_second if timings else 0.0)
             server_decode.append(timings.predicted_per_second if timings else 0.0)
