@@ -20,7 +20,7 @@ import httpx2
 import pytest
 
 from kvchat.app import open_conversation
-from kvchat.errors import ExitCode
+from kvchat.errors import ExitCode, SessionError, UsageError
 from tests.conftest import REPO
 from tests.llama_servers import LlamaServer, free_port, llama_tool
 
@@ -224,3 +224,35 @@ def test_chat_repl_on_a_server_shows_what_it_reports(server: LlamaServer, kv_env
     finally:
         if child.isalive():
             child.terminate(force=True)
+
+
+def test_overflow_is_handled_client_side_with_the_servers_context(model_path: Path, kv_env) -> None:  # noqa: ANN001
+    long = " ".join(f"word{i}" for i in range(60))
+    with LlamaServer(llama_tool("llama-server"), "-m", str(model_path), "-c", "512", "-np", "1",
+                     "-t", "1") as small:
+        conv = open_conversation({"server": small.url, "temperature": "0", "max_tokens": "16"}, print)
+        try:
+            session = conv.session
+            assert conv.engine.n_ctx == 512
+            dropped = 0
+            for turn in range(6):
+                list(session.send(f"{turn}: repeat these: {long}"))
+                stats, timings = session.last_turn, conv.server.last_timings  # type: ignore[union-attr]
+                assert stats is not None and timings is not None
+                dropped += stats.dropped_turns
+                # Whatever was dropped, the server's cache and kvchat's history agree.
+                assert timings.cache_n + timings.prompt_n == len(session.tokens) - stats.completion_tokens
+                assert len(session.tokens) <= 512
+            assert dropped > 0
+        finally:
+            conv.close()
+        stop = open_conversation({"server": small.url, "max_tokens": "16", "overflow": "stop"}, print)
+        try:
+            with pytest.raises(SessionError, match="the context is full"):
+                for turn in range(6):
+                    list(stop.session.send(f"{turn}: {long}"))
+            stop.session.clear()  # nothing to drop: a message longer than the context is refused
+            with pytest.raises(UsageError, match="the context holds 512"):
+                list(stop.session.send(long * 6))
+        finally:
+            stop.close()
