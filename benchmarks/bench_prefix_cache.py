@@ -11,7 +11,8 @@ Printed side by side in one run, per model (SmolLM2-135M, Gemma 3 270M):
 3. disk bytes per cached token over llama.cpp's own state bytes per token
    (`llama_state_seq_get_size` after evaluating the document) (goal <= 1.1);
 4. a miss's overhead over a plain cold run (`--no-prefix-cache`): TTFT and whole
-   process wall time, median of --reps pairs, cache emptied before each miss
+   process wall time, median of --reps pairs (which runs first alternates), cache
+   emptied before each miss
    (goal <= 1.05);
 5. first, the threshold table behind MIN_PREFIX_TOKENS (SmolLM2, in-process): for
    N-token prefixes, plain prefill vs prefill with snapshots, the write, and a hit.
@@ -134,17 +135,24 @@ def bench_kvchat(name: str, model: Path, doc: str, args: argparse.Namespace) -> 
 def miss_overhead(home: Path, model: Path, doc: str, args: argparse.Namespace) -> None:
     miss_ttft, plain_ttft, miss_wall, plain_wall = [], [], [], []
     env = dict(os.environ, KVCHAT_HOME=str(home))
-    for i in range(args.reps):
-        question = f"Question {i}: what is the first step?"
+    def miss(question: str) -> None:
         subprocess.run([sys.executable, "-m", "kvchat", "cache", "clear", "--yes"], env=env,
                        capture_output=True, check=True)
         record, wall = kvchat_run(home, model, doc, question, args)
         assert record["cache"]["prefix_cache_tokens"] == 0
         miss_ttft.append(record["timings"]["ttft_s"])
         miss_wall.append(wall)
+
+    def plain(question: str) -> None:
         record, wall = kvchat_run(home, model, doc, question, args, "--no-prefix-cache")
         plain_ttft.append(record["timings"]["ttft_s"])
         plain_wall.append(wall)
+
+    for i in range(args.reps):
+        # Alternate which goes first, so that neither always runs on a machine the
+        # other has just warmed or heated.
+        for run in (miss, plain) if i % 2 == 0 else (plain, miss):
+            run(f"Question {i}: what is the first step?")
     mt, pt = statistics.median(miss_ttft), statistics.median(plain_ttft)
     mw, pw = statistics.median(miss_wall), statistics.median(plain_wall)
     print(f"  miss (lookup + snapshots + store) vs --no-prefix-cache, median of {args.reps}: "
