@@ -285,12 +285,25 @@ class DraftPolicy:
             self.backoff = self.first_backoff
 
 
+def policy_for(drafter: str) -> DraftPolicy:
+    """The default policy per drafter. An n-gram draft costs nothing to propose, only
+    its verify step: its gain is averaged over about ten steps (alpha 0.1) and a
+    pause lasts at most 64 tokens, so that a few rejected drafts in copy-heavy text
+    do not switch it off for the rest of the reply. (Gemma 3 270M rewriting a file:
+    1.01x plain with the draft model's settings, 1.18x with these; free text stayed
+    above plain.) A draft model pays a forward pass per proposed token: it keeps the
+    quicker, longer back-off."""
+    if drafter == "ngram":
+        return DraftPolicy(alpha=0.1, max_backoff=64)
+    return DraftPolicy()
+
+
 class Speculator:
     """A drafter and its policy, as the engine uses them during `generate`."""
 
     def __init__(self, drafter: Drafter, policy: DraftPolicy | None = None) -> None:
         self.drafter = drafter
-        self.policy = policy or DraftPolicy()
+        self.policy = policy or policy_for(drafter.name)
 
     @property
     def mode(self) -> str:

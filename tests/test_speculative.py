@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from kvchat.errors import UsageError
-from kvchat.speculative import DraftPolicy, NgramDrafter, Speculator, parse_mode
+from kvchat.speculative import DraftPolicy, NgramDrafter, Speculator, parse_mode, policy_for
 
 
 def test_ngram_drafts_what_followed_the_latest_earlier_match() -> None:
@@ -87,6 +87,30 @@ def test_policy_keeps_drafting_while_it_pays() -> None:
     for _ in range(20):
         policy.observe_draft(drafted=4, accepted=3, emitted=4, seconds=0.016)
         assert policy.budget() > 0
+
+
+def _paused_after(policy: DraftPolicy, ratios: list[float]) -> bool:
+    """Feed verify steps whose emitted tokens per plain-step time are `ratios`."""
+    policy.observe_plain(0.010)
+    for ratio in ratios:
+        policy.observe_draft(drafted=4, accepted=3, emitted=4, seconds=0.040 / ratio)
+        if policy.budget() == 0:
+            return True
+    return False
+
+
+def test_ngram_drafting_rides_out_a_few_rejections_a_draft_model_does_not() -> None:
+    # Copy-heavy text: drafts pay on average, with runs of rejections between.
+    mixed = [2.0, 2.0, 2.0, 0.5, 0.5, 0.5]
+    assert not _paused_after(policy_for("ngram"), mixed)
+    assert _paused_after(policy_for("draft"), mixed)
+    # Drafts that never pay still pause n-gram drafting, and never for long.
+    ngram = policy_for("ngram")
+    assert _paused_after(ngram, [0.5] * 20)
+    for _ in range(10):
+        ngram.observe_draft(drafted=1, accepted=0, emitted=1, seconds=0.020)
+    assert ngram.cooldown <= 64
+    assert Speculator(NgramDrafter()).policy.alpha == 0.1
 
 
 def test_speculator_respects_the_room_left() -> None:
