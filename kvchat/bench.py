@@ -344,6 +344,19 @@ def compare_engines(reference: Engine, other: Engine, tokens: Sequence[int]) -> 
 # -- speed -------------------------------------------------------------------------
 
 
+def _warm_up(engine: Engine | LlamaServerEngine, prompt: Sequence[int], progress: Progress | None) -> None:
+    """Greedy sampling, and one untimed short run (first-use allocations)."""
+    from kvchat.engine_api import SamplingSettings
+
+    engine.set_sampling(SamplingSettings(temperature=0.0))
+    engine.kv_clear()
+    engine.eval(prompt[:_WARMUP_TOKENS])
+    for _ in engine.generate(4, stop_at_eog=False):
+        pass
+    if progress:
+        progress(1, "speed")
+
+
 def _decode_timing(events: Iterator[object], since: float) -> tuple[float, float]:
     """When the first event came (`since` if none did), and decode tok/s: between
     the first and the last event, one fewer tokens than events were decoded."""
@@ -366,15 +379,8 @@ def measure_speed(
     Each repeat starts from an empty cache, evaluates the prompt, then samples
     greedily (without stopping at end of generation, like llama-bench's tg test).
     """
-    from kvchat.engine_api import SamplingSettings
 
-    engine.set_sampling(SamplingSettings(temperature=0.0))
-    engine.kv_clear()
-    engine.eval(prompt[:_WARMUP_TOKENS])
-    for _ in engine.generate(4, stop_at_eog=False):
-        pass
-    if progress:
-        progress(1, "speed")
+    _warm_up(engine, prompt, progress)
     prefill, decode, ttft = [], [], []
     for _ in range(repeats):
         engine.kv_clear()
@@ -417,17 +423,10 @@ def measure_server_speed(engine: LlamaServerEngine, prompt: Sequence[int], decod
                          progress: Progress | None = None) -> ServerSpeed:
     """Like measure_speed on llama-server: its prompt cache is turned off for these
     requests, so each repeat evaluates the whole prompt."""
-    from kvchat.engine_api import SamplingSettings
 
-    engine.set_sampling(SamplingSettings(temperature=0.0))
     engine.cache_prompt = False
     try:
-        engine.kv_clear()
-        engine.eval(prompt[:_WARMUP_TOKENS])
-        for _ in engine.generate(4, stop_at_eog=False):
-            pass
-        if progress:
-            progress(1, "speed")
+        _warm_up(engine, prompt, progress)
         ttft, decode, server_prefill, server_decode = [], [], [], []
         for _ in range(repeats):
             engine.kv_clear()
