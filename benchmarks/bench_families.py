@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -98,11 +96,6 @@ def kvchat_side(model: Path, threads: int, history: int) -> dict[str, Any]:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
     request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
@@ -114,21 +107,9 @@ def server_side(model: Path, threads: int, runs: dict[str, Any]) -> dict[str, An
     tools = llama_tools.built()
     if tools is None:
         return None
-    port = _free_port()
-    proc = subprocess.Popen(
-        [str(tools["llama-server"]), "-m", str(model), "-c", "8192", "-t", str(threads), "-np", "1",
-         "--port", str(port), "--host", "127.0.0.1", "-ub", "512", "-b", "512"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
+    with llama_tools.LlamaServer(tools["llama-server"], "-m", str(model), "-c", "8192", "-t", str(threads),
+                                 "-np", "1", "-ub", "512", "-b", "512") as server:
+        base = server.url
 
         def complete(prompt: list[int]) -> dict[str, Any]:
             started = time.perf_counter()
@@ -144,9 +125,6 @@ def server_side(model: Path, threads: int, runs: dict[str, Any]) -> dict[str, An
         complete(runs["after_undo"])  # the reply to it in the cache, as kvchat had it; then the rewrite
         out["rewrite"] = complete(runs["rewrite"]["prompt"])
         return out
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def overflow_turns(model: Path, threads: int, turns: int) -> tuple[int, int, int, bool]:

@@ -30,7 +30,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -160,11 +159,6 @@ def miss_overhead(home: Path, model: Path, doc: str, args: argparse.Namespace) -
           "  (goal <= 1.05)")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
 
 def _post(url: str, body: dict) -> dict:
     request = urllib.request.Request(url, data=json.dumps(body).encode(),
@@ -178,26 +172,15 @@ def anchor_server(model: Path, doc: str, questions: tuple[str, ...], args: argpa
     if tools is None:
         print("  llama-server anchor: skipped (not built; run python benchmarks/llama_tools.py)")
         return
-    port = _free_port()
-    server = subprocess.Popen(
-        [str(tools["llama-server"]), "-m", str(model), "-c", "4096", "--port", str(port),
-         "-t", str(args.threads), "-fa", "off", "--cache-ram", "1024", "--host", "127.0.0.1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                print("  llama-server anchor: the server did not start")
-                return
-            time.sleep(0.5)
+        server = llama_tools.LlamaServer(tools["llama-server"], "-m", str(model), "-c", "4096",
+                                         "-t", str(args.threads), "-fa", "off", "--cache-ram", "1024",
+                                         startup_s=120).start()
+    except RuntimeError:
+        print("  llama-server anchor: the server did not start")
+        return
+    base = server.url
+    try:
         prompt_ms = []
         for question in questions:
             reply = _post(base + "/v1/chat/completions", {
@@ -213,8 +196,7 @@ def anchor_server(model: Path, doc: str, questions: tuple[str, ...], args: argpa
             print(f"  llama-server prompt time, requests 2-{len(prompt_ms)} / 1: {ratio:.3f} "
                   "(RAM cache, one process)")
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        server.stop()
 
 
 def threshold_table(model: Path, doc: str, args: argparse.Namespace) -> None:

@@ -27,10 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
-import subprocess
 import sys
-import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,11 +108,6 @@ def same_tokens(plain: list[int], other: list[int]) -> str:
     return f"no: part at token {at}"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def run_server(model: Path, spec_type: str | None, prompt_tokens: list[int], max_tokens: int,
                threads: int, n_ctx: int, repeats: int) -> tuple[float, int, int] | None:
@@ -123,21 +115,11 @@ def run_server(model: Path, spec_type: str | None, prompt_tokens: list[int], max
     tools = llama_tools.built()
     if tools is None:
         return None
-    port = _free_port()
-    args = [str(tools["llama-server"]), "-m", str(model), "--port", str(port), "-t", str(threads),
-            "-c", str(n_ctx), "-np", "1", "-fa", "off", "--no-webui"]
+    args = ["-m", str(model), "-t", str(threads), "-c", str(n_ctx), "-np", "1", "-fa", "off", "--no-webui"]
     if spec_type:
         args += ["--spec-type", spec_type]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        for _ in range(600):
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.2)
+    with llama_tools.LlamaServer(tools["llama-server"], *args) as server:
+        base = server.url
         speeds = []
         drafted = accepted = 0
         for _ in range(repeats):
@@ -149,9 +131,6 @@ def run_server(model: Path, spec_type: str | None, prompt_tokens: list[int], max
             speeds.append(timings["predicted_per_second"])
             drafted, accepted = timings.get("draft_n", 0), timings.get("draft_n_accepted", 0)
         return max(speeds), drafted, accepted
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def bench_model(label: str, path: Path, args: argparse.Namespace) -> None:
