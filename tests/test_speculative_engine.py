@@ -106,6 +106,25 @@ def test_ngram_gives_the_tokens_of_plain_decoding(engine: Engine, prompt: str) -
     assert session.last_turn.accepted_tokens == speculator.counters.accepted
 
 
+def test_the_greedy_shortcut_picks_what_the_native_greedy_sampler_picks(engine: Engine) -> None:
+    """At temperature 0 `Engine.sample` takes numpy's argmax instead of running the
+    native chain; at every output of a batch it must pick the native greedy token."""
+    import llama_cpp.llama_cpp as llama
+
+    engine.set_speculator(None)
+    engine.set_sampling(GREEDY)
+    engine.kv_clear()
+    tokens = engine.tokenize(TEXT, add_special=True)
+    engine._decode_all_logits(tokens)
+    native = llama.llama_sampler_init_greedy()
+    try:
+        for i in range(len(tokens)):
+            assert engine.sample(i) == llama.llama_sampler_sample(native, engine._ctx, i), i
+    finally:
+        llama.llama_sampler_free(native)
+        engine.kv_clear()
+
+
 @pytest.mark.slow
 def test_copying_prompts_accept_most_drafts(engine: Engine) -> None:
     speculator = _speculator()
