@@ -64,9 +64,15 @@ class Drafter(Protocol):
 
 
 class NgramDrafter:
-    """Prompt lookup: match the context's last `n` tokens (longest first) against an
-    index of every earlier n-gram, and propose the tokens that followed the latest
-    earlier occurrence.
+    """Prompt lookup: match the context's last `n` tokens, for each n in `lengths`
+    longest first, against an index of every earlier n-gram, and propose the tokens
+    that followed the latest earlier occurrence.
+
+    Long matches matter in the text drafting pays for: code and tables repeat short
+    runs everywhere ("return result\n\ndef"), and the latest place a 4-gram occurred
+    is often the wrong one to copy from; a 16-token match pins the place being copied.
+    The index keeps one entry per length and position, keyed by the n-gram's hash (a
+    collision is caught by comparing the tokens before proposing anything).
 
     The index grows with the context; a context that is not an extension of the
     indexed one (a new conversation, dropped turns) rebuilds it.
@@ -74,16 +80,20 @@ class NgramDrafter:
 
     name = "ngram"
 
-    def __init__(self, n_min: int = 2, n_max: int = 4) -> None:
-        if not 1 <= n_min <= n_max:
-            raise ValueError("need 1 <= n_min <= n_max")
-        self.n_min = n_min
-        self.n_max = n_max
+    def __init__(self, lengths: Sequence[int] = (2, 3, 4, 8, 16)) -> None:
+        if not lengths or min(lengths) < 1:
+            raise ValueError("n-gram lengths must be at least 1")
+        self.lengths = sorted(set(lengths), reverse=True)
         self._seq: list[int] = []
-        # (n-gram) -> index just after its latest occurrence whose continuation is known
-        self._index: dict[tuple[int, ...], int] = {}
+        # per length: hash of an n-gram -> index just after its latest occurrence whose
+        # continuation is known
+        self._index: dict[int, dict[int, int]] = {n: {} for n in self.lengths}
         self._indexed_end = 0
         self._ref: Sequence[int] | None = None
+
+    def _reset(self) -> None:
+        self._seq, self._indexed_end, self._ref = [], 0, None
+        self._index = {n: {} for n in self.lengths}
 
     def _sync(self, context: Sequence[int]) -> None:
         n = len(self._seq)
@@ -91,7 +101,7 @@ class NgramDrafter:
         # known to be unchanged and the O(n) comparison is skipped.
         same = context is self._ref and len(context) >= n
         if not same and (len(context) < n or list(context[:n]) != self._seq):
-            self._seq, self._index, self._indexed_end = [], {}, 0
+            self._reset()
         self._ref = context
         self._seq.extend(context[len(self._seq):])
 
@@ -101,27 +111,32 @@ class NgramDrafter:
 
     def _index_until(self, end: int) -> None:
         """Index the n-grams ending at positions (indexed_end, end]."""
-        seq, index = self._seq, self._index
+        seq = self._seq
+        tables = [(n, self._index[n]) for n in self.lengths]
         for stop in range(self._indexed_end + 1, end + 1):
-            for n in range(self.n_min, min(self.n_max, stop) + 1):
-                index[tuple(seq[stop - n : stop])] = stop
+            for n, table in tables:
+                if n <= stop:
+                    table[hash(tuple(seq[stop - n : stop]))] = stop
         self._indexed_end = max(self._indexed_end, end)
 
     def draft(self, context: Sequence[int], n_max: int) -> list[int]:
         if n_max <= 0:
             return []
         self._sync(context)
-        length = len(self._seq)
+        seq, length = self._seq, len(self._seq)
         # Every n-gram that ends before the current end has a continuation to offer.
         self._index_until(length - 1)
-        for n in range(min(self.n_max, length - 1), self.n_min - 1, -1):
-            start = self._index.get(tuple(self._seq[length - n :]))
-            if start is not None:
-                return self._seq[start : start + n_max]
+        for n in self.lengths:
+            if n >= length:
+                continue
+            suffix = seq[length - n :]
+            start = self._index[n].get(hash(tuple(suffix)))
+            if start is not None and seq[start - n : start] == suffix:
+                return seq[start : start + n_max]
         return []
 
     def close(self) -> None:
-        self._seq, self._index, self._indexed_end, self._ref = [], {}, 0, None
+        self._reset()
 
 
 def vocab_mismatch(target: Engine, draft: Engine) -> str | None:

@@ -10,7 +10,7 @@ from kvchat.speculative import DraftPolicy, NgramDrafter, Speculator, parse_mode
 
 
 def test_ngram_drafts_what_followed_the_latest_earlier_match() -> None:
-    drafter = NgramDrafter(n_min=2, n_max=4)
+    drafter = NgramDrafter(lengths=(2, 3, 4))
     context = [1, 2, 3, 4, 5, 9, 1, 2, 3, 7, 7, 1, 2, 3]
     # The suffix (1, 2, 3) occurred twice before; the latest is followed by 7, 7, 1.
     assert drafter.draft(context, 3) == [7, 7, 1]
@@ -18,21 +18,40 @@ def test_ngram_drafts_what_followed_the_latest_earlier_match() -> None:
 
 
 def test_ngram_prefers_the_longest_match() -> None:
-    drafter = NgramDrafter(n_min=2, n_max=4)
+    drafter = NgramDrafter(lengths=(2, 3, 4))
     # (5, 6) alone last occurred before 30; (4, 5, 6) only before 20.
     context = [4, 5, 6, 20, 21, 9, 5, 6, 30, 31, 0, 4, 5, 6]
     assert drafter.draft(context, 2) == [20, 21]
 
 
+def test_a_long_match_pins_the_place_being_copied() -> None:
+    # Two blocks end alike ([7, 8, 9, 0] after their own bodies); the reply is copying
+    # block A. The latest [8, 9, 0] is block B's, followed by B's next line (50); the
+    # 8-token match with A's body finds A's next line (40).
+    a, b = [11, 12, 13, 14, 15, 7, 8, 9, 0], [21, 22, 23, 24, 25, 7, 8, 9, 0]
+    prompt = a + [40, 41] + b + [50, 51]
+    assert NgramDrafter(lengths=(2, 3, 4)).draft(prompt + a, 2) == [50, 51]
+    assert NgramDrafter(lengths=(2, 3, 4, 8)).draft(prompt + a, 2) == [40, 41]
+
+
+def test_an_index_entry_whose_tokens_differ_is_never_proposed() -> None:
+    # The index is keyed by hashes: a colliding entry must be caught by the comparison.
+    drafter = NgramDrafter(lengths=(3, 2))
+    context = [1, 2, 3, 4, 5, 6, 9, 4, 5]
+    assert drafter.draft(context, 2) == [6, 9]  # the 2-gram (4, 5)
+    drafter._index[3][hash((9, 4, 5))] = 4  # would propose [5, 6]; (2, 3, 4) precede it
+    assert drafter.draft(context, 2) == [6, 9]
+
+
 def test_ngram_without_a_match_drafts_nothing() -> None:
-    drafter = NgramDrafter(n_min=2, n_max=4)
+    drafter = NgramDrafter(lengths=(2, 3, 4))
     assert drafter.draft([1, 2, 3, 4, 5, 6], 4) == []
     assert drafter.draft([1], 4) == []
     assert drafter.draft([1, 2, 1, 2], 0) == []
 
 
 def test_ngram_index_follows_a_growing_context_and_rebuilds_on_a_new_one() -> None:
-    drafter = NgramDrafter(n_min=2, n_max=3)
+    drafter = NgramDrafter(lengths=(2, 3))
     context = [10, 11, 12, 13, 10, 11]
     assert drafter.draft(context, 2) == [12, 13]
     context += [12, 99, 10, 11]  # the reply went on; (10, 11) is now followed by 12, 99 last
