@@ -9,7 +9,9 @@ For each model (SmolLM2-135M, Gemma 3 270M) and each task:
   trying (goal: >= 0.97x plain).
 
 it decodes the same prompt at temperature 0 with kvchat plain, n-gram and (SmolLM2
-only, as its own draft model: mechanics, not speed) draft-model modes, and prints
+only, as its own draft model: mechanics, not speed) draft-model modes, plus an
+"oracle" that drafts the plain reply itself through the n-gram policy (every draft
+kept: the ceiling verification allows on this machine), and prints
 decode tok/s, the ratio over plain, the acceptance rate and whether the tokens are
 identical to plain decoding. Goals (issue 14): >= 2x plain on rewrite, >= 0.97x on
 free text, tokens identical.
@@ -29,6 +31,7 @@ import argparse
 import json
 import sys
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +45,14 @@ from kvchat.cache_types import parse_cache_type  # noqa: E402
 from kvchat.engine import Engine, EngineSettings  # noqa: E402
 from kvchat.engine_api import SamplingSettings  # noqa: E402
 from kvchat.session import Session  # noqa: E402
-from kvchat.speculative import DraftPolicy, ModelDrafter, NgramDrafter, Speculator, vocab_mismatch  # noqa: E402
+from kvchat.speculative import (  # noqa: E402
+    DraftPolicy,
+    ModelDrafter,
+    NgramDrafter,
+    Speculator,
+    policy_for,
+    vocab_mismatch,
+)
 
 GREEDY = SamplingSettings(temperature=0, seed=1)
 F16 = parse_cache_type("f16")
@@ -99,6 +109,43 @@ def run_kvchat(engine: Engine, prompt: str, speculator: Speculator | None, max_t
                   session.tokens[: len(session.tokens) - len(tokens)])
 
 
+class OracleDrafter:
+    """Drafts the reply plain decoding gave (known from its run): every draft is kept,
+    so its speed is the ceiling of verification on this machine, for this policy and
+    text; it shows how much of the gap to that ceiling is the drafts' fault."""
+
+    name = "oracle"
+
+    def __init__(self, sequence: list[int]) -> None:
+        self.sequence = sequence
+
+    def sync(self, context: Sequence[int]) -> None:
+        pass
+
+    def draft(self, context: Sequence[int], n_max: int) -> list[int]:
+        n = len(context)
+        if list(context[-8:]) != self.sequence[max(0, n - 8) : n]:
+            return []
+        return self.sequence[n : n + n_max]
+
+    def close(self) -> None:
+        pass
+
+
+def oracle_speculator(engine: Engine, prompt: str, plain: Result, max_tokens: int) -> Speculator:
+    """The n-gram policy fed the reply itself: first plain decoding's; where batched
+    rounding tips a near-tie (SmolLM2) the oracle's own reply differs from there, and
+    the next pass drafts that one, until a pass keeps every draft (at most 4)."""
+    reply = plain.tokens
+    for _ in range(4):
+        spec = Speculator(OracleDrafter(plain.prompt_tokens + reply), policy_for("ngram"))
+        got = run_kvchat(engine, prompt, spec, max_tokens)
+        if got.tokens == reply:
+            break
+        reply = got.tokens
+    return Speculator(OracleDrafter(plain.prompt_tokens + reply), policy_for("ngram"))
+
+
 def same_tokens(plain: list[int], other: list[int]) -> str:
     """'yes', or where the texts part (batched rounding at a near-tie; see README)."""
     if plain == other:
@@ -151,7 +198,9 @@ def bench_model(label: str, path: Path, args: argparse.Namespace) -> None:
                 modes: dict[str, Speculator | None] = {"plain": None, "ngram": Speculator(NgramDrafter())}
                 if draft is not None:
                     modes["draft"] = Speculator(ModelDrafter(draft, engine.n_vocab), DraftPolicy())
-                results: dict[str, Result] = {}
+                first = run_kvchat(engine, prompt, None, args.max_tokens)  # also the warm-up
+                results: dict[str, Result] = {"plain": first}
+                modes["oracle"] = oracle_speculator(engine, prompt, first, args.max_tokens)
                 for _ in range(args.repeats):  # interleaved, so that machine noise hits all modes
                     for mode, spec in modes.items():
                         r = run_kvchat(engine, prompt, spec, args.max_tokens)

@@ -245,10 +245,13 @@ class DraftPolicy:
     for `cooldown` tokens while `gain` is below 1 (it costs more than it saves),
     then probes again; each failed probe doubles the pause, up to `max_backoff`.
     The draft length doubles after a fully accepted draft and falls to one past
-    the accepted part after a rejection.
+    the accepted part after a rejection. With `batch_multiple` m > 1, lengths above
+    one are rounded up so that the verify batch (the pending token and the draft) is
+    a multiple of m tokens: 1, 3, 7, 15 for m = 4.
     """
 
     n_max: int = 16
+    batch_multiple: int = 1
     alpha: float = 0.3
     min_gain: float = 1.0
     first_backoff: int = 16
@@ -262,6 +265,15 @@ class DraftPolicy:
 
     def __post_init__(self) -> None:
         self.backoff = self.first_backoff
+        self.n_draft = self._length(self.n_draft)
+
+    def _length(self, n: int) -> int:
+        """`n` rounded up to a draft length whose verify batch fills whole multiples, at
+        most n_max."""
+        m = self.batch_multiple
+        if n > 1 and m > 1:
+            n = -(-(n + 1) // m) * m - 1
+        return max(1, min(self.n_max, n))
 
     def budget(self) -> int:
         """Draft tokens to ask for now; 0 means decode one token plainly."""
@@ -285,9 +297,9 @@ class DraftPolicy:
         self.counters.add(drafted, accepted)
         if accepted >= drafted:
             if drafted >= self.n_draft:
-                self.n_draft = min(self.n_max, self.n_draft * 2)
+                self.n_draft = self._length(self.n_draft * 2)
         else:
-            self.n_draft = max(1, accepted + 1)
+            self.n_draft = self._length(accepted + 1)
         if self.t_plain_s is None or seconds <= 0:
             return
         ratio = emitted * self.t_plain_s / seconds
@@ -301,15 +313,21 @@ class DraftPolicy:
 
 
 def policy_for(drafter: str) -> DraftPolicy:
-    """The default policy per drafter. An n-gram draft costs nothing to propose, only
-    its verify step: its gain is averaged over about ten steps (alpha 0.1) and a
-    pause lasts at most 64 tokens, so that a few rejected drafts in copy-heavy text
-    do not switch it off for the rest of the reply. (Gemma 3 270M rewriting a file:
-    1.01x plain with the draft model's settings, 1.18x with these; free text stayed
-    above plain.) A draft model pays a forward pass per proposed token: it keeps the
-    quicker, longer back-off."""
+    """The default policy per drafter.
+
+    An n-gram draft costs nothing to propose, only its verify step: its gain is
+    averaged over about ten steps (alpha 0.1) and a pause lasts at most 64 tokens, so
+    that a few rejected drafts in copy-heavy text do not switch it off for the rest of
+    the reply. Its verify batches are whole multiples of 4 tokens, at most 16 (drafts
+    of 1, 3, 7, 15): llama.cpp's CPU matrix kernels for repacked weights work on
+    4 rows at a time (Gemma 3 270M at depth 2300, 2 threads: batches of 4, 5 and 6
+    tokens took 61, 77 and 78 ms). With every draft kept, drafts of up to 16 ran
+    2.05-2.29x plain and these 2.56-2.60x.
+
+    A draft model pays a forward pass per proposed token: it keeps the quicker,
+    longer back-off and unrounded lengths."""
     if drafter == "ngram":
-        return DraftPolicy(alpha=0.1, max_backoff=64)
+        return DraftPolicy(alpha=0.1, max_backoff=64, batch_multiple=4, n_max=15, n_draft=3)
     return DraftPolicy()
 
 

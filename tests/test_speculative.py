@@ -82,6 +82,22 @@ def test_policy_doubles_after_full_acceptance_and_falls_after_rejection() -> Non
     assert policy.counters.steps == 4
 
 
+def test_ngram_verify_batches_fill_whole_multiples_of_four() -> None:
+    policy = policy_for("ngram")
+    policy.observe_plain(0.010)
+    lengths = []
+    for _ in range(5):
+        n = policy.budget()
+        lengths.append(n)
+        policy.observe_draft(drafted=n, accepted=n, emitted=n + 1, seconds=0.012)
+    assert lengths == [3, 7, 15, 15, 15]
+    for accepted, then in ((0, 1), (1, 3), (4, 7), (9, 11)):
+        policy.observe_draft(drafted=15, accepted=accepted, emitted=accepted + 1, seconds=0.05)
+        assert policy.budget() == then
+    assert DraftPolicy(n_draft=5, batch_multiple=4, n_max=15).budget() == 0  # no plain step yet
+    assert DraftPolicy(n_draft=5, batch_multiple=4, n_max=15).n_draft == 7
+
+
 def test_policy_pauses_while_drafting_costs_more_than_it_saves_then_probes_again() -> None:
     policy = DraftPolicy(n_draft=2, first_backoff=4, alpha=0.5)
     policy.observe_plain(0.010)
