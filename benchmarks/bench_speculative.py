@@ -128,6 +128,9 @@ class OracleDrafter:
             return []
         return self.sequence[n : n + n_max]
 
+    def feedback(self, paid: float) -> None:
+        pass
+
     def close(self) -> None:
         pass
 

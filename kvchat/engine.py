@@ -578,7 +578,7 @@ class Engine:
                     self._decode(llama.llama_batch_get_one(one, 1), 1)
                     sampled = [self.sample(-1)]
                     drafted = accepted = 0
-                    policy.observe_plain(time.perf_counter() - began)
+                    spec.observe_plain(time.perf_counter() - began)
                     continue
                 self._decode_all_logits([pending, *drafts])
                 sampled = []
@@ -596,7 +596,7 @@ class Engine:
                 # Keep the pending token and the accepted drafts but the last one sampled,
                 # which stays pending like any last token yielded.
                 self._truncate(base + len(sampled))
-                policy.observe_draft(drafted, accepted, len(sampled), time.perf_counter() - began)
+                spec.observe_draft(drafted, accepted, len(sampled), time.perf_counter() - began)
         finally:
             # Stopped early (closed, interrupted, max_tokens inside a step): the cache
             # holds every token yielded but the last, nothing more.

@@ -60,6 +60,10 @@ class Drafter(Protocol):
 
     def draft(self, context: Sequence[int], n_max: int) -> list[int]: ...
 
+    def feedback(self, paid: float) -> None:
+        """The verify step of the last draft emitted `paid` times the tokens a plain
+        step would have in its time."""
+
     def close(self) -> None: ...
 
 
@@ -74,16 +78,32 @@ class NgramDrafter:
     The index keeps one entry per length and position, keyed by the n-gram's hash (a
     collision is caught by comparing the tokens before proposing anything).
 
+    A match of n tokens proposes at most n - 1: the evidence that the text is being
+    copied is as long as the match, so a short match risks a short draft, and drafts
+    grow as a copied run goes on (1, 3, 7, 15 tokens for the default lengths, which
+    fill the verify batches of `policy_for('ngram')` exactly).
+
+    What a match is worth depends on its length and the text: in a rewrite a 16-token
+    match is nearly always copied on, while in free text a 2-token match rarely is.
+    So each length keeps what its drafts paid (`feedback`, an exponential average
+    of the verify step's tokens per plain-step time); matches of a length that does
+    not pay propose nothing, except every `PROBE_EVERY`-th, which keeps measuring.
+
     The index grows with the context; a context that is not an extension of the
     indexed one (a new conversation, dropped turns) rebuilds it.
     """
 
     name = "ngram"
+    PROBE_EVERY = 8
+    PAID_ALPHA = 0.3
 
-    def __init__(self, lengths: Sequence[int] = (2, 3, 4, 8, 16)) -> None:
+    def __init__(self, lengths: Sequence[int] = (2, 4, 8, 16)) -> None:
         if not lengths or min(lengths) < 1:
             raise ValueError("n-gram lengths must be at least 1")
         self.lengths = sorted(set(lengths), reverse=True)
+        self.paid = dict.fromkeys(self.lengths, 1.2)  # optimistic: every length is tried
+        self._skipped = dict.fromkeys(self.lengths, 0)
+        self._last: int | None = None  # the match length of the last draft proposed
         self._seq: list[int] = []
         # per length: hash of an n-gram -> index just after its latest occurrence whose
         # continuation is known
@@ -126,14 +146,25 @@ class NgramDrafter:
         seq, length = self._seq, len(self._seq)
         # Every n-gram that ends before the current end has a continuation to offer.
         self._index_until(length - 1)
+        self._last = None
         for n in self.lengths:
             if n >= length:
                 continue
             suffix = seq[length - n :]
             start = self._index[n].get(hash(tuple(suffix)))
             if start is not None and seq[start - n : start] == suffix:
-                return seq[start : start + n_max]
+                if self.paid[n] < 1.0:
+                    self._skipped[n] += 1
+                    if self._skipped[n] % self.PROBE_EVERY:
+                        return []
+                self._last = n
+                return seq[start : start + min(n_max, max(1, n - 1))]
         return []
+
+    def feedback(self, paid: float) -> None:
+        if self._last is not None:
+            self.paid[self._last] += self.PAID_ALPHA * (paid - self.paid[self._last])
+            self._last = None
 
     def close(self) -> None:
         self._reset()
@@ -232,6 +263,9 @@ class ModelDrafter:
             self._tokens.append(token)
         return drafts
 
+    def feedback(self, paid: float) -> None:
+        pass  # DraftPolicy's pause covers a draft model: every draft costs its passes
+
     def close(self) -> None:
         self.engine.close()
 
@@ -291,9 +325,11 @@ class DraftPolicy:
             t = self.t_plain_s
             self.t_plain_s = seconds if t is None else t + self.alpha * (seconds - t)
 
-    def observe_draft(self, drafted: int, accepted: int, emitted: int, seconds: float) -> None:
+    def observe_draft(self, drafted: int, accepted: int, emitted: int, seconds: float) -> float | None:
         """A verify step of `drafted` tokens kept `accepted` of them, produced `emitted`
-        tokens (accepted + the target's own next token, fewer at a stop) in `seconds`."""
+        tokens (accepted + the target's own next token, fewer at a stop) in `seconds`.
+        Returns what it paid: emitted tokens per plain-step time (None before a plain
+        step was timed)."""
         self.counters.add(drafted, accepted)
         if accepted >= drafted:
             if drafted >= self.n_draft:
@@ -301,7 +337,7 @@ class DraftPolicy:
         else:
             self.n_draft = self._length(accepted + 1)
         if self.t_plain_s is None or seconds <= 0:
-            return
+            return None
         ratio = emitted * self.t_plain_s / seconds
         self.gain += self.alpha * (ratio - self.gain)
         if self.gain < self.min_gain:
@@ -310,6 +346,7 @@ class DraftPolicy:
             self.n_draft = 1
         elif ratio > self.min_gain:
             self.backoff = self.first_backoff
+        return ratio
 
 
 def policy_for(drafter: str) -> DraftPolicy:
@@ -356,6 +393,14 @@ class Speculator:
         if n <= 0:
             return []
         return self.drafter.draft(context, n)[:n]
+
+    def observe_plain(self, seconds: float) -> None:
+        self.policy.observe_plain(seconds)
+
+    def observe_draft(self, drafted: int, accepted: int, emitted: int, seconds: float) -> None:
+        paid = self.policy.observe_draft(drafted, accepted, emitted, seconds)
+        if paid is not None:
+            self.drafter.feedback(paid)
 
     def close(self) -> None:
         self.drafter.close()

@@ -13,8 +13,18 @@ def test_ngram_drafts_what_followed_the_latest_earlier_match() -> None:
     drafter = NgramDrafter(lengths=(2, 3, 4))
     context = [1, 2, 3, 4, 5, 9, 1, 2, 3, 7, 7, 1, 2, 3]
     # The suffix (1, 2, 3) occurred twice before; the latest is followed by 7, 7, 1.
-    assert drafter.draft(context, 3) == [7, 7, 1]
+    # A 3-token match proposes at most 2 tokens.
+    assert drafter.draft(context, 3) == [7, 7]
     assert drafter.draft(context, 1) == [7]
+
+
+def test_a_match_proposes_one_token_less_than_its_length() -> None:
+    run = list(range(100, 140))
+    context = run + [0] + run[:20]  # copying `run` again: 20 tokens match so far
+    assert NgramDrafter().draft(context, 64) == run[20:35]  # 16-token match: 15 tokens
+    assert NgramDrafter().draft(context, 5) == run[20:25]  # never beyond n_max
+    assert NgramDrafter().draft(run + [0] + run[:5], 64) == run[5:8]  # 4 tokens: 3
+    assert NgramDrafter().draft(run + [0] + run[:3], 64) == run[3:4]  # 2 tokens: 1
 
 
 def test_ngram_prefers_the_longest_match() -> None:
@@ -38,9 +48,23 @@ def test_an_index_entry_whose_tokens_differ_is_never_proposed() -> None:
     # The index is keyed by hashes: a colliding entry must be caught by the comparison.
     drafter = NgramDrafter(lengths=(3, 2))
     context = [1, 2, 3, 4, 5, 6, 9, 4, 5]
-    assert drafter.draft(context, 2) == [6, 9]  # the 2-gram (4, 5)
+    assert drafter.draft(context, 2) == [6]  # the 2-gram (4, 5)
     drafter._index[3][hash((9, 4, 5))] = 4  # would propose [5, 6]; (2, 3, 4) precede it
-    assert drafter.draft(context, 2) == [6, 9]
+    assert drafter.draft(context, 2) == [6]
+
+
+def test_matches_of_a_length_that_does_not_pay_only_probe() -> None:
+    drafter = NgramDrafter(lengths=(2, 4))
+    short = [1, 2, 9, 8, 7, 1, 2]  # only the 2-gram (1, 2) matches
+    long = [5, 6, 7, 8, 9, 0, 5, 6, 7, 8]  # a 4-token match
+    assert drafter.draft(short, 4) == [9]
+    drafter.feedback(0.3)  # the 2-token match's draft cost more than it saved
+    assert drafter.paid[2] < 1.0
+    proposed = [drafter.draft(short, 4) for _ in range(16)]
+    assert [i for i, p in enumerate(proposed) if p] == [7, 15]  # a probe every 8th match
+    drafter.feedback(3.0)  # the last probe paid well: the length drafts again
+    assert drafter.paid[2] > 1.0 and drafter.draft(short, 4) == [9]
+    assert drafter.draft(long, 4) == [9, 0, 5]  # other lengths keep their own record
 
 
 def test_ngram_without_a_match_drafts_nothing() -> None:
@@ -52,13 +76,13 @@ def test_ngram_without_a_match_drafts_nothing() -> None:
 
 def test_ngram_index_follows_a_growing_context_and_rebuilds_on_a_new_one() -> None:
     drafter = NgramDrafter(lengths=(2, 3))
-    context = [10, 11, 12, 13, 10, 11]
-    assert drafter.draft(context, 2) == [12, 13]
-    context += [12, 99, 10, 11]  # the reply went on; (10, 11) is now followed by 12, 99 last
-    assert drafter.draft(context, 2) == [12, 99]
+    context = [10, 11, 12, 13, 77, 10, 11, 12]
+    assert drafter.draft(context, 2) == [13, 77]
+    context += [99, 5, 10, 11, 12]  # the reply went on; (10, 11, 12) is now followed by 99, 5
+    assert drafter.draft(context, 2) == [99, 5]
     # Another conversation (not an extension): nothing of the old one may be drafted.
-    assert drafter.draft([50, 51, 52, 10, 11], 2) == []
-    assert drafter.draft([50, 51, 52, 10, 11, 50, 51], 2) == [52, 10]
+    assert drafter.draft([50, 51, 52, 53, 10, 11, 12], 2) == []
+    assert drafter.draft([50, 51, 52, 53, 10, 11, 12, 50, 51, 52], 2) == [53, 10]
 
 
 def test_policy_waits_for_a_plain_step_to_know_what_a_token_costs() -> None:
@@ -152,8 +176,8 @@ def test_speculator_respects_the_room_left() -> None:
     policy = DraftPolicy(n_draft=8)
     policy.observe_plain(0.01)
     spec = Speculator(NgramDrafter(), policy)
-    context = [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2]
-    assert spec.propose(context, room=3) == [3, 4, 5]
+    context = [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3, 4]
+    assert spec.propose(context, room=2) == [5, 6]
     assert spec.propose(context, room=0) == []
 
 
