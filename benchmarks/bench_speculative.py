@@ -21,7 +21,7 @@ fed the same prompt tokens, when `python benchmarks/llama_tools.py --check` says
 tools are built (skipped otherwise).
 
 Usage: python benchmarks/bench_speculative.py [--threads 2] [--max-tokens 400]
-           [--lines 300] [--repeats 2] [--models smollm2,gemma3] [--no-server]
+           [--lines 300] [--repeats 3] [--models smollm2,gemma3] [--no-server]
 Smoke: python benchmarks/bench_speculative.py --lines 20 --max-tokens 24 --repeats 1 --no-server
 """
 
@@ -246,7 +246,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=400)
     parser.add_argument("--lines", type=int, default=300, help="lines of the file to rewrite")
     parser.add_argument("--ctx", type=int, default=8192)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--models", default="smollm2,gemma3")
     parser.add_argument("--no-server", action="store_true", help="skip the llama-server anchor")
     parser.add_argument("--no-draft", action="store_true", help="skip the draft-model mode")
