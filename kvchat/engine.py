@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import llama_cpp.llama_cpp as llama
+import numpy as np  # llama_cpp imports it already: free here
 
 from kvchat.cache_types import CacheType, flash_attn_enabled
 from kvchat.engine_api import Checkpoint, PerfCounters, SamplingSettings, TokenEvent
@@ -30,8 +31,6 @@ from kvchat.model_spec import check_loadable, spec_from_header
 from kvchat.settings import MIN_CTX
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from kvchat.speculative import Speculator
 
 # A prefill chunk should take about this long, so Ctrl-C stops it promptly.
@@ -409,12 +408,7 @@ class Engine:
         its last output). llama_sampler_sample also accepts the token into the chain's
         state, so call it once per token that is kept."""
         if self._greedy:
-            import numpy as np  # loaded with llama_cpp already
-
-            row = llama.llama_get_logits_ith(self._ctx, index)
-            if not row:
-                raise KvchatError(f"llama.cpp holds no logits at batch index {index}")
-            return int(np.ctypeslib.as_array(row, shape=(self.n_vocab,)).argmax())
+            return int(self._logits_row(index).argmax())
         return int(llama.llama_sampler_sample(self._sampler, self._ctx, index))
 
     def generate(
@@ -613,8 +607,6 @@ class Engine:
         (3,000 positions of a 49k vocab would be 590 MB at once). Used for teacher
         forcing (kvchat bench); the KV cache advances as the caller iterates.
         """
-        import numpy as np
-
         if self.n_past + len(tokens) > self.n_ctx:
             raise UsageError(
                 f"{self.n_past + len(tokens)} tokens do not fit the {self.n_ctx}-token context",
@@ -634,13 +626,17 @@ class Engine:
         finally:
             llama.llama_batch_free(batch)
 
+    def _logits_row(self, index: int) -> np.ndarray:
+        """A view (no copy) of the logits at batch index `index` of the last decode."""
+        row = llama.llama_get_logits_ith(self._ctx, index)
+        if not row:
+            raise KvchatError(f"llama.cpp holds no logits at batch index {index}")
+        return np.ctypeslib.as_array(row, shape=(self.n_vocab,))
+
     def last_logits(self) -> np.ndarray:
         """A copy of the next-token logits after the last token evaluated (tests
         compare them with a cold evaluation of the same history)."""
-        import numpy as np
-
-        row = llama.llama_get_logits_ith(self._ctx, -1)
-        return np.ctypeslib.as_array(row, shape=(self.n_vocab,)).copy()
+        return self._logits_row(-1).copy()
 
     # -- KV memory -----------------------------------------------------------
 
