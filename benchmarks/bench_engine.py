@@ -26,7 +26,7 @@ from pathlib import Path
 import psutil
 
 from kvchat.cache_types import parse_cache_type
-from kvchat.engine import Engine, EngineSettings
+from kvchat.engine import Engine, EngineSettings, amx_guard
 from kvchat.engine_api import SamplingSettings
 from kvchat.registry import default_model_path
 
@@ -39,7 +39,8 @@ def llama_bench(binary: str, model: Path, threads: int, repeats: int, flash_attn
     """pp512 and tg128 from an empty context, and tg128 after 512 tokens (-d 512)."""
     out = subprocess.run(
         [binary, "-m", str(model), "-p", str(N_PROMPT), "-n", str(N_GEN), "-t", str(threads),
-         "-r", str(repeats), "-d", f"0,{N_PROMPT}", "-fa", flash_attn, "-o", "json"],
+         "-r", str(repeats), "-d", f"0,{N_PROMPT}", "-fa", flash_attn, "-o", "json",
+         "--repack", "0" if amx_guard() else "1"],
         capture_output=True, text=True, check=True,
     )
     speeds: dict[str, float] = {}

@@ -151,6 +151,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def tool_env() -> dict[str, str]:
+    """The environment for llama.cpp's tools: weights load as kvchat loads them, so
+    without repacking where kvchat's AMX guard says so (kvchat.engine.amx_guard)."""
+    from kvchat.engine import amx_guard
+
+    env = dict(os.environ)
+    if amx_guard() is not None:
+        env["LLAMA_ARG_REPACK"] = "0"  # llama-server's --no-repack
+    return env
+
+
 class LlamaServer:
     """A llama-server (or rpc-server: `health=False`) process on a free port."""
 
@@ -171,7 +182,7 @@ class LlamaServer:
     def start(self) -> LlamaServer:
         where = ["--host", "127.0.0.1", "--port", str(self.port)]
         self.proc = subprocess.Popen([str(self.binary), *self.args, *where], stdin=subprocess.DEVNULL,
-                                     stdout=self._log, stderr=subprocess.STDOUT)
+                                     stdout=self._log, stderr=subprocess.STDOUT, env=tool_env())
         deadline = time.monotonic() + self.startup_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import os
 import sys
 import threading
 import time
@@ -125,6 +126,26 @@ def system_info() -> str:
     return (llama.llama_print_system_info() or b"").decode("utf-8", errors="replace")
 
 
+# Set to 1 to let llama.cpp put weights in its AMX buffer all the same.
+AMX_ENV = "KVCHAT_AMX"
+
+
+def amx_guard() -> str | None:
+    """Why weights load without llama.cpp's extra CPU buffer types here, or None.
+
+    On CPUs with AMX, a llama.cpp built for the machine puts weights in its AMX
+    buffer first, and its matrix kernel crashes the process on some of them (seen
+    on Xeon machines with Q4_1 and Q4_K weights: a segfault in
+    ggml_backend_amx_mul_mat; ggml-org/llama.cpp#20824, #26954). Without the extra
+    buffer types (llama.cpp's --no-repack) weights stay in the plain CPU buffer:
+    slower prompt processing, never a crash. KVCHAT_AMX=1 opts back in.
+    """
+    if os.environ.get(AMX_ENV) == "1" or "AMX_INT8 = 1" not in system_info():
+        return None
+    return ("llama.cpp's AMX kernels crash on some CPUs; weights load without repacking "
+            f"({AMX_ENV}=1 allows it)")
+
+
 def supports_gpu_offload() -> bool:
     return bool(llama.llama_supports_gpu_offload())
 
@@ -186,6 +207,8 @@ class Engine:
                              hint=f"use at least {MIN_CTX} tokens")
         mparams = llama.llama_model_default_params()
         mparams.n_gpu_layers = settings.n_gpu_layers
+        if amx_guard() is not None:
+            mparams.use_extra_bufts = False
         if settings.tensor_split:  # llama.cpp copies it while loading (llama_model's constructor)
             split = (ctypes.c_float * llama.llama_max_devices())(*settings.tensor_split)
             mparams.tensor_split = ctypes.cast(split, ctypes.POINTER(ctypes.c_float))
