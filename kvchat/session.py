@@ -255,6 +255,11 @@ class Session:
                     bos_text = self.engine.token_text(self.engine.bos_token)
                     add_bos = self.engine.add_bos and not (bos_text and piece.startswith(bos_text))
                 tokens.extend(self.engine.tokenize(piece, add_special=add_bos))
+                if add_bos and tokens[:1] == [self.engine.bos_token]:
+                    # The BOS token the model adds is the preamble's, not the first
+                    # turn's: a cut at the very start lands after it, so dropping that
+                    # turn keeps it.
+                    landed = [max(at, 1) for at in landed]
             landed.append(len(tokens))
             start = max(start, cut)
         return tokens, landed[:-1]
@@ -280,9 +285,12 @@ class Session:
             # A reply start stays valid only where the text before it is unchanged.
             reply = (old.reply_token, old.reply_char) if old and 0 <= old.reply_token <= keep else (-1, -1)
             self.turns.append(TurnMark(i, at, c, *reply))
+        reason = "the chat template rewrote earlier turns"
         if keep < self.engine.n_past:
-            self._rollback(keep, "the chat template rewrote earlier turns")
+            self._rollback(keep, reason)
         # The rest of `full` stands for text already seen: evaluating it is re-evaluation.
+        if self._evaluated_upto and len(full) > keep:
+            self._note_reeval(reason)
         self._evaluated_upto = max(keep, len(full) if self._evaluated_upto else 0)
 
     def _plan_tokens(self, messages: list[Message], rendered: str) -> tuple[list[int], list[TurnMark]]:
@@ -328,6 +336,11 @@ class Session:
     def checkpoint_bytes(self) -> int:
         return sum(c.checkpoint.size for c in self.checkpoints)
 
+    def _note_reeval(self, reason: str) -> None:
+        """Say why the next turn re-evaluates tokens; reasons gather until it has."""
+        if reason not in self._reeval_reason.split("; "):
+            self._reeval_reason = f"{self._reeval_reason}; {reason}" if self._reeval_reason else reason
+
     def _rollback(self, n_tokens: int, reason: str) -> None:
         """Make the cache hold tokens[:k] for the largest k <= n_tokens it can, never
         more: remove the tail, check what is left, else restore the latest checkpoint
@@ -347,7 +360,7 @@ class Session:
             if kept == 0:
                 engine.kv_clear()
         if kept < n_tokens:
-            self._reeval_reason = reason
+            self._note_reeval(reason)
         # Checkpoints past what the cache holds lost the attention cells they rely on.
         self.checkpoints = [c for c in self.checkpoints if c.n_tokens <= kept or not c.checkpoint.partial]
 
@@ -401,6 +414,9 @@ class Session:
         n_kv = self.engine.n_past
         kv_end = min(tok_end, n_kv)
         shifted = first.token >= n_kv
+        # Where the memory cannot shift, dropping evaluated tokens means evaluating
+        # what follows again, even if an earlier rollback this turn took the cells out.
+        costs_reeval = tok_end < self._evaluated_upto and not self._shifts_cheaply()
         if not shifted and self._shifts_cheaply() and self.engine.kv_remove(first.token, kv_end):
             if kv_end < n_kv:
                 self.engine.kv_shift(kv_end, -1, -(kv_end - first.token))
@@ -425,7 +441,8 @@ class Session:
         self.checkpoints = [c for c in self.checkpoints if c.n_tokens <= first.token]
         if not shifted:
             self._rollback(first.token, "dropped old turns and the memory cannot shift positions")
-            self._reeval_reason = "dropped old turns and the memory cannot shift positions"
+        if not shifted or costs_reeval:
+            self._note_reeval("dropped old turns and the memory cannot shift positions")
         return n_tok
 
     # -- a turn -------------------------------------------------------------

@@ -221,6 +221,32 @@ def test_gemma_retry_samples_the_last_reply_again_from_the_same_state(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_gemma_reply_its_template_trims_keeps_the_cache_up_to_the_change(
+        gemma: Engine, gemma_cold: Engine) -> None:
+    """Gemma's template trims every message, so a reply cut right after a whitespace
+    token is rendered differently the next turn: the cache keeps the history up to
+    that token, and the turn says why it evaluates the rest again."""
+    question = "List three fruits, one per line."
+    gemma.kv_clear()
+    probe = Session(gemma, chat_template_for(gemma), GREEDY, max_tokens=48)
+    reply = [e.token for e in probe.send(question)]
+    pieces = [gemma.token_piece(t).decode("utf-8", "replace") for t in reply[:-1]]
+    spaces = [i for i, piece in enumerate(pieces) if piece[-1:].isspace()]
+    assert spaces, "the reply has no whitespace token to cut after"
+    gemma.kv_clear()
+    session = Session(gemma, chat_template_for(gemma), GREEDY, max_tokens=spaces[0] + 1)
+    list(session.send(question))
+    assert session.kv_text[-1].isspace() and session.tokens[0] == gemma.bos_token
+    before = len(session.tokens)
+    _turn_matches_cold(session, gemma_cold, "And three vegetables?")
+    stats = session.last_turn
+    assert stats.reused_tokens >= before - 3, (stats.reused_tokens, before)
+    assert 0 < stats.reevaluated_tokens <= 3 and "template rewrote" in stats.reevaluated_reason
+    assert session.tokens[0] == gemma.bos_token
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(1800)  # 40 turns
 def test_gemma_overflow_drops_a_block_and_re_evaluates_rarely(gemma_path: Path) -> None:
     """40 turns at a 1024-token context: Gemma's cache cannot shift positions, so
@@ -239,6 +265,8 @@ def test_gemma_overflow_drops_a_block_and_re_evaluates_rarely(gemma_path: Path) 
                 reevaluations += 1
                 assert stats.reevaluated_tokens > 0 and "cannot shift" in stats.reevaluated_reason
             assert engine.covers(engine.n_past)
+            # Dropping the first turn keeps the BOS token the model adds before it.
+            assert session.tokens[0] == engine.bos_token
         print(f"gemma 3 270M, ctx 1024, 40 turns: {reevaluations} re-evaluations, "
               f"{40 / max(reevaluations, 1):.1f} turns per re-evaluation")
         assert 0 < reevaluations <= 10
