@@ -596,6 +596,9 @@ class Session:
             stats.stop_reason = "dropped"
             raise
         finally:
+            # A reply cut inside a character ends in bytes that decode to U+FFFD, in the
+            # cached text as in the reply the engine streamed (its decoder flushes too).
+            self.kv_text += kv_decoder.decode(b"", final=True)
             if first_token_at is not None:
                 stats.decode_s = time.perf_counter() - first_token_at
             self.messages.append({"role": "assistant", "content": prefilled + "".join(reply_pieces)})

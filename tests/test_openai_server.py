@@ -64,6 +64,23 @@ def test_exposition_lines_that_are_not_samples_are_skipped() -> None:
     assert samples[-1].labels == {"l": 'q"uote'} and samples[-1].value == 3.0
 
 
+# llama-cpp-python's server, loading weights as kvchat does: without llama.cpp's extra
+# CPU buffer types where kvchat's AMX guard says so (it has no flag for that).
+_LAUNCH = """
+import runpy
+import llama_cpp.llama_cpp as llama
+from kvchat.engine import amx_guard
+if amx_guard() is not None:
+    default_params = llama.llama_model_default_params
+    def model_params():
+        params = default_params()
+        params.use_extra_bufts = False
+        return params
+    llama.llama_model_default_params = model_params
+runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
+"""
+
+
 @pytest.fixture(scope="module")
 def openai_server(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     pytest.importorskip("llama_cpp.server.app", reason="llama-cpp-python[server] is part of the test extra")
@@ -71,7 +88,7 @@ def openai_server(model_path: Path, tmp_path_factory: pytest.TempPathFactory) ->
     log = tmp_path_factory.mktemp("openai") / "server.log"
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--model", str(model_path), "--model_alias", "smollm2",
+            [sys.executable, "-c", _LAUNCH, "--model", str(model_path), "--model_alias", "smollm2",
              "--n_ctx", "2048", "--n_threads", "1", "--host", "127.0.0.1", "--port", str(port)],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
         )

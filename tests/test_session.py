@@ -256,3 +256,22 @@ def test_sessions_list_show_export_rm(kvchat) -> None:
     assert missing.returncode == ExitCode.SESSION and "no session named" in missing.stderr
     bad = kvchat("run", "--session", "../evil", "hi")
     assert bad.returncode == ExitCode.USAGE
+
+
+def test_a_reply_cut_inside_a_character_leaves_the_cached_text_true(engine: Engine) -> None:
+    """max_tokens may end a reply inside a multi-byte character: the cached text then
+    ends in U+FFFD as the streamed reply does, and the next turn appends after it
+    without writing a second U+FFFD of its own into the token history."""
+    session = _fresh(engine, max_tokens=1)
+    reply = "".join(e.text for e in session.send("日本"))  # SmolLM2's first byte token
+    assert reply.endswith("\ufffd")
+
+    def detokenized() -> str:
+        data = b"".join(engine.token_piece(t, special=True) for t in session.tokens)
+        return data.decode("utf-8", errors="replace")
+
+    assert detokenized() == session.kv_text
+    before = list(session.tokens)
+    list(session.send("ok"))
+    assert session.tokens[: len(before)] == before and session.last_turn.reevaluated_tokens == 0
+    assert detokenized() == session.kv_text

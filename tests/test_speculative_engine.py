@@ -70,8 +70,9 @@ def _explain_difference(engine: Engine, history: list[int], plain: list[int], sp
     Batched and one-token evaluation round differently (on this CPU build and Q4_1
     model, logits of the same position differ by up to about one unit somewhere in the
     vocabulary). So the test rebuilds the logits plain decoding saw (prompt in one
-    batch, reply one token at a time) and asserts: the two tokens are its best two,
-    and their gap is smaller than the change batched evaluation makes at that position.
+    batch, reply one token at a time) and asserts: the two tokens are its best two
+    (in either order: see below), and their gap is smaller than the change batched
+    evaluation makes at that position.
     """
     at = next(i for i, (a, b) in enumerate(zip(plain, spec, strict=False)) if a != b)
     engine.set_speculator(None)
@@ -87,7 +88,10 @@ def _explain_difference(engine: Engine, history: list[int], plain: list[int], sp
         rows = next(engine.eval_logits(plain[at - 1 : at]))
     seen = rows[-1]
     best = np.argsort(seen)[-2:]
-    assert int(best[1]) == plain[at] and int(best[0]) == spec[at], (at, best, plain[at], spec[at])
+    # The rebuild's prefill is split into other batches than the plain run's (its
+    # chunks follow the clock), which rounds differently again: at a near-tie it may
+    # rank the two the other way round, so their order is not checked.
+    assert {int(best[0]), int(best[1])} == {plain[at], spec[at]}, (at, best, plain[at], spec[at])
     gap = float(seen[best[1]] - seen[best[0]])
     noise = float(np.abs(seen - batched[-1]).max())
     assert gap < noise, f"token {at}: a gap of {gap:.4f} is beyond batched rounding ({noise:.4f})"
