@@ -17,6 +17,8 @@ draft and is pure bookkeeping: no llama_cpp import, no printing.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -105,14 +107,15 @@ class NgramDrafter:
         self._skipped = dict.fromkeys(self.lengths, 0)
         self._last: int | None = None  # the match length of the last draft proposed
         self._seq: list[int] = []
-        # per length: hash of an n-gram -> index just after its latest occurrence whose
-        # continuation is known
-        self._index: dict[int, dict[int, int]] = {n: {} for n in self.lengths}
+        # per length: hash of an n-gram -> the index just after each of its occurrences
+        # whose continuation is known, in order
+        self._index: dict[int, dict[int, list[int]]] = {n: {} for n in self.lengths}
         self._indexed_end = 0
         self._ref: Sequence[int] | None = None
+        self._source: int | None = None  # where the last draft was copied from
 
     def _reset(self) -> None:
-        self._seq, self._indexed_end, self._ref = [], 0, None
+        self._seq, self._indexed_end, self._ref, self._source = [], 0, None, None
         self._index = {n: {} for n in self.lengths}
 
     def _sync(self, context: Sequence[int]) -> None:
@@ -136,7 +139,7 @@ class NgramDrafter:
         for stop in range(self._indexed_end + 1, end + 1):
             for n, table in tables:
                 if n <= stop:
-                    table[hash(tuple(seq[stop - n : stop]))] = stop
+                    table.setdefault(hash(tuple(seq[stop - n : stop])), []).append(stop)
         self._indexed_end = max(self._indexed_end, end)
 
     def draft(self, context: Sequence[int], n_max: int) -> list[int]:
@@ -151,15 +154,28 @@ class NgramDrafter:
             if n >= length:
                 continue
             suffix = seq[length - n :]
-            start = self._index[n].get(hash(tuple(suffix)))
-            if start is not None and seq[start - n : start] == suffix:
+            start = self._pick(self._index[n].get(hash(tuple(suffix)), ()), suffix)
+            if start is not None:
                 if self.paid[n] < 1.0:
                     self._skipped[n] += 1
                     if self._skipped[n] % self.PROBE_EVERY:
                         return []
-                self._last = n
+                self._last, self._source = n, start
                 return seq[start : start + min(n_max, max(1, n - 1))]
         return []
+
+    def _pick(self, starts: Sequence[int], suffix: list[int]) -> int | None:
+        """Of the places an n-gram occurred, the one to copy from: the first after the
+        last draft's source (a rewrite copies its source in order, so after a line of
+        its own the next "def" to copy is the next one in the file, not the latest
+        one), else the latest. Hash collisions are skipped."""
+        seq, n = self._seq, len(suffix)
+        after = bisect.bisect_right(starts, self._source) if self._source is not None else len(starts)
+        for i in itertools.chain(range(after, len(starts)), range(after - 1, -1, -1)):
+            start = starts[i]
+            if seq[start - n : start] == suffix:
+                return start
+        return None
 
     def feedback(self, paid: float) -> None:
         if self._last is not None:

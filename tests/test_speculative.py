@@ -49,8 +49,20 @@ def test_an_index_entry_whose_tokens_differ_is_never_proposed() -> None:
     drafter = NgramDrafter(lengths=(3, 2))
     context = [1, 2, 3, 4, 5, 6, 9, 4, 5]
     assert drafter.draft(context, 2) == [6]  # the 2-gram (4, 5)
-    drafter._index[3][hash((9, 4, 5))] = 4  # would propose [5, 6]; (2, 3, 4) precede it
+    drafter._index[3][hash((9, 4, 5))] = [4]  # would propose [5, 6]; (2, 3, 4) precede it
     assert drafter.draft(context, 2) == [6]
+
+
+def test_a_rewrite_copies_its_source_in_order() -> None:
+    """An ambiguous match ("def name" starts every function) copies from the first
+    place after the last draft's source, not from the latest place it occurred."""
+    source = [7, 1, 50, 8, 7, 1, 51, 8, 7, 1, 52, 8]  # three functions: def name body end
+    drafter = NgramDrafter(lengths=(3, 2))
+    assert drafter.draft(source + [7, 1, 50], 1) == [8]  # a unique 3-gram: the first function
+    reply = [7, 1, 50, 8, 99, 7, 1]  # copied, then a line of its own (99), then "def name"
+    assert drafter.draft(source + reply, 1) == [51]  # the latest place says 50
+    fresh = NgramDrafter(lengths=(3, 2))
+    assert fresh.draft(source + reply, 1) == [50]  # no source yet: the latest place
 
 
 def test_matches_of_a_length_that_does_not_pay_only_probe() -> None:
