@@ -5,8 +5,8 @@ logits at every position and keeps a draft token only where the target's own
 sampler picks it, so the output is the target's. This module decides what to
 draft and is pure bookkeeping: no llama_cpp import, no printing.
 
-- `NgramDrafter` (prompt lookup): the latest earlier occurrence of the context's
-  last few tokens (prompt, reply so far, earlier turns) proposes what followed it.
+- `NgramDrafter` (prompt lookup): an earlier occurrence of the context's last few
+  tokens (prompt, reply so far, earlier turns) proposes what followed it.
   Pays off where a reply copies its input (rewrites, edits, conversions).
 - `ModelDrafter`: a small model with the same vocabulary drafts greedily; its own
   context follows the target's token history.
@@ -72,7 +72,8 @@ class Drafter(Protocol):
 class NgramDrafter:
     """Prompt lookup: match the context's last `n` tokens, for each n in `lengths`
     longest first, against an index of every earlier n-gram, and propose the tokens
-    that followed the latest earlier occurrence.
+    that followed an earlier occurrence: the first one after the place the last
+    draft was copied from (copies run in order), else the latest.
 
     Long matches matter in the text drafting pays for: code and tables repeat short
     runs everywhere ("return result\n\ndef"), and the latest place a 4-gram occurred
