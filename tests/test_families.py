@@ -224,20 +224,24 @@ def test_gemma_retry_samples_the_last_reply_again_from_the_same_state(
 @pytest.mark.timeout(900)
 def test_gemma_reply_its_template_trims_keeps_the_cache_up_to_the_change(
         gemma: Engine, gemma_cold: Engine) -> None:
-    """Gemma's template trims every message, so a reply cut right after a whitespace
-    token is rendered differently the next turn: the cache keeps the history up to
-    that token, and the turn says why it evaluates the rest again."""
-    question = "List three fruits, one per line."
-    gemma.kv_clear()
-    probe = Session(gemma, chat_template_for(gemma), GREEDY, max_tokens=48)
-    reply = [e.token for e in probe.send(question)]
-    pieces = [gemma.token_piece(t).decode("utf-8", "replace") for t in reply[:-1]]
-    spaces = [i for i, piece in enumerate(pieces) if piece[-1:].isspace()]
-    assert spaces, "the reply has no whitespace token to cut after"
-    gemma.kv_clear()
-    session = Session(gemma, chat_template_for(gemma), GREEDY, max_tokens=spaces[0] + 1)
-    list(session.send(question))
-    assert session.kv_text[-1].isspace() and session.tokens[0] == gemma.bos_token
+    """Gemma's template trims every message, so a reply stopped right after a
+    whitespace token (here as Ctrl-C would stop it) is rendered differently the next
+    turn: the cache keeps the history up to that token, and the turn says why it
+    evaluates the rest again."""
+    for question in ("List three fruits, one per line.", "Write a short poem about the sea.",
+                     "Write two short paragraphs about cats."):
+        gemma.kv_clear()
+        session = Session(gemma, chat_template_for(gemma), GREEDY, max_tokens=96)
+        stream = session.send(question)
+        for event in stream:
+            if not event.is_eog and gemma.token_piece(event.token).decode("utf-8", "replace")[-1:].isspace():
+                stream.close()
+                break
+        if session.kv_text[-1:].isspace():
+            break
+    else:
+        pytest.fail("no reply had a whitespace token to stop after")
+    assert session.tokens[0] == gemma.bos_token
     before = len(session.tokens)
     _turn_matches_cold(session, gemma_cold, "And three vegetables?")
     stats = session.last_turn
