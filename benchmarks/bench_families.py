@@ -63,8 +63,9 @@ def _first_token(session: Session, text: str) -> tuple[float, dict[str, Any]]:
     next(stream)
     ttft = time.perf_counter() - started
     list(stream)
-    turn = session.last_turn
-    return ttft, {"evaluated": turn.evaluated_tokens, "reevaluated": turn.reevaluated_tokens}
+    turn = stream.stats
+    return ttft, {"evaluated": turn.evaluated_tokens, "reevaluated": turn.reevaluated_tokens,
+                  "completion_tokens": turn.completion_tokens}
 
 
 def kvchat_side(model: Path, threads: int, history: int) -> dict[str, Any]:
@@ -80,13 +81,13 @@ def kvchat_side(model: Path, threads: int, history: int) -> dict[str, Any]:
         session.undo()
         _, figures = _first_token(session, "What was the first text about?")
         out["undo"] = {"ttft_s": time.perf_counter() - started, **figures,
-                       "prompt": list(session.tokens[: -session.last_turn.completion_tokens])}
+                       "prompt": list(session.tokens[: -figures["completion_tokens"]])}
         out["after_undo"] = list(session.tokens)
 
         session.messages[-1]["content"] = "It was about something else entirely."
         ttft, figures = _first_token(session, "Are you sure?")
         out["rewrite"] = {"ttft_s": ttft, **figures,
-                          "prompt": list(session.tokens[: -session.last_turn.completion_tokens])}
+                          "prompt": list(session.tokens[: -figures["completion_tokens"]])}
         out["history"] = tokens
 
         engine.kv_clear()
@@ -134,9 +135,10 @@ def overflow_turns(model: Path, threads: int, turns: int) -> tuple[int, int, int
         session = Session(engine, chat_template_for(engine), GREEDY, REPLY_TOKENS)
         reevaluations = drops = 0
         for i in range(turns):
-            list(session.send(f"Question {i}: {TEXT[i * 300:i * 300 + 250]}"))
-            reevaluations += session.last_turn.reevaluated_tokens > 0
-            drops += session.last_turn.dropped_turns > 0
+            turn = session.send(f"Question {i}: {TEXT[i * 300:i * 300 + 250]}")
+            list(turn)
+            reevaluations += turn.stats.reevaluated_tokens > 0
+            drops += turn.stats.dropped_turns > 0
         return turns, reevaluations, drops, engine.can_shift()
 
 

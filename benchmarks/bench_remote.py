@@ -69,15 +69,16 @@ def main() -> None:
         ttft, ratios, server_prompt_ms = [], [], []
         try:
             session = conv.session
-            assert conv.server is not None
+            server = conv.backend.engine  # type: ignore[attr-defined]
             # A warm-up reply (not counted): the first request pays one-off allocations.
             list(session.send("Hello."))
             print(f"{'turn':>4} {'history':>7} {'cache_n':>7} {'prompt_n':>8} {'ttft ms':>8} "
                   f"{'prompt_ms':>9} {'kvchat tok/s':>12} {'server tok/s':>12}")
             for turn in range(1, args.turns + 1):
                 history = len(session.tokens)
-                list(session.send(PROMPTS[turn % len(PROMPTS)]))
-                stats, t = session.last_turn, conv.server.last_timings
+                sent = session.send(PROMPTS[turn % len(PROMPTS)])
+                list(sent)
+                stats, t = sent.stats, server.last_timings
                 assert stats is not None and t is not None
                 ttft.append(stats.ttft_s)
                 server_prompt_ms.append(t.prompt_ms)
@@ -114,12 +115,13 @@ def main() -> None:
 
 def repeat_turn(conv: object, text: str, reps: int) -> tuple[float, float]:
     """Median TTFT (s) and server prompt_ms of the last turn sent again `reps` times."""
-    session, server = conv.session, conv.server  # type: ignore[attr-defined]
+    session, server = conv.session, conv.backend.engine  # type: ignore[attr-defined]
     ttft, prompt_ms = [], []
     for _ in range(reps):
         session.undo()
-        list(session.send(text))
-        ttft.append(session.last_turn.ttft_s)
+        sent = session.send(text)
+        list(sent)
+        ttft.append(sent.stats.ttft_s)
         prompt_ms.append(server.last_timings.prompt_ms)
     return statistics.median(ttft), statistics.median(prompt_ms)
 

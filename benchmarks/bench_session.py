@@ -59,9 +59,10 @@ def kvchat_turn_ttfts(model: Path, threads: int, turns: int, rounds: int) -> lis
             session.clear()
             ttfts = []
             for i in range(turns):
-                for _ in session.send(_message(i)):
+                turn = session.send(_message(i))
+                for _ in turn:
                     pass
-                ttfts.append(session.last_turn.ttft_s)
+                ttfts.append(turn.stats.ttft_s)
             all_rounds.append(ttfts)
     return _median_per_turn(all_rounds)
 
@@ -113,7 +114,7 @@ def resume_vs_cold(model: Path, threads: int, home: Path) -> dict[str, float]:
         for _ in session.send("Read this and remember it.\n" + long_text):
             pass
         named.check(model, settings, rebuild=False)
-        size = named.save(session, engine)
+        size = named.save(session, engine.n_ctx)
         n_tokens = len(session.tokens)
         kv_bytes = engine.n_past * (engine.buffers.k + engine.buffers.v) / engine.buffers.kv_cells
         transcript = len(json.dumps(session.messages).encode())

@@ -102,11 +102,11 @@ def run_kvchat(engine: Engine, prompt: str, speculator: Speculator | None, max_t
     engine.set_speculator(speculator)
     try:
         session = Session(engine, chat_template_for(engine), GREEDY, max_tokens)
-        tokens = [e.token for e in session.send(prompt)]
+        sent = session.send(prompt)
+        tokens = [e.token for e in sent]
     finally:
         engine.speculator = None  # the caller owns it (and its draft engine)
-    turn = session.last_turn
-    assert turn is not None
+    turn = sent.stats
     return Result(turn.decode_tok_s, tokens, turn.drafted_tokens, turn.accepted_tokens,
                   session.tokens[: len(session.tokens) - len(tokens)])
 

@@ -22,6 +22,7 @@ from rich.console import Console
 
 from kvchat.app import chat_template_for
 from kvchat.cache_types import parse_cache_type
+from kvchat.conversation import TurnStats
 from kvchat.engine import Engine, EngineSettings, supports_gpu_offload
 from kvchat.engine_api import SamplingSettings
 from kvchat.hardware import open_nvml
@@ -34,8 +35,8 @@ PROMPT = "Repeat the word hello 500 times."
 
 
 def one_reply(session: Session, *, with_status: bool, console: Console, sampler: HardwareSampler,
-              device: DeviceInfo, bytes_per_cell: float) -> float:
-    """Decode tok/s of one reply (the session's own figure), from an empty cache."""
+              device: DeviceInfo, bytes_per_cell: float) -> TurnStats:
+    """One reply's figures (its decode tok/s is the session's own), from an empty cache."""
     session.clear()
     meter = TokenMeter()
     stream = session.send(PROMPT)
@@ -54,9 +55,7 @@ def one_reply(session: Session, *, with_status: bool, console: Console, sampler:
                 meter.token()
                 if event.text:
                     view.feed(event.text)
-    turn = session.last_turn
-    assert turn is not None
-    return turn.decode_tok_s
+    return stream.stats
 
 
 def main() -> None:
@@ -79,12 +78,14 @@ def main() -> None:
         per_cell = kv_bytes_per_cell(engine.buffers, engine.n_ctx)
         one_reply(session, with_status=True, console=console, sampler=sampler, device=device,
                   bytes_per_cell=per_cell)  # warm-up
-        without, with_ = [], []
+        without: list[float] = []
+        with_: list[float] = []
         for _ in range(args.repeats):
             for flag, into in ((False, without), (True, with_)):
-                into.append(one_reply(session, with_status=flag, console=console, sampler=sampler,
-                                      device=device, bytes_per_cell=per_cell))
-        produced = session.last_turn.completion_tokens if session.last_turn else 0
+                last = one_reply(session, with_status=flag, console=console, sampler=sampler,
+                                 device=device, bytes_per_cell=per_cell)
+                into.append(last.decode_tok_s)
+        produced = last.completion_tokens
     if nvml is not None:
         nvml.close()
     a, b = statistics.median(without), statistics.median(with_)

@@ -74,13 +74,13 @@ class PerfCounters:
 
 
 class ChatEngine(Protocol):
-    """One loaded model with one context and one sequence."""
+    """One loaded model with one context and one sequence: what a token-exact
+    conversation (`kvchat.session.Session`) needs, and nothing else. What only some
+    engines can do is an optional capability below, asked for with `isinstance`."""
 
-    # -- facts about the model and the context -------------------------------
+    # -- facts about the context ------------------------------------------------
     @property
     def n_ctx(self) -> int: ...
-    @property
-    def n_ctx_train(self) -> int: ...
     @property
     def n_past(self) -> int:
         """Cells of the sequence in the cache (the next position to evaluate)."""
@@ -88,16 +88,7 @@ class ChatEngine(Protocol):
     @property
     def bos_token(self) -> int: ...
     @property
-    def eos_token(self) -> int: ...
-    @property
     def add_bos(self) -> bool: ...
-    @property
-    def flash_attn(self) -> str:
-        """The flash-attention mode that runs: on, off, or auto where the engine did not say."""
-        ...
-    @property
-    def load_s(self) -> float: ...
-
     @property
     def memory_kind(self) -> str:
         """One of MEMORY_KINDS."""
@@ -106,14 +97,6 @@ class ChatEngine(Protocol):
     def needs_checkpoints(self) -> bool:
         """Removing the tail of the sequence can lose what the history needs."""
         ...
-
-    def chat_template(self) -> str | None: ...
-    def metadata(self, key: str) -> str | None: ...
-    def is_eog(self, token: int) -> bool: ...
-    def has_special_token(self, text: str) -> bool: ...
-    def builtin_template_names(self) -> list[str]: ...
-    def apply_builtin_template(self, name: str, messages: Sequence[dict[str, str]], *,
-                               add_generation_prompt: bool) -> str: ...
 
     # -- tokens ------------------------------------------------------------------
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]: ...
@@ -139,20 +122,32 @@ class ChatEngine(Protocol):
     def kv_remove(self, start: int, end: int) -> bool:
         """Remove positions [start, end) (end -1: to the end); False if refused."""
         ...
-    def kv_shift(self, start: int, end: int, delta: int) -> None: ...
-    def can_shift(self) -> bool: ...
     def kv_clear(self) -> None: ...
     def covers(self, n_tokens: int) -> bool:
         """The cache holds exactly what the token after `n_tokens` history tokens needs."""
         ...
-    def checkpoint(self, n_tokens: int) -> Checkpoint: ...
-    def restore_checkpoint(self, checkpoint: Checkpoint) -> bool: ...
-    def state_bytes(self) -> bytes: ...
+    def state_bytes(self) -> bytes:
+        """The sequence's state, for a saved session (what load_state_bytes takes)."""
+        ...
     def load_state_bytes(self, data: bytes, n_tokens: int) -> None: ...
 
-    # -- counters and lifetime -----------------------------------------------------
-    def perf(self) -> PerfCounters: ...
-    def close(self) -> None: ...
+
+@runtime_checkable
+class ShiftingEngine(Protocol):
+    """Capability: move cells to other positions (llama.cpp's seq_add). `can_shift()`
+    says whether this context's memory allows it (Gemma 3's does not)."""
+
+    def can_shift(self) -> bool: ...
+    def kv_shift(self, start: int, end: int, delta: int) -> None: ...
+
+
+@runtime_checkable
+class CheckpointingEngine(Protocol):
+    """Capability: snapshot the sequence and go back to a snapshot
+    (llama_state_seq_get_data_ext), for memory that cannot roll back by removal."""
+
+    def checkpoint(self, n_tokens: int) -> Checkpoint: ...
+    def restore_checkpoint(self, checkpoint: Checkpoint) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -164,13 +159,11 @@ class ChatUsage:
     cached_tokens: int | None  # prompt tokens from its prefix cache; None: not reported
 
 
-@runtime_checkable
 class MessageEngine(Protocol):
     """A server that renders and tokenizes messages itself (OpenAI chat completions:
-    vLLM, ollama, LM Studio, llama-cpp-python's server). `Session` then keeps the
-    messages and the server's own token counts; there is no token history here."""
-
-    renders_messages: bool
+    vLLM, ollama, LM Studio, llama-cpp-python's server). A message conversation
+    (`kvchat.message_session.MessageSession`) keeps the messages and the server's own
+    token counts; there is no token history here."""
 
     @property
     def n_ctx(self) -> int:

@@ -15,12 +15,11 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from kvchat import session_store
-from kvchat.engine_api import ChatEngine, MessageEngine
+from kvchat.conversation import Conversation
 from kvchat.errors import SessionError
-from kvchat.session import PERSISTED_CHECKPOINTS, Session, encode_checkpoints
 from kvchat.session_store import SavedSession
 
 
@@ -136,7 +135,7 @@ class NamedSession:
                 hint="drop the conflicting flags, or add --rebuild to re-evaluate it from the transcript",
             )
 
-    def attach(self, session: Session, *, rebuild: bool) -> int:
+    def attach(self, session: Conversation, *, rebuild: bool) -> int:
         """Put the saved conversation into `session`; returns tokens re-evaluated."""
         if self.saved is None:
             return 0
@@ -151,13 +150,12 @@ class NamedSession:
             return session.restore(self.saved.record, self.saved.tokens, None)
         return session.restore_from_messages(self.saved.record)
 
-    def save(self, session: Session, engine: ChatEngine | MessageEngine) -> int:
+    def save(self, session: Conversation, n_ctx_cells: int) -> int:
         """Write transcript + tokens + KV state atomically; returns bytes written (a
-        server that renders messages itself keeps no state here: the transcript)."""
+        server that renders messages itself keeps no state here: the transcript).
+        `n_ctx_cells`: the cells the context has (0 where a server does not say)."""
         assert self.model_identity is not None and self.settings is not None
-        if hasattr(engine, "slot_file"):  # llama-server: the slot goes to this session's file there
-            engine.slot_file = self.server_file_name()
-        state = b"" if session.chat_api is not None else cast(ChatEngine, engine).state_bytes()
+        saved = session.saved_state()
         record = {
             **session.to_record(),
             "name": self.name,
@@ -166,11 +164,10 @@ class NamedSession:
             "model": self.model_identity,
             "settings": self.settings.as_record(),
             # The cells llama.cpp made (n_ctx rounded up to 256): what n_kv is measured against.
-            **({"n_ctx_cells": engine.n_ctx} if engine.n_ctx else {}),
+            **({"n_ctx_cells": n_ctx_cells} if n_ctx_cells else {}),
             "sampling": {**dataclasses.asdict(session.sampling), "max_tokens": session.max_tokens},
         }
-        keep = session.checkpoints[-PERSISTED_CHECKPOINTS:]
-        return session_store.save(self.path, record, session.tokens, state, encode_checkpoints(keep))
+        return session_store.save(self.path, record, saved.tokens, saved.state, saved.checkpoints)
 
     def server_file_name(self) -> str:
         """The file on a llama-server this session's slot is saved to: one per session

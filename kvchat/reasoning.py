@@ -11,6 +11,13 @@ text: the chat template decides whether old reasoning is kept (kvchat.session).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from kvchat.errors import ModelFormatError
+
+if TYPE_CHECKING:
+    from kvchat.chat_template import ChatTemplate, Message
+
 OPEN_TAG = "<think>"
 CLOSE_TAG = "</think>"
 
@@ -64,3 +71,26 @@ def _partial_suffix(text: str, tag: str) -> int:
         if text.endswith(tag[:n]):
             return n
     return 0
+
+
+def prefilled_reply(template: ChatTemplate, messages: list[Message], kv_text: str) -> str:
+    """Text the generation prompt already wrote into the reply (a reasoning block
+    opened, or closed empty by enable_thinking=false): it is part of the reply as
+    the template renders it back, so the history keeps it with the model's text.
+    `kv_text` is the rendered conversation with the generation prompt."""
+    from kvchat.chat_template import TURN_SENTINELS
+
+    try:
+        before = template.render(messages, add_generation_prompt=False)
+        reply: Message = {"role": "assistant", "content": TURN_SENTINELS[1]}
+        with_reply = template.render([*messages, reply], add_generation_prompt=False)
+    except ModelFormatError:
+        return ""
+    if not with_reply.startswith(before) or TURN_SENTINELS[1] not in with_reply:
+        return ""
+    header = with_reply[len(before) : with_reply.index(TURN_SENTINELS[1])]
+    start = len(before) + len(header)
+    if not kv_text.startswith(before + header):
+        return ""
+    tail = kv_text[start:]
+    return tail if OPEN_TAG in tail else ""

@@ -1,4 +1,7 @@
-"""A conversation: messages, the exact token history in the KV cache, and an engine.
+"""A token-exact conversation: messages, the exact token history in the KV cache,
+and a `ChatEngine` (llama.cpp here, or llama-server). It implements
+`kvchat.conversation.Conversation`; servers that render messages themselves have
+their own kind (`kvchat.message_session`).
 
 The token history here is the single truth of what the KV cache holds. Each turn
 renders the conversation with the chat template, keeps the part already in the
@@ -21,129 +24,26 @@ the turn reports it (`TurnStats.reevaluated_tokens`).
 from __future__ import annotations
 
 import codecs
-import hashlib
-import struct
 import time
-from array import array
 from collections.abc import Callable, Generator
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, cast
+from typing import Any
 
-from kvchat.chat_template import TURN_SENTINELS, ChatTemplate, Message, preamble_length
-from kvchat.engine_api import ChatEngine, Checkpoint, MessageEngine, SamplingSettings, TokenEvent
-from kvchat.errors import ModelFormatError, NetworkError, SessionError, UsageError
+from kvchat.chat_template import ChatTemplate, Message
+from kvchat.checkpoints import (
+    PERSISTED_CHECKPOINTS,
+    SavedCheckpoint,
+    decode_checkpoints,
+    encode_checkpoints,
+    history_digest,
+)
+from kvchat.conversation import SavedState, Turn, TurnStats
+from kvchat.engine_api import ChatEngine, CheckpointingEngine, SamplingSettings, ShiftingEngine, TokenEvent
+from kvchat.errors import NetworkError, SessionError, UsageError
 from kvchat.prefix_cache import PrefixCache
-from kvchat.reasoning import ReasoningSplitter, opens_in_prompt, template_has_reasoning
-
-OVERFLOW_POLICIES = ("shift", "stop")
-
-
-@dataclass
-class TurnStats:
-    """What one turn cost. Token counts come from the session's own history."""
-
-    reused_tokens: int = 0
-    evaluated_tokens: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    ttft_s: float = 0.0
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    stop_reason: str = "eog"
-    dropped_turns: int = 0
-    dropped_tokens: int = 0
-    # The persistent prefix cache (kvchat.prefix_cache): tokens restored from disk,
-    # the time that took, and why the cache was not used (None: used, or not asked).
-    prefix_cache_tokens: int = 0
-    prefix_cache_restore_s: float = 0.0
-    prefix_cache_skipped: str | None = None
-    reasoning_tokens: int = 0
-    # History tokens evaluated again this turn because the cache had lost them, and why.
-    reevaluated_tokens: int = 0
-    reevaluated_reason: str = ""
-    # Speculative decoding: draft tokens verified, and those kept (see kvchat.speculative).
-    drafted_tokens: int = 0
-    accepted_tokens: int = 0
-    # False on a server that renders messages and sent no `usage`: the prompt counts
-    # are unknown (completion_tokens then counts the streamed pieces).
-    usage_reported: bool = True
-
-    @property
-    def acceptance(self) -> float:
-        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
-
-    @property
-    def prefill_tok_s(self) -> float:
-        # Restoring from the prefix cache is not prefill: it is timed on its own.
-        seconds = self.prefill_s - self.prefix_cache_restore_s
-        return self.evaluated_tokens / seconds if seconds > 0 else 0.0
-
-    @property
-    def decode_tok_s(self) -> float:
-        # The first token comes out of the prefill; decode speed covers the rest.
-        n = self.completion_tokens - 1
-        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
-
-
-@dataclass
-class TurnMark:
-    """Where a user turn starts: message index, token index, character index; and
-    where its reply starts (token and character index; -1 until the prompt is in)."""
-
-    message: int
-    token: int
-    char: int
-    reply_token: int = -1
-    reply_char: int = -1
-
-
-def _digest(tokens: list[int]) -> bytes:
-    return hashlib.blake2b(array("i", tokens).tobytes(), digest_size=16).digest()
-
-
-@dataclass
-class SavedCheckpoint:
-    """A checkpoint and the digest of the token prefix it stands for."""
-
-    checkpoint: Checkpoint
-    digest: bytes
-
-    @property
-    def n_tokens(self) -> int:
-        return self.checkpoint.n_tokens
-
-
-_CHECKPOINT_HEAD = struct.Struct("<IB16sQ")  # n_tokens, partial, digest, data length
-PERSISTED_CHECKPOINTS = 2  # a named session keeps what rewinding its last exchange needs
-
-
-def encode_checkpoints(checkpoints: list[SavedCheckpoint]) -> bytes:
-    """Checkpoints as bytes for a session file (kvchat.session_store)."""
-    parts = [struct.pack("<I", len(checkpoints))]
-    for saved in checkpoints:
-        cp = saved.checkpoint
-        parts.append(_CHECKPOINT_HEAD.pack(cp.n_tokens, cp.partial, saved.digest, cp.size))
-        parts.append(cp.data)
-    return b"".join(parts)
-
-
-def decode_checkpoints(blob: bytes) -> list[SavedCheckpoint]:
-    """The inverse of encode_checkpoints; [] for an empty or malformed blob (they
-    are an optimisation: without them an undo re-evaluates, and says so)."""
-    if len(blob) < 4:
-        return []
-    (count,) = struct.unpack_from("<I", blob)
-    at, out = 4, []
-    for _ in range(count):
-        if at + _CHECKPOINT_HEAD.size > len(blob):
-            return []
-        n_tokens, partial, digest, size = _CHECKPOINT_HEAD.unpack_from(blob, at)
-        at += _CHECKPOINT_HEAD.size
-        if at + size > len(blob):
-            return []
-        out.append(SavedCheckpoint(Checkpoint(n_tokens, blob[at : at + size], bool(partial)), digest))
-        at += size
-    return out
+from kvchat.reasoning import ReasoningSplitter, opens_in_prompt, prefilled_reply, template_has_reasoning
+from kvchat.settings import OVERFLOW_POLICIES
+from kvchat.turn_split import TurnMark, TurnSplitter
 
 
 @dataclass
@@ -160,7 +60,6 @@ class Session:
     # The exact text the tokens in `tokens` stand for (special tokens rendered).
     kv_text: str = ""
     turns: list[TurnMark] = field(default_factory=list)
-    last_turn: TurnStats | None = None
     # Called with (tokens done, tokens to do) while a turn's prompt is evaluated.
     on_prefill: Callable[[int, int], None] | None = None
     # Used when a turn starts on an empty KV cache (a one-shot run, a new chat).
@@ -174,12 +73,11 @@ class Session:
         if self.overflow not in OVERFLOW_POLICIES:
             raise UsageError(f"unknown --overflow '{self.overflow}'", hint="use shift or stop")
         self.engine.set_sampling(self.sampling)
-        # A server that renders and tokenizes messages itself (MessageEngine): the
-        # session keeps messages and the server's counts, no token history.
-        self.chat_api: MessageEngine | None = (cast(MessageEngine, self.engine)
-                                               if getattr(self.engine, "renders_messages", False) else None)
-        self._context_used = 0  # the server's prompt + completion tokens of the last turn
-        self._preamble = preamble_length(self.template)
+        # Optional engine capabilities, asked for once (kvchat.engine_api).
+        self._shifter = self.engine if isinstance(self.engine, ShiftingEngine) else None
+        self._checkpointer = self.engine if isinstance(self.engine, CheckpointingEngine) else None
+        self._revision = 0
+        self._split = TurnSplitter(self.engine, self.template)
         # History tokens that have been in the cache (the rest were never evaluated),
         # and why the cache last lost some of them.
         self._evaluated_upto = 0
@@ -187,8 +85,25 @@ class Session:
 
     # -- conversation edits ------------------------------------------------
 
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def template_origin(self) -> str:
+        return self.template.origin
+
+    @property
+    def checkpoint_usage(self) -> tuple[int, int] | None:
+        return len(self.checkpoints), self.checkpoint_bytes
+
+    @property
+    def revision(self) -> int:
+        return self._revision
+
     def set_system(self, text: str) -> None:
         """Set the system prompt; once turns exist, the cache is rebuilt lazily."""
+        self._revision += 1
         if self.messages and self.messages[0]["role"] == "system":
             self.messages[0] = {"role": "system", "content": text}
         else:
@@ -198,9 +113,8 @@ class Session:
 
     def clear(self) -> None:
         """Forget the conversation (the system prompt stays) and empty the KV cache."""
-        if self.chat_api is None:
-            self.engine.kv_clear()
-        self._context_used = 0
+        self.engine.kv_clear()
+        self._revision += 1
         self.messages = [m for m in self.messages[:1] if m["role"] == "system"]
         self.dropped = []
         self.tokens = []
@@ -215,62 +129,18 @@ class Session:
 
     @property
     def n_kv(self) -> int:
-        """Cells of the KV cache in use by this conversation (on a server that renders
-        messages itself: its token count of the last exchange)."""
-        return self._context_used if self.chat_api is not None else self.engine.n_past
+        """Cells of the KV cache in use by this conversation."""
+        return self.engine.n_past
 
     # -- tokens for a turn -----------------------------------------------
-
-    def _turn_offset(self, messages: list[Message], i: int, text: str) -> int | None:
-        """Character offset in `text` where user message `i` starts, if known."""
-        if i == 0:
-            return min(self._preamble, len(text))
-        prefix = self.template.render(messages[:i], add_generation_prompt=False)
-        return len(prefix) if text.startswith(prefix) else None
-
-    def _turn_marks(self, messages: list[Message], text: str) -> list[tuple[int, int]]:
-        """(message index, character offset) of every user turn found in `text`."""
-        marks = []
-        for i, message in enumerate(messages):
-            if message["role"] == "user":
-                offset = self._turn_offset(messages, i, text)
-                if offset is not None:
-                    marks.append((i, offset))
-        return marks
-
-    def _tokenize_at(self, text: str, cuts: list[int], *, at_start: bool) -> tuple[list[int], list[int]]:
-        """Tokenize `text` in pieces split at `cuts`; return tokens and where each cut landed.
-
-        Text `at_start` of the history gets the model's BOS token unless the
-        template already wrote it.
-        """
-        tokens: list[int] = []
-        landed: list[int] = []
-        start = 0
-        for cut in [*cuts, len(text)]:
-            piece = text[start:cut]
-            if piece:
-                add_bos = False
-                if at_start and not tokens:
-                    bos_text = self.engine.token_text(self.engine.bos_token)
-                    add_bos = self.engine.add_bos and not (bos_text and piece.startswith(bos_text))
-                tokens.extend(self.engine.tokenize(piece, add_special=add_bos))
-                if add_bos and tokens[:1] == [self.engine.bos_token]:
-                    # The BOS token the model adds is the preamble's, not the first
-                    # turn's: a cut at the very start lands after it, so dropping that
-                    # turn keeps it.
-                    landed = [max(at, 1) for at in landed]
-            landed.append(len(tokens))
-            start = max(start, cut)
-        return tokens, landed[:-1]
 
     def _resync(self, text: str, messages: list[Message]) -> None:
         """Make the history stand for `text` when the cached text is not its prefix
         (a template that rewrites earlier turns): tokenize it at turn boundaries and
         keep the longest common token prefix that is cached; the rest becomes
         pending and is evaluated with the next turn."""
-        marks = self._turn_marks(messages, text)
-        full, landed = self._tokenize_at(text, [c for _, c in marks], at_start=True)
+        marks = self._split.turn_marks(messages, text)
+        full, landed = self._split.tokenize_at(text, [c for _, c in marks], at_start=True)
         keep = 0
         for have, want in zip(self.tokens, full, strict=False):
             if have != want:
@@ -308,9 +178,9 @@ class Session:
                 self._evaluated_upto = min(self._evaluated_upto, self.engine.n_past)
                 return [], []
         base = len(self.kv_text)
-        user_char = self._turn_offset(messages, len(messages) - 1, rendered)
+        user_char = self._split.turn_offset(messages, len(messages) - 1, rendered)
         cut = min(max((base if user_char is None else user_char) - base, 0), len(rendered) - base)
-        tokens, landed = self._tokenize_at(rendered[base:], [cut], at_start=not self.tokens)
+        tokens, landed = self._split.tokenize_at(rendered[base:], [cut], at_start=not self.tokens)
         return tokens, [TurnMark(len(messages) - 1, len(self.tokens) + landed[0], base + cut)]
 
     # -- checkpoints and rollback ---------------------------------------------
@@ -318,12 +188,13 @@ class Session:
     def _checkpoint(self, history: list[int], n_tokens: int) -> None:
         """Snapshot the cache now (it holds history[:n_tokens]) where the memory
         cannot roll back; oldest checkpoints go first past the count or size bound."""
-        if not self.engine.needs_checkpoints or self.checkpoint_max <= 0 or n_tokens <= 0:
+        engine = self._checkpointer
+        if engine is None or not self.engine.needs_checkpoints or self.checkpoint_max <= 0 or n_tokens <= 0:
             return
-        digest = _digest(history[:n_tokens])
+        digest = history_digest(history[:n_tokens])
         if any(c.n_tokens == n_tokens and c.digest == digest for c in self.checkpoints):
             return
-        saved = SavedCheckpoint(self.engine.checkpoint(n_tokens), digest)
+        saved = SavedCheckpoint(engine.checkpoint(n_tokens), digest)
         self.checkpoints = [c for c in self.checkpoints if c.n_tokens != n_tokens]
         self.checkpoints.append(saved)
         self.checkpoints.sort(key=lambda c: c.n_tokens)
@@ -351,10 +222,11 @@ class Session:
         kept = n_tokens
         if not (engine.kv_remove(n_tokens, -1) and engine.covers(n_tokens)):
             kept = 0
-            for saved in reversed(self.checkpoints):
-                if saved.n_tokens > n_tokens or saved.digest != _digest(self.tokens[: saved.n_tokens]):
+            checkpointer = self._checkpointer
+            for saved in reversed(self.checkpoints if checkpointer is not None else []):
+                if saved.n_tokens > n_tokens or saved.digest != history_digest(self.tokens[: saved.n_tokens]):
                     continue
-                if engine.restore_checkpoint(saved.checkpoint):
+                if checkpointer is not None and checkpointer.restore_checkpoint(saved.checkpoint):
                     kept = saved.n_tokens
                     break
             if kept == 0:
@@ -393,7 +265,8 @@ class Session:
         return min(self.max_tokens or 512, n_ctx // 4)
 
     def _shifts_cheaply(self) -> bool:
-        return self.engine.can_shift() and self.engine.memory_kind in ("kv", "swa")
+        return self._shifter is not None and self._shifter.can_shift() and \
+            self.engine.memory_kind in ("kv", "swa")
 
     def _drop_oldest_turn(self, pending_messages: int) -> int:
         """Drop the oldest user turn (and its replies); return the tokens freed.
@@ -417,9 +290,10 @@ class Session:
         # Where the memory cannot shift, dropping evaluated tokens means evaluating
         # what follows again, even if an earlier rollback this turn took the cells out.
         costs_reeval = tok_end < self._evaluated_upto and not self._shifts_cheaply()
-        if not shifted and self._shifts_cheaply() and self.engine.kv_remove(first.token, kv_end):
+        if not shifted and self._shifter is not None and self._shifts_cheaply() and \
+                self.engine.kv_remove(first.token, kv_end):
             if kv_end < n_kv:
-                self.engine.kv_shift(kv_end, -1, -(kv_end - first.token))
+                self._shifter.kv_shift(kv_end, -1, -(kv_end - first.token))
             shifted = self.engine.covers(n_kv - (kv_end - first.token))
         del self.tokens[first.token : tok_end]
         self.kv_text = self.kv_text[: first.char] + self.kv_text[char_end:]
@@ -447,18 +321,18 @@ class Session:
 
     # -- a turn -------------------------------------------------------------
 
-    def send(self, text: str, *, shared_chars: int | None = None) -> Generator[TokenEvent, None, None]:
-        """Add a user message and stream the reply's tokens.
+    def send(self, text: str, *, shared_chars: int | None = None) -> Turn:
+        """Add a user message; the turn streams the reply's tokens.
 
-        The turn's figures are in `last_turn` once the iterator ends, whether it
-        ran to the end of the turn or was closed early (Ctrl-C): a partial reply
-        is kept in both the transcript and the token history.
+        The turn's figures are complete once its iteration ends, whether it ran to
+        the end of the turn or was closed early (Ctrl-C): a partial reply is kept in
+        both the transcript and the token history.
         """
-        if self.chat_api is not None:
-            yield from self._send_messages(self.chat_api, text)
-            return
-        stats = TurnStats()
-        self.last_turn = stats
+        return Turn(lambda stats: self._send(stats, text, shared_chars))
+
+    def _send(self, stats: TurnStats, text: str,
+              shared_chars: int | None) -> Generator[TokenEvent, None, None]:
+        self._revision += 1
         user: Message = {"role": "user", "content": text}
         n_ctx = self.engine.n_ctx
         while True:
@@ -516,7 +390,8 @@ class Session:
         started = time.perf_counter()
         try:
             if self.prefix_cache is not None and self.engine.n_past == 0:
-                cuts = self._prefix_cuts(to_eval, marks, rendered, text, shared_chars)
+                last_mark = marks[-1] if marks else None
+                cuts = self._split.prefix_cuts(to_eval, last_mark, rendered, text, shared_chars)
                 got = self.prefix_cache.prefill(self.engine, to_eval, cuts, self.on_prefill)
                 stats.prefix_cache_tokens = got.restored_tokens
                 stats.prefix_cache_restore_s = got.restore_s
@@ -538,26 +413,6 @@ class Session:
         self.turns.extend(marks)
         return started
 
-    def _prefix_cuts(self, tokens: list[int], marks: list[TurnMark], rendered: str, text: str,
-                     shared_chars: int | None) -> list[int]:
-        """Token positions where the prefix cache cuts this prompt: the end of what comes
-        before the user turn (the system prompt), and the end of the shared start of the
-        message (`shared_chars`), one token early in case the tokenizer merges across it."""
-        if not marks:
-            return []
-        mark = marks[-1]
-        cuts = [mark.token]
-        content_at = rendered.find(text, mark.char)
-        if shared_chars and content_at >= 0:
-            want = len(rendered[mark.char : content_at + shared_chars].encode("utf-8"))
-            have = 0
-            for i in range(mark.token, len(tokens)):
-                have += len(self.engine.token_piece(tokens[i], special=True))
-                if have > want:
-                    cuts.append(i - 1)
-                    break
-        return cuts
-
     def _generate(self, stats: TurnStats, started: float) -> Generator[TokenEvent, None, None]:
         kv_decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         reply_pieces: list[str] = []
@@ -568,7 +423,7 @@ class Session:
         prefilled = ""
         if self.template.render_fn is None and template_has_reasoning(self.template.source):
             splitter = ReasoningSplitter(inside=opens_in_prompt(self.kv_text))
-            prefilled = self._prefilled_reply()
+            prefilled = prefilled_reply(self.template, self.messages, self.kv_text)
         try:
             for event in self.engine.generate(self.max_tokens, context=self.tokens):
                 if first_token_at is None:
@@ -605,26 +460,6 @@ class Session:
             # Every generated token but the last is in the cache.
             self._evaluated_upto = max(self.engine.n_past, len(self.tokens) - 1)
 
-    def _prefilled_reply(self) -> str:
-        """Text the generation prompt already wrote into the reply (a reasoning block
-        opened, or closed empty by enable_thinking=false): it is part of the reply as
-        the template renders it back, so the history keeps it with the model's text."""
-        messages = self.messages
-        try:
-            before = self.template.render(messages, add_generation_prompt=False)
-            reply: Message = {"role": "assistant", "content": TURN_SENTINELS[1]}
-            with_reply = self.template.render([*messages, reply], add_generation_prompt=False)
-        except ModelFormatError:
-            return ""
-        if not with_reply.startswith(before) or TURN_SENTINELS[1] not in with_reply:
-            return ""
-        header = with_reply[len(before) : with_reply.index(TURN_SENTINELS[1])]
-        start = len(before) + len(header)
-        if not self.kv_text.startswith(before + header):
-            return ""
-        tail = self.kv_text[start:]
-        return tail if "<think>" in tail else ""
-
     def _split_reasoning(self, splitter: ReasoningSplitter, event: TokenEvent,
                          stats: TurnStats) -> TokenEvent:
         was_inside = splitter.inside
@@ -637,80 +472,6 @@ class Session:
         if reasoning or (was_inside and splitter.inside):
             stats.reasoning_tokens += 1
         return replace(event, text=answer, reasoning_text=reasoning)
-
-    # -- a turn on a server that renders messages itself ------------------------
-
-    def _drop_oldest_exchange(self) -> bool:
-        """Drop the oldest user message after the system prompt and its replies."""
-        start = 1 if self.messages and self.messages[0]["role"] == "system" else 0
-        users = [i for i in range(start, len(self.messages)) if self.messages[i]["role"] == "user"]
-        if not users:
-            return False
-        end = users[1] if len(users) > 1 else len(self.messages)
-        self.dropped.extend(self.messages[users[0] : end])
-        del self.messages[users[0] : end]
-        return True
-
-    def _send_messages(self, api: MessageEngine, text: str) -> Generator[TokenEvent, None, None]:
-        """Send the messages; the server's `usage` gives the turn's counts. Overflow is
-        handled here with the same policy, from the server's count of the last exchange
-        (the new message estimated at one token per 3 bytes: the server's tokenizer is
-        not at hand)."""
-        stats = TurnStats()
-        self.last_turn = stats
-        n_ctx = api.n_ctx
-        if n_ctx:
-            reserve = min(self.max_tokens or 512, n_ctx // 4)
-            while self._context_used + len(text.encode()) // 3 + reserve > n_ctx and self.messages[-1:]:
-                if self.overflow == "stop":
-                    raise SessionError(f"the context is full ({self._context_used} of {n_ctx} tokens used)",
-                                       hint="clear the conversation, or use --overflow shift")
-                before = self._context_used
-                if not self._drop_oldest_exchange():
-                    break
-                stats.dropped_turns += 1
-                # The server counts again next turn; until then, assume the drop freed half.
-                self._context_used = before // 2
-        messages = [*self.messages, {"role": "user", "content": text}]
-        pieces: list[str] = []
-        started = time.perf_counter()
-        first_token_at: float | None = None
-        try:
-            for event in api.chat(messages, self.max_tokens):
-                if first_token_at is None:
-                    first_token_at = time.perf_counter()
-                    stats.ttft_s = stats.prefill_s = first_token_at - started
-                stats.completion_tokens += 1
-                pieces.append(event.text)
-                if event.reasoning_text:
-                    stats.reasoning_tokens += 1
-                yield event
-        except (GeneratorExit, KeyboardInterrupt):
-            stats.stop_reason = "interrupted"
-            raise
-        except NetworkError:
-            stats.stop_reason = "dropped"
-            raise
-        finally:
-            if first_token_at is not None:
-                stats.decode_s = time.perf_counter() - first_token_at
-            if pieces or stats.stop_reason != "interrupted":
-                self.messages = [*messages, {"role": "assistant", "content": "".join(pieces)}]
-            self._count_usage(api, stats)
-
-    def _count_usage(self, api: MessageEngine, stats: TurnStats) -> None:
-        usage = api.last_usage
-        if stats.stop_reason not in ("interrupted", "dropped"):
-            stats.stop_reason = {"stop": "eog", "length": "length"}.get(api.last_finish_reason or "", "eog")
-        if usage is None:
-            stats.usage_reported = False
-            return
-        cached = usage.cached_tokens or 0
-        stats.prompt_tokens = usage.prompt_tokens
-        stats.completion_tokens = usage.completion_tokens
-        stats.reused_tokens = cached
-        stats.evaluated_tokens = usage.prompt_tokens - cached
-        self._context_used = usage.prompt_tokens + usage.completion_tokens
 
     # -- undo and retry -------------------------------------------------------
 
@@ -726,14 +487,8 @@ class Session:
         taken there where the memory cannot simply remove its tail), so the next
         message costs about its own tokens, not the conversation.
         """
-        if self.chat_api is not None:
-            users = [i for i, m in enumerate(self.messages) if m["role"] == "user"]
-            if not users:
-                raise SessionError("there is no exchange to undo", hint="send a message first")
-            user = self.messages[users[-1]]
-            del self.messages[users[-1] :]
-            return user
         mark = self._last_exchange()
+        self._revision += 1
         user = self.messages[mark.message]
         del self.messages[mark.message :]
         del self.tokens[mark.token :]
@@ -743,20 +498,17 @@ class Session:
         self._rollback(mark.token, "undo")
         return user
 
-    def retry(self) -> Generator[TokenEvent, None, None]:
+    def retry(self) -> Turn:
         """Regenerate the last reply (a new sample of it): the reply's tokens leave
         the history and the cache, the last prompt token is evaluated again for its
         logits, and generation starts over."""
-        if self.chat_api is not None:  # the server renders: sending the message again is a retry
-            yield from self.send(self.undo()["content"])
-            return
         mark = self._last_exchange()
         if mark.reply_token < 0 or mark.reply_char < 0:
-            user = self.undo()
-            yield from self.send(user["content"])
-            return
-        stats = TurnStats()
-        self.last_turn = stats
+            return self.send(self.undo()["content"])
+        return Turn(lambda stats: self._retry(stats, mark))
+
+    def _retry(self, stats: TurnStats, mark: TurnMark) -> Generator[TokenEvent, None, None]:
+        self._revision += 1
         del self.messages[mark.message + 1 :]
         del self.tokens[mark.reply_token :]
         self.kv_text = self.kv_text[: mark.reply_char]
@@ -787,8 +539,14 @@ class Session:
             "dropped": self.dropped,
             "kv_text": self.kv_text,
             "turns": [asdict(m) for m in self.turns],
-            "n_kv": 0 if self.chat_api is not None else self.engine.n_past,
+            "n_kv": self.engine.n_past,
         }
+
+    def saved_state(self) -> SavedState:
+        """The token history, the KV state and the checkpoints an undo of the last
+        exchange needs."""
+        return SavedState(list(self.tokens), self.engine.state_bytes(),
+                          encode_checkpoints(self.checkpoints[-PERSISTED_CHECKPOINTS:]))
 
     def restore(self, record: dict[str, Any], tokens: list[int], state: bytes | None,
                 checkpoints: bytes = b"") -> int:
@@ -797,8 +555,7 @@ class Session:
         re-evaluated. Returns tokens evaluated."""
         self.messages = list(record["messages"])
         self.dropped = list(record.get("dropped", []))
-        if self.chat_api is not None:  # the server's prefix cache, not a state here
-            return 0
+        self._revision += 1
         self.turns = [TurnMark(**m) for m in record.get("turns", [])]
         n_kv = int(record["n_kv"])
         self.checkpoints = []
@@ -807,7 +564,7 @@ class Session:
             self.tokens = list(tokens)
             self.kv_text = record["kv_text"]
             self.engine.load_state_bytes(state, n_kv)
-            if self.engine.needs_checkpoints:
+            if self.engine.needs_checkpoints and self._checkpointer is not None:
                 self.checkpoints = decode_checkpoints(checkpoints)
             return 0
         # Rebuild: evaluate the transcript's tokens (exactly as they were in the
@@ -823,8 +580,7 @@ class Session:
         Returns tokens evaluated."""
         self.messages = list(record["messages"])
         self.dropped = list(record.get("dropped", []))
-        if self.chat_api is not None:
-            return 0
+        self._revision += 1
         self.engine.kv_clear()
         self.tokens, self.kv_text, self.turns, self.checkpoints = [], "", [], []
         self._evaluated_upto = 0

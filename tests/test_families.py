@@ -31,13 +31,15 @@ from kvchat import session_store
 from kvchat.app import chat_template_for
 from kvchat.cache_types import parse_cache_type
 from kvchat.chat_template import ChatTemplate
+from kvchat.checkpoints import SavedCheckpoint
+from kvchat.conversation import TurnStats
 from kvchat.engine import Engine, EngineSettings
-from kvchat.engine_api import Checkpoint, SamplingSettings
+from kvchat.engine_api import Checkpoint, SamplingSettings, TokenEvent
 from kvchat.errors import SessionError
 from kvchat.memory import PlanSettings, checkpoint_bytes
 from kvchat.model_spec import read_spec
 from kvchat.reasoning import ReasoningSplitter
-from kvchat.session import SavedCheckpoint, Session
+from kvchat.session import Session
 
 F16 = parse_cache_type("f16")
 GREEDY = SamplingSettings(temperature=0, seed=1)
@@ -60,9 +62,10 @@ def _cold_logits(cold: Engine, tokens: list[int]) -> np.ndarray:
     return cold.last_logits()
 
 
-def _turn_matches_cold(session: Session, cold: Engine, text: str) -> None:
+def _turn_matches_cold(session: Session, cold: Engine, text: str) -> TurnStats:
     """Send `text`; the distribution after the prompt equals a cold evaluation of
-    the same tokens, and the cache covers the history afterwards."""
+    the same tokens, and the cache covers the history afterwards. Returns the turn's
+    figures."""
     stream = session.send(text)
     next(stream)
     warm = session.engine.last_logits()
@@ -73,6 +76,17 @@ def _turn_matches_cold(session: Session, cold: Engine, text: str) -> None:
     assert _kl(reference, warm) < MAX_KL
     assert session.engine.covers(session.engine.n_past)
     assert session.engine.n_past == len(session.tokens) - 1
+    return stream.stats
+
+
+def _sent(session: Session, text: str) -> tuple[list[TokenEvent], TurnStats]:
+    turn = session.send(text)
+    return list(turn), turn.stats
+
+
+def _retried(session: Session) -> tuple[list[int], TurnStats]:
+    turn = session.retry()
+    return [e.token for e in turn], turn.stats
 
 
 def _words(start: int, n_chars: int) -> str:
@@ -182,8 +196,7 @@ def test_gemma_interrupted_prefill_restores_a_checkpoint_not_a_window_with_holes
     # just before it, included): nothing to re-evaluate.
     assert session.tokens == tokens and n_kv == len(tokens) - 1
     assert gemma.n_past == len(tokens) and gemma.covers(len(tokens))
-    _turn_matches_cold(session, gemma_cold, "And in one word?")
-    assert session.last_turn.reevaluated_tokens == 0
+    assert _turn_matches_cold(session, gemma_cold, "And in one word?").reevaluated_tokens == 0
 
 
 @pytest.mark.slow
@@ -200,8 +213,7 @@ def test_gemma_undo_then_a_message_costs_about_that_message(
     user = session.undo()
     assert user["content"].startswith("Now this one")
     assert gemma.covers(gemma.n_past)
-    _turn_matches_cold(session, gemma_cold, "What was the first text about?")
-    stats = session.last_turn
+    stats = _turn_matches_cold(session, gemma_cold, "What was the first text about?")
     assert stats.reevaluated_tokens <= 4  # the turn separator after the checkpoint
     assert stats.evaluated_tokens < 40 and before_undo - len(session.tokens) > 500
 
@@ -213,9 +225,9 @@ def test_gemma_retry_samples_the_last_reply_again_from_the_same_state(
     session = _long_history(gemma, gemma_history)
     first = [e.token for e in session.send("Name a colour.")]
     n_before = len(session.tokens) - len(first)
-    again = [e.token for e in session.retry()]
+    again, stats = _retried(session)
     assert again == first  # greedy: the same reply from the same state
-    assert session.last_turn.evaluated_tokens == 1 and len(session.tokens) == n_before + len(again)
+    assert stats.evaluated_tokens == 1 and len(session.tokens) == n_before + len(again)
     assert [m["role"] for m in session.messages[-2:]] == ["user", "assistant"]
     _turn_matches_cold(session, gemma_cold, "And another?")
 
@@ -243,8 +255,7 @@ def test_gemma_reply_its_template_trims_keeps_the_cache_up_to_the_change(
         pytest.fail("no reply had a whitespace token to stop after")
     assert session.tokens[0] == gemma.bos_token
     before = len(session.tokens)
-    _turn_matches_cold(session, gemma_cold, "And three vegetables?")
-    stats = session.last_turn
+    stats = _turn_matches_cold(session, gemma_cold, "And three vegetables?")
     assert stats.reused_tokens >= before - 3, (stats.reused_tokens, before)
     assert 0 < stats.reevaluated_tokens <= 3 and "template rewrote" in stats.reevaluated_reason
     assert session.tokens[0] == gemma.bos_token
@@ -261,10 +272,9 @@ def test_gemma_overflow_drops_a_block_and_re_evaluates_rarely(gemma_path: Path) 
         reevaluations = 0
         for i in range(40):
             if i == 39:
-                _turn_matches_cold(session, cold, f"Question {i}: {_words(i * 300, 250)}")
+                stats = _turn_matches_cold(session, cold, f"Question {i}: {_words(i * 300, 250)}")
             else:
-                list(session.send(f"Question {i}: {_words(i * 300, 250)}"))
-            stats = session.last_turn
+                stats = _sent(session, f"Question {i}: {_words(i * 300, 250)}")[1]
             if stats.dropped_turns:
                 reevaluations += 1
                 assert stats.reevaluated_tokens > 0 and "cannot shift" in stats.reevaluated_reason
@@ -338,16 +348,15 @@ def test_hybrid_undo_and_retry_restore_checkpoints(hybrid: Engine, hybrid_cold: 
     session = _hybrid_session(hybrid)
     assert session.checkpoints and all(c.checkpoint.partial for c in session.checkpoints)
     first = [e.token for e in session.send("one more message")]
-    again = [e.token for e in session.retry()]
+    again, stats = _retried(session)
     assert again == first
-    assert session.last_turn.evaluated_tokens == 1  # from the checkpoint one token before the reply
+    assert stats.evaluated_tokens == 1  # from the checkpoint one token before the reply
     session.undo()
     # Back to the checkpoint where the history ended before that message: what
     # lies between is the previous reply's end-of-turn text (these random-weight
     # replies stop at max_tokens, so the template adds <|im_end|> and a newline).
     assert hybrid.covers(hybrid.n_past) and len(session.tokens) - 10 <= hybrid.n_past < len(session.tokens)
-    _turn_matches_cold(session, hybrid_cold, "another message")
-    assert session.last_turn.reevaluated_tokens <= 10
+    assert _turn_matches_cold(session, hybrid_cold, "another message").reevaluated_tokens <= 10
 
 
 def test_hybrid_without_checkpoints_re_evaluates_and_says_so(hybrid: Engine, hybrid_cold: Engine) -> None:
@@ -357,8 +366,7 @@ def test_hybrid_without_checkpoints_re_evaluates_and_says_so(hybrid: Engine, hyb
     n_history = len(session.tokens)
     session.undo()
     assert hybrid.n_past == 0  # nothing to roll back to: the cache was emptied, not left wrong
-    _turn_matches_cold(session, hybrid_cold, "after undo")
-    stats = session.last_turn
+    stats = _turn_matches_cold(session, hybrid_cold, "after undo")
     assert stats.reevaluated_tokens > n_history // 2 and stats.reevaluated_reason == "undo"
 
 
@@ -423,14 +431,14 @@ def test_thinking_template_splits_reasoning_and_drops_it_from_old_turns(
     assert template.supports_thinking and template.origin == f"file {path}"
     smol.kv_clear()
     session = Session(smol, template, GREEDY, max_tokens=24)
-    events = list(session.send("What is 2 + 2?"))
+    events, stats = _sent(session, "What is 2 + 2?")
     reasoning = "".join(e.reasoning_text for e in events)
     answer = "".join(e.text for e in events)
     # The prompt opened the reasoning block, so the reply starts as reasoning; the
     # history keeps the reply as the template renders it back: the block the prompt
     # opened, then the model's own text, tags included.
     content = session.messages[-1]["content"]
-    assert reasoning and session.last_turn.reasoning_tokens >= 1
+    assert reasoning and stats.reasoning_tokens >= 1
     assert content.startswith("<think>\n")
     assert content.removeprefix("<think>\n").replace("</think>", "", 1) == reasoning + answer
     if "</think>" not in content:  # close the block as a finished thinking reply would
@@ -452,16 +460,15 @@ def test_think_off_renders_the_closed_block(smol: Engine, tmp_path: Path) -> Non
     assert prompt.endswith("<think>\n\n</think>\n\n")
     smol.kv_clear()
     session = Session(smol, template, GREEDY, max_tokens=8)
-    events = list(session.send("hi"))
-    assert not "".join(e.reasoning_text for e in events) and session.last_turn.reasoning_tokens == 0
+    events, stats = _sent(session, "hi")
+    assert not "".join(e.reasoning_text for e in events) and stats.reasoning_tokens == 0
     # The empty block the prompt wrote is part of the reply as the history keeps it;
     # this template drops it from replies before the last message, so a new turn
     # re-evaluates the last reply, and only that: the exchanges before it stay cached.
     assert session.messages[-1]["content"].startswith("<think>\n\n</think>\n\n")
     list(session.send("and again"))
     last_user = session.turns[-1].token
-    list(session.send("and once more"))
-    assert session.last_turn.reused_tokens >= last_user
+    assert _sent(session, "and once more")[1].reused_tokens >= last_user
     assert smol.covers(smol.n_past)
 
 
@@ -473,12 +480,11 @@ def test_standard_model_undo_and_retry_cost_one_token(smol: Engine) -> None:
     for i in range(3):
         list(session.send(f"Name a fruit, number {i}."))
     first = [e.token for e in session.send("Name a tree.")]
-    again = [e.token for e in session.retry()]
-    assert again == first and session.last_turn.evaluated_tokens == 1
+    again, stats = _retried(session)
+    assert again == first and stats.evaluated_tokens == 1
     session.undo()
     assert smol.covers(smol.n_past) and not session.checkpoints
-    list(session.send("Name a bird."))
-    assert session.last_turn.reevaluated_tokens == 0
+    assert _sent(session, "Name a bird.")[1].reevaluated_tokens == 0
 
 
 def test_raw_template_is_plain_completion(smol: Engine) -> None:
@@ -495,7 +501,7 @@ def test_named_session_keeps_checkpoints_to_rewind_after_resuming(
     session = _hybrid_session(hybrid)
     with NamedSession("rewind") as named:
         named.check(session_store.model_identity(hybrid_path), settings, rebuild=False)
-        named.save(session, hybrid)
+        named.save(session, hybrid.n_ctx)
     n_history = len(session.tokens)
     hybrid.kv_clear()
     resumed = Session(hybrid, chat_template_for(hybrid), GREEDY, max_tokens=12)
@@ -505,8 +511,7 @@ def test_named_session_keeps_checkpoints_to_rewind_after_resuming(
     assert resumed.tokens == session.tokens and len(resumed.checkpoints) == 2
     resumed.undo()
     assert hybrid.n_past > n_history // 2  # a saved checkpoint, not an empty cache
-    list(resumed.send("after resuming"))
-    assert resumed.last_turn.reevaluated_tokens <= 10
+    assert _sent(resumed, "after resuming")[1].reevaluated_tokens <= 10
 
 
 def test_run_session_undo_on_a_hybrid_model(hybrid_path: Path, kvchat) -> None:  # noqa: ANN001

@@ -536,18 +536,11 @@ def test_ctrl_c_during_start_up_prints_no_traceback(kv_env: dict[str, str]) -> N
 
 
 def test_rebuilt_tokens_count_as_evaluated() -> None:
-    from kvchat.app import rebuilt_cache_counts
+    from kvchat.app.report import rebuilt_cache_counts
 
-    assert rebuilt_cache_counts(100, 20, 0) == {
-        "reused_tokens": 100,
-        "evaluated_tokens": 20,
-        "rebuilt_tokens": 0,
-    }
-    assert rebuilt_cache_counts(100, 20, 90) == {
-        "reused_tokens": 10,
-        "evaluated_tokens": 110,
-        "rebuilt_tokens": 90,
-    }
+    # (reused, evaluated, rebuilt)
+    assert rebuilt_cache_counts(100, 20, 0) == (100, 20, 0)
+    assert rebuilt_cache_counts(100, 20, 90) == (10, 110, 90)
 
 
 # -- 13: hangs ------------------------------------------------------------------------------

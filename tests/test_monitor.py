@@ -17,10 +17,10 @@ import pytest
 from rich.console import Console
 
 from kvchat import hardware
+from kvchat.conversation import TurnStats
 from kvchat.hardware import GpuMemory, HardwareSample, memory_kind, open_nvml, rss_bytes
 from kvchat.llama_log import gpu_layers
 from kvchat.monitor import HardwareSampler, KvFill, TokenMeter, kv_bytes_per_cell
-from kvchat.session import TurnStats
 from kvchat.ui.status import (
     DeviceInfo,
     ReplyView,

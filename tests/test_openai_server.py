@@ -14,8 +14,9 @@ from pathlib import Path
 import httpx2
 import pytest
 
-from kvchat.app import open_conversation, server_cache_counts
+from kvchat.app import open_conversation
 from kvchat.errors import ExitCode
+from kvchat.message_session import MessageSession
 from kvchat.remote.metrics import parse_exposition, vllm_metrics
 from tests.llama_servers import free_port
 
@@ -113,19 +114,20 @@ def test_chat_on_an_openai_compatible_server(openai_server: str, kv_env) -> None
     conv = open_conversation({"server": openai_server, "temperature": "0", "max_tokens": "12"}, print)
     try:
         session = conv.session
-        assert session.chat_api is not None
+        assert isinstance(session, MessageSession)
         # llama-cpp-python's server states neither its context nor usage when streaming:
         # both stay unknown (vLLM reports max_model_len and usage).
-        assert conv.engine.n_ctx == 0
+        assert conv.backend.n_ctx == 0
         replies = []
         for text in ("Hello!", "Name a colour.", "And another one?"):
-            replies.append("".join(e.text for e in session.send(text)))
-            turn = session.last_turn
-            assert turn is not None and turn.completion_tokens > 0 and not turn.usage_reported
+            sent = session.send(text)
+            replies.append("".join(e.text for e in sent))
+            turn = sent.stats
+            assert turn.completion_tokens > 0 and not turn.usage_reported
         assert all(replies)
         assert [m["role"] for m in session.messages] == ["user", "assistant"] * 3
         assert "".join(replies[-1]) == session.messages[-1]["content"]
-        counts = server_cache_counts(conv.server)["server"]  # type: ignore[arg-type]
+        counts = conv.backend.server_counts()
         assert counts == {"cached_tokens": None, "evaluated_tokens": None, "kv_cache_usage": None,
                           "prefix_cache_hit_rate": None}
         undone = session.undo()

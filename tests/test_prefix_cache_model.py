@@ -14,6 +14,7 @@ import pytest
 from kvchat import kv_state
 from kvchat.app import chat_template_for
 from kvchat.cache_types import parse_cache_type
+from kvchat.conversation import TurnStats
 from kvchat.engine import Engine, EngineSettings
 from kvchat.engine_api import SamplingSettings
 from kvchat.prefix_cache import SUFFIX, Fingerprint, PrefixCache, Store, read_segment
@@ -55,14 +56,15 @@ def text_of(engine: Engine, tokens: list[int]) -> str:
 
 
 def answer(engine: Engine, prompt: str, *, cache: PrefixCache | None, system: str | None = None,
-           shared_chars: int | None = None, max_tokens: int = 8) -> tuple[list[int], Session]:
+           shared_chars: int | None = None, max_tokens: int = 8) -> tuple[list[int], TurnStats]:
     engine.kv_clear()
     session = Session(engine, chat_template_for(engine), GREEDY, max_tokens=max_tokens)
     session.prefix_cache = cache
     if system:
         session.set_system(system)
-    tokens = [e.token for e in session.send(prompt, shared_chars=shared_chars)]
-    return tokens, session
+    turn = session.send(prompt, shared_chars=shared_chars)
+    tokens = [e.token for e in turn]
+    return tokens, turn.stats
 
 
 def test_cut_and_join_rebuild_llamacpps_own_state(engine: Engine) -> None:
@@ -88,10 +90,9 @@ def test_answers_with_the_cache_equal_answers_without(engine: Engine, tmp_path: 
         prompt = f"{doc}\n\n{question}"
         system = "You answer from the manual." if i % 2 else None
         plain, _ = answer(engine, prompt, cache=None, system=system)
-        cached, session = answer(engine, prompt, cache=cache, system=system, shared_chars=len(doc))
+        cached, stats = answer(engine, prompt, cache=cache, system=system, shared_chars=len(doc))
         assert cached == plain, question
-        turn = session.last_turn
-        assert turn is not None
+        turn = stats
         restored.append(turn.prefix_cache_tokens)
         assert turn.evaluated_tokens + turn.prefix_cache_tokens == turn.prompt_tokens
     assert restored[0] == 0  # nothing stored yet
@@ -122,9 +123,9 @@ def test_a_prefix_the_tokenizer_merges_differently_is_not_used(engine: Engine, t
     assert text_of(engine, tokens_of(longer)).startswith(text_of(engine, stored[:cut]))
     assert tokens_of(longer)[:cut] != stored[:cut]
     plain, _ = answer(engine, longer, cache=None)
-    cached, session = answer(engine, longer, cache=cache)
+    cached, stats = answer(engine, longer, cache=cache)
     assert cached == plain
-    assert session.last_turn is not None and session.last_turn.prefix_cache_tokens == 0
+    assert stats.prefix_cache_tokens == 0
 
 
 @pytest.mark.slow
@@ -139,10 +140,9 @@ def test_gemma_sliding_window_resumes_exactly(gemma_path: Path, tmp_path: Path) 
         for question in ("How do I reset the device?", "What is covered?"):
             prompt = f"{doc}\n\n{question}"
             plain, _ = answer(gemma, prompt, cache=None)
-            cached, session = answer(gemma, prompt, cache=cache, shared_chars=len(doc))
+            cached, stats = answer(gemma, prompt, cache=cache, shared_chars=len(doc))
             assert cached == plain, question
-            assert session.last_turn is not None
-            results.append(session.last_turn.prefix_cache_tokens)
+            results.append(stats.prefix_cache_tokens)
         assert results[0] == 0 and results[1] > 512
         entries = Store(tmp_path).read_index().values()
         kinds = {kind for e in entries for kind, _ in read_segment(tmp_path / f"{e.key}{SUFFIX}").parts}
@@ -158,10 +158,10 @@ def test_another_fingerprint_finds_nothing(engine: Engine, tmp_path: Path) -> No
     doc = document(100, seed=9)
     answer(engine, f"{doc}\n\nWhy?", cache=cache, shared_chars=len(doc), max_tokens=2)
     other = PrefixCache(replace(fp, type_k="q8_0"), store=Store(tmp_path), min_tokens=64, block_tokens=128)
-    _, session = answer(engine, f"{doc}\n\nHow?", cache=other, shared_chars=len(doc), max_tokens=2)
-    assert session.last_turn is not None and session.last_turn.prefix_cache_tokens == 0
-    _, session = answer(engine, f"{doc}\n\nHow?", cache=cache, shared_chars=len(doc), max_tokens=2)
-    assert session.last_turn is not None and session.last_turn.prefix_cache_tokens > 0
+    _, stats = answer(engine, f"{doc}\n\nHow?", cache=other, shared_chars=len(doc), max_tokens=2)
+    assert stats.prefix_cache_tokens == 0
+    _, stats = answer(engine, f"{doc}\n\nHow?", cache=cache, shared_chars=len(doc), max_tokens=2)
+    assert stats.prefix_cache_tokens > 0
 
 
 def _run_json(kvchat, *args: str, stdin: str) -> dict:  # noqa: ANN001
@@ -210,8 +210,8 @@ def test_a_prefix_stored_at_one_context_size_serves_another(engine: Engine, mode
     settings = replace(engine.settings, n_ctx=4096)
     with Engine(model_path, settings) as bigger:
         plain, _ = answer(bigger, f"{doc}\n\nHow?", cache=None, max_tokens=6)
-        cached, session = answer(bigger, f"{doc}\n\nHow?", cache=PrefixCache(
+        cached, stats = answer(bigger, f"{doc}\n\nHow?", cache=PrefixCache(
             fingerprint(bigger), store=Store(tmp_path), min_tokens=32, block_tokens=64), max_tokens=6,
             shared_chars=len(doc))
-    assert session.last_turn is not None and session.last_turn.prefix_cache_tokens > 64
+    assert stats.prefix_cache_tokens > 64
     assert cached == plain

@@ -49,10 +49,10 @@ def test_ten_turns_evaluate_only_new_tokens_by_the_servers_counters(server: Llam
         session = conv.session
         for turn in range(10):
             before = len(session.tokens)
-            list(session.send(f"Turn {turn}: name a colour."))
-            stats = session.last_turn
-            assert stats is not None
-            timings = conv.server.last_timings if conv.server else None
+            stats = session.send(f"Turn {turn}: name a colour.")
+            list(stats)
+            stats = stats.stats
+            timings = conv.backend.engine.last_timings
             assert timings is not None
             # Everything kvchat had in its history was in the server's cache (but the
             # last reply's last token, which is evaluated with this turn, as locally)...
@@ -60,7 +60,7 @@ def test_ten_turns_evaluate_only_new_tokens_by_the_servers_counters(server: Llam
             # ...and the server evaluated exactly this turn's new tokens.
             assert timings.prompt_n == stats.evaluated_tokens
             assert stats.reevaluated_tokens == 0
-        assert conv.engine.n_past == len(session.tokens) - 1  # the last token waits for the next turn
+        assert conv.backend.engine.n_past == len(session.tokens) - 1  # the last token waits for the next turn
     finally:
         conv.close()
     assert warnings == []
@@ -73,11 +73,10 @@ def test_kvchat_renders_the_template_as_the_server_does(server: LlamaServer, kv_
         session.set_system("Be brief.")
         for text in ("Hello!", "And again?"):
             list(session.send(text))
-        assert conv.server is not None
         # Up to the last user message (the server takes a final assistant message as
         # a reply to continue): the prompt kvchat tokenized for that turn.
         asked = session.messages[:-1]
-        theirs = conv.server.apply_template_remotely(asked)
+        theirs = conv.backend.engine.apply_template_remotely(asked)
         assert session.template.render(asked, add_generation_prompt=True) == theirs
         assert session.kv_text.startswith(theirs)
     finally:
@@ -180,7 +179,7 @@ def test_server_killed_mid_reply_keeps_the_partial_reply(model_path: Path, kv_en
 def test_the_server_s_context_is_kvchat_s(server: LlamaServer, kv_env) -> None:  # noqa: ANN001
     conv = open_conversation({"server": server.url, "ctx": "4096"}, (warned := []).append)
     try:
-        assert conv.engine.n_ctx == 2048
+        assert conv.backend.n_ctx == 2048
     finally:
         conv.close()
     assert any("--ctx" in w and "decided by the server" in w for w in warned)
@@ -233,11 +232,12 @@ def test_overflow_is_handled_client_side_with_the_servers_context(model_path: Pa
         conv = open_conversation({"server": small.url, "temperature": "0", "max_tokens": "16"}, print)
         try:
             session = conv.session
-            assert conv.engine.n_ctx == 512
+            assert conv.backend.n_ctx == 512
             dropped = 0
             for turn in range(6):
-                list(session.send(f"{turn}: repeat these: {long}"))
-                stats, timings = session.last_turn, conv.server.last_timings  # type: ignore[union-attr]
+                sent = session.send(f"{turn}: repeat these: {long}")
+                list(sent)
+                stats, timings = sent.stats, conv.backend.engine.last_timings
                 assert stats is not None and timings is not None
                 dropped += stats.dropped_turns
                 # Whatever was dropped, the server's cache and kvchat's history agree.

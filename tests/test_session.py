@@ -16,6 +16,7 @@ from kvchat import session_store
 from kvchat.app import chat_template_for
 from kvchat.cache_types import parse_cache_type
 from kvchat.chat_template import ChatTemplate, preamble_length
+from kvchat.conversation import TurnStats
 from kvchat.engine import Engine, EngineSettings
 from kvchat.engine_api import SamplingSettings
 from kvchat.errors import ExitCode, SessionError
@@ -42,9 +43,10 @@ def _fresh(engine: Engine, **kwargs) -> Session:  # noqa: ANN003
     return Session(engine, chat_template_for(engine), GREEDY, **kwargs)
 
 
-def _turn(session: Session, text: str) -> tuple[str, list[int]]:
-    events = list(session.send(text))
-    return "".join(e.text for e in events), [e.token for e in events]
+def _turn(session: Session, text: str) -> tuple[str, list[int], TurnStats]:
+    turn = session.send(text)
+    events = list(turn)
+    return "".join(e.text for e in events), [e.token for e in events], turn.stats
 
 
 def test_twenty_turns_evaluate_only_each_turns_new_tokens(engine: Engine) -> None:
@@ -52,8 +54,7 @@ def test_twenty_turns_evaluate_only_each_turns_new_tokens(engine: Engine) -> Non
     for i in range(20):
         before = list(session.tokens)
         engine.perf_reset()
-        _text, generated = _turn(session, f"Question {i}: name an animal.")
-        stats = session.last_turn
+        _text, generated, stats = _turn(session, f"Question {i}: name an animal.")
         perf = engine.perf()
         # The history before the turn is still there, untouched, as a prefix.
         assert session.tokens[: len(before)] == before
@@ -84,8 +85,7 @@ def test_overflow_shift_over_thirty_turns(small_engine: Engine) -> None:
     dropped = 0
     for i in range(30):
         small_engine.perf_reset()
-        _turn(session, f"Question {i}: tell me a fact about the number {i}.")
-        stats = session.last_turn
+        stats = _turn(session, f"Question {i}: tell me a fact about the number {i}.")[2]
         perf = small_engine.perf()
         dropped += stats.dropped_turns
         assert len(session.tokens) <= small_engine.n_ctx
@@ -115,13 +115,12 @@ def test_interrupted_reply_is_kept_consistently(engine: Engine) -> None:
     stream = session.send("Repeat the word hello 500 times.")
     partial = [next(stream) for _ in range(10)]
     stream.close()
-    assert session.last_turn.stop_reason == "interrupted"
+    assert stream.stats.stop_reason == "interrupted"
     assert session.messages[-1] == {"role": "assistant", "content": "".join(e.text for e in partial)}
     assert session.tokens[-10:] == [e.token for e in partial]
     engine.perf_reset()
     before = len(session.tokens)
-    _turn(session, "Thanks.")
-    assert session.last_turn.reused_tokens == before - 1
+    assert _turn(session, "Thanks.")[2].reused_tokens == before - 1
     assert session.tokens[:before][-10:] == [e.token for e in partial]
 
 
@@ -272,6 +271,6 @@ def test_a_reply_cut_inside_a_character_leaves_the_cached_text_true(engine: Engi
 
     assert detokenized() == session.kv_text
     before = list(session.tokens)
-    list(session.send("ok"))
-    assert session.tokens[: len(before)] == before and session.last_turn.reevaluated_tokens == 0
+    stats = _turn(session, "ok")[2]
+    assert session.tokens[: len(before)] == before and stats.reevaluated_tokens == 0
     assert detokenized() == session.kv_text

@@ -19,7 +19,7 @@ from kvchat.ui.tables import TableData, print_table
 from kvchat.units import format_bytes
 
 if TYPE_CHECKING:
-    from kvchat.app import LoadRequest
+    from kvchat.app.load import LoadRequest
     from kvchat.bench import BenchResult, CachePair, Spread
     from kvchat.engine import Engine
 
@@ -145,7 +145,7 @@ def bench(
       kvchat bench ./model.gguf --cache-types f16,q8_0,q4_0,q8_0/q4_0 --ctx 8192
       kvchat bench --no-speed --json > quality.json
     """
-    from kvchat.app import load_engine, resolve_load
+    from kvchat.app.load import load_engine, resolve_load
     from kvchat.bench import (
         DEFAULT_PAIRS,
         BenchSettings,
@@ -230,20 +230,21 @@ def _bench_server(env: Environment, flags: dict[str, Any], repeats: int, prompt_
                   decode_tokens: int, *, as_json: bool) -> None:
     """`kvchat bench --server URL`: prefill and decode speed on llama-server, kvchat's
     figures on the stream beside the server's own."""
-    from kvchat.app import open_server
+    from kvchat.app.backends import LlamaServerBackend
+    from kvchat.app.lifecycle import open_server
     from kvchat.bench import bench_tokens, measure_server_speed
-    from kvchat.remote.llama_server import LlamaServerEngine
     from kvchat.settings import resolve
 
     s = resolve({k: v for k, v in flags.items() if k in ("server", "api_key")})
-    engine = open_server(s, env.warn)
+    backend = open_server(s, env.warn)
     try:
-        if not isinstance(engine, LlamaServerEngine):
+        if not isinstance(backend, LlamaServerBackend):
             raise UsageError("bench --server needs llama-server (token prompts and its own timings)",
                              hint="elsewhere `kvchat run --server URL --json` reports each reply's speed")
+        engine = backend.engine
         result = measure_server_speed(engine, bench_tokens(engine, prompt_tokens), decode_tokens, repeats)
     finally:
-        engine.close()
+        backend.close()
     if as_json:
         env.stdout.write(json.dumps(result.to_json()) + "\n")
         return

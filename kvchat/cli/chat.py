@@ -13,7 +13,7 @@ from kvchat.errors import SessionError, UsageError
 from kvchat.ui.environment import Environment
 
 if TYPE_CHECKING:
-    from kvchat.app import Conversation
+    from kvchat.app import Chat
     from kvchat.engine_api import SamplingSettings
 
 
@@ -73,7 +73,7 @@ def chat(
     from kvchat.hardware import open_nvml
     from kvchat.ui.repl import ChatRepl
 
-    def opener(name: str | None, sampling: SamplingSettings, limit: int | None) -> Conversation:
+    def opener(name: str | None, sampling: SamplingSettings, limit: int | None) -> Chat:
         return switch_conversation(flags, env.warn, name, sampling, limit, verbose=verbose)
 
     conv = open_conversation(flags, env.warn, session_name=session_name, rebuild=rebuild, verbose=verbose)

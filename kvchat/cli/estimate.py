@@ -40,7 +40,7 @@ from kvchat.units import format_bytes
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from kvchat.app import Estimate
+    from kvchat.app.estimates import Estimate
 
 COMPARE_PAIRS = (("f16", "f16"), ("q8_0", "q8_0"), ("q8_0", "q4_0"), ("q4_0", "q4_0"))
 COMPONENTS = ("weights", "k", "v", "recurrent", "output", "compute")
@@ -352,8 +352,8 @@ def estimate(
       kvchat estimate qwen2.5-7b --draft qwen2.5-0.5b   (the draft model's share too)
       kvchat estimate qwen2.5-72b:Q4_K_M --device CUDA0=24GiB --device rpc://10.0.0.2:50052=24GiB
     """
-    from kvchat.app import draft_estimate, exact_buffers, largest_ctx_cap
-    from kvchat.app import estimate as plan_estimate
+    from kvchat.app.estimates import draft_estimate, exact_buffers, largest_ctx_cap
+    from kvchat.app.estimates import estimate as plan_estimate
     from kvchat.settings import resolve
 
     if model_arg is not None and flags["model"] is not None:

@@ -13,7 +13,7 @@ from kvchat.errors import ExitCode, KvchatError, NetworkError, UsageError
 from kvchat.ui.environment import Environment, valid_text
 
 if TYPE_CHECKING:
-    from kvchat.app import Conversation
+    from kvchat.app import Chat
     from kvchat.ui.progress import LoadProgress
 
 
@@ -125,9 +125,9 @@ def answer_piped(env: Environment, flags: dict[str, Any], *, words: list[str] | 
             conv.close()
 
 
-def _answer(env: Environment, conv: Conversation, prompt: str, progress: LoadProgress, *, stats: bool,
+def _answer(env: Environment, conv: Chat, prompt: str, progress: LoadProgress, *, stats: bool,
             as_json: bool, shared_chars: int | None = None) -> None:
-    from kvchat.app import memory_figures, turn_record
+    from kvchat.app import turn_report
     from kvchat.ui.render import reevaluated_notice, stats_line
 
     session = conv.session
@@ -135,9 +135,9 @@ def _answer(env: Environment, conv: Conversation, prompt: str, progress: LoadPro
     reasoning: list[str] = []
     interrupted = False
     dropped: NetworkError | None = None
-    stream = session.send(prompt, shared_chars=shared_chars)
+    turn = session.send(prompt, shared_chars=shared_chars)
     try:
-        for event in stream:
+        for event in turn:
             progress.done()
             pieces.append(event.text)
             reasoning.append(event.reasoning_text)
@@ -151,35 +151,35 @@ def _answer(env: Environment, conv: Conversation, prompt: str, progress: LoadPro
     except KeyboardInterrupt:
         interrupted = True
     except NetworkError as exc:
-        if session.last_turn is None or session.last_turn.stop_reason != "dropped":
+        if turn.stats.stop_reason != "dropped":
             raise
         dropped = exc  # the server went away mid-reply: keep and save what came
     finally:
         # Close the reply now, whatever stopped it (Ctrl-C, a full or closed stdout):
         # the engine trims its cache in the generator's cleanup, which must run
         # before the engine is freed, never later from the garbage collector.
-        stream.close()
+        turn.close()
         progress.done()
-    turn = session.last_turn
-    if turn is None:  # interrupted before the turn began
+    if not turn.begun:  # interrupted before the turn began
         raise KeyboardInterrupt
+    figures = turn.stats
     text = "".join(pieces)
     if as_json:
-        record = turn_record(conv, turn, text, "".join(reasoning))
+        record = turn_report(conv, figures, text, "".join(reasoning)).to_json()
         env.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
     elif text and not text.endswith("\n"):
         env.stdout.write("\n")
     env.stdout.flush()
     if stats:
-        env.stderr.write(stats_line(turn, conv.engine.load_s, memory_figures(conv)) + "\n")
-    if turn.prefix_cache_skipped and not as_json:
-        env.warn(turn.prefix_cache_skipped)
-    if turn.reevaluated_tokens:
-        env.warn(reevaluated_notice(turn))
-    if turn.dropped_turns:
+        env.stderr.write(stats_line(figures, conv.backend.load_s, conv.backend.memory(session)) + "\n")
+    if figures.prefix_cache_skipped and not as_json:
+        env.warn(figures.prefix_cache_skipped)
+    if figures.reevaluated_tokens:
+        env.warn(reevaluated_notice(figures))
+    if figures.dropped_turns:
         env.warn(
-            f"context full: dropped the {turn.dropped_turns} oldest turn(s) "
-            f"({turn.dropped_tokens} tokens) to make room"
+            f"context full: dropped the {figures.dropped_turns} oldest turn(s) "
+            f"({figures.dropped_tokens} tokens) to make room"
         )
     conv.save()
     if dropped is not None:

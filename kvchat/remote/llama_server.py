@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kvchat.engine_api import Checkpoint, PerfCounters, SamplingSettings, TokenEvent
+from kvchat.engine_api import PerfCounters, SamplingSettings, TokenEvent
 from kvchat.errors import KvchatError, NetworkError, SessionError
 from kvchat.remote.client import ServerClient, ServerHTTPError
 
@@ -338,23 +338,11 @@ class LlamaServerEngine:
             return True
         return False  # a hole in the middle: the server would re-evaluate after it anyway
 
-    def kv_shift(self, start: int, end: int, delta: int) -> None:
-        raise KvchatError("internal: a server's cache is not shifted from here")
-
-    def can_shift(self) -> bool:
-        return False
-
     def kv_clear(self) -> None:
         self._history = []
 
     def covers(self, n_tokens: int) -> bool:
         return n_tokens <= len(self._history)
-
-    def checkpoint(self, n_tokens: int) -> Checkpoint:
-        raise KvchatError("internal: llama-server keeps its own checkpoints")
-
-    def restore_checkpoint(self, checkpoint: Checkpoint) -> bool:
-        return False
 
     def state_bytes(self) -> bytes:
         """Save the slot on the server (where it has slot files) and return the record

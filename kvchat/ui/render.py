@@ -9,7 +9,7 @@ from kvchat.units import format_bytes
 
 if TYPE_CHECKING:
     from kvchat.app import MemoryFigures
-    from kvchat.session import TurnStats
+    from kvchat.conversation import TurnStats
 
 
 def prefix_cache_text(turn: TurnStats) -> str:
@@ -32,8 +32,9 @@ def stats_line(turn: TurnStats, load_s: float, memory: MemoryFigures | None = No
     )
     if memory is not None:
         line += (f" · context {memory.kv_cells_used}/{memory.n_ctx} · KV "
-                 f"{'unknown' if memory.kv_bytes is None else format_bytes(memory.kv_bytes)}"
-                 f" · RSS {format_bytes(memory.rss_bytes)}")
+                 f"{'unknown' if memory.kv_bytes is None else format_bytes(memory.kv_bytes)}")
+        if memory.rss_bytes is not None:  # None on a server: this process's RSS is not the model's
+            line += f" · RSS {format_bytes(memory.rss_bytes)}"
         if memory.vram_used_bytes is not None:
             line += f" · VRAM {format_bytes(memory.vram_used_bytes)}"
     return line

@@ -14,7 +14,7 @@ import contextlib
 import dataclasses
 import signal
 import time
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,15 +26,17 @@ from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
 from rich.table import Table
 
 from kvchat import config, session_store
-from kvchat.engine_api import SamplingSettings, TokenEvent
+from kvchat.app import LocalFacts
+from kvchat.engine_api import SamplingSettings
 from kvchat.errors import KvchatError, NetworkError, SessionError
 from kvchat.hardware import NvmlReader
-from kvchat.monitor import HardwareSampler, KvFill, TokenMeter, kv_bytes_per_cell
+from kvchat.monitor import HardwareSampler, KvFill, TokenMeter
 from kvchat.registry import model_name
 from kvchat.ui.commands import COMMANDS, SETTINGS, Command, completions, is_command, parse_command
 from kvchat.ui.commands import unescape_message as _unescape
 from kvchat.ui.environment import Environment
-from kvchat.ui.render import plural, reevaluated_notice, safe_text, stats_line
+from kvchat.ui.info import local_rows, server_rows, speculative_line
+from kvchat.ui.render import plural, reevaluated_notice, stats_line
 from kvchat.ui.status import (
     DeviceInfo,
     ReplyView,
@@ -48,19 +50,18 @@ from kvchat.ui.status import summary_text as _summary
 from kvchat.units import format_bytes
 
 if TYPE_CHECKING:
-    from kvchat.app import Conversation
+    from kvchat.app import Chat
+    from kvchat.conversation import Turn, TurnStats
     from kvchat.named_session import NamedSession
 
-# The engine's memory kinds as `kvchat show` names them.
-_MEMORY_LABELS = {"kv": "standard", "swa": "sliding-window", "recurrent": "recurrent", "hybrid": "hybrid"}
 
 KEYS_HELP = (
     "Enter sends · Alt-Enter (or Esc Enter): new line · Tab completes /commands · "
     "Ctrl-C stops a reply · Ctrl-D or /exit leaves"
 )
 
-# Opens a chat: (session name or None for an unsaved one, sampling, max_tokens) -> Conversation.
-Opener = Callable[[str | None, SamplingSettings, int | None], "Conversation"]
+# Opens a chat: (session name or None for an unsaved one, sampling, max_tokens) -> Chat.
+Opener = Callable[[str | None, SamplingSettings, int | None], "Chat"]
 
 
 def _session_names() -> Iterator[str]:
@@ -148,12 +149,12 @@ def private_file(path: Path) -> None:
 
 
 class ChatRepl:
-    """One interactive chat over `setup` (a kvchat.app.Conversation)."""
+    """One interactive chat over `setup` (a kvchat.app.Chat)."""
 
     def __init__(
         self,
         env: Environment,
-        setup: Conversation,
+        setup: Chat,
         *,
         opener: Opener,
         markdown: bool,
@@ -172,25 +173,23 @@ class ChatRepl:
         # `recent_keep` of them; 0 turns that off, and leaving then asks first.
         self._recent_keep = recent_keep
         self._recent: NamedSession | None = None  # where the unnamed chat is kept
-        self._saved_tokens: list[int] | None = None  # what /save last wrote of an unnamed chat
+        self._saved_revision: int | None = None  # the unnamed chat as /save last wrote it
         self._confirm: str | None = None  # the command that was refused once and is now allowed
         self._use(setup)
 
     # -- the loaded chat -----------------------------------------------------
 
-    def _use(self, setup: Conversation) -> None:
-        from kvchat.engine import supports_gpu_offload
-
+    def _use(self, setup: Chat) -> None:
         self.setup = setup
-        self.engine, self.session = setup.engine, setup.session
-        local = setup.local
-        if local is not None:
-            self.bytes_per_cell: float | None = kv_bytes_per_cell(local.buffers, local.n_ctx)
-            self.device = DeviceInfo(local.gpu_layers, supports_gpu_offload())
+        self.backend, self.session = setup.backend, setup.session
+        self._last: TurnStats | None = None  # the last reply's figures
+        facts = self.backend.facts()
+        if isinstance(facts, LocalFacts):
+            self.bytes_per_cell: float | None = facts.bytes_per_cell
+            self.device = DeviceInfo(facts.gpu_layers, facts.gpu_build)
         else:  # on a server: its KV bytes and devices are not reported
-            assert setup.server is not None
             self.bytes_per_cell = None
-            self.device = DeviceInfo(None, False, server=setup.server.client.url)
+            self.device = DeviceInfo(None, False, server=facts.url)
         self.sampler = HardwareSampler(nvml=self._nvml)
 
     @property
@@ -198,7 +197,7 @@ class ChatRepl:
         return self.setup.named.name if self.setup.named is not None else None
 
     def kv_fill(self) -> KvFill:
-        return KvFill(self.session.n_kv, self.engine.n_ctx, self.bytes_per_cell)
+        return KvFill(self.session.n_kv, self.backend.n_ctx, self.bytes_per_cell)
 
     # -- output helpers --------------------------------------------------------
 
@@ -210,14 +209,14 @@ class ChatRepl:
         self.env.stderr.flush()
 
     def banner(self) -> None:
-        req = self.setup.request
-        if req is None:
-            self.say(f"kvchat · {self.setup.model_label} · ctx {self.engine.n_ctx}", style="bold")
+        facts = self.backend.facts()
+        if not isinstance(facts, LocalFacts):
+            self.say(f"kvchat · {self.setup.model_label} · ctx {self.backend.n_ctx}", style="bold")
         else:
-            name = model_name(req.model_path)
+            req = facts.request
             where = hardware_text(self.sampler.sample(), self.device).split(" · ", 1)[1]
-            self.say(f"kvchat · {name} · ctx {self.engine.n_ctx} · KV {req.type_k.name}/{req.type_v.name} "
-                     f"· flash attn {self.engine.flash_attn} · {where}", style="bold")
+            self.say(f"kvchat · {model_name(req.model_path)} · ctx {facts.n_ctx} · KV {req.type_k.name}/"
+                     f"{req.type_v.name} · flash attn {facts.flash_attn} · {where}", style="bold")
         if self.session_name:
             kind = "recent chat" if session_store.is_recent(self.session_name) else "session"
             turns = plural(self._user_turns(), "turn")
@@ -305,25 +304,21 @@ class ChatRepl:
         self._confirm = None  # a new message: what was confirmed before no longer holds
         self._show(self.session.send(text))
 
-    def _show(self, stream: Generator[TokenEvent, None, None]) -> None:
+    def _show(self, turn: Turn) -> None:
         """Stream a reply with the live status line, then its summary; save."""
-        session = self.session
-        before = session.last_turn
         meter = TokenMeter()
         dropped: NetworkError | None = None
-
-        def prefill_tokens() -> int:
-            turn = session.last_turn
-            return 0 if turn is None or turn is before else max(turn.prompt_tokens - turn.reused_tokens, 0)
+        figures = turn.stats
 
         def status() -> str:
-            return status_text(meter, prefill_tokens(), self.kv_fill(), self.sampler.latest, self.device)
+            prefill = max(figures.prompt_tokens - figures.reused_tokens, 0)
+            return status_text(meter, prefill, self.kv_fill(), self.sampler.latest, self.device)
 
         with _echo_off(self.env.stdin), self.sampler, \
                 ReplyView(self.console, markdown=self.markdown, status=status) as view:
             try:
                 meter.start()
-                for event in stream:
+                for event in turn:
                     meter.token(event.drafted, event.accepted)
                     if event.reasoning_text:
                         view.feed_reasoning(event.reasoning_text)
@@ -331,32 +326,31 @@ class ChatRepl:
                         view.feed(event.text)
             except KeyboardInterrupt:
                 with _sigint_ignored():
-                    stream.close()  # the partial reply stays in the transcript and the KV cache
+                    turn.close()  # the partial reply stays in the transcript and the KV cache
                     view.finish()
             except NetworkError as exc:
-                turn = session.last_turn
-                if turn is None or turn is before or turn.stop_reason != "dropped":
+                if figures.stop_reason != "dropped":
                     raise
                 dropped = exc  # a server's stream broke: keep, show and save what came
                 view.finish()
             finally:
-                stream.close()
+                turn.close()
         with _sigint_ignored():
-            turn = session.last_turn
-            if turn is None or turn is before:
+            if not turn.begun:
                 return
-            if turn.stop_reason == "interrupted" and not turn.completion_tokens:
+            self._last = figures
+            if figures.stop_reason == "interrupted" and not figures.completion_tokens:
                 self.say("(interrupted before the reply started; nothing was added)", style="dim")
             else:
-                summary = _summary(turn, self.kv_fill(), self.sampler.latest, self.device)
+                summary = _summary(figures, self.kv_fill(), self.sampler.latest, self.device)
                 self.say(wrap_segments(summary, self.console.width), style="dim")
-            if turn.prefix_cache_skipped:
-                self.env.warn(turn.prefix_cache_skipped)
-            if turn.reevaluated_tokens:
-                self.env.warn(reevaluated_notice(turn))
-            if turn.dropped_turns:
-                self.env.warn(f"context full: dropped the {turn.dropped_turns} oldest turn(s) "
-                              f"({turn.dropped_tokens} tokens) to make room")
+            if figures.prefix_cache_skipped:
+                self.env.warn(figures.prefix_cache_skipped)
+            if figures.reevaluated_tokens:
+                self.env.warn(reevaluated_notice(figures))
+            if figures.dropped_turns:
+                self.env.warn(f"context full: dropped the {figures.dropped_turns} oldest turn(s) "
+                              f"({figures.dropped_tokens} tokens) to make room")
             self.setup.save()
             self._keep_recent()
         if dropped is not None:
@@ -367,7 +361,7 @@ class ChatRepl:
     def _unsaved(self) -> bool:
         """An unnamed chat whose turns are neither kept in history nor /saved as they are now."""
         return (self.session_name is None and self._recent is None and self._user_turns() > 0
-                and self._saved_tokens != self.session.tokens)
+                and self._saved_revision != self.session.revision)
 
     def may_leave(self, how: str) -> bool:
         """Whether leaving loses nothing, or the user asked twice; says where the chat is kept."""
@@ -391,15 +385,15 @@ class ChatRepl:
             if self._recent is None:
                 recent = NamedSession(session_store.recent_name(time.time()))
                 try:
-                    recent.check(self.setup.model_identity(), self.setup.context_settings(), rebuild=True)
-                    recent.save(self.session, self.engine)
+                    recent.check(self.backend.identity(), self.backend.context_settings(), rebuild=True)
+                    self.setup.save_into(recent)
                 except BaseException:
                     recent.close()
                     raise
                 self._recent = recent
                 session_store.prune_recent(self._recent_keep)
             else:
-                self._recent.save(self.session, self.engine)
+                self.setup.save_into(self._recent)
         except (KvchatError, OSError) as exc:
             self.env.warn(f"could not keep this chat in history: {exc}")
 
@@ -449,7 +443,7 @@ class ChatRepl:
         kept = self._drop_recent()
         self.session.clear()
         self.setup.save()
-        self.say(f"cleared: KV cache empty ({self.session.n_kv}/{self.engine.n_ctx} cells), "
+        self.say(f"cleared: KV cache empty ({self.session.n_kv}/{self.backend.n_ctx} cells), "
                  "system prompt kept", style="dim")
         if kept:
             self.say(f"(the conversation before is kept in history as '{kept}')", style="dim")
@@ -459,7 +453,7 @@ class ChatRepl:
         self.setup.save()
         text = user["content"].replace("\n", " ")
         shown = text if len(text) <= 60 else text[:57] + "..."
-        self.say(f"undone: \"{shown}\" and its reply · KV {self.session.n_kv}/{self.engine.n_ctx} cells",
+        self.say(f"undone: \"{shown}\" and its reply · KV {self.session.n_kv}/{self.backend.n_ctx} cells",
                  style="dim")
 
     def _cmd_retry(self, command: Command) -> None:
@@ -477,22 +471,22 @@ class ChatRepl:
         self.console.print(table)
 
     def _cmd_stats(self, command: Command) -> None:
-        turn = self.session.last_turn
-        if turn is not None:
-            self.say(wrap_segments("last reply: " + stats_line(turn, self.engine.load_s),
+        if self._last is not None:
+            self.say(wrap_segments("last reply: " + stats_line(self._last, self.backend.load_s),
                                    self.console.width))
         else:
-            self.say(f"no reply yet (model loaded in {self.engine.load_s:.2f}s)")
+            self.say(f"no reply yet (model loaded in {self.backend.load_s:.2f}s)")
         self.say(f"{kv_text(self.kv_fill())}{self._cell_text()}")
         self.say(hardware_text(self.sampler.sample(), self.device))
         dropped = sum(1 for m in self.session.dropped if m["role"] == "user")
         self.say(f"conversation: {plural(self._user_turns(), 'turn')} in context, "
-                 f"{plural(len(self.session.tokens), 'token')}, {plural(dropped, 'turn')} dropped")
+                 f"{plural(self.session.n_tokens, 'token')}, {plural(dropped, 'turn')} dropped")
 
     def _cell_text(self) -> str:
-        req = self.setup.request
-        if req is None or self.bytes_per_cell is None:
+        facts = self.backend.facts()
+        if not isinstance(facts, LocalFacts) or self.bytes_per_cell is None:
             return " on the server"
+        req = facts.request
         return (f" at K {req.type_k.name}, V {req.type_v.name} "
                 f"({self.bytes_per_cell / 1024:.1f} KiB per cell)")
 
@@ -513,50 +507,24 @@ class ChatRepl:
         self.say(self._settings_line())
 
     def _cmd_info(self, command: Command) -> None:
-        req, engine = self.setup.request, self.engine
-        local = self.setup.local
-        if req is None or local is None:
-            self._server_info()
-            return
-        layers = self.device.gpu_layers
-        on_gpu = (f"{layers[0]}/{layers[1]} offloaded" if layers
-                  else "none (llama.cpp built without a GPU backend)" if not self.device.gpu_build
-                  else f"none (--ngl {req.n_gpu_layers})")
-        kv_total = self.kv_fill().total_bytes or 0.0  # the status line's figure
-        per_cell = self.bytes_per_cell or 0.0
-        rows = [
-            ("model", safe_text(model_name(req.model_path))),
-            ("file", str(req.model_path)),
-            ("context", f"{engine.n_ctx} tokens (trained on {local.n_ctx_train})"),
-            ("KV cache", f"K {req.type_k.name}, V {req.type_v.name} · {format_bytes(kv_total)} "
-                         f"({per_cell / 1024:.1f} KiB per cell)"),
-            ("flash attention", f"{engine.flash_attn} (asked: {req.flash_attn})"),
-            ("memory", _MEMORY_LABELS.get(local.memory_kind, local.memory_kind) + (
-                f" · {len(self.session.checkpoints)} checkpoints, "
-                f"{format_bytes(self.session.checkpoint_bytes)}" if local.needs_checkpoints else "")),
-            ("chat template", self.session.template.origin),
-            ("layers", f"{local.n_layer} · on GPU: {on_gpu}"),
-            ("threads", str(req.n_threads)),
-            ("sampling", self._settings_line()),
-            ("speculative", self._speculative_line()),
-            ("session", self.session_name or "unsaved (/save NAME keeps it)"),
-        ]
-        self._info_table(rows)
-
-    def _server_info(self) -> None:
-        """/info on a server: what it reports (/props, the last reply's timings), and
-        what it does not say shown as such."""
-        from kvchat.app import server_rows
-
-        server = self.setup.server
-        assert server is not None
-        rows = [(key, safe_text(value)) for key, value in server_rows(server)]
-        rows += [
-            ("KV cache", kv_text(self.kv_fill()) + " · cache types and memory: not reported by the server"),
-            ("chat template", self.session.template.origin),
-            ("sampling", self._settings_line()),
-            ("session", self.session_name or "unsaved (/save NAME keeps it)"),
-        ]
+        facts = self.backend.facts()
+        if isinstance(facts, LocalFacts):
+            kept = self.session.checkpoint_usage if facts.needs_checkpoints else None
+            rows = local_rows(facts, kv_total=self.kv_fill().total_bytes or 0.0, checkpoints=kept)
+            rows.insert(6, ("chat template", self.session.template_origin))
+            rows += [("sampling", self._settings_line()),
+                     ("speculative", speculative_line(self.backend.speculative_mode,
+                                                      facts.speculative_counters))]
+        else:
+            # What the server reports (/props, the last reply's timings), and what it does
+            # not say shown as such.
+            rows = server_rows(facts) + [
+                ("KV cache",
+                 kv_text(self.kv_fill()) + " · cache types and memory: not reported by the server"),
+                ("chat template", self.session.template_origin),
+                ("sampling", self._settings_line()),
+            ]
+        rows.append(("session", self.session_name or "unsaved (/save NAME keeps it)"))
         self._info_table(rows)
 
     def _info_table(self, rows: list[tuple[str, str]]) -> None:
@@ -567,15 +535,6 @@ class ChatRepl:
             table.add_row(key, value)
         self.console.print(table)
 
-    def _speculative_line(self) -> str:
-        """The drafting mode and what it did in this process (kvchat.speculative)."""
-        speculator = getattr(self.engine, "speculator", None)
-        if speculator is None:
-            return "off"
-        c = speculator.counters
-        return (f"{speculator.mode} · {c.accepted}/{c.drafted} draft tokens accepted ({c.acceptance:.0%}) "
-                f"in {c.steps} steps")
-
     def _cmd_save(self, command: Command) -> None:
         name = command.argument
         if name == self.session_name:
@@ -584,7 +543,7 @@ class ChatRepl:
             return
         size = self.setup.save_as(name, replace_existing=name in self._saved_here)
         self._saved_here.add(name)
-        self._saved_tokens = list(self.session.tokens)
+        self._saved_revision = self.session.revision
         self.say(f"saved '{name}' ({format_bytes(size)}, {self.session.n_kv} KV cells) — "
                  f"resume with `kvchat chat --session {name}` or /load {name}", style="dim")
 
@@ -611,7 +570,7 @@ class ChatRepl:
             self._use(self._opener(previous, sampling, max_tokens))
             raise
         self._confirm = None
-        self._saved_tokens = None
+        self._saved_revision = None
         if kept:
             self.say(f"(the previous chat is kept in history as '{kept}')", style="dim")
         self.say(f"loaded '{name}': {plural(self._user_turns(), 'turn')}, {self.session.n_kv} KV cells "

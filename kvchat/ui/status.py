@@ -93,7 +93,7 @@ def status_text(
 
 
 def summary_text(turn: Any, kv: KvFill, hw: HardwareSample, device: DeviceInfo) -> str:
-    """The line that stays under a reply: the turn's figures from `session.last_turn`."""
+    """The line that stays under a reply: the turn's figures (`Turn.stats`)."""
     from_disk = prefix_cache_text(turn)
     parts = [
         f"{turn.completion_tokens} tok" + (f" ({turn.reasoning_tokens} reasoning)"

@@ -1,0 +1,188 @@
+"""Loading a model here: every check that needs no llama.cpp (model, context,
+layers, threads), the load itself, and the chat template to talk to it with."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kvchat import hardware
+from kvchat.cache_types import CacheType, flash_attn_enabled, fused_kernel_warning, resolve_flash_attn
+from kvchat.engine_api import SamplingSettings
+from kvchat.errors import OutOfMemoryError
+from kvchat.limits import check_explicit_ctx, forced
+from kvchat.settings import Settings
+
+if TYPE_CHECKING:
+    from kvchat.chat_template import ChatTemplate, TemplateModel
+    from kvchat.engine import Engine
+    from kvchat.memory import Budget, PlanSettings
+    from kvchat.model_spec import ModelSpec
+    from kvchat.named_session import ContextSettings
+
+Warn = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    """What the engine is asked to load, after every check that needs no llama.cpp."""
+
+    model_path: Path
+    n_ctx: int
+    type_k: CacheType
+    type_v: CacheType
+    flash_attn: str  # the mode asked for, checked against the V type (auto/on/off)
+    n_gpu_layers: int
+    n_threads: int
+    n_batch: int
+    gpus: tuple[str, ...] = ()  # GPUs found when planning (NVML names: CUDA0, ...)
+
+
+def sampling_of(s: Settings) -> SamplingSettings:
+    return SamplingSettings(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
+                            repeat_penalty=s.repeat_penalty, seed=s.seed)
+
+
+def context_cap(s: Settings, spec: ModelSpec) -> int:
+    """The largest context `--ctx auto` may pick: ctx_max, and the training length."""
+    return min(s.ctx_max, spec.n_ctx_train or s.ctx_max)
+
+
+def plan_settings(s: Settings, *, gpu: bool, n_ctx: int | None = None) -> PlanSettings:
+    """Planner settings for resolved settings; flash attention decided by the engine's rule."""
+    from kvchat.memory import PlanSettings
+
+    n_gpu_layers = -1 if s.ngl is None else s.ngl
+    fa = flash_attn_enabled(s.flash_attn, s.cache_type_v, gpu=gpu and n_gpu_layers != 0) is not False
+    plan = PlanSettings(type_k=s.cache_type_k, type_v=s.cache_type_v, n_gpu_layers=n_gpu_layers,
+                        flash_attn=fa, n_batch=s.batch)
+    return plan if n_ctx is None else replace(plan, n_ctx=n_ctx)
+
+
+def auto_context(spec: ModelSpec, base: PlanSettings, budget: Budget, cap: int,
+                 *, fit_layers: bool) -> tuple[int | None, int]:
+    """`--ctx auto`: the largest context that fits `budget`, up to `cap`, and the GPU
+    layers to use. Where GPUs cannot hold every layer even at 4096 tokens (or
+    `fit_layers`, for --ngl auto) it follows llama.cpp's --fit order: context first,
+    then layers back to the CPU. (None, layers) when nothing fits."""
+    from kvchat.memory import fit, largest_ctx
+
+    if budget.gpu_names and fit_layers:
+        fitted = fit(spec, base, budget, max_ctx=cap)
+        return (None, 0) if fitted is None else (fitted.n_ctx, fitted.n_gpu_layers)
+    n_ctx = largest_ctx(spec, base, budget, max_ctx=cap)
+    if budget.gpu_names and (n_ctx is None or n_ctx < min(4096, cap)):
+        fitted = fit(spec, base, budget, max_ctx=cap)
+        if fitted is not None:
+            return fitted.n_ctx, fitted.n_gpu_layers
+    return n_ctx, base.n_gpu_layers
+
+
+def gpu_layers_that_fit(spec: ModelSpec, base: PlanSettings, budget: Budget) -> int | None:
+    """`--ngl auto` at a given context: the most layers that fit, None if not even 0."""
+    from kvchat.memory import fit_gpu_layers
+
+    return fit_gpu_layers(spec, base, budget) if budget.gpu_names else 0
+
+
+def threads_for(s: Settings, warn: Warn) -> int:
+    """Threads: the setting, else physical cores; never more than logical cores."""
+    cores = hardware.logical_cores()
+    wanted = s.threads or hardware.physical_cores()
+    if wanted > cores:
+        warn(f"--threads {wanted} is more than this machine's {cores} logical cores; using {cores}")
+        wanted = cores
+    return wanted
+
+
+def warn_if_cores_contended(probe: hardware.CpuLoadProbe, n_threads: int, warn: Warn) -> None:
+    """Say so when other programs kept cores busy that llama.cpp's threads need."""
+    busy = probe.others_busy_cores()
+    cores = hardware.logical_cores()
+    if busy >= 0.75 and n_threads + busy > cores + 0.25:
+        warn(f"other programs keep about {busy:.1f} core(s) busy: llama.cpp's threads spin while they "
+             f"wait, so decoding may be much slower; try --threads {max(1, cores - round(busy))}")
+
+
+def resolve_load(s: Settings, warn: Warn) -> LoadRequest:
+    """Everything that can be checked before llama.cpp is touched: the model (its
+    header read and checked on every path), context, layers, threads."""
+    from kvchat.model_spec import read_spec
+    from kvchat.registry import resolve_model
+
+    fa = resolve_flash_attn(s.flash_attn, s.cache_type_v)
+    model_path = resolve_model(s.model)
+    spec = read_spec(str(model_path))
+    budget = hardware.detect_budget()
+    base = plan_settings(s, gpu=bool(budget.gpu_names))
+    n_gpu_layers = base.n_gpu_layers
+    if s.ctx is None:
+        n_ctx, n_gpu_layers = auto_context(spec, base, budget, context_cap(s, spec), fit_layers=s.ngl is None)
+        if n_ctx is None:
+            raise OutOfMemoryError(
+                f"{model_path.name} does not fit in the memory free now, even with a 256-token context",
+                hint="close other programs, pick a smaller quant, or see `kvchat estimate`",
+            )
+    else:
+        n_ctx = s.ctx
+        if s.ngl is None:
+            found = gpu_layers_that_fit(spec, replace(base, n_ctx=n_ctx), budget)
+            n_gpu_layers = 0 if found is None else found
+        for warning in check_explicit_ctx(spec, replace(base, n_gpu_layers=n_gpu_layers), budget, n_ctx,
+                                          force=forced()):
+            warn(warning)
+        if spec.n_ctx_train and n_ctx > spec.n_ctx_train:
+            warn(f"--ctx {n_ctx} is above the model's training context ({spec.n_ctx_train}); "
+                 "answers may degrade past it")
+    return LoadRequest(model_path, n_ctx, s.cache_type_k, s.cache_type_v, fa, n_gpu_layers,
+                       threads_for(s, warn), min(s.batch, n_ctx), budget.gpu_names)
+
+
+def load_engine(request: LoadRequest, warn: Warn, *, verbose: bool = False) -> Engine:
+    """Load the model; warn where a GPU will run attention without a fused kernel."""
+    from kvchat.engine import Engine, EngineSettings
+
+    engine = Engine(
+        request.model_path,
+        EngineSettings(n_ctx=request.n_ctx, type_k=request.type_k, type_v=request.type_v,
+                       flash_attn=request.flash_attn, n_gpu_layers=request.n_gpu_layers,
+                       n_threads=request.n_threads, n_batch=request.n_batch,
+                       n_ubatch=request.n_batch, verbose=verbose),
+    )
+    offloaded = engine.gpu_layers
+    if engine.flash_attn != "off" and offloaded and offloaded[0] > 0:
+        warning = fused_kernel_warning(request.type_k, request.type_v)
+        if warning:
+            warn(warning)
+    return engine
+
+
+
+
+def expected_context(request: LoadRequest) -> ContextSettings:
+    """The context settings a load will have, before loading: flash attention as the
+    engine will decide it (on the CPU, auto is off; with GPUs llama.cpp decides)."""
+    from kvchat.named_session import ContextSettings
+
+    gpu = bool(request.gpus) and request.n_gpu_layers != 0
+    enabled = flash_attn_enabled(request.flash_attn, request.type_v, gpu=gpu)
+    fa = "auto" if enabled is None else ("on" if enabled else "off")
+    return ContextSettings(request.n_ctx, request.type_k.name, request.type_v.name, fa)
+
+
+def chat_template_for(engine: TemplateModel, override: str | None = None, *, raw: bool = False,
+                      think: str | None = None, warn: Warn | None = None) -> ChatTemplate:
+    """The template to chat with (kvchat.chat_template.select_template); its notices
+    (a fallback to ChatML, a --think the template cannot switch) go to `warn`."""
+    from kvchat.chat_template import select_template
+
+    variables = {} if think is None else {"enable_thinking": think == "on"}
+    template, notice = select_template(engine, override, raw=raw, variables=variables)
+    if warn is not None:
+        if notice:
+            warn(notice)
+        if think is not None and not raw and not template.supports_thinking:
+            warn(f"--think {think}: this chat template has no thinking switch (enable_thinking); ignored")
+    return template

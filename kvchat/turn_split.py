@@ -1,0 +1,96 @@
+"""Where the turns of a rendered conversation begin, in characters and in tokens.
+
+A conversation is tokenized in pieces cut at the start of each user turn, so that
+a turn's first token is known exactly (dropping the oldest turn then removes
+exactly its tokens) and the tokenizer never merges across a turn boundary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvchat.chat_template import ChatTemplate, Message, preamble_length
+from kvchat.engine_api import ChatEngine
+
+
+@dataclass
+class TurnMark:
+    """Where a user turn starts: message index, token index, character index; and
+    where its reply starts (token and character index; -1 until the prompt is in)."""
+
+    message: int
+    token: int
+    char: int
+    reply_token: int = -1
+    reply_char: int = -1
+
+
+class TurnSplitter:
+    """Turn boundaries for one engine's tokenizer and one chat template."""
+
+    def __init__(self, engine: ChatEngine, template: ChatTemplate) -> None:
+        self.engine = engine
+        self.template = template
+        self.preamble = preamble_length(template)
+
+    def turn_offset(self, messages: list[Message], i: int, text: str) -> int | None:
+        """Character offset in `text` where user message `i` starts, if known."""
+        if i == 0:
+            return min(self.preamble, len(text))
+        prefix = self.template.render(messages[:i], add_generation_prompt=False)
+        return len(prefix) if text.startswith(prefix) else None
+
+    def turn_marks(self, messages: list[Message], text: str) -> list[tuple[int, int]]:
+        """(message index, character offset) of every user turn found in `text`."""
+        marks = []
+        for i, message in enumerate(messages):
+            if message["role"] == "user":
+                offset = self.turn_offset(messages, i, text)
+                if offset is not None:
+                    marks.append((i, offset))
+        return marks
+
+    def tokenize_at(self, text: str, cuts: list[int], *, at_start: bool) -> tuple[list[int], list[int]]:
+        """Tokenize `text` in pieces split at `cuts`; return tokens and where each cut landed.
+
+        Text `at_start` of the history gets the model's BOS token unless the
+        template already wrote it.
+        """
+        tokens: list[int] = []
+        landed: list[int] = []
+        start = 0
+        for cut in [*cuts, len(text)]:
+            piece = text[start:cut]
+            if piece:
+                add_bos = False
+                if at_start and not tokens:
+                    bos_text = self.engine.token_text(self.engine.bos_token)
+                    add_bos = self.engine.add_bos and not (bos_text and piece.startswith(bos_text))
+                tokens.extend(self.engine.tokenize(piece, add_special=add_bos))
+                if add_bos and tokens[:1] == [self.engine.bos_token]:
+                    # The BOS token the model adds is the preamble's, not the first
+                    # turn's: a cut at the very start lands after it, so dropping that
+                    # turn keeps it.
+                    landed = [max(at, 1) for at in landed]
+            landed.append(len(tokens))
+            start = max(start, cut)
+        return tokens, landed[:-1]
+
+    def prefix_cuts(self, tokens: list[int], mark: TurnMark | None, rendered: str, text: str,
+                     shared_chars: int | None) -> list[int]:
+        """Token positions where the prefix cache cuts this prompt: the end of what comes
+        before the user turn (the system prompt), and the end of the shared start of the
+        message (`shared_chars`), one token early in case the tokenizer merges across it."""
+        if mark is None:
+            return []
+        cuts = [mark.token]
+        content_at = rendered.find(text, mark.char)
+        if shared_chars and content_at >= 0:
+            want = len(rendered[mark.char : content_at + shared_chars].encode("utf-8"))
+            have = 0
+            for i in range(mark.token, len(tokens)):
+                have += len(self.engine.token_piece(tokens[i], special=True))
+                if have > want:
+                    cuts.append(i - 1)
+                    break
+        return cuts
