@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import date
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from jinja2 import TemplateError
 from jinja2.runtime import Context
@@ -272,14 +272,11 @@ _FAMILY_ARCH = {
 
 
 class TemplateModel(Protocol):
-    """What choosing a template needs from a loaded model (kvchat.engine.Engine)."""
+    """What choosing a template needs from a loaded model (kvchat.engine.Engine, or
+    llama-server through its API)."""
 
     def chat_template(self) -> str | None: ...
-    def metadata(self, key: str) -> str | None: ...
     def has_special_token(self, text: str) -> bool: ...
-    def builtin_template_names(self) -> list[str]: ...
-    def apply_builtin_template(self, name: str, messages: Sequence[Message], *,
-                               add_generation_prompt: bool) -> str: ...
     def token_text(self, token: int) -> str: ...
     @property
     def bos_token(self) -> int: ...
@@ -302,7 +299,18 @@ def recognise_family(arch: str, has_token: Callable[[str], bool],
     return None
 
 
-def _builtin(model: TemplateModel, name: str, origin: str) -> ChatTemplate:
+@runtime_checkable
+class BuiltinTemplates(Protocol):
+    """Capability of a model loaded here: llama.cpp's built-in templates, and the
+    GGUF metadata that recognises a family without a template."""
+
+    def metadata(self, key: str) -> str | None: ...
+    def builtin_template_names(self) -> list[str]: ...
+    def apply_builtin_template(self, name: str, messages: Sequence[Message], *,
+                               add_generation_prompt: bool) -> str: ...
+
+
+def _builtin(model: BuiltinTemplates, name: str, origin: str) -> ChatTemplate:
     def render(messages: Sequence[Message], add_generation_prompt: bool) -> str:
         return model.apply_builtin_template(name, messages, add_generation_prompt=add_generation_prompt)
 
@@ -326,6 +334,10 @@ def select_template(model: TemplateModel, override: str | None = None, *, raw: b
                                  hint="pass a UTF-8 Jinja file or a built-in name") from exc
             return ChatTemplate(source, bos_token=bos, eos_token=eos, origin=f"file {path}",
                                 variables=variables), None
+        if not isinstance(model, BuiltinTemplates):
+            raise UsageError(f"--chat-template '{override}' is not a file, and llama.cpp's built-in "
+                             "templates are only at hand for a model loaded here",
+                             hint="pass a Jinja file with --chat-template, or use the server's own template")
         names = model.builtin_template_names()
         if override in names:
             return _builtin(model, override, f"llama.cpp built-in '{override}' (--chat-template)"), None
@@ -334,11 +346,13 @@ def select_template(model: TemplateModel, override: str | None = None, *, raw: b
     own = model.chat_template()
     if own:
         return ChatTemplate(own, bos_token=bos, eos_token=eos, variables=variables), None
-    found = recognise_family(model.metadata("general.architecture") or "", model.has_special_token,
-                             model.builtin_template_names())
-    if found is not None:
-        name, why = found
-        return _builtin(model, name, f"llama.cpp built-in '{name}' (no template in the GGUF; {why})"), None
+    if isinstance(model, BuiltinTemplates):
+        found = recognise_family(model.metadata("general.architecture") or "", model.has_special_token,
+                                 model.builtin_template_names())
+        if found is not None:
+            name, why = found
+            origin = f"llama.cpp built-in '{name}' (no template in the GGUF; {why})"
+            return _builtin(model, name, origin), None
     notice = ("the model has no chat template and kvchat does not recognise its family: using ChatML; "
               "pass --chat-template NAME|FILE, or --raw for plain completion")
     return ChatTemplate(None, bos_token=bos, eos_token=eos), notice

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvchat.engine_api import PerfCounters, SamplingSettings, TokenEvent
-from kvchat.errors import KvchatError, NetworkError, SessionError
+from kvchat.errors import NetworkError, SessionError
 from kvchat.remote.client import ServerClient, ServerHTTPError
 
 STATE_FORMAT = "kvchat-llama-server-slot/1"
@@ -182,23 +182,12 @@ class LlamaServerEngine:
     def chat_template(self) -> str | None:
         return self._template
 
-    def metadata(self, key: str) -> str | None:
-        return None
-
     def is_eog(self, token: int) -> bool:
         return token in self._eog
 
     def has_special_token(self, text: str) -> bool:
         tokens = self.tokenize(text, add_special=False, parse_special=True)
         return len(tokens) == 1 and self.token_text(tokens[0]) == text
-
-    def builtin_template_names(self) -> list[str]:
-        return []
-
-    def apply_builtin_template(self, name: str, messages: Sequence[dict[str, str]], *,
-                               add_generation_prompt: bool) -> str:
-        raise KvchatError(f"llama.cpp's built-in template '{name}' is not available through a server",
-                          hint="pass a Jinja file with --chat-template, or use the server's own template")
 
     def apply_template_remotely(self, messages: Sequence[dict[str, str]]) -> str:
         """The server's own rendering (`/apply-template`), to compare with kvchat's."""
