@@ -174,7 +174,8 @@ def test_a_model_without_built_in_templates_is_asked_nothing_it_cannot_do() -> N
     with pytest.raises(UsageError, match="built-in templates are only at hand for a model loaded here"):
         select_template(model, "chatml")
     own, notice = select_template(ServerTemplates("{{ messages[0]['content'] }}"))
-    assert notice is None and own.render([{"role": "user", "content": "x"}], add_generation_prompt=True) == "x"
+    assert notice is None
+    assert own.render([{"role": "user", "content": "x"}], add_generation_prompt=True) == "x"
 
 
 class FakeBackend:
