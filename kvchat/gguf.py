@@ -27,7 +27,7 @@ from typing import IO, Any, overload
 
 from kvchat.errors import ModelFormatError
 
-# A local file or a remote range reader (kvchat.hub.RemoteFile): read, seek, tell.
+# A local file or a remote range reader (kvchat.hub_remote.RemoteFile): read, seek, tell.
 Stream = IO[bytes] | io.RawIOBase
 
 GGUF_MAGIC = b"GGUF"

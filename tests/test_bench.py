@@ -16,21 +16,23 @@ from kvchat.bench import (
     BenchSettings,
     CachePair,
     PairResult,
-    QualityResult,
-    QualityStats,
     SpeedResult,
     Spread,
     bench_text,
-    compare_engines,
-    compare_with_reference,
-    log_softmax,
     parse_cache_pairs,
     plan_steps,
     recommend,
-    record_reference,
     run_bench,
     speed_difference,
     to_json,
+)
+from kvchat.bench_quality import (
+    QualityResult,
+    QualityStats,
+    compare_engines,
+    compare_with_reference,
+    log_softmax,
+    record_reference,
 )
 from kvchat.cache_types import parse_cache_type
 from kvchat.cli.bench import _speed

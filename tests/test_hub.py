@@ -16,7 +16,7 @@ from hub_server import FakeFile, FakeHub, FakeRepo, kvchat_env, make_gguf, run_k
 from kvchat import registry
 from kvchat.errors import ExitCode, NetworkError
 from kvchat.gguf import read_header
-from kvchat.hub import RemoteFile
+from kvchat.hub_remote import RemoteFile
 
 REPO = "test/Tiny-GGUF"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -39,7 +39,7 @@ def read_model_spec(ref: str | None, *, allow_remote: bool) -> tuple[ModelSpec, 
     from kvchat.registry import find_local, parse_ref, resolve_model, resolve_remote
 
     if allow_remote and find_local(ref) is None and parse_ref(ref).kind == "hub":
-        from kvchat.hub import open_remote_file
+        from kvchat.hub_remote import open_remote_file
 
         assert ref is not None
         target = resolve_remote(ref)

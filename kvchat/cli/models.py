@@ -270,7 +270,7 @@ def show(
 ) -> None:
     """Metadata of a model, local or on the Hub (a remote one is read without downloading it):
     name, file, size, architecture, context, chat template, KV cache bytes per 1k tokens."""
-    from kvchat.hub import open_remote_file
+    from kvchat.hub_remote import open_remote_file
 
     env = Environment()
     path = registry.find_local(model)
