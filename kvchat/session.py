@@ -97,6 +97,12 @@ class TurnMark:
     reply_char: int = -1
 
 
+def _reply(text: str, cut: str) -> Message:
+    """An assistant message; one the server cut short (`cut`: why) is marked as such, so
+    that the transcript never shows it as a whole reply."""
+    return {"role": "assistant", "content": text, **({"cut": cut} if cut else {})}
+
+
 def _digest(tokens: list[int]) -> bytes:
     return hashlib.blake2b(array("i", tokens).tobytes(), digest_size=16).digest()
 
@@ -566,6 +572,7 @@ class Session:
             self.turns[-1].reply_char = len(self.kv_text)
         splitter = None
         prefilled = ""
+        cut = ""
         if self.template.render_fn is None and template_has_reasoning(self.template.source):
             splitter = ReasoningSplitter(inside=opens_in_prompt(self.kv_text))
             prefilled = self._prefilled_reply()
@@ -592,8 +599,8 @@ class Session:
         except (GeneratorExit, KeyboardInterrupt):
             stats.stop_reason = "interrupted"
             raise
-        except NetworkError:  # a server's stream broke: the reply so far is kept
-            stats.stop_reason = "dropped"
+        except NetworkError as exc:  # a server's stream broke: the reply so far is kept
+            stats.stop_reason, cut = "dropped", exc.message
             raise
         finally:
             # A reply cut inside a character ends in bytes that decode to U+FFFD, in the
@@ -601,7 +608,7 @@ class Session:
             self.kv_text += kv_decoder.decode(b"", final=True)
             if first_token_at is not None:
                 stats.decode_s = time.perf_counter() - first_token_at
-            self.messages.append({"role": "assistant", "content": prefilled + "".join(reply_pieces)})
+            self.messages.append(_reply(prefilled + "".join(reply_pieces), cut))
             # Every generated token but the last is in the cache.
             self._evaluated_upto = max(self.engine.n_past, len(self.tokens) - 1)
 
@@ -675,6 +682,7 @@ class Session:
         pieces: list[str] = []
         started = time.perf_counter()
         first_token_at: float | None = None
+        cut = ""
         try:
             for event in api.chat(messages, self.max_tokens):
                 if first_token_at is None:
@@ -688,14 +696,14 @@ class Session:
         except (GeneratorExit, KeyboardInterrupt):
             stats.stop_reason = "interrupted"
             raise
-        except NetworkError:
-            stats.stop_reason = "dropped"
+        except NetworkError as exc:
+            stats.stop_reason, cut = "dropped", exc.message
             raise
         finally:
             if first_token_at is not None:
                 stats.decode_s = time.perf_counter() - first_token_at
             if pieces or stats.stop_reason != "interrupted":
-                self.messages = [*messages, {"role": "assistant", "content": "".join(pieces)}]
+                self.messages = [*messages, _reply("".join(pieces), cut)]
             self._count_usage(api, stats)
 
     def _count_usage(self, api: MessageEngine, stats: TurnStats) -> None:

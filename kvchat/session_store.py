@@ -159,12 +159,23 @@ def save(path: Path, record: dict[str, Any], tokens: list[int], state: bytes,
     """Save atomically (the caller holds the lock); returns the file size in bytes.
 
     A failed write (disk full, permission denied) raises SessionError and leaves the
-    previous file as it was."""
-    remove_stale_temps(path)
+    previous file as it was; so does a record that `load` would refuse (checked on
+    what would be read back), which is never written over a good file."""
     body = json.dumps({**record, "format_version": FORMAT_VERSION}, ensure_ascii=False).encode()
-    token_bytes = array("i", tokens)
+    try:
+        token_bytes = array("i", tokens)
+        problem = record_problem(json.loads(body), tokens)
+    except (OverflowError, TypeError):
+        problem = "a token id is not a 32-bit integer"
+    if problem:
+        raise SessionError(
+            f"did not save session '{path.stem}': its record is invalid ({problem})"
+            + (", the previously saved copy is intact" if path.is_file() else ""),
+            hint="a kvchat bug or a misbehaving server; rerun with --debug for details",
+        )
     if token_bytes.itemsize != 4:  # pragma: no cover - exotic platforms
         raise SessionError("this platform's int is not 32-bit; cannot save sessions")
+    remove_stale_temps(path)
     token_raw = token_bytes.tobytes() if sys.byteorder == "little" else _swap(token_bytes)
     parts = [
         MAGIC,
