@@ -256,6 +256,15 @@ CASES: dict[str, Case] = {
     "openai model list is a number": Case(
         "openai", [Fault("/v1/models", "json", {"data": 3})], "/v1/models sent 'data' = 3, not a list",
         saved="same"),
+    "openai text after its finish_reason": Case(
+        "openai", [Fault("/v1/chat/completions", "events-done",
+                         [*_chunks("Hi"), {"choices": [{"delta": {}, "finish_reason": "stop"}]},
+                          *_chunks("more")])],
+        "/v1/chat/completions sent more text after the reply's end (finish_reason 'stop')", reply="Hi"),
+    "openai events without end after its finish_reason": Case(
+        "openai", [Fault("/v1/chat/completions", "events",
+                         [{"choices": [{"delta": {}, "finish_reason": "stop"}]}] + [{"choices": []}] * 50)],
+        "/v1/chat/completions sent 10 events after the reply's end (finish_reason)"),
     "openai redirect": Case(
         "openai", [Fault("/v1/chat/completions", "redirect", "https://elsewhere.invalid/v1/chat/completions")],
         "/v1/chat/completions redirects to https://elsewhere.invalid/v1/chat/completions (HTTP 302)"),
@@ -365,3 +374,17 @@ def test_a_record_the_loader_would_refuse_is_never_saved(tmp_path: Path) -> None
     assert session_store.load(path).tokens == [1, 2]
     assert not list(tmp_path.glob(".*.tmp"))
 
+
+
+def test_metrics_a_server_could_not_mean_are_left_out() -> None:
+    """vLLM's /metrics figures are shown as unknown where they cannot be true."""
+    from kvchat.remote.metrics import vllm_metrics
+
+    text = ('vllm:kv_cache_usage_perc{model_name="m"} 7\n'
+            'vllm:prefix_cache_queries_total{model_name="m"} 100\n'
+            'vllm:prefix_cache_hits_total{model_name="m"} 500\n'
+            'vllm:num_requests_running{model_name="m"} -3\n'
+            'vllm:num_requests_waiting{model_name="m"} 1e308\n' * 2)
+    m = vllm_metrics(text, "m")
+    assert m.kv_cache_usage is None and m.requests_running is None and m.requests_waiting is None
+    assert m.prefix_cache_hits == 500 and m.prefix_hit_rate is None  # more hits than lookups

@@ -64,13 +64,14 @@ class ServerMetrics:
 def _value(samples: list[Sample], names: tuple[str, ...], model: str | None, *,
            high: float = math.inf) -> float | None:
     """The names' series summed (the model's own where labelled); None where there are
-    none, or where the sum is not a count (negative, infinite) or above `high`."""
+    none. A sample that cannot be what the name means (negative, infinite, above
+    `high`) is a server's mistake and left out."""
     found = [s for s in samples if s.name in names]
     if model is not None and any(s.labels.get("model_name") == model for s in found):
         found = [s for s in found if s.labels.get("model_name") == model]
-    values = [s.value for s in found if math.isfinite(s.value)]
+    values = [s.value for s in found if 0 <= s.value <= high and math.isfinite(s.value)]
     total = sum(values)
-    return total if values and 0 <= total <= high and math.isfinite(total) else None
+    return total if values and math.isfinite(total) else None
 
 
 def vllm_metrics(text: str, model: str | None = None) -> ServerMetrics:

@@ -43,6 +43,9 @@ def _context_of(entry: dict[str, Any], where: str) -> int:
     return 0
 
 
+_KEPT = "the reply so far is kept; check the server, then send again"
+
+
 def _text(obj: dict[str, Any], key: str, where: str) -> str:
     return reply_str(obj, key, where, default="")
 
@@ -134,10 +137,19 @@ class OpenAIChatEngine:
         self._usage, self._finish = None, None
         where = self.client.url + "/v1/chat/completions"
         limit = max_tokens if max_tokens is not None else self._n_ctx or None
-        pieces = events = 0
+        asked = "asked for (it ignores max_tokens)" if max_tokens is not None else "its context holds"
+        pieces = events = after_finish = 0
         try:
             for event in self.client.stream("/v1/chat/completions", self._body(messages, max_tokens)):
                 events += 1
+                after_finish += self._finish is not None
+                # After the finish come its usage and [DONE]: a few events at most. Before
+                # it, empty chunks are few (a role, a finish): at most one per token and some.
+                if after_finish > 8 or (limit is not None and events > 2 * limit + 16):
+                    what = "after the reply's end (finish_reason)" if after_finish > 8 else \
+                        f"for a reply of at most {limit} tokens"
+                    raise BadReply(f"{where} sent {events} events {what}; kvchat stopped reading there",
+                                   hint=_KEPT)
                 usage = reply_dict(event, "usage", where)
                 if usage:
                     self._usage = self._read_usage(usage, where)
@@ -147,12 +159,13 @@ class OpenAIChatEngine:
                     text = _text(delta, "content", where)
                     reasoning = _text(delta, "reasoning_content", where) or _text(delta, "reasoning", where)
                     finish = _text(choice, "finish_reason", where)
-                    if text or reasoning:
-                        pieces += 1
-                    if limit is not None and (pieces > limit or events > 2 * limit + 16):
-                        raise BadReply(f"{where} sent more than the {limit} tokens asked for (it ignores "
-                                       "max_tokens); kvchat stopped reading there",
-                                       hint="the reply so far is kept; check the server")
+                    if (text or reasoning) and self._finish is not None:
+                        raise BadReply(f"{where} sent more text after the reply's end (finish_reason "
+                                       f"{self._finish!r})", hint=_KEPT)
+                    pieces += bool(text or reasoning)
+                    if limit is not None and pieces > limit:
+                        raise BadReply(f"{where} sent more than the {limit} tokens {asked}; kvchat stopped "
+                                       "reading there", hint=_KEPT)
                     if finish:
                         self._finish = finish
                     if text or reasoning or finish:
@@ -164,7 +177,7 @@ class OpenAIChatEngine:
             raise
         if self._finish is None:
             raise StreamDropped(f"{where} ended the stream before the reply's end (no finish_reason)",
-                                hint="the partial reply is kept; check the server, then send again")
+                                hint=_KEPT)
 
     @staticmethod
     def _read_usage(usage: dict[str, Any], where: str) -> ChatUsage | None:
