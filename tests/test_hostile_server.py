@@ -384,7 +384,25 @@ def test_metrics_a_server_could_not_mean_are_left_out() -> None:
             'vllm:prefix_cache_queries_total{model_name="m"} 100\n'
             'vllm:prefix_cache_hits_total{model_name="m"} 500\n'
             'vllm:num_requests_running{model_name="m"} -3\n'
-            'vllm:num_requests_waiting{model_name="m"} 1e308\n' * 2)
+            + 'vllm:num_requests_waiting{model_name="m"} 1e308\n' * 2)  # a sum past float
     m = vllm_metrics(text, "m")
     assert m.kv_cache_usage is None and m.requests_running is None and m.requests_waiting is None
     assert m.prefix_cache_hits == 500 and m.prefix_hit_rate is None  # more hits than lookups
+
+
+def test_the_time_kvchat_holds_an_event_is_not_the_servers(servers) -> None:  # noqa: ANN001
+    """The deadline is the server's: a reader that stops between events (a terminal
+    paused with Ctrl-S) longer than the timeout still gets the rest of the reply."""
+    from kvchat.remote.client import ServerClient, ServerOptions
+
+    server, _ = servers["llama"]
+    client = ServerClient(ServerOptions(server.url, timeout_s=1.0))
+    try:
+        events = client.stream("/completion", {"prompt": [1, 2, 3], "n_predict": 4})
+        first = next(events)
+        time.sleep(1.5)
+        rest = list(events)
+    finally:
+        client.close()
+    assert "prompt_progress" in first
+    assert [e["content"] for e in rest[:-1]] == list(REPLY[:4]) and rest[-1]["stop"] is True

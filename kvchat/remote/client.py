@@ -24,7 +24,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -140,34 +140,51 @@ def _error_type(raw: bytes) -> str:
 class _Deadline:
     """One request's deadline, watched from a thread: past it the client's sockets are
     shut down, so a read blocked on a server that trickles bytes (or sends none) ends
-    at once instead of after another whole read timeout. `restart` gives the next
-    event of a stream its own deadline."""
+    at once instead of after another whole read timeout. A stream's next event gets
+    its own deadline (`restart`); while the caller holds an event the clock is
+    stopped (`pause`: a terminal paused with Ctrl-S is not the server's fault)."""
 
-    def __init__(self, seconds: float, shut_down: Any) -> None:
+    def __init__(self, seconds: float, shut_down: Callable[[], None]) -> None:
         self.seconds = seconds
         self.fired = False
         self.bytes = 0  # received since the deadline (re)started, for the message
         self._shut_down = shut_down
-        self._at = time.monotonic() + seconds
-        self._stopped = threading.Event()
+        self._at: float | None = time.monotonic() + seconds  # None: paused
+        self._stopped = False
+        self._changed = threading.Condition()
         threading.Thread(target=self._watch, name="kvchat-server-deadline", daemon=True).start()
 
     def _watch(self) -> None:
-        while (left := self._at - time.monotonic()) > 0:
-            if self._stopped.wait(left):
-                return
-        self.fired = True
-        self._shut_down()
+        with self._changed:
+            while not self._stopped:
+                if self._at is None:
+                    self._changed.wait()
+                elif (left := self._at - time.monotonic()) > 0:
+                    self._changed.wait(left)
+                else:
+                    # Under the lock: once stop() returns, no later request's socket is shut.
+                    self.fired = True
+                    self._shut_down()
+                    return
 
     def restart(self) -> None:
-        self._at = time.monotonic() + self.seconds
-        self.bytes = 0
+        with self._changed:
+            self._at = time.monotonic() + self.seconds
+            self.bytes = 0
+            self._changed.notify()
+
+    def pause(self) -> None:
+        with self._changed:
+            self._at = None
 
     def passed(self) -> bool:
-        return self.fired or time.monotonic() > self._at
+        at = self._at
+        return self.fired or (at is not None and time.monotonic() > at)
 
     def stop(self) -> None:
-        self._stopped.set()
+        with self._changed:
+            self._stopped = True
+            self._changed.notify()
 
 
 class ServerClient:
@@ -278,8 +295,9 @@ class ServerClient:
                 if "error" in event:
                     raise self._stream_error(event)
                 received = True
+                deadline.pause()  # the time the caller takes is not the server's
                 yield event
-                deadline.restart()  # the time the caller took is not the server's
+                deadline.restart()
         except httpx2.TransportError as exc:
             if deadline.fired:
                 what = "the next event" if received else "its first event"
