@@ -265,6 +265,9 @@ CASES: dict[str, Case] = {
         "openai", [Fault("/v1/chat/completions", "events",
                          [{"choices": [{"delta": {}, "finish_reason": "stop"}]}] + [{"choices": []}] * 50)],
         "/v1/chat/completions sent 10 events after the reply's end (finish_reason)"),
+    "llama /props redirect": Case(
+        "llama", [Fault("/props", "redirect", "http://elsewhere.invalid/props", status=301)],
+        "/props redirects to http://elsewhere.invalid/props (HTTP 301)", saved="same"),
     "openai redirect": Case(
         "openai", [Fault("/v1/chat/completions", "redirect", "https://elsewhere.invalid/v1/chat/completions")],
         "/v1/chat/completions redirects to https://elsewhere.invalid/v1/chat/completions (HTTP 302)"),

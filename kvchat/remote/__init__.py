@@ -29,7 +29,7 @@ def open_server_engine(options: ServerOptions, model: str | None) -> LlamaServer
         try:
             props = client.get_json("/props")
         except ServerHTTPError as exc:
-            if exc.status in (401, 403):
+            if exc.status in (401, 403) or 300 <= exc.status < 400:  # refused or elsewhere: say so
                 raise
             props = None
         if looks_like_llama_server(props):

@@ -261,7 +261,8 @@ class LlamaServerEngine:
     def apply_template_remotely(self, messages: Sequence[dict[str, str]]) -> str:
         """The server's own rendering (`/apply-template`), to compare with kvchat's."""
         where = self.client.url + "/apply-template"
-        reply = self.client.post_json("/apply-template", {"messages": list(messages)})
+        asked = [{"role": m["role"], "content": m["content"]} for m in messages]
+        reply = self.client.post_json("/apply-template", {"messages": asked})
         return reply_str(reply_object(reply, where), "prompt", where)
 
     # -- tokens -------------------------------------------------------------------
