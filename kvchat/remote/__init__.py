@@ -4,7 +4,8 @@
 - `openai_compat` (vLLM, ollama, LM Studio, llama-cpp-python's server): chat
   completions; the server renders and tokenizes.
 - `metrics`: Prometheus text (vLLM's /metrics) read for KV usage and prefix hits.
-- `client`: HTTP, streaming, retries, and the errors a user understands.
+- `client`: HTTP, streaming, retries, bounds and deadlines on what a server sends,
+  checks of its replies, and the errors a user understands.
 """
 
 from __future__ import annotations
