@@ -71,6 +71,12 @@ class TurnStats:
         return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
 
 
+def assistant_reply(text: str, cut: str = "") -> Message:
+    """An assistant message; one the server cut short (`cut`: why) is marked as such, so
+    that the transcript never shows it as a whole reply."""
+    return {"role": "assistant", "content": text, **({"cut": cut} if cut else {})}
+
+
 class Turn:
     """One exchange. Iterating it runs the turn and yields the reply's events;
     `stats` holds its figures, complete once iteration has ended or `close()` ran

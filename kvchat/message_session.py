@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvchat.chat_template import Message
-from kvchat.conversation import SavedState, Turn, TurnStats
+from kvchat.conversation import SavedState, Turn, TurnStats, assistant_reply
 from kvchat.engine_api import MessageEngine, SamplingSettings, TokenEvent
 from kvchat.errors import NetworkError, SessionError, UsageError
 from kvchat.settings import OVERFLOW_POLICIES
@@ -120,6 +120,7 @@ class MessageSession:
         pieces: list[str] = []
         started = time.perf_counter()
         first_token_at: float | None = None
+        cut = ""
         try:
             for event in self.engine.chat(messages, self.max_tokens):
                 if first_token_at is None:
@@ -133,14 +134,14 @@ class MessageSession:
         except (GeneratorExit, KeyboardInterrupt):
             stats.stop_reason = "interrupted"
             raise
-        except NetworkError:
-            stats.stop_reason = "dropped"
+        except NetworkError as exc:
+            stats.stop_reason, cut = "dropped", exc.message
             raise
         finally:
             if first_token_at is not None:
                 stats.decode_s = time.perf_counter() - first_token_at
             if pieces or stats.stop_reason != "interrupted":
-                self.messages = [*messages, {"role": "assistant", "content": "".join(pieces)}]
+                self.messages = [*messages, assistant_reply("".join(pieces), cut)]
             self._count_usage(stats)
 
     def _count_usage(self, stats: TurnStats) -> None:

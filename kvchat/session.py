@@ -37,7 +37,7 @@ from kvchat.checkpoints import (
     encode_checkpoints,
     history_digest,
 )
-from kvchat.conversation import SavedState, Turn, TurnStats
+from kvchat.conversation import SavedState, Turn, TurnStats, assistant_reply
 from kvchat.engine_api import ChatEngine, CheckpointingEngine, SamplingSettings, ShiftingEngine, TokenEvent
 from kvchat.errors import NetworkError, SessionError, UsageError
 from kvchat.prefix_cache import PrefixCache
@@ -421,6 +421,7 @@ class Session:
             self.turns[-1].reply_char = len(self.kv_text)
         splitter = None
         prefilled = ""
+        cut = ""
         if self.template.render_fn is None and template_has_reasoning(self.template.source):
             splitter = ReasoningSplitter(inside=opens_in_prompt(self.kv_text))
             prefilled = prefilled_reply(self.template, self.messages, self.kv_text)
@@ -447,8 +448,8 @@ class Session:
         except (GeneratorExit, KeyboardInterrupt):
             stats.stop_reason = "interrupted"
             raise
-        except NetworkError:  # a server's stream broke: the reply so far is kept
-            stats.stop_reason = "dropped"
+        except NetworkError as exc:  # a server's stream broke: the reply so far is kept
+            stats.stop_reason, cut = "dropped", exc.message
             raise
         finally:
             # A reply cut inside a character ends in bytes that decode to U+FFFD, in the
@@ -456,7 +457,7 @@ class Session:
             self.kv_text += kv_decoder.decode(b"", final=True)
             if first_token_at is not None:
                 stats.decode_s = time.perf_counter() - first_token_at
-            self.messages.append({"role": "assistant", "content": prefilled + "".join(reply_pieces)})
+            self.messages.append(assistant_reply(prefilled + "".join(reply_pieces), cut))
             # Every generated token but the last is in the cache.
             self._evaluated_upto = max(self.engine.n_past, len(self.tokens) - 1)
 

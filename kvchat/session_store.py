@@ -159,7 +159,28 @@ def save(path: Path, record: dict[str, Any], tokens: list[int], state: bytes,
     """Save atomically (the caller holds the lock); returns the file size in bytes.
 
     A failed write (disk full, permission denied) raises SessionError and leaves the
-    previous file as it was."""
+    previous file as it was; so does a record that `load` would refuse (the loader's
+    checks, run on what would be read back): a bad record is never written over a
+    good file."""
+    body = json.dumps({**record, "format_version": FORMAT_VERSION}, ensure_ascii=False).encode()
+    try:
+        array("i", tokens)
+        problem = record_problem(json.loads(body), tokens)
+    except (OverflowError, TypeError):
+        problem = "a token id is not a 32-bit integer"
+    if problem:
+        raise SessionError(
+            f"did not save session '{path.stem}': its record is invalid ({problem})"
+            + (", the previously saved copy is intact" if path.is_file() else ""),
+            hint="a kvchat bug or a misbehaving server; rerun with --debug for details",
+        )
+    return write_container(path, record, tokens, state, checkpoints)
+
+
+def write_container(path: Path, record: dict[str, Any], tokens: list[int], state: bytes,
+                    checkpoints: bytes = b"") -> int:
+    """The file as given, unchecked (`save` checks first): tests write damaged records
+    with it to exercise the loader."""
     remove_stale_temps(path)
     body = json.dumps({**record, "format_version": FORMAT_VERSION}, ensure_ascii=False).encode()
     token_bytes = array("i", tokens)

@@ -118,7 +118,7 @@ def test_records_with_valid_checksums_are_validated(tmp_path: Path, changes: dic
     path = _session(tmp_path)
     saved = session_store.load(path)
     record = {**saved.record, **changes}
-    session_store.save(path, record, saved.tokens, saved.state)
+    session_store.write_container(path, record, saved.tokens, saved.state)
     try:
         loaded = session_store.load(path)
     except SessionError:
@@ -143,7 +143,7 @@ def test_list_survives_any_record(kv_env: dict[str, str]) -> None:
     for i, change in enumerate(damage):
         path = _session(folder)
         saved = session_store.load(path)
-        session_store.save(path, change(saved.record), saved.tokens, saved.state)
+        session_store.write_container(path, change(saved.record), saved.tokens, saved.state)
         path.rename(folder / f"bad{i}.kvs")
     (folder / "dir.kvs").mkdir()
     infos = {i.name: i for i in session_store.list_sessions()}

@@ -365,7 +365,7 @@ def _resave(path: Path, **changes: object) -> None:
     saved = session_store.load(path)
     record = {**saved.record, **changes}
     record.pop("format_version")
-    session_store.save(path, record, saved.tokens, saved.state)
+    session_store.write_container(path, record, saved.tokens, saved.state)
 
 
 def test_show_and_export_verify_the_checksum(kvchat, kv_env: dict[str, str]) -> None:
@@ -396,8 +396,8 @@ def test_records_with_a_valid_checksum_are_still_validated(
     path = _saved_session(Path(kv_env["KVCHAT_HOME"]))
     saved = session_store.load(path)
     record = {**saved.record, **changes}
-    with pytest.raises(session_store.SessionError):  # save() itself does not validate; load() does
-        session_store.save(path, record, saved.tokens, saved.state)
+    with pytest.raises(session_store.SessionError):  # written unchecked; load() validates
+        session_store.write_container(path, record, saved.tokens, saved.state)
         session_store.load(path)
     result = kvchat("sessions", "show", "s")
     assert result.returncode == ExitCode.SESSION and "invalid record" in result.stderr
@@ -410,7 +410,7 @@ def test_one_bad_session_does_not_hide_the_others(kvchat, kv_env: dict[str, str]
     saved = session_store.load(bad)
     record = dict(saved.record)
     record["Settings"] = record.pop("settings")
-    session_store.save(bad, record, saved.tokens, saved.state)
+    session_store.write_container(bad, record, saved.tokens, saved.state)
     (home / "sessions" / "dir.kvs").mkdir()
     result = kvchat("sessions", "list", "--json")
     assert result.returncode == 0, result.stderr

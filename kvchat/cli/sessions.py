@@ -83,8 +83,13 @@ def show_cmd(name: NameArg, as_json: Annotated[bool, typer.Option("--json")] = F
     if record.get("dropped"):
         con.print(f"({len(record['dropped'])} earlier messages dropped from the context)", markup=False)
     for message in record["messages"]:
-        con.print(f"[{safe_text(message['role'])}] {safe_text(message['content'], None, multiline=True)}",
+        con.print(f"[{_role(message)}] {safe_text(message['content'], None, multiline=True)}",
                   markup=False, highlight=False)
+
+
+def _role(message: dict[str, Any]) -> str:
+    """The role, and whether the reply was cut short (a server's stream that broke)."""
+    return safe_text(message["role"]) + (", cut short" if message.get("cut") else "")
 
 
 def _export_record(name: str, record: dict[str, Any]) -> dict[str, Any]:
@@ -104,7 +109,8 @@ def to_markdown(name: str, record: dict[str, Any]) -> str:
              f"Model: `{model_name(Path(record['model']['path']))}` · "
              f"n_ctx {session_store.context_cells(record)}", ""]
     for message in record.get("dropped", []) + record["messages"]:
-        lines += [f"## {message['role']}", "", message["content"].rstrip(), ""]
+        cut = f" (cut short: {message['cut']})" if message.get("cut") else ""
+        lines += [f"## {message['role']}{cut}", "", message["content"].rstrip(), ""]
     return "\n".join(lines)
 
 

@@ -4,7 +4,8 @@
 - `openai_compat` (vLLM, ollama, LM Studio, llama-cpp-python's server): chat
   completions; the server renders and tokenizes.
 - `metrics`: Prometheus text (vLLM's /metrics) read for KV usage and prefix hits.
-- `client`: HTTP, streaming, retries, and the errors a user understands.
+- `client`: HTTP, streaming, retries, bounds and deadlines on what a server sends,
+  checks of its replies, and the errors a user understands.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def open_server_engine(options: ServerOptions, model: str | None) -> LlamaServer
         try:
             props = client.get_json("/props")
         except ServerHTTPError as exc:
-            if exc.status in (401, 403):
+            if exc.status in (401, 403) or 300 <= exc.status < 400:  # refused or elsewhere: say so
                 raise
             props = None
         if looks_like_llama_server(props):

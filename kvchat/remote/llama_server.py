@@ -40,7 +40,22 @@ from typing import Any
 
 from kvchat.engine_api import PerfCounters, SamplingSettings, TokenEvent
 from kvchat.errors import NetworkError, SessionError
-from kvchat.remote.client import ServerClient, ServerHTTPError
+from kvchat.remote.client import (
+    MAX_BODY_BYTES,
+    MAX_TOKEN_ID,
+    BadReply,
+    ServerClient,
+    ServerHTTPError,
+    StreamDropped,
+    excerpt,
+    reply_dict,
+    reply_int,
+    reply_list,
+    reply_number,
+    reply_object,
+    reply_str,
+)
+from kvchat.settings import MAX_CTX
 
 STATE_FORMAT = "kvchat-llama-server-slot/1"
 
@@ -58,12 +73,14 @@ class ServerTimings:
     prompt_per_second: float = 0.0
 
     @classmethod
-    def from_json(cls, raw: dict[str, Any]) -> ServerTimings:
-        def num(key: str) -> float:
-            value = raw.get(key, 0)
-            return float(value) if isinstance(value, (int, float)) else 0.0
+    def from_json(cls, raw: dict[str, Any], where: str) -> ServerTimings:
+        def count(key: str) -> int:
+            return reply_int(raw, key, where, default=0)
 
-        return cls(int(num("cache_n")), int(num("prompt_n")), num("prompt_ms"), int(num("predicted_n")),
+        def num(key: str) -> float:
+            return reply_number(raw, key, where)
+
+        return cls(count("cache_n"), count("prompt_n"), num("prompt_ms"), count("predicted_n"),
                    num("predicted_ms"), num("predicted_per_second"), num("prompt_per_second"))
 
 
@@ -82,6 +99,44 @@ def looks_like_llama_server(props: object) -> bool:
     """Whether a /props reply is llama-server's (it has the slot settings and template)."""
     return isinstance(props, dict) and isinstance(props.get("default_generation_settings"), dict) \
         and "chat_template" in props
+
+
+def vocab_size(client: ServerClient, props: dict[str, Any]) -> int:
+    """How many token ids the server's model has (every id it sends is below): /props
+    where it says, else llama-server's model metadata in /v1/models (meta.n_vocab);
+    MAX_TOKEN_ID + 1 (what a session file can store) where neither does."""
+    n = reply_int(props, "n_vocab", client.url + "/props", default=0)
+    if n:
+        return n
+    where = client.url + "/v1/models"
+    try:
+        listing = reply_object(client.get_json("/v1/models"), where)
+        metas = [reply_dict(reply_object(m, where, "model"), "meta", where)
+                 for m in reply_list(listing, "data", where)]
+        sizes = {reply_int(meta, "n_vocab", where, default=0, low=1) for meta in metas} - {0}
+    except (ServerHTTPError, BadReply):
+        return MAX_TOKEN_ID + 1  # an older server without it: ids are still bounded
+    return sizes.pop() if len(sizes) == 1 else MAX_TOKEN_ID + 1
+
+
+def _tokenize_limit(text: str) -> int:
+    # A /tokenize reply with pieces grows with the text: tens of bytes per token
+    # (its id, its piece escaped), at most one token per byte.
+    return MAX_BODY_BYTES + 64 * len(text.encode("utf-8", errors="replace"))
+
+
+def _piece_bytes(piece: Any, where: str) -> bytes | None:
+    """A token's piece as /tokenize gives it: text, or its bytes as numbers where they
+    are not whole UTF-8."""
+    if piece is None:
+        return None
+    if isinstance(piece, str):
+        return piece.encode("utf-8", errors="replace")
+    if isinstance(piece, list) and all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b < 256
+                                       for b in piece):
+        return bytes(piece)
+    raise BadReply(f"{where} sent the token piece {excerpt(piece)}, neither text nor bytes",
+                   hint="see the server's log")
 
 
 def _digest(tokens: Sequence[int]) -> str:
@@ -106,18 +161,21 @@ class LlamaServerEngine:
         started = time.perf_counter()
         self.client = client
         self.props = props
-        self._n_ctx = int(props["default_generation_settings"].get("n_ctx") or 0)
+        where = client.url + "/props"
+        self._n_ctx = reply_int(reply_dict(props, "default_generation_settings", where), "n_ctx", where,
+                                default=0, high=MAX_CTX)
         if self._n_ctx <= 0:
             raise NetworkError(f"{client.url} reports no context size in /props", hint="see the server's log")
-        self.model_path = str(props.get("model_path") or "")
-        alias = str(props.get("model_alias") or "")
+        self.model_path = reply_str(props, "model_path", where, default="")
+        alias = reply_str(props, "model_alias", where, default="")
         basename = self.model_path.replace("\\", "/").rsplit("/", 1)[-1]
         self.model_name = (alias if alias and alias != self.model_path else basename) or "model"
-        self.total_slots = int(props.get("total_slots") or 1)
-        self._template = str(props.get("chat_template") or "") or None
+        self.total_slots = reply_int(props, "total_slots", where, default=1, low=1, high=MAX_CTX)
+        self._template = reply_str(props, "chat_template", where, default="") or None
+        self.n_vocab = vocab_size(client, props)
         self._pieces: dict[int, bytes] = {}
-        self._bos = self._special_id(str(props.get("bos_token") or ""))
-        self._eos = self._special_id(str(props.get("eos_token") or ""))
+        self._bos = self._special_id(reply_str(props, "bos_token", where, default=""))
+        self._eos = self._special_id(reply_str(props, "eos_token", where, default=""))
         with_bos = self.tokenize("a", add_special=True)
         self._add_bos = bool(with_bos) and self._bos >= 0 and with_bos[0] == self._bos
         self._history: list[int] = []
@@ -191,7 +249,10 @@ class LlamaServerEngine:
 
     def apply_template_remotely(self, messages: Sequence[dict[str, str]]) -> str:
         """The server's own rendering (`/apply-template`), to compare with kvchat's."""
-        return str(self.client.post_json("/apply-template", {"messages": list(messages)})["prompt"])
+        where = self.client.url + "/apply-template"
+        asked = [{"role": m["role"], "content": m["content"]} for m in messages]
+        reply = self.client.post_json("/apply-template", {"messages": asked})
+        return reply_str(reply_object(reply, where), "prompt", where)
 
     # -- tokens -------------------------------------------------------------------
 
@@ -201,22 +262,38 @@ class LlamaServerEngine:
         tokens = self.tokenize(text, add_special=False, parse_special=True)
         return tokens[0] if len(tokens) == 1 else -1
 
+    def token_id(self, value: Any, where: str) -> int:
+        """A token id from the server, checked against its model's vocabulary before it
+        enters the history (and a session file)."""
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < self.n_vocab:
+            raise BadReply(f"{where} sent token id {excerpt(value)}, outside the model's vocabulary "
+                           f"(0 to {self.n_vocab - 1})", hint="kvchat kept none of it; see the server's log")
+        return value
+
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
+        where = self.client.url + "/tokenize"
         reply = self.client.post_json("/tokenize", {"content": text, "add_special": add_special,
-                                                    "parse_special": parse_special, "with_pieces": True})
-        tokens = []
-        for item in reply["tokens"]:
-            token = int(item["id"])
-            piece = item["piece"]
-            self._pieces.setdefault(token, piece.encode("utf-8") if isinstance(piece, str) else bytes(piece))
-            tokens.append(token)
+                                                    "parse_special": parse_special, "with_pieces": True},
+                                      limit=_tokenize_limit(text))
+        items = reply_list(reply_object(reply, where), "tokens", where)
+        tokens, pieces = [], []
+        for item in items:
+            if not isinstance(item, dict):  # a server that does not give pieces sends bare ids
+                tokens.append(self.token_id(item, where))
+                continue
+            tokens.append(self.token_id(item.get("id"), where))
+            pieces.append((tokens[-1], _piece_bytes(item.get("piece"), where)))
+        for token, piece in pieces:  # only once the whole reply is known good
+            if piece is not None:
+                self._pieces.setdefault(token, piece)
         return tokens
 
     def token_piece(self, token: int, *, special: bool = False) -> bytes:
         piece = self._pieces.get(token)
         if piece is None:
-            text = str(self.client.post_json("/detokenize", {"tokens": [token]})["content"])
-            piece = self._pieces[token] = text.encode("utf-8")
+            where = self.client.url + "/detokenize"
+            reply = reply_object(self.client.post_json("/detokenize", {"tokens": [token]}), where)
+            piece = self._pieces[token] = reply_str(reply, "content", where).encode("utf-8")
         if not special and token in self._eog | {self._bos}:
             return b""
         return piece
@@ -258,58 +335,94 @@ class LlamaServerEngine:
     def generate(self, max_tokens: int | None, *, stop_at_eog: bool = True,
                  context: Sequence[int] = ()) -> Iterator[TokenEvent]:
         """Stream the reply; an empty-text token (a control token) waits for the next
-        event, which says whether it ended the turn."""
+        event, which says whether it ended the turn.
+
+        Every event is checked before its tokens enter the history. The reply must end
+        with the server's final event (`stop`) within the tokens asked for: a stream
+        that ends before it, or a server that goes past `n_predict`, is a
+        StreamDropped/BadReply with the reply so far kept."""
         body = self._request(max_tokens, stop_at_eog)
-        if body["n_predict"] <= 0:
+        n_predict = body["n_predict"]
+        if n_predict <= 0:
             return
+        where = self.client.url + "/completion"
         progress, self._progress = self._progress, None
         self.unstreamed_tokens = 0
         generated: list[int] = []
         held: TokenEvent | None = None
+        progress_events = 0
+        stopped = False
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         try:
             for event in self.client.stream("/completion", body):
                 if "prompt_progress" in event:  # its "tokens" is a placeholder, not a token
-                    if progress is not None:
-                        p = event["prompt_progress"]
-                        cached = int(p.get("cache", 0))
-                        progress(int(p.get("processed", 0)) - cached, int(p.get("total", 0)) - cached)
+                    progress_events += 1
+                    self._progress_event(event, where, len(body["prompt"]), progress_events, progress)
                     continue
-                if isinstance(event.get("id_slot"), int) and event["id_slot"] >= 0:
-                    self.id_slot = event["id_slot"]
-                if event.get("stop"):
-                    stop_type = str(event.get("stop_type", ""))
+                slot = reply_int(event, "id_slot", where, default=-1, low=-1)
+                if slot >= 0:
+                    self.id_slot = slot
+                stop = event.get("stop")
+                if stop is not None and not isinstance(stop, bool):
+                    raise BadReply(f"{where} sent 'stop' = {excerpt(stop)}, not true or false",
+                                   hint="see the server's log")
+                if stop:
+                    stop_type = reply_str(event, "stop_type", where, default="")
+                    timings = reply_dict(event, "timings", where)
                     if held is not None:
                         if stop_type == "eos":
                             self._eog.add(held.token)
                         yield TokenEvent(held.token, held.text, stop_type == "eos")
                         held = None
-                    if isinstance(event.get("timings"), dict):
-                        self._record_timings(ServerTimings.from_json(event["timings"]))
+                    if timings:
+                        self._record_timings(ServerTimings.from_json(timings, where))
+                    stopped = True
                     break
-                for token in event.get("tokens") or []:
-                    content = str(event.get("content", ""))
+                tokens = [self.token_id(t, where) for t in reply_list(event, "tokens", where)]
+                content = reply_str(event, "content", where, default="")
+                predicted = reply_int(event, "tokens_predicted", where, default=0)
+                if len(generated) + len(tokens) > n_predict or predicted > n_predict:
+                    raise BadReply(f"{where} sent more than the {n_predict} tokens asked for (it ignores "
+                                   "n_predict); kvchat stopped reading there",
+                                   hint="the reply so far is kept; check the server")
+                for token in tokens:
                     if held is not None:
                         yield held
                         held = None
-                    generated.append(int(token))
+                    generated.append(token)
                     # Tokens that end inside a UTF-8 character are not streamed on their
                     # own: their ids are lost, their bytes come with this event's text.
-                    predicted = event.get("tokens_predicted")
-                    if isinstance(predicted, int) and predicted > len(generated) + self.unstreamed_tokens:
+                    if predicted > len(generated) + self.unstreamed_tokens:
                         self.unstreamed_tokens = predicted - len(generated)
                     elif content:
-                        self._pieces.setdefault(int(token), content.encode("utf-8"))
+                        self._pieces.setdefault(token, content.encode("utf-8"))
                     if content:
-                        yield TokenEvent(int(token), decoder.decode(content.encode("utf-8")),
-                                         int(token) in self._eog)
+                        yield TokenEvent(token, decoder.decode(content.encode("utf-8")), token in self._eog)
                     else:
-                        held = TokenEvent(int(token), "", int(token) in self._eog)
+                        held = TokenEvent(token, "", token in self._eog)
             if held is not None:
                 yield held
+            if not stopped:
+                raise StreamDropped(f"{where} ended the stream before the reply's final event (stop)",
+                                    hint="the partial reply is kept; check the server, then send again")
         finally:
             # The server's cache holds the prompt and every generated token but the last.
             self._history.extend(generated[:-1])
+
+    def _progress_event(self, event: dict[str, Any], where: str, n_prompt: int, seen: int,
+                        progress: Callable[[int, int], None] | None) -> None:
+        """A prefill progress event: counts within the prompt, at most one per prompt
+        token (a server that streams progress forever would beat the deadline)."""
+        p = reply_dict(event, "prompt_progress", where)
+        cached = reply_int(p, "cache", where, default=0, high=self._n_ctx)
+        processed = reply_int(p, "processed", where, default=0, high=self._n_ctx)
+        total = reply_int(p, "total", where, default=0, high=self._n_ctx)
+        if not cached <= processed <= total or seen > n_prompt + 1:
+            raise BadReply(f"{where} sent prompt progress that does not add up (event {seen}: {cached} "
+                           f"cached, {processed} of {total} processed, for a {n_prompt}-token prompt)",
+                           hint="see the server's log")
+        if progress is not None:
+            progress(processed - cached, total - cached)
 
     def _record_timings(self, timings: ServerTimings) -> None:
         self.last_timings = timings
@@ -360,6 +473,9 @@ class LlamaServerEngine:
         if record.get("format") != STATE_FORMAT:
             raise SessionError("the saved state is not a llama-server slot record",
                                hint="resume with --rebuild to re-evaluate the transcript")
+        if any(not 0 <= t < self.n_vocab for t in tokens):
+            raise SessionError("the saved server state holds token ids outside the server model's vocabulary",
+                               hint="resume with --rebuild to re-evaluate the transcript")
         self._history = list(tokens)[:n_tokens]
         filename = record.get("slot_file")
         if filename and len(tokens) == n_tokens:
@@ -379,9 +495,11 @@ class LlamaServerEngine:
             if "--slot-save-path" in reason:
                 reason = "the server was started without --slot-save-path"
             return SlotSave(action, False, reason=reason)
+        where = f"{self.client.url}/slots/{slot}"
+        n = reply_int(reply_object(reply, where), "n_restored" if action == "restore" else "n_saved", where,
+                      default=0)
         if action == "restore":
             self.id_slot = slot
-        n = int(reply.get("n_restored" if action == "restore" else "n_saved", 0) or 0)
         return SlotSave(action, True, n, time.perf_counter() - started)
 
     # -- counters and lifetime -------------------------------------------------------------

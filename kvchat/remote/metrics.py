@@ -55,23 +55,29 @@ class ServerMetrics:
 
     @property
     def prefix_hit_rate(self) -> float | None:
-        if not self.prefix_cache_queries or self.prefix_cache_hits is None:
+        if not self.prefix_cache_queries or self.prefix_cache_hits is None \
+                or self.prefix_cache_hits > self.prefix_cache_queries:
             return None
         return self.prefix_cache_hits / self.prefix_cache_queries
 
 
-def _value(samples: list[Sample], names: tuple[str, ...], model: str | None) -> float | None:
+def _value(samples: list[Sample], names: tuple[str, ...], model: str | None, *,
+           high: float = math.inf) -> float | None:
+    """The names' series summed (the model's own where labelled); None where there are
+    none. A sample that cannot be what the name means (negative, infinite, above
+    `high`) is a server's mistake and left out."""
     found = [s for s in samples if s.name in names]
     if model is not None and any(s.labels.get("model_name") == model for s in found):
         found = [s for s in found if s.labels.get("model_name") == model]
-    values = [s.value for s in found if math.isfinite(s.value)]
-    return sum(values) if values else None
+    values = [s.value for s in found if 0 <= s.value <= high and math.isfinite(s.value)]
+    total = sum(values)
+    return total if values and math.isfinite(total) else None
 
 
 def vllm_metrics(text: str, model: str | None = None) -> ServerMetrics:
     """vLLM's figures from its /metrics text (both the v1 names and the older ones)."""
     samples = parse_exposition(text)
-    usage = _value(samples, ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"), model)
+    usage = _value(samples, ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"), model, high=1.0)
     return ServerMetrics(
         kv_cache_usage=usage,
         prefix_cache_queries=_value(samples, ("vllm:prefix_cache_queries_total", "vllm:prefix_cache_queries"),

@@ -17,17 +17,37 @@ from typing import Any
 
 from kvchat.engine_api import ChatUsage, SamplingSettings, TokenEvent
 from kvchat.errors import ModelNotFoundError, NetworkError, UsageError
-from kvchat.remote.client import ServerClient, ServerHTTPError
+from kvchat.remote.client import (
+    BadReply,
+    ServerClient,
+    ServerHTTPError,
+    StreamDropped,
+    reply_dict,
+    reply_int,
+    reply_list,
+    reply_object,
+    reply_str,
+)
 from kvchat.remote.metrics import ServerMetrics, vllm_metrics
+from kvchat.settings import MAX_CTX
 
 
-def _context_of(entry: dict[str, Any]) -> int:
+def _context_of(entry: dict[str, Any], where: str) -> int:
     """A model entry's context: vLLM's max_model_len, llama.cpp's meta.n_ctx (0: unknown)."""
-    for value in (entry.get("max_model_len"), (entry.get("meta") or {}).get("n_ctx"),
-                  (entry.get("meta") or {}).get("n_ctx_train"), entry.get("context_length")):
-        if isinstance(value, int) and value > 0:
+    meta = reply_dict(entry, "meta", where)
+    for source, key in ((entry, "max_model_len"), (meta, "n_ctx"), (meta, "n_ctx_train"),
+                        (entry, "context_length")):
+        value = reply_int(source, key, where, default=0, high=MAX_CTX)
+        if value > 0:
             return value
     return 0
+
+
+_KEPT = "the reply so far is kept; check the server, then send again"
+
+
+def _text(obj: dict[str, Any], key: str, where: str) -> str:
+    return reply_str(obj, key, where, default="")
 
 
 class OpenAIChatEngine:
@@ -39,10 +59,12 @@ class OpenAIChatEngine:
     def __init__(self, client: ServerClient, model: str | None) -> None:
         started = time.perf_counter()
         self.client = client
-        listing = client.get_json("/v1/models")
-        entries = [m for m in (listing.get("data") or []) if isinstance(m, dict) and m.get("id")] \
-            if isinstance(listing, dict) else []
-        ids = [str(m["id"]) for m in entries]
+        where = client.url + "/v1/models"
+        listing = reply_object(client.get_json("/v1/models"), where)
+        models = [reply_object(m, where, "model entry") for m in reply_list(listing, "data", where)]
+        entries = {reply_str(entry, "id", where, default=""): entry for entry in models}
+        entries.pop("", None)  # an entry without an id is no model to ask for
+        ids = list(entries)
         if not ids:
             raise NetworkError(f"{client.url}/v1/models lists no model", hint="load a model on the server")
         if model is None:
@@ -55,7 +77,7 @@ class OpenAIChatEngine:
                                      hint=f"its models: {', '.join(ids)}")
         self.model_name = model
         self.model_path = ""
-        self._n_ctx = _context_of(next(m for m in entries if m["id"] == model))
+        self._n_ctx = _context_of(entries[model], where)
         self._sampling = SamplingSettings()
         self._usage: ChatUsage | None = None
         self._finish: str | None = None
@@ -89,7 +111,8 @@ class OpenAIChatEngine:
         s = self._sampling
         body: dict[str, Any] = {
             "model": self.model_name,
-            "messages": list(messages),
+            # role and content only: what kvchat keeps besides (a cut reply's mark) is its own
+            "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
             "stream": True,
             "stream_options": {"include_usage": True},
             "temperature": s.temperature,
@@ -107,30 +130,64 @@ class OpenAIChatEngine:
         return body
 
     def chat(self, messages: Sequence[dict[str, str]], max_tokens: int | None) -> Iterator[TokenEvent]:
+        """Stream the reply. Every chunk is checked before it is used; the reply must end
+        with a finish_reason within the tokens asked for (a chunk with text holds at
+        least one token): a stream that ends before it, or that goes past max_tokens,
+        is a StreamDropped/BadReply with the reply so far kept."""
         self._usage, self._finish = None, None
+        where = self.client.url + "/v1/chat/completions"
+        limit = max_tokens if max_tokens is not None else self._n_ctx or None
+        asked = "asked for (it ignores max_tokens)" if max_tokens is not None else "its context holds"
+        pieces = events = after_finish = 0
         try:
             for event in self.client.stream("/v1/chat/completions", self._body(messages, max_tokens)):
-                usage = event.get("usage")
-                if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
-                    details = usage.get("prompt_tokens_details") or {}
-                    cached = details.get("cached_tokens") if isinstance(details, dict) else None
-                    completion = int(usage.get("completion_tokens") or 0)
-                    self._usage = ChatUsage(int(usage["prompt_tokens"]), completion,
-                                            cached if isinstance(cached, int) else None)
-                for choice in event.get("choices") or []:
-                    delta = choice.get("delta") or {}
-                    text = delta.get("content") or ""
-                    reasoning = delta.get("reasoning_content") or delta.get("reasoning") or ""
-                    finish = choice.get("finish_reason")
+                events += 1
+                after_finish += self._finish is not None
+                # After the finish come its usage and [DONE]: a few events at most. Before
+                # it, empty chunks are few (a role, a finish): at most one per token and some.
+                if after_finish > 8 or (limit is not None and events > 2 * limit + 16):
+                    what = "after the reply's end (finish_reason)" if after_finish > 8 else \
+                        f"for a reply of at most {limit} tokens"
+                    raise BadReply(f"{where} sent {events} events {what}; kvchat stopped reading there",
+                                   hint=_KEPT)
+                usage = reply_dict(event, "usage", where)
+                if usage:
+                    self._usage = self._read_usage(usage, where)
+                for choice in reply_list(event, "choices", where):
+                    choice = reply_object(choice, where, "choice")
+                    delta = reply_dict(choice, "delta", where)
+                    text = _text(delta, "content", where)
+                    reasoning = _text(delta, "reasoning_content", where) or _text(delta, "reasoning", where)
+                    finish = _text(choice, "finish_reason", where)
+                    if (text or reasoning) and self._finish is not None:
+                        raise BadReply(f"{where} sent more text after the reply's end (finish_reason "
+                                       f"{self._finish!r})", hint=_KEPT)
+                    pieces += bool(text or reasoning)
+                    if limit is not None and pieces > limit:
+                        raise BadReply(f"{where} sent more than the {limit} tokens {asked}; kvchat stopped "
+                                       "reading there", hint=_KEPT)
                     if finish:
-                        self._finish = str(finish)
+                        self._finish = finish
                     if text or reasoning or finish:
-                        yield TokenEvent(-1, str(text), finish == "stop", reasoning_text=str(reasoning))
+                        yield TokenEvent(-1, text, finish == "stop", reasoning_text=reasoning)
         except ServerHTTPError as exc:
             if exc.status == 404 and "model" in exc.server_message.lower():
                 raise ModelNotFoundError(f"{self.client.url} does not serve model {self.model_name!r}",
                                          hint="see its models with --model at startup") from None
             raise
+        if self._finish is None:
+            raise StreamDropped(f"{where} ended the stream before the reply's end (no finish_reason)",
+                                hint=_KEPT)
+
+    @staticmethod
+    def _read_usage(usage: dict[str, Any], where: str) -> ChatUsage | None:
+        if usage.get("prompt_tokens") is None:
+            return None
+        details = reply_dict(usage, "prompt_tokens_details", where)
+        prompt = reply_int(usage, "prompt_tokens", where, high=MAX_CTX)
+        cached = reply_int(details, "cached_tokens", where, default=-1, low=-1, high=prompt)
+        return ChatUsage(prompt, reply_int(usage, "completion_tokens", where, default=0, high=MAX_CTX),
+                         cached if cached >= 0 else None)
 
     def metrics(self) -> ServerMetrics | None:
         """vLLM's KV usage and prefix-cache counters from /metrics; None where the
