@@ -32,7 +32,6 @@ that render as text only with special=True.
 from __future__ import annotations
 
 import codecs
-import copy
 import hashlib
 import json
 import re
@@ -246,11 +245,12 @@ class FakeEngine:
 
     # -- the memory, as llama.cpp reports it --------------------------------------------
 
+    # Cells are kept sorted by position: the oldest first, the newest last.
     def seq_pos_max(self) -> int:
-        attn = max((p for p, _ in self._attn), default=-1)
+        attn = self._attn[-1][0] if self._attn else -1
         state = self._state[0] if self._state else -1
         if self.kind == "swa":
-            return max((p for p, _ in self._window), default=-1)
+            return self._window[-1][0] if self._window else -1
         if self.kind == "recurrent":
             return state
         if self.kind == "hybrid":
@@ -258,10 +258,10 @@ class FakeEngine:
         return attn
 
     def seq_pos_min(self) -> int:
-        attn = min((p for p, _ in self._attn), default=-1)
+        attn = self._attn[0][0] if self._attn else -1
         state = self._state[0] if self._state else -1
         if self.kind == "swa":
-            return min((p for p, _ in self._window), default=-1)
+            return self._window[0][0] if self._window else -1
         if self.kind == "recurrent":
             return state
         if self.kind == "hybrid":
@@ -288,23 +288,38 @@ class FakeEngine:
         n = self.n_past
         parts = [self.kind.encode(), _ints([n])]
         if self.kind != "recurrent":
-            parts.append(_ints([x for cell in sorted(self._attn) for x in cell]))
+            parts.append(_ints([x for cell in self._attn for x in cell]))
         if self.kind == "swa":
-            parts.append(_ints([x for cell in sorted(self._window) if cell[0] > n - self.n_swa for x in cell]))
+            parts.append(_ints([x for cell in self._window if cell[0] > n - self.n_swa for x in cell]))
         if self.kind in ("recurrent", "hybrid"):
             parts.append(self._state[1] + _ints([self._state[0]]) if self._state else b"")
         return _digest(*parts)
 
+    def clone(self) -> FakeEngine:
+        """Another engine whose memory is a copy of this one's (cells are immutable)."""
+        other = FakeEngine(**self.config)
+        other._attn, other._window, other._state = list(self._attn), list(self._window), self._state
+        other._held_upto = self._held_upto
+        return other
+
     def cold_view(self, tokens: Sequence[int]) -> bytes:
         """What `view` would be after evaluating `tokens` on an empty cache."""
+        return self.cold_views(tokens, [len(tokens)])[len(tokens)]
+
+    def cold_views(self, tokens: Sequence[int], lengths: Sequence[int]) -> dict[int, bytes]:
+        """`cold_view(tokens[:n])` for each n in `lengths`, in one cold evaluation (how
+        the tokens are split into batches changes nothing the next token sees)."""
         cold = FakeEngine(**self.config)
-        cold.eval(tokens)
-        return cold.view()
+        views = {}
+        for n in sorted(set(lengths)):
+            cold.eval(tokens[cold.n_past : n])
+            views[n] = cold.view()
+        return views
 
     def _tail(self) -> list[int]:
         if self.kind == "recurrent":
             return list(self._state[2]) if self._state else []
-        return [t for _, t in sorted(self._attn)[-3:]]
+        return [t for _, t in self._attn[-3:]]
 
     # -- evaluation -----------------------------------------------------------------------
 
@@ -331,11 +346,13 @@ class FakeEngine:
         if self.kind != "recurrent":
             if len(self._attn) + len(ubatch) > self.n_ctx:
                 raise KvchatError(f"llama_decode failed (code 1) after {start} tokens")
+            stale = bool(self._attn) and self._attn[-1][0] >= start  # a state cleared under its cells
             self._attn.extend(cells)
+            if stale:
+                self._attn.sort()
         if self.kind == "swa":
             # find_slot: cells masked for the ubatch (at least n_swa behind its first
             # position) are reused, oldest first, once the window cache is full.
-            self._window.sort()
             excess = len(self._window) + len(ubatch) - self.window_cells
             while excess > 0:
                 assert self._window[0][0] <= start - self.n_swa, "the window cache cannot take the ubatch"
@@ -352,11 +369,15 @@ class FakeEngine:
     def set_sampling(self, sampling: SamplingSettings) -> None:
         self._sampling = sampling
 
-    def script(self, *replies: str) -> None:
-        """The next generations say these texts (each followed by end of turn),
-        whatever the cache holds."""
+    def script(self, *replies: str | list[str]) -> None:
+        """The next generations say these replies (each followed by end of turn),
+        whatever the cache holds: a text as the tokenizer splits it, or a list of
+        pieces, one token each (a model may well write '.' '.' where the tokenizer
+        makes '..')."""
         for reply in replies:
-            self._scripts.append([*self.tokenize(reply, add_special=False), self.eos_token])
+            tokens = (self.tokenize(reply, add_special=False) if isinstance(reply, str)
+                      else [self.tokenize(piece, add_special=False, parse_special=False)[0] for piece in reply])
+            self._scripts.append([*tokens, self.eos_token])
 
     def _sample(self, scripted: list[int] | None, produced: int) -> int:
         if scripted is not None:
@@ -419,7 +440,7 @@ class FakeEngine:
 
         def moved(cells: list[Cell]) -> list[Cell]:
             out = [(p + delta, t) if start <= p < p1 else (p, t) for p, t in cells]
-            return [c for c in out if c[0] >= 0]
+            return sorted(c for c in out if c[0] >= 0)
 
         self._attn, self._window = moved(self._attn), moved(self._window)
         self._held_upto = self.n_past
@@ -456,9 +477,9 @@ class FakeEngine:
 
     def _load(self, data: dict[str, Any]) -> None:
         if "attn" in data:
-            self._attn = [(p, t) for p, t in data["attn"]]
+            self._attn = sorted((p, t) for p, t in data["attn"])
         if self.kind == "swa":
-            self._window = [(p, t) for p, t in data["window"]]
+            self._window = sorted((p, t) for p, t in data["window"])
         if self.kind in ("recurrent", "hybrid"):
             state = data.get("state")
             self._state = (state[0], bytes.fromhex(state[1]), tuple(state[2])) if state else None
@@ -571,22 +592,30 @@ def check_session(session: Session, engine: FakeEngine, *, after_reply: bool = F
         assert n in (len(tokens), len(tokens) - 1)
     assert engine.cells() == tokens[:n], "the cache holds other tokens than the history says"
     assert engine.covers(n)
-    assert engine.view() == engine.cold_view(tokens[:n]), "the model sees another context than a cold one"
+    live = [c for c in session.checkpoints
+            if c.n_tokens <= len(tokens) and c.digest == _history_digest(tokens[: c.n_tokens])]
+    cold = engine.cold_views(tokens, [n, *(c.n_tokens for c in live)])
+    assert engine.view() == cold[n], "the model sees another context than a cold one"
     # A BOS token the model adds is not in the cached text; one the template writes is.
     bos_text = engine.token_text(engine.bos_token)
     bos = bos_text if tokens[:1] == [engine.bos_token] and not session.kv_text.startswith(bos_text) else ""
-    assert bos + session.kv_text == engine.detokenize(tokens)
+    pieces = [engine.token_piece(t, special=True) for t in tokens]
+
+    def text_of(k: int) -> str:
+        return b"".join(pieces[:k]).decode("utf-8", errors="replace")
+
+    assert bos + session.kv_text == text_of(len(tokens))
     for mark in session.turns:
         assert session.messages[mark.message]["role"] == "user"
-        assert engine.detokenize(tokens[: mark.token]) == bos + session.kv_text[: mark.char]
+        assert text_of(mark.token) == bos + session.kv_text[: mark.char]
         if mark.reply_token >= 0 and mark.reply_char >= 0:
-            assert engine.detokenize(tokens[: mark.reply_token]) == bos + session.kv_text[: mark.reply_char]
+            assert text_of(mark.reply_token) == bos + session.kv_text[: mark.reply_char]
     assert [m.token for m in session.turns] == sorted(m.token for m in session.turns)
     assert len(session.checkpoints) <= max(session.checkpoint_max, 0)
     assert session.checkpoint_bytes <= session.checkpoint_mib * 1024 * 1024
-    for saved in session.checkpoints:
-        if saved.n_tokens > len(tokens) or saved.digest != _history_digest(tokens[: saved.n_tokens]):
-            continue  # stands for a history that is gone: Session never restores it
-        probe = copy.deepcopy(engine)
+    # Checkpoints of a history that is gone are never restored (their digest differs);
+    # the others must restore exactly their prefix.
+    for saved in live:
+        probe = engine.clone()
         if probe.restore_checkpoint(saved.checkpoint):
-            assert probe.view() == engine.cold_view(tokens[: saved.n_tokens]), "a checkpoint restores another state"
+            assert probe.view() == cold[saved.n_tokens], "a checkpoint restores another state"
