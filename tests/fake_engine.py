@@ -64,7 +64,8 @@ _PIECE_RE = re.compile(r" ?[^\W_]+| ?[^\s\w]+| ?_+|\s+(?!\S)|\s+")
 
 def _word_id(piece: str) -> int:
     """A stable id for an ASCII piece (the same in every engine and every run)."""
-    token = _WORD_BASE + int.from_bytes(hashlib.blake2b(piece.encode(), digest_size=4).digest(), "little") % (1 << 30)
+    digest = hashlib.blake2b(piece.encode(), digest_size=4).digest()
+    token = _WORD_BASE + int.from_bytes(digest, "little") % (1 << 30)
     known = _WORDS.setdefault(token, piece)
     assert known == piece, f"token id collision: {known!r} and {piece!r}"
     return token
@@ -102,7 +103,8 @@ FAMILIES: dict[str, dict[str, Any]] = {
                      "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
                      "{%- endif %}"
                      "{%- endfor %}"
-                     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n<think>\\n' }}{%- endif %}")},
+                     "{%- if add_generation_prompt %}"
+                     "{{- '<|im_start|>assistant\\n<think>\\n' }}{%- endif %}")},
 }
 
 # What the model says when not scripted: words, whitespace-only pieces (a Gemma-style
@@ -127,9 +129,9 @@ class FakeEngine:
                  n_batch: int = 16, n_ubatch: int = 8, shift: bool | None = None, eog_every: int = 7,
                  state_size: int = 2048, cell_bytes: int = 64) -> None:
         assert kind in ("kv", "swa", "recurrent", "hybrid")
-        self.config: dict[str, Any] = dict(kind=kind, family=family, n_ctx=n_ctx, n_swa=n_swa, n_batch=n_batch,
-                                           n_ubatch=n_ubatch, shift=shift, eog_every=eog_every,
-                                           state_size=state_size, cell_bytes=cell_bytes)
+        self.config: dict[str, Any] = dict(
+            kind=kind, family=family, n_ctx=n_ctx, n_swa=n_swa, n_batch=n_batch, n_ubatch=n_ubatch,
+            shift=shift, eog_every=eog_every, state_size=state_size, cell_bytes=cell_bytes)
         self.kind = kind
         self.family = FAMILIES[family]
         self.n_ctx = n_ctx
@@ -140,7 +142,7 @@ class FakeEngine:
         # llama.cpp keeps PAD(n_swa + n_ubatch, 256) window cells; unpadded here.
         self.window_cells = min(n_ctx, n_swa + n_ubatch)
         self._shift = kind == "kv" if shift is None else shift
-        assert not (self._shift and kind in ("recurrent", "hybrid")), "llama.cpp cannot shift a recurrent state"
+        assert not (self._shift and kind in ("recurrent", "hybrid")), "a recurrent state cannot shift"
         self.eog_every = eog_every
         self.state_size = state_size
         self.cell_bytes = cell_bytes
@@ -375,8 +377,10 @@ class FakeEngine:
         pieces, one token each (a model may well write '.' '.' where the tokenizer
         makes '..')."""
         for reply in replies:
-            tokens = (self.tokenize(reply, add_special=False) if isinstance(reply, str)
-                      else [self.tokenize(piece, add_special=False, parse_special=False)[0] for piece in reply])
+            if isinstance(reply, str):
+                tokens = self.tokenize(reply, add_special=False)
+            else:
+                tokens = [self.tokenize(piece, add_special=False, parse_special=False)[0] for piece in reply]
             self._scripts.append([*tokens, self.eos_token])
 
     def _sample(self, scripted: list[int] | None, produced: int) -> int:
@@ -489,7 +493,8 @@ class FakeEngine:
         partial = self.needs_checkpoints
         raw = json.dumps(self._dump(partial=partial)).encode()
         # Sizes as llama.cpp's: a recurrent state is fixed, a window grows with its cells.
-        size = self.state_size if self.kind in ("recurrent", "hybrid") else len(self._window) * self.cell_bytes
+        recurrent = self.kind in ("recurrent", "hybrid")
+        size = self.state_size if recurrent else len(self._window) * self.cell_bytes
         return Checkpoint(n_tokens, raw + b"\0" * max(0, size - len(raw)), partial)
 
     def restore_checkpoint(self, checkpoint: Checkpoint) -> bool:

@@ -152,7 +152,7 @@ def test_session_invariants_hold_on_the_fake_engine(kind: str, family: str, n_ct
     sampling = SamplingSettings(temperature=temperature, seed=1)
 
     def new_session() -> Session:
-        return Session(engine, engine.template(), sampling, max_tokens=24, overflow="shift",  # type: ignore[arg-type]
+        return Session(engine, engine.template(), sampling, max_tokens=24, overflow="shift",
                        checkpoint_max=checkpoint_max)
 
     session = new_session()
