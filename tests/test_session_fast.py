@@ -125,8 +125,11 @@ def test_the_reply_depends_on_what_the_cache_holds() -> None:
 # -- overflow ------------------------------------------------------------------------
 
 
-def test_overflow_shifts_on_a_kv_cache_without_re_evaluating() -> None:
-    engine = FakeEngine("kv", n_ctx=256)
+@pytest.mark.parametrize("kind", ["kv", "swa"])
+def test_overflow_shifts_without_re_evaluating(kind: str) -> None:
+    """A cache that can shift positions (a sliding window too, where llama.cpp allows
+    it) drops the oldest turn's cells and shifts the rest back."""
+    engine = FakeEngine(kind, n_ctx=256, shift=True)
     session = _session(engine, max_tokens=24)
     session.set_system("You are terse.")
     dropped = 0

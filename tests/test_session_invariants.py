@@ -95,13 +95,9 @@ def test_session_invariants_hold_after_every_step(engine: Engine,
     for kind, word, n in steps:
         if kind == "send":
             # Long enough that a few turns overflow the 512-token context and shift.
-            list(session.send(f"Tell me about {word}. " * n))
+            turn(session, f"Tell me about {word}. " * n)
         elif kind == "interrupt_reply":
-            stream = session.send(f"Write about {word}.")
-            for i, _event in enumerate(stream):
-                if i + 1 >= n:
-                    break
-            stream.close()
+            turn(session, f"Write about {word}.", stop_after=n)
         elif kind == "interrupt_prefill":
             def stop(done: int, total: int) -> None:
                 raise _StopPrefill
@@ -109,7 +105,7 @@ def test_session_invariants_hold_after_every_step(engine: Engine,
             session.on_prefill = stop
             # A prompt longer than one chunk would be, so the callback fires mid-way.
             with pytest.raises((_StopPrefill, KvchatError)):
-                list(session.send(" ".join([word] * n)))
+                turn(session, " ".join([word] * n))
             session.on_prefill = None
         elif kind == "clear":
             session.clear()
