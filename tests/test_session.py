@@ -49,6 +49,7 @@ def _turn(session: Session, text: str) -> tuple[str, list[int], TurnStats]:
     return "".join(e.text for e in events), [e.token for e in events], turn.stats
 
 
+@pytest.mark.slow
 def test_twenty_turns_evaluate_only_each_turns_new_tokens(engine: Engine) -> None:
     session = _fresh(engine, max_tokens=16)
     for i in range(20):
@@ -79,6 +80,8 @@ def test_cached_text_matches_the_template_rendering(engine: Engine) -> None:
     assert rendered.startswith(session.kv_text)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # 30 turns on a busy 2-core machine
 def test_overflow_shift_over_thirty_turns(small_engine: Engine) -> None:
     session = _fresh(small_engine, max_tokens=40, overflow="shift")
     session.set_system("You are terse.")
@@ -99,6 +102,7 @@ def test_overflow_shift_over_thirty_turns(small_engine: Engine) -> None:
     assert rendered.startswith(session.kv_text)
 
 
+@pytest.mark.slow
 def test_overflow_stop_refuses_and_changes_nothing(small_engine: Engine) -> None:
     session = _fresh(small_engine, max_tokens=60, overflow="stop")
     with pytest.raises(SessionError, match="context is full"):
@@ -110,6 +114,7 @@ def test_overflow_stop_refuses_and_changes_nothing(small_engine: Engine) -> None
     assert session.tokens == tokens and session.messages == messages
 
 
+@pytest.mark.slow
 def test_interrupted_reply_is_kept_consistently(engine: Engine) -> None:
     session = _fresh(engine, max_tokens=200)
     stream = session.send("Repeat the word hello 500 times.")
@@ -142,6 +147,7 @@ def _run_json(kvchat, *args: str):  # noqa: ANN001,ANN202
     return json.loads(result.stdout)
 
 
+@pytest.mark.slow
 def test_named_session_resumes_without_reevaluating(kvchat, kv_env: dict[str, str]) -> None:
     first = _run_json(kvchat, "--session", "work", "My name is Ada.")
     path = Path(kv_env["KVCHAT_HOME"]) / "sessions" / "work.kvs"
@@ -169,6 +175,7 @@ def test_session_file_is_about_the_size_of_its_kv(kvchat, kv_env: dict[str, str]
     assert path.stat().st_size <= 1.1 * kv_bytes + 2 * transcript + 4096
 
 
+@pytest.mark.slow
 def test_changed_settings_are_refused_then_rebuilt(kvchat) -> None:
     n_ctx = _run_json(kvchat, "--session", "s", "Hello.")["settings"]["n_ctx"]
     refused = kvchat("run", "--session", "s", "--ctx", "2048", "Hi again.")
@@ -238,6 +245,7 @@ def test_sigkill_during_save_never_damages_the_previous_file(tmp_path: Path) -> 
     assert [p.name for p in path.parent.glob("*.kvs")] == ["k.kvs"]
 
 
+@pytest.mark.slow
 def test_sessions_list_show_export_rm(kvchat) -> None:
     _run_json(kvchat, "--session", "notes", "--system", "Be brief.", "Name a fruit.")
     listed = json.loads(kvchat("sessions", "list", "--json").stdout)
