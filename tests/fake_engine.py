@@ -40,10 +40,11 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from kvchat.chat_template import CHATML, ChatTemplate, select_template
+from kvchat.checkpoints import history_digest as _history_digest
+from kvchat.conversation import TurnStats
 from kvchat.engine_api import Checkpoint, PerfCounters, SamplingSettings, TokenEvent
 from kvchat.errors import KvchatError, SessionError, UsageError
-from kvchat.session import Session, TurnStats
-from kvchat.session import _digest as _history_digest
+from kvchat.session import Session
 
 Cell = tuple[int, int]  # (position, token)
 
@@ -581,8 +582,8 @@ def turn(session: Session, text: str | None, *, stop_after: int | None = None) -
         if stop_after is not None and i + 1 >= stop_after:
             stream.close()
             break
-    assert session.last_turn is not None
-    return "".join(pieces), session.last_turn
+    stream.close()
+    return "".join(pieces), stream.stats
 
 
 def check_session(session: Session, engine: FakeEngine, *, after_reply: bool = False) -> None:

@@ -367,11 +367,12 @@ def test_interrupted_prefill_keeps_history_and_cache_in_step(kind: str) -> None:
             raise _StopPrefill
 
     session.on_prefill = stop
+    sent = session.send("interrupted " * 40)
     with pytest.raises(_StopPrefill):
-        turn(session, "interrupted " * 40)
+        list(sent)
     session.on_prefill = None
     assert session.tokens == tokens and session.messages == messages
-    assert session.last_turn is not None and session.last_turn.stop_reason == "interrupted"
+    assert sent.stats.stop_reason == "interrupted"
     # The previous reply's last token was evaluated with the prefill and stays.
     assert engine.n_past == len(tokens)
     check_session(session, engine)
@@ -389,7 +390,7 @@ def test_interrupted_reply_is_kept_consistently(kind: str) -> None:
     stream = session.send("Repeat the word hello 50 times.")
     partial = [next(stream) for _ in range(10)]
     stream.close()
-    assert session.last_turn is not None and session.last_turn.stop_reason == "interrupted"
+    assert stream.stats.stop_reason == "interrupted"
     assert session.messages[-1] == {"role": "assistant", "content": "".join(e.text for e in partial)}
     assert session.tokens[-10:] == [e.token for e in partial]
     check_session(session, engine, after_reply=True)
