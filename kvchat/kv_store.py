@@ -271,19 +271,25 @@ class KvStore:
         before = self.bytes_written
         written = shared = 0
         with self._lock(exclusive=False):
+            chain: list[Link] | None = None
             if source.can_save_ranges:
-                chain = self._kept_chain(base or previous, fp_hex, tokens)
-                start = chain[-1].end if chain else 0
-                spans = cut_spans(start, len(tokens), self.block_tokens)
-                for (a, b), key in zip(spans, block_keys(fingerprint, tokens, spans), strict=True):
-                    link = Link(key, a, b)
-                    if self.block_path(key).is_file():
-                        shared += 1
-                    else:
-                        self.write_block(link, fp_hex, tokens[a:b], source.state_range_bytes(a, b))
-                        written += 1
-                    chain.append(link)
-            elif tokens:
+                try:
+                    chain = self._kept_chain(base or previous, fp_hex, tokens)
+                    start = chain[-1].end if chain else 0
+                    spans = cut_spans(start, len(tokens), self.block_tokens)
+                    for (a, b), key in zip(spans, block_keys(fingerprint, tokens, spans), strict=True):
+                        link = Link(key, a, b)
+                        if self.block_path(key).is_file():
+                            shared += 1
+                        else:
+                            self.write_block(link, fp_hex, tokens[a:b], source.state_range_bytes(a, b))
+                            written += 1
+                        chain.append(link)
+                except kv_state.StateFormatError:
+                    # Cells out of position order (a context shift moved them): this save
+                    # is whole; blocks written meanwhile are named by nothing (evictable).
+                    chain = None
+            if chain is None and tokens:
                 # A sliding window or a recurrent state cannot be cut by position: the
                 # state is saved whole, bounded by the window or the state's size.
                 (key,) = block_keys(fingerprint, tokens, [(0, len(tokens))], WHOLE)
@@ -291,8 +297,7 @@ class KvStore:
                 self.write_block(link, fp_hex, tokens, source.state_bytes())
                 written += 1
                 chain = [link]
-            else:
-                chain = []
+            chain = chain or []
             manifest = Manifest(kind, name, fp_hex, record, tokens, chain, extra,
                                 previous.created if previous else now, now)
             self.write_manifest(manifest)
