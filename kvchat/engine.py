@@ -810,7 +810,7 @@ class Engine:
             )
         self.n_past = self._held_upto = n_tokens
 
-    def state_range_bytes(self, start: int, end: int) -> bytes:
+    def state_range_bytes(self, start: int, end: int) -> bytearray:
         """The cells of positions [start, end) of seq 0, as the sequence state llama.cpp
         writes for them alone: what kv_state.cut would take from state_bytes(), without
         reading the other cells (a turn's save costs the turn, not the history).
@@ -823,7 +823,9 @@ class Engine:
         seq_rm(_SCRATCH) drops the id again; a cell is freed only when no sequence holds
         it, and seq 0 still does. The cell records say seq 1 (llama.cpp reads the
         destination from the caller on load, not from the bytes); kv_state.as_seq0 writes
-        0 there, so the result is byte for byte the cut of seq 0's own state.
+        0 there, so the result is byte for byte the cut of seq 0's own state. The bytes
+        are written by llama.cpp straight into the buffer returned: a save holds one
+        copy of the new cells, never the history.
 
         Raises kv_state.StateFormatError when the cells are not [start, end) in order
         (after a context shift the cells no longer follow positions): save whole then.
@@ -837,11 +839,14 @@ class Engine:
         llama.llama_memory_seq_cp(self._memory, 0, _SCRATCH, start, end)
         try:
             size = llama.llama_state_seq_get_size(self._ctx, _SCRATCH)
-            buf = (ctypes.c_uint8 * size)()
-            written = llama.llama_state_seq_get_data(self._ctx, buf, size, _SCRATCH)
+            data = bytearray(size)
+            written = llama.llama_state_seq_get_data(
+                self._ctx, (ctypes.c_uint8 * size).from_buffer(data), size, _SCRATCH)
         finally:
             llama.llama_memory_seq_rm(self._memory, _SCRATCH, -1, -1)
-        return kv_state.as_seq0(memoryview(buf)[:written], _SCRATCH, start, end)
+        if written != size:
+            raise kv_state.StateFormatError(f"llama.cpp wrote {written} of {size} state bytes")
+        return kv_state.as_seq0(data, _SCRATCH, start, end)
 
     def load_state_range(self, data: bytes, start: int, end: int) -> None:
         """Append cells [start, end) (state_range_bytes' bytes, or consecutive ranges

@@ -37,6 +37,9 @@ _HASH = 32
 _rename = os.replace
 
 
+Chunk = bytes | bytearray | memoryview
+
+
 class BlockError(KvchatError):
     """A block that is damaged, missing or not the one asked for."""
 
@@ -94,7 +97,7 @@ class Manifest:
         return self.chain[-1].end if self.chain else 0
 
 
-def write_file(path: Path, chunks: Sequence[bytes | memoryview]) -> int:
+def write_file(path: Path, chunks: Sequence[Chunk]) -> int:
     """Write `chunks` to `path` atomically (temp, fsync, rename, fsync folder)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -117,8 +120,8 @@ def write_file(path: Path, chunks: Sequence[bytes | memoryview]) -> int:
     return sum(len(c) for c in chunks)
 
 
-def _sealed(magic: bytes, sections: Sequence[bytes | memoryview]) -> list[bytes | memoryview]:
-    chunks: list[bytes | memoryview] = [magic, _U32.pack(FORMAT_VERSION)]
+def _sealed(magic: bytes, sections: Sequence[Chunk]) -> list[Chunk]:
+    chunks: list[Chunk] = [magic, _U32.pack(FORMAT_VERSION)]
     for section in sections:
         chunks += [_U64.pack(len(section)), section]
     sha = hashlib.sha256()
@@ -157,7 +160,8 @@ def tokens_from(raw: memoryview | bytes) -> list[int]:
     return arr.tolist()
 
 
-def write_block(path: Path, link: Link, fingerprint: str, tokens: Sequence[int], state: bytes) -> int:
+def write_block(path: Path, link: Link, fingerprint: str, tokens: Sequence[int],
+                state: bytes | bytearray) -> int:
     """Write one block (tokens: its own, [start, end)); returns bytes written."""
     header = json.dumps({"key": link.key, "start": link.start, "end": link.end,
                          "kind": link.kind, "fingerprint": fingerprint}).encode()

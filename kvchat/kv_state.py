@@ -131,7 +131,7 @@ def parse_part(blob: memoryview, at: int = 0, seq_id: int = 0) -> Part:
     return Part(blob, positions, v_trans, tuple(k_layers), tuple(v_layers), at)
 
 
-def parse(data: bytes | memoryview, seq_id: int = 0) -> SeqState:
+def parse(data: bytes | bytearray | memoryview, seq_id: int = 0) -> SeqState:
     """Split a sequence state into its parts; raises StateFormatError when unsure."""
     blob = memoryview(data)
     header = bytes(_take(blob, 0, 8))
@@ -217,14 +217,19 @@ def join(pieces: list[tuple[Part, int, int]]) -> bytes:
     return b"".join(out)
 
 
-def as_seq0(data: bytes | memoryview, seq_id: int, start: int, end: int) -> bytes:
-    """The state of one KV cache holding cells of positions [start, end) in order,
-    written for sequence `seq_id`, as sequence 0's state of those cells: the bytes
-    a cut of sequence 0's own state would give (llama.cpp ignores the id on load)."""
+def as_seq0(data: bytearray, seq_id: int, start: int, end: int) -> bytearray:
+    """Make the state of one KV cache holding cells of positions [start, end) in
+    order, written for sequence `seq_id`, sequence 0's state of those cells, in
+    place: the bytes a cut of sequence 0's own state would give (llama.cpp ignores
+    the ids on load). Raises StateFormatError for anything else."""
     state = parse(data, seq_id)
     if len(state.parts) != 1:
         raise StateFormatError(f"{len(state.parts)} KV caches in the state")
-    (part,) = state.parts
-    if part.positions != tuple(range(start, end)):
+    if state.parts[0].positions != tuple(range(start, end)):
         raise StateFormatError(f"the cells do not hold positions {start}..{end} in order")
-    return state.header[:4] + struct.pack("<i", 0) + join([(part, 0, part.n_cells)])
+    del state  # its views of `data` end here
+    ids = memoryview(data)[8 + 8 : 8 + 8 + 12 * (end - start)].cast("i")
+    ids[2::3] = array("i", [0]) * (end - start)  # (pos, n_seq_id, seq_id) per cell
+    ids.release()
+    data[4:8] = struct.pack("<i", 0)
+    return data

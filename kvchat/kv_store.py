@@ -80,7 +80,7 @@ class RangeSource(Protocol):
     @property
     def can_save_ranges(self) -> bool: ...
 
-    def state_range_bytes(self, start: int, end: int) -> bytes: ...
+    def state_range_bytes(self, start: int, end: int) -> bytes | bytearray: ...
     def state_bytes(self) -> bytes: ...
 
 
@@ -209,7 +209,8 @@ class KvStore:
 
     # -- blocks -------------------------------------------------------------------------
 
-    def write_block(self, link: Link, fingerprint: str, tokens: Sequence[int], state: bytes) -> int:
+    def write_block(self, link: Link, fingerprint: str, tokens: Sequence[int],
+                    state: bytes | bytearray) -> int:
         n = kv_files.write_block(self.block_path(link.key), link, fingerprint, tokens, state)
         self.bytes_written += n
         return n

@@ -8,6 +8,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import random
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -16,8 +17,8 @@ from typing import Any
 import pytest
 from fake_kv_engine import FakeKvEngine
 
-from kvchat import kv_files
-from kvchat.kv_store import RECENT, SESSION, KvStore, Manifest, cut_spans
+from kvchat import kv_files, kv_state
+from kvchat.kv_store import RECENT, SESSION, KvStore, Manifest, cut_spans, effective_budget
 
 FP = b"\x01" * 32
 OTHER_FP = b"\x02" * 32
@@ -313,3 +314,69 @@ def test_manifest_round_trips(tmp_path: Path) -> None:
     m = store.read_manifest(SESSION, "chat")
     assert isinstance(m, Manifest) and m.record == {"x": "é"} and m.extra == b"checkpoints"
     assert m.covered == 300 and m.created <= m.updated
+
+
+class _Shifted(FakeKvEngine):
+    """Cells out of position order, as after a context shift: ranges cannot be read."""
+
+    def state_range_bytes(self, start: int, end: int) -> bytes:
+        raise kv_state.StateFormatError("the cells do not hold positions in order")
+
+
+def test_cells_out_of_order_are_saved_whole_and_resume_exactly(tmp_path: Path) -> None:
+    store = KvStore(tmp_path)
+    engine = _fill(store, "chat", SESSION, 300, seed=7)
+    shifted = _Shifted()
+    shifted.cells = engine.cells + words(20, seed=8)
+    result = store.save(SESSION, "chat", record(320), shifted.cells, shifted, FP)
+    assert [x.kind for x in result.manifest.chain] == ["whole"]
+    again, n = restored(store, "chat")
+    assert n == 320 and again.cells == shifted.cells
+    # back in order: ranges again, from position 0
+    engine.cells = shifted.cells
+    result = store.save(SESSION, "chat", record(320), engine.cells, engine, FP)
+    assert [(x.start, x.end) for x in result.manifest.chain] == [(0, 256), (256, 320)]
+    # the whole block and the first piece [256, 300) are gone; [0, 256) was kept as shareable
+    assert len(list((tmp_path / "blocks").rglob("*.kvb"))) == 2
+
+
+def _save_turns(root: Path, name: str, seed: int) -> None:
+    store = KvStore(root, block_tokens=64)
+    engine = FakeKvEngine()
+    engine.eval(words(200))  # the start both conversations share
+    for turn in range(15):
+        engine.eval(words(23, seed=seed * 100 + turn))
+        save(store, name, engine)
+    os._exit(0)
+
+
+def _evict_often(root: Path) -> None:
+    store = KvStore(root, block_tokens=64)
+    for _ in range(40):
+        store.evict(10**12)
+        store._collect({"0" * 64})
+    os._exit(0)
+
+
+def test_processes_saving_and_collecting_at_once_leave_whole_conversations(tmp_path: Path) -> None:
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_save_turns, args=(tmp_path, "a", 1)),
+             ctx.Process(target=_save_turns, args=(tmp_path, "b", 2)),
+             ctx.Process(target=_evict_often, args=(tmp_path,))]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    store = KvStore(tmp_path, block_tokens=64)
+    for name in ("a", "b"):
+        engine, n = restored(store, name)
+        assert n == 200 + 15 * 23
+    assert store.usage().unreferenced == 0  # every turn piece replaced was collected
+
+
+def test_the_default_budget_is_a_share_of_the_disk(tmp_path: Path) -> None:
+    store = KvStore(tmp_path / "store")
+    budget = effective_budget(None, store)
+    assert 0 < budget <= shutil.disk_usage(tmp_path).free
+    assert effective_budget(1000, store) == 1000
