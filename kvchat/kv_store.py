@@ -18,7 +18,9 @@ blocks, the same for every conversation that holds those tokens; the pieces at
 either end are the turn's own. A span filled over several turns stays in its
 turn pieces: writing it again as one aligned block would cost the bytes this
 store exists to save. So the bytes a turn writes are its new cells plus one
-header per block (at most new / BLOCK_TOKENS + 2 of them) and the manifest.
+header per block (at most new / BLOCK_TOKENS + 2 of them) and the manifest,
+which holds every token (4 bytes per token of history: SmolLM2 keeps 22.5 KiB
+of KV per token) so that a damaged block's tokens can still be evaluated again.
 
 Models whose state cannot be cut by position (a sliding window without
 swa_full, recurrent or hybrid memory: `can_save_ranges` false) are saved as one
