@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import llama_cpp.llama_cpp as llama
 import numpy as np  # llama_cpp imports it already: free here
 
+from kvchat import kv_state
 from kvchat.cache_types import CacheType, flash_attn_enabled
 from kvchat.engine_api import Checkpoint, PerfCounters, SamplingSettings, TokenEvent
 from kvchat.errors import KvchatError, ModelLoadError, SessionError, UsageError
@@ -38,6 +39,10 @@ if TYPE_CHECKING:
 _CHUNK_S = 0.5
 _MIN_CHUNK = 32
 Progress = Callable[[int, int], None]
+
+# The scratch sequence through which a range of seq 0's cells is read or appended
+# (Engine.state_range_bytes, load_state_range).
+_SCRATCH = 1
 
 _FLASH_ATTN = {
     "auto": llama.LLAMA_FLASH_ATTN_TYPE_AUTO,
@@ -176,6 +181,7 @@ class Engine:
         self.flash_attn = settings.flash_attn
         self.gpu_layers: tuple[int, int] | None = None
         self.n_past = 0
+        self.can_save_ranges = False  # set by _load: the cache can be read and restored by ranges
         # Leading positions whose cells are all in the cache, full-attention layers
         # included (seq_pos_max reports the SWA part only on a sliding-window cache):
         # a partial checkpoint can be restored up to here.
@@ -226,7 +232,15 @@ class Engine:
         # inside llama.cpp once it caps n_batch at n_ctx: cap both here.
         cparams.n_batch = min(settings.n_batch, settings.n_ctx)
         cparams.n_ubatch = min(settings.n_ubatch, cparams.n_batch)
-        cparams.n_seq_max = 1
+        # A plain KV cache gets a second, scratch sequence (_SCRATCH) so that a save reads
+        # only a turn's new cells (state_range_bytes). The cache stays one unified stream:
+        # with kv_unified off, llama.cpp splits the cells into n_seq_max streams of
+        # n_ctx / n_seq_max each (llama_context: n_ctx_seq), halving seq 0's context.
+        # Sliding-window, recurrent and hybrid memory cannot be cut by position: one sequence.
+        cut = not (llama.llama_model_is_recurrent(model) or llama.llama_model_is_hybrid(model))
+        self.can_save_ranges = cut and llama.llama_model_n_swa(model) == 0
+        cparams.n_seq_max = 2 if self.can_save_ranges else 1
+        cparams.kv_unified = self.can_save_ranges
         cparams.n_threads = settings.n_threads
         cparams.n_threads_batch = settings.n_threads
         gpu = settings.n_gpu_layers != 0 and supports_gpu_offload()
@@ -795,6 +809,78 @@ class Engine:
                 hint="the session file is inconsistent; use --rebuild",
             )
         self.n_past = self._held_upto = n_tokens
+
+    def state_range_bytes(self, start: int, end: int) -> bytearray:
+        """The cells of positions [start, end) of seq 0, as the sequence state llama.cpp
+        writes for them alone: what kv_state.cut would take from state_bytes(), without
+        reading the other cells (a turn's save costs the turn, not the history).
+
+        Why it is exact: llama_memory_seq_cp(0 -> _SCRATCH, start, end) on a unified
+        cache only adds the scratch id to those cells' metadata (llama_kv_cache::seq_cp,
+        same stream: no data copied). llama_state_seq_get_data(_SCRATCH) then writes the
+        cells carrying that id, in cell order, with their K and V rows read from the
+        cache tensors (llama_kv_cache::state_write: the very rows seq 0's state holds).
+        seq_rm(_SCRATCH) drops the id again; a cell is freed only when no sequence holds
+        it, and seq 0 still does. The cell records say seq 1 (llama.cpp reads the
+        destination from the caller on load, not from the bytes); kv_state.as_seq0 writes
+        0 there, so the result is byte for byte the cut of seq 0's own state. The bytes
+        are written by llama.cpp straight into the buffer returned: a save holds one
+        copy of the new cells, never the history.
+
+        Raises kv_state.StateFormatError when the cells are not [start, end) in order
+        (after a context shift the cells no longer follow positions): save whole then.
+        Cost: one pass over the cells' metadata (n_ctx), and the range's bytes.
+        """
+        if not self.can_save_ranges:
+            raise kv_state.StateFormatError(f"a {self.memory_kind} cache cannot be read by position")
+        if not 0 <= start < end <= self.n_past:
+            raise kv_state.StateFormatError(f"positions {start}..{end} are not all in the cache")
+        llama.llama_memory_seq_rm(self._memory, _SCRATCH, -1, -1)
+        llama.llama_memory_seq_cp(self._memory, 0, _SCRATCH, start, end)
+        try:
+            size = llama.llama_state_seq_get_size(self._ctx, _SCRATCH)
+            data = bytearray(size)
+            written = llama.llama_state_seq_get_data(
+                self._ctx, (ctypes.c_uint8 * size).from_buffer(data), size, _SCRATCH)
+        finally:
+            llama.llama_memory_seq_rm(self._memory, _SCRATCH, -1, -1)
+        if written != size:
+            raise kv_state.StateFormatError(f"llama.cpp wrote {written} of {size} state bytes")
+        return kv_state.as_seq0(data, _SCRATCH, start, end)
+
+    def load_state_range(self, data: bytes, start: int, end: int) -> None:
+        """Append cells [start, end) (state_range_bytes' bytes, or consecutive ranges
+        joined by kv_state) after the `start` positions seq 0 holds.
+
+        Loading into seq 0 would first clear it (llama_kv_cache::state_read_meta
+        removes the destination sequence), so the range goes into the scratch
+        sequence: llama.cpp puts the cells in free cells with their saved positions and
+        K/V rows; seq_cp(_SCRATCH -> 0) then gives them to seq 0 (metadata only) and
+        seq_rm(_SCRATCH) drops the scratch id. Ranges loaded in order after kv_clear()
+        fill the cells in order: the cache then holds the bytes it held when saved.
+        """
+        if not self.can_save_ranges:
+            raise SessionError(f"a {self.memory_kind} cache cannot be restored by position",
+                               hint="use --rebuild")
+        if self.cells_in_use() != start or (start and self.seq_pos_min() != 0):
+            raise SessionError(f"a KV range from position {start} does not follow the "
+                               f"{self.cells_in_use()} positions in the cache", hint="use --rebuild")
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        try:
+            read = llama.llama_state_seq_set_data(self._ctx, buf, len(data), _SCRATCH)
+            span = (llama.llama_memory_seq_pos_min(self._memory, _SCRATCH),
+                    llama.llama_memory_seq_pos_max(self._memory, _SCRATCH))
+            if read == 0 or span != (start, end - 1):
+                raise SessionError(f"llama.cpp refused the saved KV cells {start}..{end}",
+                                   hint="use --rebuild")
+            llama.llama_memory_seq_cp(self._memory, _SCRATCH, 0, -1, -1)
+        finally:
+            llama.llama_memory_seq_rm(self._memory, _SCRATCH, -1, -1)
+        self._sync_n_past()
+        if self.n_past != end:
+            raise SessionError(f"the KV cache holds {self.n_past} positions after a restore, expected {end}",
+                               hint="use --rebuild")
+        self._held_upto = end
 
     # -- counters ----------------------------------------------------------------
 

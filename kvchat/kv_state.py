@@ -86,8 +86,8 @@ def _take(blob: memoryview, at: int, n: int) -> memoryview:
     return blob[at : at + n]
 
 
-def parse_part(blob: memoryview, at: int = 0) -> Part:
-    """One KV cache part starting at `at`."""
+def parse_part(blob: memoryview, at: int = 0, seq_id: int = 0) -> Part:
+    """One KV cache part starting at `at`, its cells held by `seq_id` alone."""
     (n_stream,) = _U32.unpack(_take(blob, at, 4))
     if n_stream != 1:
         raise StateFormatError(f"{n_stream} streams, expected 1")
@@ -97,7 +97,7 @@ def parse_part(blob: memoryview, at: int = 0) -> Part:
         return Part(blob, (), 0, (), (), at)
     meta = array("i")
     meta.frombytes(_take(blob, at, 12 * n_cells))
-    if any(n != 1 for n in meta[1::3]) or any(s != 0 for s in meta[2::3]):
+    if any(n != 1 for n in meta[1::3]) or any(s != seq_id for s in meta[2::3]):
         raise StateFormatError("cells are not plain single-sequence cells")
     positions = tuple(meta[0::3])
     at += 12 * n_cells
@@ -131,14 +131,14 @@ def parse_part(blob: memoryview, at: int = 0) -> Part:
     return Part(blob, positions, v_trans, tuple(k_layers), tuple(v_layers), at)
 
 
-def parse(data: bytes | memoryview) -> SeqState:
+def parse(data: bytes | bytearray | memoryview, seq_id: int = 0) -> SeqState:
     """Split a sequence state into its parts; raises StateFormatError when unsure."""
     blob = memoryview(data)
     header = bytes(_take(blob, 0, 8))
     at = 8
     parts = []
     while at < len(blob):
-        part = parse_part(blob, at)
+        part = parse_part(blob, at, seq_id)
         parts.append(part)
         at = part.end
         if len(parts) > 2:
@@ -215,3 +215,21 @@ def join(pieces: list[tuple[Part, int, int]]) -> bytes:
                 row = src.offset + j * p.n_cells * src.row_bytes
                 out.append(p.blob[row + a * src.row_bytes : row + b * src.row_bytes])
     return b"".join(out)
+
+
+def as_seq0(data: bytearray, seq_id: int, start: int, end: int) -> bytearray:
+    """Make the state of one KV cache holding cells of positions [start, end) in
+    order, written for sequence `seq_id`, sequence 0's state of those cells, in
+    place: the bytes a cut of sequence 0's own state would give (llama.cpp ignores
+    the ids on load). Raises StateFormatError for anything else."""
+    state = parse(data, seq_id)
+    if len(state.parts) != 1:
+        raise StateFormatError(f"{len(state.parts)} KV caches in the state")
+    if state.parts[0].positions != tuple(range(start, end)):
+        raise StateFormatError(f"the cells do not hold positions {start}..{end} in order")
+    del state  # its views of `data` end here
+    ids = memoryview(data)[8 + 8 : 8 + 8 + 12 * (end - start)].cast("i")
+    ids[2::3] = array("i", [0]) * (end - start)  # (pos, n_seq_id, seq_id) per cell
+    ids.release()
+    data[4:8] = struct.pack("<i", 0)
+    return data

@@ -1,0 +1,238 @@
+"""The KV store's files: block keys, blocks and manifests (kvchat.kv_store uses them).
+
+Every file is sealed (magic, format version, length-prefixed sections, SHA-256 of
+all before) and written atomically: temp file, fsync, rename, fsync of the folder.
+
+    block     MAGIC, version, JSON header (key, start, end, kind, fingerprint),
+              tokens [start, end) (int32), the sequence state of those cells
+    manifest  MAGIC, version, JSON header (kind, name, fingerprint, chain, times,
+              n_tokens), record JSON, all tokens (int32), extra (checkpoints)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import struct
+import sys
+import tempfile
+from array import array
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kvchat.errors import KvchatError, SessionError
+
+BLOCK_MAGIC = b"KVCHATBLOCK\n"
+MANIFEST_MAGIC = b"KVCHATMANIFEST\n"
+FORMAT_VERSION = 1
+RANGE, WHOLE = "range", "whole"
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_HASH = 32
+# The rename that publishes a file: tests replace it to kill a save between writes.
+_rename = os.replace
+
+
+Chunk = bytes | bytearray | memoryview
+
+
+class BlockError(KvchatError):
+    """A block that is damaged, missing or not the one asked for."""
+
+
+def token_bytes(tokens: Sequence[int]) -> bytes:
+    arr = array("i", tokens)
+    if sys.byteorder != "little":  # pragma: no cover - big-endian hosts
+        arr.byteswap()
+    return arr.tobytes()
+
+
+def block_keys(fp_digest: bytes, tokens: Sequence[int], spans: Sequence[tuple[int, int]],
+               kind: str = RANGE) -> list[str]:
+    """The key of each span [start, end) of `tokens`, spans in increasing end order.
+
+    SHA-256 of the fingerprint, the token ids 0..end, then kind, start and end:
+    the trailer fixes the length, so no two (tokens, span) pairs hash the same
+    input. The token prefix is hashed once for all spans."""
+    sha = hashlib.sha256(fp_digest)
+    keys, done = [], 0
+    for start, end in spans:
+        sha.update(token_bytes(tokens[done:end]))
+        done = end
+        final = sha.copy()
+        final.update(kind.encode() + struct.pack("<QQ", start, end))
+        keys.append(final.hexdigest())
+    return keys
+
+
+@dataclass(frozen=True)
+class Link:
+    """One block of a chain."""
+
+    key: str
+    start: int
+    end: int
+    kind: str = RANGE
+
+
+@dataclass
+class Manifest:
+    kind: str
+    name: str
+    fingerprint: str  # hex digest
+    record: dict[str, Any]
+    tokens: list[int]
+    chain: list[Link]
+    extra: bytes = b""
+    created: float = 0.0
+    updated: float = 0.0
+
+    @property
+    def covered(self) -> int:
+        """Positions the chain restores (the tokens after that are re-evaluated)."""
+        return self.chain[-1].end if self.chain else 0
+
+
+def write_file(path: Path, chunks: Sequence[Chunk]) -> int:
+    """Write `chunks` to `path` atomically (temp, fsync, rename, fsync folder)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            for chunk in chunks:
+                fh.write(chunk)
+            fh.flush()
+            os.fsync(fh.fileno())
+        _rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return sum(len(c) for c in chunks)
+
+
+def _sealed(magic: bytes, sections: Sequence[Chunk]) -> list[Chunk]:
+    chunks: list[Chunk] = [magic, _U32.pack(FORMAT_VERSION)]
+    for section in sections:
+        chunks += [_U64.pack(len(section)), section]
+    sha = hashlib.sha256()
+    for chunk in chunks:
+        sha.update(chunk)
+    chunks.append(sha.digest())
+    return chunks
+
+
+def _unseal(data: bytes, magic: bytes, n_sections: int, what: str) -> list[memoryview]:
+    view = memoryview(data)
+    if len(view) < len(magic) + 4 + _HASH or bytes(view[: len(magic)]) != magic:
+        raise BlockError(f"{what} is not a kvchat KV store file")
+    if hashlib.sha256(view[:-_HASH]).digest() != bytes(view[-_HASH:]):
+        raise BlockError(f"{what} is damaged (checksum mismatch)")
+    (version,) = _U32.unpack(view[len(magic) : len(magic) + 4])
+    if version != FORMAT_VERSION:
+        raise BlockError(f"{what} has format version {version}, not {FORMAT_VERSION}")
+    at, out = len(magic) + 4, []
+    for _ in range(n_sections):
+        if at + 8 > len(view) - _HASH:
+            raise BlockError(f"{what} is inconsistent")
+        (n,) = _U64.unpack(view[at : at + 8])
+        out.append(view[at + 8 : at + 8 + n])
+        at += 8 + n
+    if at != len(view) - _HASH:
+        raise BlockError(f"{what} is inconsistent")
+    return out
+
+
+def tokens_from(raw: memoryview | bytes) -> list[int]:
+    arr = array("i")
+    arr.frombytes(raw)
+    if sys.byteorder != "little":  # pragma: no cover
+        arr.byteswap()
+    return arr.tolist()
+
+
+def write_block(path: Path, link: Link, fingerprint: str, tokens: Sequence[int],
+                state: bytes | bytearray) -> int:
+    """Write one block (tokens: its own, [start, end)); returns bytes written."""
+    header = json.dumps({"key": link.key, "start": link.start, "end": link.end,
+                         "kind": link.kind, "fingerprint": fingerprint}).encode()
+    return write_file(path, _sealed(BLOCK_MAGIC, [header, token_bytes(tokens), state]))
+
+
+def read_block(path: Path, link: Link, tokens: Sequence[int]) -> bytes:
+    """The state a block holds, verified: checksum, span, and its tokens equal to
+    tokens[start:end] (the caller's whole token list). Marks the block used."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise BlockError(f"block {link.key[:12]} cannot be read: {exc.strerror or exc}") from None
+    header_raw, token_raw, state = _unseal(data, BLOCK_MAGIC, 3, f"block {link.key[:12]}")
+    try:
+        header = json.loads(bytes(header_raw))
+        span = (header["key"], int(header["start"]), int(header["end"]), header["kind"])
+    except (ValueError, KeyError, TypeError):
+        raise BlockError(f"block {link.key[:12]} has an unreadable header") from None
+    if span != (link.key, link.start, link.end, link.kind):
+        raise BlockError(f"block {link.key[:12]} holds another span")
+    if tokens_from(token_raw) != list(tokens[link.start : link.end]):
+        raise BlockError(f"block {link.key[:12]} holds other tokens")
+    with contextlib.suppress(OSError):
+        os.utime(path)  # last use, for least-recently-used eviction
+    return bytes(state)
+
+
+def write_manifest(path: Path, manifest: Manifest) -> int:
+    header = json.dumps({
+        "kind": manifest.kind, "name": manifest.name, "fingerprint": manifest.fingerprint,
+        "chain": [[x.key, x.start, x.end, x.kind] for x in manifest.chain],
+        "n_tokens": len(manifest.tokens), "created": manifest.created, "updated": manifest.updated,
+    }).encode()
+    record = json.dumps(manifest.record, ensure_ascii=False).encode()
+    return write_file(path, _sealed(MANIFEST_MAGIC, [header, record, token_bytes(manifest.tokens),
+                                                     manifest.extra]))
+
+
+def read_manifest(path: Path, kind: str, name: str) -> Manifest:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise SessionError(f"no saved conversation '{name}'", hint="see `kvchat sessions list`") from None
+    except OSError as exc:
+        raise SessionError(f"cannot read {path}: {exc.strerror or exc}",
+                           hint="check the folder's permissions") from None
+    try:
+        header_raw, record_raw, token_raw, extra = _unseal(data, MANIFEST_MAGIC, 4, f"'{name}'")
+        header = json.loads(bytes(header_raw))
+        chain = [Link(str(k), int(a), int(b), str(t)) for k, a, b, t in header["chain"]]
+        manifest = Manifest(kind, name, str(header["fingerprint"]), json.loads(bytes(record_raw)),
+                            tokens_from(token_raw), chain, bytes(extra),
+                            float(header["created"]), float(header["updated"]))
+    except BlockError as exc:
+        raise SessionError(str(exc), hint="remove it with `kvchat sessions rm NAME`") from None
+    except (ValueError, KeyError, TypeError):
+        raise SessionError(f"saved conversation '{name}' has an unreadable header",
+                           hint="remove it with `kvchat sessions rm NAME`") from None
+    if not isinstance(manifest.record, dict) or len(manifest.tokens) != header["n_tokens"] \
+            or manifest.covered > len(manifest.tokens) or not chained(chain):
+        raise SessionError(f"saved conversation '{name}' is inconsistent",
+                           hint="remove it with `kvchat sessions rm NAME`")
+    return manifest
+
+
+def chained(chain: Sequence[Link]) -> bool:
+    """Links follow each other from position 0 (a whole block stands alone)."""
+    at = 0
+    for link in chain:
+        if link.start != at or link.end <= link.start or (link.kind == WHOLE and len(chain) != 1):
+            return False
+        at = link.end
+    return True

@@ -1,0 +1,527 @@
+"""One content-addressed store for the KV cells kvchat keeps on disk.
+
+A *block* holds the cells of tokens [start, end) as llama.cpp serialises a
+sequence state (kvchat.kv_state: a range of cells is a valid state of its own,
+and consecutive ranges join into the state one evaluation would have written).
+Its key is the SHA-256 of the fingerprint of everything that changes the KV
+bytes (model hash, cache types, flash attention, ...), the token ids 0..end and
+the span itself, so a block is stored once however many conversations share it.
+
+A *manifest* is a conversation on disk: its record, all its tokens, the chain of
+blocks that covers positions [0, n) and an opaque extra blob (checkpoints). It is
+small: a turn's save writes the blocks not yet present and a new manifest, never
+the history again.
+
+How a save cuts the tokens not yet covered by the previous manifest's chain
+(e .. n): at every multiple of BLOCK_TOKENS. The spans in between are aligned
+blocks, the same for every conversation that holds those tokens; the pieces at
+either end are the turn's own. A span filled over several turns stays in its
+turn pieces: writing it again as one aligned block would cost the bytes this
+store exists to save. So the bytes a turn writes are its new cells plus one
+header per block (at most new / BLOCK_TOKENS + 2 of them) and the manifest,
+which holds every token (4 bytes per token of history: SmolLM2 keeps 22.5 KiB
+of KV per token) so that a damaged block's tokens can still be evaluated again.
+
+Models whose state cannot be cut by position (a sliding window without
+swa_full, recurrent or hybrid memory: `can_save_ranges` false) are saved as one
+*whole* block per save, bounded by the window or the recurrent state; the
+previous one is deleted once no manifest names it.
+
+Durability: every file is written to a temp file, fsynced, renamed and its
+folder fsynced; a manifest is written only after every block it names, so a
+SIGKILL at any moment leaves the previous manifest and all its blocks whole.
+Saves hold `store.lock` shared; collection (deleting blocks) holds it
+exclusively, so a block a save is about to name is never deleted under it.
+
+Eviction (one disk budget): blocks no manifest names (a dropped conversation's
+aligned blocks: a prefix cache, last use recorded as the file's mtime) go first,
+least recently used first; then recent chats, oldest first. Named sessions are
+never evicted; when they alone exceed the budget, the report says so.
+
+Layout under `<data dir>/kv-store/` (file formats: kvchat.kv_files):
+    blocks/<2 hex>/<key>.kvb       one block
+    manifests/<kind>/<name>.kvm    one conversation (kind: session or recent)
+    store.lock
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from kvchat import config, kv_files, kv_state
+from kvchat.errors import KvchatError, SessionError
+from kvchat.kv_files import RANGE, WHOLE, BlockError, Link, Manifest, block_keys
+
+BLOCK_SUFFIX = ".kvb"
+MANIFEST_SUFFIX = ".kvm"
+LOCK_NAME = "store.lock"
+# Spans aligned to multiples of this are the blocks conversations share.
+BLOCK_TOKENS = 256
+SESSION, RECENT = "session", "recent"
+KINDS = (SESSION, RECENT)
+# The default budget is at most this share of (free disk + the store's own size).
+MAX_DISK_FRACTION = 0.5
+# Resume joins consecutive blocks up to this many bytes before handing them to
+# the engine: fewer calls into llama.cpp, memory still bounded.
+_GROUP_BYTES = 32 * 1024 * 1024
+_STALE_TEMP_S = 120.0
+_LOCK_TIMEOUT_S = 3.0
+
+
+class RangeSource(Protocol):
+    """What a save reads from an engine (kvchat.engine.Engine has it)."""
+
+    @property
+    def can_save_ranges(self) -> bool: ...
+
+    def state_range_bytes(self, start: int, end: int) -> bytes | bytearray: ...
+    def state_bytes(self) -> bytes: ...
+
+
+class RangeSink(Protocol):
+    """What a resume writes into an engine."""
+
+    def kv_clear(self) -> None: ...
+    def load_state_range(self, data: bytes, start: int, end: int) -> None: ...
+    def load_state_bytes(self, data: bytes, n_tokens: int) -> None: ...
+
+
+def store_dir() -> Path:
+    return config.paths().data_dir / "kv-store"
+
+
+def cut_spans(start: int, end: int, block_tokens: int = BLOCK_TOKENS) -> list[tuple[int, int]]:
+    """[start, end) cut at every multiple of block_tokens."""
+    points = [start, *range((start // block_tokens + 1) * block_tokens, end, block_tokens), end]
+    return [(a, b) for a, b in zip(points, points[1:], strict=False) if a < b]
+
+
+@dataclass
+class SaveResult:
+    bytes_written: int  # blocks and manifest, headers included
+    blocks_written: int
+    blocks_shared: int  # named by the manifest, already present
+    manifest: Manifest
+
+
+@dataclass
+class Damage:
+    """A block a resume could not use, and what that cost."""
+
+    key: str
+    start: int  # the first position lost: tokens from here on are evaluated again
+    reason: str
+    affected: list[tuple[str, str]] = field(default_factory=list)  # (kind, name) naming the block
+
+
+@dataclass
+class Restored:
+    n_tokens: int  # positions now in the engine; the caller evaluates tokens[n_tokens:]
+    damage: Damage | None = None
+
+
+@dataclass
+class Usage:
+    total: int = 0
+    blocks: int = 0
+    manifests: int = 0
+    unreferenced: int = 0  # blocks no manifest names (the evictable cache)
+    by_kind: dict[str, int] = field(default_factory=dict)  # bytes of blocks each kind names
+    own: dict[tuple[str, str], int] = field(default_factory=dict)  # only this manifest names them
+    shared: dict[tuple[str, str], int] = field(default_factory=dict)  # others name them too
+    damaged: list[tuple[str, str]] = field(default_factory=list)  # manifests that cannot be read
+
+
+@dataclass
+class EvictionReport:
+    budget: int
+    used: int  # after eviction
+    freed: int = 0
+    blocks_removed: int = 0
+    recent_removed: list[str] = field(default_factory=list)
+    named_bytes: int = 0  # what named sessions need, never evicted
+
+    @property
+    def over_budget(self) -> bool:
+        return self.used > self.budget
+
+    def warning(self) -> str | None:
+        """A line for the user when named sessions alone do not fit the budget."""
+        if not self.over_budget:
+            return None
+        return (f"named sessions take {self.named_bytes} bytes of KV, over the store's budget of "
+                f"{self.budget} bytes")
+
+
+# -- the store ------------------------------------------------------------------------------
+
+
+class KvStore:
+    """Blocks and manifests in one folder, shared safely between processes."""
+
+    def __init__(self, root: Path | None = None, *, block_tokens: int = BLOCK_TOKENS) -> None:
+        self.root = root or store_dir()
+        self.block_tokens = block_tokens
+        self.bytes_written = 0  # over the store object's life: what the tests measure
+
+    # -- paths ------------------------------------------------------------------------
+
+    def block_path(self, key: str) -> Path:
+        return self.root / "blocks" / key[:2] / f"{key}{BLOCK_SUFFIX}"
+
+    def manifest_path(self, kind: str, name: str) -> Path:
+        if kind not in KINDS:
+            raise ValueError(f"unknown manifest kind {kind!r}")
+        return self.root / "manifests" / kind / f"{name}{MANIFEST_SUFFIX}"
+
+    # -- locking ------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _lock(self, exclusive: bool, *, wait: bool = True) -> Iterator[bool]:
+        """Saves share the lock; collection takes it alone. Without `wait`, yields
+        False when it is not free within a moment (collection tries again later)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+            if wait:
+                fcntl.flock(fd, mode)
+            else:
+                deadline = time.monotonic() + _LOCK_TIMEOUT_S
+                while True:
+                    try:
+                        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() > deadline:
+                            yield False
+                            return
+                        time.sleep(0.01)
+            yield True
+        finally:
+            os.close(fd)
+
+    # -- blocks -------------------------------------------------------------------------
+
+    def write_block(self, link: Link, fingerprint: str, tokens: Sequence[int],
+                    state: bytes | bytearray) -> int:
+        n = kv_files.write_block(self.block_path(link.key), link, fingerprint, tokens, state)
+        self.bytes_written += n
+        return n
+
+    def read_block(self, link: Link, tokens: Sequence[int]) -> bytes:
+        """A block's verified state (tokens: the conversation's); marks it used."""
+        return kv_files.read_block(self.block_path(link.key), link, tokens)
+
+    # -- manifests ----------------------------------------------------------------------
+
+    def write_manifest(self, manifest: Manifest) -> int:
+        n = kv_files.write_manifest(self.manifest_path(manifest.kind, manifest.name), manifest)
+        self.bytes_written += n
+        return n
+
+    def read_manifest(self, kind: str, name: str) -> Manifest:
+        return kv_files.read_manifest(self.manifest_path(kind, name), kind, name)
+
+    def manifest_names(self, kind: str) -> list[str]:
+        folder = self.root / "manifests" / kind
+        if not folder.is_dir():
+            return []
+        return sorted(p.stem for p in folder.glob(f"*{MANIFEST_SUFFIX}") if p.is_file())
+
+    def _refs(self) -> tuple[dict[tuple[str, str], tuple[float, list[Link]]], list[tuple[str, str]]]:
+        """Every manifest's chain and update time, verified; unreadable ones apart."""
+        refs: dict[tuple[str, str], tuple[float, list[Link]]] = {}
+        damaged = []
+        for kind in KINDS:
+            for name in self.manifest_names(kind):
+                try:
+                    m = self.read_manifest(kind, name)
+                except SessionError:
+                    damaged.append((kind, name))
+                    continue
+                refs[(kind, name)] = (m.updated, m.chain)
+        return refs, damaged
+
+    # -- save and resume ----------------------------------------------------------------
+
+    def save(self, kind: str, name: str, record: dict[str, Any], tokens: Sequence[int],
+             source: RangeSource, fingerprint: bytes, *, extra: bytes = b"",
+             previous: Manifest | None = None, base: Manifest | None = None) -> SaveResult:
+        """Save a conversation whose engine holds exactly `tokens`, writing only the
+        blocks not already on disk, then its manifest.
+
+        `previous` is the manifest last saved under this name (read from disk when
+        not given); blocks only it named are deleted afterwards. `base` (default:
+        `previous`) is the chain to build on, kept as far as its tokens agree with
+        `tokens`: a copy saved under a new name passes the original's manifest and
+        costs one manifest."""
+        fp_hex = fingerprint.hex()
+        tokens = list(tokens)
+        now = time.time()
+        path = self.manifest_path(kind, name)
+        if previous is None and path.exists():
+            with contextlib.suppress(SessionError):
+                previous = self.read_manifest(kind, name)
+        before = self.bytes_written
+        written = shared = 0
+        with self._lock(exclusive=False):
+            chain: list[Link] | None = None
+            if source.can_save_ranges:
+                try:
+                    chain = self._kept_chain(base or previous, fp_hex, tokens)
+                    start = chain[-1].end if chain else 0
+                    spans = cut_spans(start, len(tokens), self.block_tokens)
+                    for (a, b), key in zip(spans, block_keys(fingerprint, tokens, spans), strict=True):
+                        link = Link(key, a, b)
+                        if self.block_path(key).is_file():
+                            shared += 1
+                        else:
+                            self.write_block(link, fp_hex, tokens[a:b], source.state_range_bytes(a, b))
+                            written += 1
+                        chain.append(link)
+                except kv_state.StateFormatError:
+                    # Cells out of position order (a context shift moved them): this save
+                    # is whole; blocks written meanwhile are named by nothing (evictable).
+                    chain = None
+            if chain is None and tokens:
+                # A sliding window or a recurrent state cannot be cut by position: the
+                # state is saved whole, bounded by the window or the state's size.
+                (key,) = block_keys(fingerprint, tokens, [(0, len(tokens))], WHOLE)
+                link = Link(key, 0, len(tokens), WHOLE)
+                self.write_block(link, fp_hex, tokens, source.state_bytes())
+                written += 1
+                chain = [link]
+            chain = chain or []
+            manifest = Manifest(kind, name, fp_hex, record, tokens, chain, extra,
+                                previous.created if previous else now, now)
+            self.write_manifest(manifest)
+        if previous is not None:
+            dropped = {x.key for x in previous.chain} - {x.key for x in chain}
+            self._collect({k for k in dropped if not self._cacheable(previous, k)})
+        return SaveResult(self.bytes_written - before, written, shared, manifest)
+
+    def _kept_chain(self, previous: Manifest | None, fp_hex: str, tokens: list[int]) -> list[Link]:
+        if previous is None or previous.fingerprint != fp_hex:
+            return []
+        same = 0
+        limit = min(len(previous.tokens), len(tokens))
+        while same < limit and previous.tokens[same] == tokens[same]:
+            same += 1
+        kept = []
+        for link in previous.chain:
+            if link.kind != RANGE or link.end > same or not self.block_path(link.key).is_file():
+                break
+            kept.append(link)
+        return kept
+
+    def _cacheable(self, manifest: Manifest, key: str) -> bool:
+        """An aligned range block: worth keeping for another conversation (the LRU cache)."""
+        link = next(x for x in manifest.chain if x.key == key)
+        return link.kind == RANGE and link.start % self.block_tokens == 0 \
+            and link.end - link.start == self.block_tokens
+
+    def restore(self, manifest: Manifest, sink: RangeSink, fingerprint: bytes) -> Restored:
+        """Load the manifest's chain into an empty engine, block by block (each read,
+        verified and handed over before the next is read). A damaged or missing block
+        ends the restore there: it is removed (the next save writes it again) and the
+        result says where; the caller evaluates the tokens after `n_tokens`."""
+        sink.kv_clear()
+        if manifest.fingerprint != fingerprint.hex() or not manifest.chain:
+            return Restored(0)
+        if manifest.chain[0].kind == WHOLE:
+            link = manifest.chain[0]
+            try:
+                sink.load_state_bytes(self.read_block(link, manifest.tokens), link.end)
+            except (BlockError, KvchatError) as exc:
+                sink.kv_clear()
+                return Restored(0, self._damage(link, exc))
+            return Restored(link.end)
+        done = 0
+        group: list[kv_state.Part] = []
+        header = b""
+        for link in manifest.chain:
+            try:
+                state = kv_state.parse(self.read_block(link, manifest.tokens))
+                (part,) = state.parts
+                if part.positions != tuple(range(link.start, link.end)):
+                    raise BlockError(f"block {link.key[:12]} holds other positions")
+            except (BlockError, kv_state.StateFormatError, ValueError) as exc:
+                return self._flush(sink, header, group, done, self._damage(link, exc))
+            header = state.header
+            group.append(part)
+            if sum(len(p.blob) for p in group) >= _GROUP_BYTES:
+                restored = self._flush(sink, header, group, done)
+                if restored.damage is not None:
+                    return restored
+                done, group = restored.n_tokens, []
+        return self._flush(sink, header, group, done)
+
+    @staticmethod
+    def _flush(sink: RangeSink, header: bytes, group: list[kv_state.Part], done: int,
+               damage: Damage | None = None) -> Restored:
+        """Join the blocks read since the last flush and load them after `done`."""
+        if not group:
+            return Restored(done, damage)
+        end = done + sum(p.n_cells for p in group)
+        try:
+            sink.load_state_range(header + kv_state.join([(p, 0, p.n_cells) for p in group]), done, end)
+        except KvchatError as exc:  # the engine refused them (a smaller context?): keep what it took
+            return Restored(done, Damage("", done, str(exc)))
+        return Restored(end, damage)
+
+    def _damage(self, link: Link, exc: Exception) -> Damage:
+        """What a bad block costs: a damaged one is removed (the next save that holds
+        its tokens writes it again), and every conversation naming it is listed."""
+        if isinstance(exc, BlockError):
+            with contextlib.suppress(OSError):
+                self.block_path(link.key).unlink()
+        refs, _ = self._refs()
+        affected = sorted(o for o, (_, chain) in refs.items() if any(x.key == link.key for x in chain))
+        return Damage(link.key, link.start, str(exc), affected)
+
+    # -- removal, usage, eviction ---------------------------------------------------------
+
+    def remove(self, kind: str, name: str) -> None:
+        """Delete a manifest, and the blocks only it named (aligned ones stay as cache)."""
+        try:
+            manifest = self.read_manifest(kind, name)
+        except SessionError:
+            manifest = None
+        with contextlib.suppress(FileNotFoundError):
+            self.manifest_path(kind, name).unlink()
+        if manifest is not None:
+            self._collect({x.key for x in manifest.chain if not self._cacheable(manifest, x.key)})
+
+    def _collect(self, keys: set[str]) -> None:
+        """Delete those of `keys` no manifest names (under the exclusive lock)."""
+        if not keys:
+            return
+        with self._lock(exclusive=True, wait=False) as got:
+            if not got:
+                return  # a save is running: eviction collects them later
+            refs, _ = self._refs()
+            named = {x.key for _, chain in refs.values() for x in chain}
+            for key in keys - named:
+                with contextlib.suppress(OSError):
+                    self.block_path(key).unlink()
+
+    def _blocks(self) -> dict[str, tuple[int, float]]:
+        """Every block file: key -> (size, last use); stale temp files are removed."""
+        out: dict[str, tuple[int, float]] = {}
+        folder = self.root / "blocks"
+        if not folder.is_dir():
+            return out
+        now = time.time()
+        for sub in folder.iterdir():
+            for path in sub.iterdir() if sub.is_dir() else ():
+                try:
+                    st = path.stat()
+                except OSError:
+                    continue
+                if path.name.endswith(".tmp"):
+                    if now - st.st_mtime > _STALE_TEMP_S:
+                        with contextlib.suppress(OSError):
+                            path.unlink()
+                    continue
+                if path.suffix == BLOCK_SUFFIX:
+                    out[path.stem] = (st.st_size, st.st_mtime)
+        return out
+
+    def _manifest_size(self, kind: str, name: str) -> int:
+        try:
+            return self.manifest_path(kind, name).stat().st_size
+        except OSError:
+            return 0
+
+    def usage(self) -> Usage:
+        refs, damaged = self._refs()
+        blocks = self._blocks()
+        users: dict[str, set[tuple[str, str]]] = {}
+        for owner, (_, chain) in refs.items():
+            for link in chain:
+                users.setdefault(link.key, set()).add(owner)
+        u = Usage(damaged=damaged)
+        u.blocks = sum(size for size, _ in blocks.values())
+        u.manifests = sum(self._manifest_size(*owner) for owner in [*refs, *damaged])
+        u.total = u.blocks + u.manifests
+        u.unreferenced = sum(size for key, (size, _) in blocks.items() if key not in users)
+        for owner in refs:
+            u.own[owner] = self._manifest_size(*owner)
+            u.shared[owner] = 0
+        for key, owners in users.items():
+            size = blocks.get(key, (0, 0.0))[0]
+            for owner in owners:
+                if len(owners) == 1:
+                    u.own[owner] += size
+                else:
+                    u.shared[owner] += size
+            for kind in {k for k, _ in owners}:
+                u.by_kind[kind] = u.by_kind.get(kind, 0) + size
+        return u
+
+    def evict(self, budget: int) -> EvictionReport:
+        """Bring the store under `budget` bytes: blocks no manifest names (least
+        recently used first), then recent chats (oldest first). Named sessions stay."""
+        with self._lock(exclusive=True) as _:
+            refs, damaged = self._refs()
+            blocks = self._blocks()
+            users: dict[str, set[tuple[str, str]]] = {}
+            for owner, (_, chain) in refs.items():
+                for link in chain:
+                    if link.key in blocks:
+                        users.setdefault(link.key, set()).add(owner)
+            used = sum(s for s, _ in blocks.values()) + sum(
+                self._manifest_size(*o) for o in [*refs, *damaged])
+            report = EvictionReport(budget, used)
+            free = sorted((mtime, key) for key, (_, mtime) in blocks.items() if key not in users)
+            recent = sorted((updated, owner) for owner, (updated, _) in refs.items() if owner[0] == RECENT)
+            while report.used > budget and free:
+                _, key = free.pop(0)
+                self._unlink_block(key, blocks[key][0], report)
+            while report.used > budget and recent:
+                _, owner = recent.pop(0)
+                report.used -= self._manifest_size(*owner)
+                report.freed += self._manifest_size(*owner)
+                with contextlib.suppress(OSError):
+                    self.manifest_path(*owner).unlink()
+                report.recent_removed.append(owner[1])
+                for link in refs[owner][1]:
+                    owners = users.get(link.key)
+                    if owners is None:
+                        continue
+                    owners.discard(owner)
+                    if not owners:
+                        del users[link.key]
+                        self._unlink_block(link.key, blocks[link.key][0], report)
+            named = [k for k, owners in users.items() if any(kind == SESSION for kind, _ in owners)]
+            report.named_bytes = sum(blocks[k][0] for k in named)
+            report.named_bytes += sum(self._manifest_size(*o) for o in refs if o[0] == SESSION)
+        return report
+
+    def _unlink_block(self, key: str, size: int, report: EvictionReport) -> None:
+        with contextlib.suppress(OSError):
+            self.block_path(key).unlink()
+        report.used -= size
+        report.freed += size
+        report.blocks_removed += 1
+
+
+def effective_budget(configured: int | None, store: KvStore) -> int:
+    """The configured budget (None: no setting), capped to MAX_DISK_FRACTION of (free
+    disk + what the store already holds)."""
+    probe = store.root
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    used = store.usage().total if store.root.is_dir() else 0
+    cap = int((free + used) * MAX_DISK_FRACTION)
+    return cap if configured is None else min(configured, cap)
