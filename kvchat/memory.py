@@ -45,6 +45,10 @@ class PlanSettings:
     kv_unified: bool = False
     offload_kqv: bool = True
     n_outputs_max: int = 0  # logits rows a batch may ask for; 0: n_batch (llama.cpp's default)
+    # Sequences kvchat adds beside the conversation's own: a plain KV cache gets a scratch
+    # sequence (kvchat.engine, state_range_bytes) in one unified stream, which costs one
+    # more logits row in the output buffer and nothing else.
+    scratch_seqs: int = 0
 
 
 @dataclass
@@ -135,6 +139,13 @@ class MemoryPlan:
     @property
     def total(self) -> int:
         return self._sum("total")
+
+
+def scratch_seqs(spec: ModelSpec) -> int:
+    """The scratch sequences kvchat's own load of `spec` has (kvchat.engine): one on a
+    plain KV cache, none where the memory cannot be cut by position (sliding window,
+    recurrent, hybrid) or there is no memory."""
+    return 1 if spec.has_memory and spec.memory_type == "standard" else 0
 
 
 def round_ctx(n_ctx: int, n_ctx_train: int, n_seq: int = 1, kv_unified: bool = False) -> tuple[int, int]:
@@ -252,7 +263,7 @@ def plan_memory(spec: ModelSpec, settings: PlanSettings) -> MemoryPlan:
 
     # output buffer: logits for n_seq outputs, reserved at context creation
     # (llama_context::output_reserve), in host memory
-    devices[CPU].output = 4 * spec.n_vocab * max(1, s.n_seq)
+    devices[CPU].output = 4 * spec.n_vocab * (max(1, s.n_seq) + s.scratch_seqs)
 
     _plan_compute(spec, s, devices, layer_dev, output_dev, cells, swa_cells, n_ubatch, n_batch)
 

@@ -156,7 +156,10 @@ def test_exact_prints_llama_cpp_figures(kvchat, model_path: Path) -> None:  # no
     exact, plan = record["exact"][0], record["plans"][0]
     assert exact["kv_cells"] == 512
     assert f"{exact['k'] / MiB:.2f}" == f"{plan['total']['k'] / MiB:.2f}"
-    assert exact["output"] > 0
+    # The output buffer holds a logits row per sequence, kvchat's scratch sequence's too
+    # (a row is 192 KiB here; llama.cpp adds ~1% of its own to the buffer).
+    planned = plan["total"]["output"]
+    assert planned > 0 and abs(exact["output"] - planned) < 0.02 * exact["output"]
     table = kvchat("estimate", str(model_path), "--ctx", "512", "--exact")
     assert "plan vs llama.cpp" in table.stdout and "difference" in table.stdout
 

@@ -62,13 +62,16 @@ def estimate(s: Settings, contexts: list[int] | None, budget: Budget, *, swa_ful
     over the budget's devices, split by `tensor_split` (default: by their memory, as
     llama.cpp splits by free memory)."""
     from kvchat.devices import served_by_llama_server
-    from kvchat.memory import fit, largest_ctx, plan_memory
+    from kvchat.memory import fit, largest_ctx, plan_memory, scratch_seqs
 
     spec, label, fetched = read_model_spec(s.model, allow_remote=allow_remote)
     warnings: list[str] = []
     base = replace(plan_settings(s, gpu=bool(budget.gpu_names)), swa_full=swa_full, n_ubatch=n_ubatch,
                    n_seq=n_seq, gpus=budget.gpu_names, tensor_split=tensor_split or budget.split(),
-                   n_outputs_max=n_seq if served_by_llama_server(budget.gpu_names) else 0)
+                   n_outputs_max=n_seq if served_by_llama_server(budget.gpu_names) else 0,
+                   # what kvchat's own load adds (one sequence: not a llama-server plan)
+                   scratch_seqs=0 if n_seq > 1 or served_by_llama_server(budget.gpu_names)
+                   else scratch_seqs(spec))
     if not budget.gpu_names:
         base = replace(base, n_gpu_layers=0)
     if contexts is None:

@@ -115,8 +115,10 @@ def resolve_load(s: Settings, warn: Warn) -> LoadRequest:
     fa = resolve_flash_attn(s.flash_attn, s.cache_type_v)
     model_path = resolve_model(s.model)
     spec = read_spec(str(model_path))
+    from kvchat.memory import scratch_seqs
+
     budget = hardware.detect_budget()
-    base = plan_settings(s, gpu=bool(budget.gpu_names))
+    base = replace(plan_settings(s, gpu=bool(budget.gpu_names)), scratch_seqs=scratch_seqs(spec))
     n_gpu_layers = base.n_gpu_layers
     if s.ctx is None:
         n_ctx, n_gpu_layers = auto_context(spec, base, budget, context_cap(s, spec), fit_layers=s.ngl is None)
