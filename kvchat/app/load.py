@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING
 
 from kvchat import hardware
 from kvchat.cache_types import CacheType, flash_attn_enabled, fused_kernel_warning, resolve_flash_attn
-from kvchat.engine_api import SamplingSettings
 from kvchat.errors import OutOfMemoryError
 from kvchat.limits import check_explicit_ctx, forced
 from kvchat.settings import Settings
@@ -18,6 +17,7 @@ from kvchat.settings import Settings
 if TYPE_CHECKING:
     from kvchat.chat_template import ChatTemplate, TemplateModel
     from kvchat.engine import Engine
+    from kvchat.engine_api import SamplingSettings
     from kvchat.memory import Budget, PlanSettings
     from kvchat.model_spec import ModelSpec
     from kvchat.named_session import ContextSettings
@@ -41,6 +41,10 @@ class LoadRequest:
 
 
 def sampling_of(s: Settings) -> SamplingSettings:
+    # Imported here, not above: `kvchat estimate` imports this module and never samples,
+    # and engine_api's protocols and dataclasses cost it 2% more instructions.
+    from kvchat.engine_api import SamplingSettings
+
     return SamplingSettings(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
                             repeat_penalty=s.repeat_penalty, seed=s.seed)
 
