@@ -12,15 +12,19 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from kvchat.settings import default_field
+
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    temperature: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    seed: int | None = None
+    """The settings in kvchat.settings' "sampling" group, defaulting to its table."""
+
+    temperature: float = default_field("temperature")
+    top_k: int = default_field("top_k")
+    top_p: float = default_field("top_p")
+    min_p: float = default_field("min_p")
+    repeat_penalty: float = default_field("repeat_penalty")
+    seed: int | None = default_field("seed")
 
 
 @dataclass(frozen=True)

@@ -19,15 +19,15 @@ from kvchat.chat_template import Message
 from kvchat.conversation import SavedState, Turn, TurnStats, assistant_reply
 from kvchat.engine_api import MessageEngine, SamplingSettings, TokenEvent
 from kvchat.errors import NetworkError, SessionError, UsageError
-from kvchat.settings import OVERFLOW_POLICIES
+from kvchat.settings import OVERFLOW_POLICIES, default_field
 
 
 @dataclass
 class MessageSession:
     engine: MessageEngine
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
-    max_tokens: int | None = None
-    overflow: str = "shift"
+    max_tokens: int | None = default_field("max_tokens")
+    overflow: str = default_field("overflow")
     messages: list[Message] = field(default_factory=list)
     dropped: list[Message] = field(default_factory=list)
     on_prefill: Callable[[int, int], None] | None = None

@@ -21,6 +21,7 @@ from kvchat import session_store
 from kvchat.conversation import Conversation
 from kvchat.errors import SessionError
 from kvchat.session_store import SavedSession
+from kvchat.settings import keys_in
 
 
 @dataclass(frozen=True)
@@ -66,10 +67,6 @@ def mismatches(
         if before != now:
             problems.append(f"{label} was {before}, now {now}")
     return problems
-
-
-# Saved with each session and given back to the settings resolver on resume.
-SAVED_SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed", "max_tokens")
 
 
 class NamedSession:
@@ -118,7 +115,7 @@ class NamedSession:
         # Sampling and the reply limit as they were at the last save (/set included).
         sampling = self.saved.record.get("sampling") if self.saved else None
         if isinstance(sampling, dict):
-            values.update({k: sampling[k] for k in SAVED_SAMPLING_KEYS if sampling.get(k) is not None})
+            values.update({k: sampling[k] for k in keys_in("saved") if sampling.get(k) is not None})
         return values
 
     def check(self, identity: dict[str, Any], settings: ContextSettings, *, rebuild: bool) -> None:

@@ -51,7 +51,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from kvchat import config, kv_state
+from kvchat import config, kv_state, settings
 from kvchat.errors import KvchatError
 from kvchat.session_store import atomic_write
 
@@ -66,7 +66,6 @@ BLOCK_TOKENS = 512
 # Shorter prompts are not stored: restoring is cheap, but an entry under this
 # costs more in files and index churn than its prefill (see README: measured).
 MIN_PREFIX_TOKENS = 256
-DEFAULT_SIZE_BYTES = 4 * 1024**3
 # The cache never takes more than this share of (its own size + free disk).
 MAX_DISK_FRACTION = 0.5
 _LOCK_TIMEOUT_S = 3.0
@@ -432,14 +431,14 @@ class PrefillResult:
 class PrefixCache:
     """Look up, restore and store prompt prefixes for one loaded model and settings."""
 
-    def __init__(self, fingerprint: Fingerprint, *, limit_bytes: int = DEFAULT_SIZE_BYTES,
+    def __init__(self, fingerprint: Fingerprint, *, limit_bytes: int | None = None,
                  store: Store | None = None, memory_kind: str = "kv",
                  min_tokens: int = MIN_PREFIX_TOKENS, block_tokens: int = BLOCK_TOKENS) -> None:
         self.fingerprint = fingerprint
         self.fp_digest = fingerprint.digest()
         self.fp_hex = self.fp_digest.hex()
         self.store = store or Store()
-        self.limit_bytes = limit_bytes
+        self.limit_bytes: int = settings.default("prefix_cache_size") if limit_bytes is None else limit_bytes
         self.min_tokens = min_tokens
         self.block_tokens = block_tokens
         self.skip_reason = _skip_reason(memory_kind)

@@ -43,7 +43,7 @@ from kvchat.engine_api import ChatEngine, CheckpointingEngine, SamplingSettings,
 from kvchat.errors import NetworkError, SessionError, UsageError
 from kvchat.prefix_cache import PrefixCache
 from kvchat.reasoning import ReasoningSplitter, opens_in_prompt, prefilled_reply, template_has_reasoning
-from kvchat.settings import OVERFLOW_POLICIES
+from kvchat.settings import OVERFLOW_POLICIES, default_field
 from kvchat.turn_split import TurnMark, TurnSplitter
 
 
@@ -52,8 +52,8 @@ class Session:
     engine: ChatEngine
     template: ChatTemplate
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
-    max_tokens: int | None = None
-    overflow: str = "shift"
+    max_tokens: int | None = default_field("max_tokens")
+    overflow: str = default_field("overflow")
     # Messages in the context, and the ones dropped from it (kept for the transcript).
     messages: list[Message] = field(default_factory=list)
     dropped: list[Message] = field(default_factory=list)
@@ -66,8 +66,8 @@ class Session:
     # Used when a turn starts on an empty KV cache (a one-shot run, a new chat).
     prefix_cache: PrefixCache | None = None
     # Checkpoints at turn boundaries (only on memory that cannot roll back), bounded.
-    checkpoint_max: int = 8
-    checkpoint_mib: float = 256.0
+    checkpoint_max: int = default_field("checkpoints")
+    checkpoint_mib: float = default_field("checkpoint_mib")
     checkpoints: list[SavedCheckpoint] = field(default_factory=list)
 
     def __post_init__(self) -> None:

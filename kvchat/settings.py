@@ -8,6 +8,13 @@ environment string, a TOML value, a saved value) and returns a typed, range-chec
 value. A bad value from any source is a usage error (exit 2) that names where it
 came from: `KVCHAT_TEMPERATURE='hot' is not a number`,
 `config.toml [defaults] ctx = 'abc' is not a token count`.
+
+The table (SETTINGS) is the one place a setting's name, parser, default, flags,
+environment variable, help text and groups are written. Derived from it: the
+command-line options (kvchat.cli.options), the `Settings` fields' defaults, the
+defaults of SamplingSettings, Session and PrefixCache (`default`, `default_field`),
+the REPL's /set keys, what a named session saves, and what a server decides
+(`keys_in`).
 """
 
 from __future__ import annotations
@@ -15,16 +22,24 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass, field, replace
 from typing import Any, Generic, Literal, TypeVar
 
 from kvchat import config
-from kvchat.cache_types import CacheType, parse_cache_type, resolve_flash_attn
+from kvchat.cache_types import CACHE_TYPES, CacheType, parse_cache_type, resolve_flash_attn
 from kvchat.errors import KvchatError, UsageError
-from kvchat.speculative import MODES as SPECULATIVE_MODES
 
 T = TypeVar("T")
 Source = Literal["flag", "session", "env", "config", "default"]
+# What a setting belongs to, beside being resolved:
+# - sampling: a field of kvchat.engine_api.SamplingSettings (the sampler's chain);
+# - saved: recorded with a named session and given back on resume;
+# - repl: changed in a chat with `/set KEY VALUE`;
+# - local: sizes or places a model loaded here: with --server the server decides it;
+# - load: a saved session's own value wins over the flags on /load (its KV state needs it).
+Group = Literal["sampling", "saved", "repl", "local", "load"]
+_SAMPLING: frozenset[Group] = frozenset({"sampling", "saved", "repl"})
 
 # Bounds that stop absurd values before llama.cpp sees them (it would wrap or abort).
 MAX_CTX = 1 << 24  # 16M tokens: more than any GGUF's training context today
@@ -38,11 +53,21 @@ class BadValue(ValueError):
 
 @dataclass(frozen=True)
 class Setting(Generic[T]):
+    """One setting. `default` is written as a user would write it and parsed like any
+    source's value; `flags` are the command-line names, the long one first (an on/off
+    setting's flag also has its --no- form); `help` is the --help text."""
+
     name: str
     parse: Callable[[Any], T]
     default: Any
-    flag: str | None
+    flags: tuple[str, ...]
     help: str
+    groups: AbstractSet[Group] = frozenset()
+    metavar: str | None = None
+
+    @property
+    def flag(self) -> str | None:
+        return self.flags[0] if self.flags else None
 
     @property
     def env_var(self) -> str:
@@ -200,63 +225,121 @@ def _threads(raw: Any) -> int:
     return _int(raw, 1, 4096, "a thread count")
 
 
-SETTINGS: dict[str, Setting[Any]] = {
-    s.name: s
-    for s in (
-        Setting("model", _optional(_string), None, "--model", "model reference (default: bundled SmolLM2)"),
-        Setting("ctx", parse_ctx, "auto", "--ctx", "context length in tokens, or auto"),
-        Setting("ctx_max", lambda raw: _int(raw, MIN_CTX, MAX_CTX), 32768, None,
-                "largest context --ctx auto picks"),
-        Setting("cache_type_k", _cache_type, "f16", "--cache-type-k", "K cache type"),
-        Setting("cache_type_v", _cache_type, "f16", "--cache-type-v", "V cache type"),
-        Setting("flash_attn", _choice("auto", "on", "off"), "auto", "--flash-attn", "flash attention"),
-        Setting("ngl", parse_ngl, -1, "--ngl", "layers offloaded to the GPU"),
-        Setting("threads", _optional(_threads), None, "--threads", "CPU threads (default: physical cores)"),
-        Setting("batch", lambda raw: _int(raw, 1, 1 << 20), 512, "--batch",
-                "prompt tokens evaluated per step (capped at the context)"),
-        Setting("max_tokens", _optional(lambda raw: _int(raw, 1)), None, "--max-tokens",
-                "stop each reply after this many tokens"),
-        Setting("temperature", lambda raw: _float(raw, 0.0, 100.0), 0.8, "--temperature", "0 = greedy"),
-        Setting("top_k", lambda raw: _int(raw, 0), 40, "--top-k", "0 = off"),
-        Setting("top_p", lambda raw: _float(raw, 0.0, 1.0, open_low=True), 0.95, "--top-p", "1 = off"),
-        Setting("min_p", lambda raw: _float(raw, 0.0, 1.0), 0.05, "--min-p", "0 = off"),
-        Setting("repeat_penalty", lambda raw: _float(raw, 0.0, 10.0, open_low=True), 1.0,
-                "--repeat-penalty", "1 = off"),
-        Setting("seed", _optional(lambda raw: _int(raw, 0, 2**32 - 1, "a seed (0 to 4294967295)"), "random"),
-                None,
-                "--seed", "sampling seed"),
-        Setting("system", _optional(_string), None, "--system", "system prompt"),
-        Setting("overflow", _choice(*OVERFLOW_POLICIES), "shift", "--overflow",
-                "when the context is full: shift or stop"),
-        Setting("recent_chats", lambda raw: _int(raw, 0, 10_000), 20, None,
-                "unnamed chats kept as auto-* sessions (0: none)"),
-        Setting("prefix_cache", _bool, True, "--prefix-cache",
-                "reuse and store prompt starts on disk (kvchat cache)"),
-        Setting("prefix_cache_size", parse_size, "4G", "--prefix-cache-size",
-                "size limit of the prefix cache (never more than half the free disk)"),
-        Setting("chat_template", _optional(_string), None, "--chat-template",
-                "a llama.cpp built-in template name or a Jinja file (default: the model's own)"),
-        Setting("raw", _bool, False, "--raw", "no chat template: plain text completion"),
-        Setting("think", _optional(_choice("on", "off")), None, "--think",
-                "reasoning on or off where the template has enable_thinking"),
-        Setting("checkpoints", lambda raw: _int(raw, 0, 1024), 8, "--checkpoints",
-                "KV checkpoints kept on sliding-window, recurrent and hybrid models"),
-        Setting("checkpoint_mib", lambda raw: _float(raw, 0.0), 256.0, "--checkpoint-mib",
-                "memory cap for those checkpoints, MiB"),
-        Setting("speculative", _choice(*SPECULATIVE_MODES), "auto", "--speculative",
-                "speculative decoding: auto, ngram, draft or off"),
-        Setting("draft", _optional(_string), None, "--draft", "draft model for speculative decoding"),
-        Setting("server", _optional(_server_url), None, "--server",
-                "run on this llama-server or OpenAI-compatible server (http[s]://host:port)"),
-        Setting("api_key", _optional(_string), None, "--api-key", "the server's API key (bearer token)"),
-        Setting("server_timeout", lambda raw: _float(raw, 0.0, 86_400.0, open_low=True), 300.0, None,
-                "seconds to wait for the next byte from the server"),
-        Setting("tls_verify", _bool, True, None, "check the server's TLS certificate"),
-    )
-}
+# The speculative decoding modes (kvchat.speculative runs them); defined here so that
+# this table does not import the drafting code.
+SPECULATIVE_MODES = ("auto", "ngram", "draft", "off")
 
-LOAD_KEYS = ("model", "ctx", "cache_type_k", "cache_type_v", "flash_attn")
-SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed")
+# `{name}` in a help text is that setting's default as a user writes it; `{default}`
+# the setting's own, `{env}` its environment variable, `{cache_types}` the K/V types.
+_TABLE: tuple[Setting[Any], ...] = (
+    Setting("model", _optional(_string), None, ("--model", "-m"),
+            "Model: alias[:quant], user/repo[:quant], user/repo/file.gguf or a .gguf path "
+            "(default: the bundled SmolLM2-135M).", {"load"}),
+    Setting("ctx", parse_ctx, "auto", ("--ctx", "-c"),
+            "Context length in tokens (4096, 8k) or 'auto': the largest that fits free memory, "
+            "up to the training length and ctx_max ({ctx_max}).", {"load", "local"}),
+    Setting("ctx_max", lambda raw: _int(raw, MIN_CTX, MAX_CTX), 32768, (),
+            "largest context --ctx auto picks"),
+    Setting("cache_type_k", _cache_type, "f16", ("--cache-type-k", "-ctk"), "K cache type: {cache_types}.",
+            {"load", "local"}),
+    Setting("cache_type_v", _cache_type, "f16", ("--cache-type-v", "-ctv"),
+            "V cache type (quantized types need flash attention).", {"load", "local"}),
+    Setting("flash_attn", _choice("auto", "on", "off"), "auto", ("--flash-attn", "-fa"),
+            "Flash attention: auto (off on a CPU), on or off.", {"load", "local"}),
+    Setting("ngl", parse_ngl, -1, ("--ngl",),
+            "Layers to offload to the GPU: a count, -1 (all) or auto (the most that fit).", {"local"}),
+    Setting("threads", _optional(_threads), None, ("--threads", "-t"),
+            "CPU threads (default: physical cores).", {"local"}),
+    Setting("batch", lambda raw: _int(raw, 1, 1 << 20), 512, ("--batch", "-b"),
+            "Prompt tokens evaluated per step (default {default}).", {"local"}),
+    Setting("temperature", lambda raw: _float(raw, 0.0, 100.0), 0.8, ("--temperature", "--temp"),
+            "Sampling temperature; 0 = greedy (default {default}).", _SAMPLING),
+    Setting("top_k", lambda raw: _int(raw, 0), 40, ("--top-k",), "Top-k; 0 = off (default {default}).",
+            _SAMPLING),
+    Setting("top_p", lambda raw: _float(raw, 0.0, 1.0, open_low=True), 0.95, ("--top-p",),
+            "Top-p; 1 = off (default {default}).", _SAMPLING),
+    Setting("min_p", lambda raw: _float(raw, 0.0, 1.0), 0.05, ("--min-p",),
+            "Min-p; 0 = off (default {default}).", _SAMPLING),
+    Setting("repeat_penalty", lambda raw: _float(raw, 0.0, 10.0, open_low=True), 1.0, ("--repeat-penalty",),
+            "Penalty for repeating recent tokens; 1 = off (default).", _SAMPLING),
+    Setting("seed", _optional(lambda raw: _int(raw, 0, 2**32 - 1, "a seed (0 to 4294967295)"), "random"),
+            None, ("--seed",), "Sampling seed.", _SAMPLING),
+    # After the sampler's settings: a resumed session lists what it restored in this order.
+    Setting("max_tokens", _optional(lambda raw: _int(raw, 1)), None, ("--max-tokens", "-n"),
+            "Stop each reply after this many tokens.", {"saved", "repl"}),
+    Setting("system", _optional(_string), None, ("--system", "-s"), "System prompt."),
+    Setting("overflow", _choice(*OVERFLOW_POLICIES), "shift", ("--overflow",),
+            "When the context is full: shift (drop oldest turns) or stop."),
+    Setting("recent_chats", lambda raw: _int(raw, 0, 10_000), 20, (),
+            "unnamed chats kept as auto-* sessions (0: none)"),
+    Setting("prefix_cache", _bool, True, ("--prefix-cache",),
+            "Reuse and store prompt starts on disk (default {default}; see `kvchat cache`).", {"local"}),
+    Setting("prefix_cache_size", parse_size, "4G", ("--prefix-cache-size",),
+            "Prefix cache size limit, like 4G or 500M (default {default}).", metavar="SIZE"),
+    Setting("chat_template", _optional(_string), None, ("--chat-template",),
+            "A llama.cpp built-in template name (chatml, gemma, llama3, ...) or a Jinja file; "
+            "overrides the model's own."),
+    Setting("raw", _bool, False, ("--raw",), "No chat template: plain text completion (base models)."),
+    Setting("think", _optional(_choice("on", "off")), None, ("--think",),
+            "Reasoning on or off, where the template has a switch (enable_thinking)."),
+    Setting("checkpoints", lambda raw: _int(raw, 0, 1024), 8, ("--checkpoints",),
+            "KV checkpoints kept at turn boundaries on sliding-window, recurrent and hybrid models, "
+            "so that undo, retry and an interrupted prefill re-evaluate a turn, not the conversation "
+            "(default {default}).", {"local"}),
+    Setting("checkpoint_mib", lambda raw: _float(raw, 0.0), 256.0, ("--checkpoint-mib",),
+            "Memory cap for those checkpoints, MiB (default {default})."),
+    Setting("speculative", _choice(*SPECULATIVE_MODES), "auto", ("--speculative",),
+            "Speculative decoding: auto (n-gram lookup, or the --draft model), ngram, "
+            "draft or off. The tokens are the model's own either way."),
+    Setting("draft", _optional(_string), None, ("--draft",),
+            "Draft model for speculative decoding: a small model with the same vocabulary "
+            "(a .gguf path, an alias, user/repo:QUANT).", {"local"}),
+    Setting("server", _optional(_server_url), None, ("--server",),
+            "Chat on a running llama-server, vLLM or other OpenAI-compatible "
+            "server (http://host:port) instead of loading the model here.", metavar="URL"),
+    Setting("api_key", _optional(_string), None, ("--api-key",), "The server's API key (or {env})."),
+    Setting("server_timeout", lambda raw: _float(raw, 0.0, 86_400.0, open_low=True), 300.0, (),
+            "seconds to wait for the next byte from the server"),
+    Setting("tls_verify", _bool, True, (), "check the server's TLS certificate"),
+)
+
+
+def _shown(value: Any) -> str:
+    """A default as a user would write it: on/off, 256 (not 256.0), 4G."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _with_help(table: tuple[Setting[Any], ...]) -> dict[str, Setting[Any]]:
+    defaults = {s.name: _shown(s.default) for s in table}
+    words = {**defaults, "cache_types": " ".join(CACHE_TYPES)}
+    return {s.name: replace(s, help=s.help.format_map({**words, "default": defaults[s.name],
+                                                        "env": s.env_var}))
+            for s in table}
+
+
+SETTINGS: dict[str, Setting[Any]] = _with_help(_TABLE)
+
+
+def keys_in(group: Group) -> tuple[str, ...]:
+    """The settings in one group, in table order (see `Group`)."""
+    return tuple(name for name, setting in SETTINGS.items() if group in setting.groups)
+
+
+def default(name: str) -> Any:
+    """A setting's built-in default, parsed as any source's value is."""
+    setting = SETTINGS[name]
+    return setting.parse(setting.default)
+
+
+def default_field(name: str) -> Any:
+    """A dataclass field whose default is the table's (read when an instance is made),
+    for the classes that carry a setting: Settings, SamplingSettings, Session."""
+    return field(default_factory=lambda: default(name))
+
+
+LOAD_KEYS = keys_in("load")
 
 
 def _describe(setting: Setting[Any], source: Source, raw: Any) -> str:
@@ -288,40 +371,41 @@ def parse_value(name: str, raw: Any, source: Source) -> Any:
 
 @dataclass(frozen=True)
 class Settings:
-    """Resolved values, typed and checked, with where each came from."""
+    """Resolved values, typed and checked, with where each came from: one field per
+    setting, in table order, defaulting to the table's default."""
 
-    model: str | None = None
-    ctx: int | None = None  # None: auto
-    ctx_max: int = 32768
-    cache_type_k: CacheType = field(default_factory=lambda: parse_cache_type("f16"))
-    cache_type_v: CacheType = field(default_factory=lambda: parse_cache_type("f16"))
-    flash_attn: str = "auto"  # the mode asked for; the effective one is decided at load
-    ngl: int | None = -1  # None: auto
-    threads: int | None = None
-    batch: int = 512
-    max_tokens: int | None = None
-    temperature: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    seed: int | None = None
-    system: str | None = None
-    overflow: str = "shift"
-    recent_chats: int = 20
-    prefix_cache: bool = True
-    prefix_cache_size: int = 4 * 1024**3
-    chat_template: str | None = None
-    raw: bool = False
-    think: str | None = None
-    checkpoints: int = 8
-    checkpoint_mib: float = 256.0
-    speculative: str = "auto"
-    draft: str | None = None
-    server: str | None = None
-    api_key: str | None = None
-    server_timeout: float = 300.0
-    tls_verify: bool = True
+    model: str | None = default_field("model")
+    ctx: int | None = default_field("ctx")  # None: auto
+    ctx_max: int = default_field("ctx_max")
+    cache_type_k: CacheType = default_field("cache_type_k")
+    cache_type_v: CacheType = default_field("cache_type_v")
+    flash_attn: str = default_field("flash_attn")  # the mode asked for; the effective one is decided at load
+    ngl: int | None = default_field("ngl")  # None: auto
+    threads: int | None = default_field("threads")
+    batch: int = default_field("batch")
+    temperature: float = default_field("temperature")
+    top_k: int = default_field("top_k")
+    top_p: float = default_field("top_p")
+    min_p: float = default_field("min_p")
+    repeat_penalty: float = default_field("repeat_penalty")
+    seed: int | None = default_field("seed")
+    max_tokens: int | None = default_field("max_tokens")
+    system: str | None = default_field("system")
+    overflow: str = default_field("overflow")
+    recent_chats: int = default_field("recent_chats")
+    prefix_cache: bool = default_field("prefix_cache")
+    prefix_cache_size: int = default_field("prefix_cache_size")
+    chat_template: str | None = default_field("chat_template")
+    raw: bool = default_field("raw")
+    think: str | None = default_field("think")
+    checkpoints: int = default_field("checkpoints")
+    checkpoint_mib: float = default_field("checkpoint_mib")
+    speculative: str = default_field("speculative")
+    draft: str | None = default_field("draft")
+    server: str | None = default_field("server")
+    api_key: str | None = default_field("api_key")
+    server_timeout: float = default_field("server_timeout")
+    tls_verify: bool = default_field("tls_verify")
     sources: Mapping[str, Source] = field(default_factory=dict)
     # Values from the environment or config file that a saved session overrode.
     overridden: tuple[str, ...] = ()

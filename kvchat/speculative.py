@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from kvchat.errors import UsageError
+from kvchat.settings import SPECULATIVE_MODES
 
 if TYPE_CHECKING:
     from kvchat.engine import Engine
 
-MODES = ("auto", "ngram", "draft", "off")
 # llama.cpp's own rule for draft models (common/speculative.cpp): vocabularies may
 # differ by a few padding tokens at the end, never in the tokens both have.
 VOCAB_MAX_SIZE_DIFFERENCE = 128
@@ -426,7 +426,7 @@ class Speculator:
 def parse_mode(value: str | None, *, has_draft_model: bool) -> str:
     """`--speculative auto|ngram|draft|off` -> the mode to run ('ngram', 'draft' or 'off')."""
     mode = (value or "auto").strip().lower()
-    if mode not in MODES:
+    if mode not in SPECULATIVE_MODES:
         raise UsageError(f"unknown --speculative '{value}'", hint="use auto, ngram, draft or off")
     if mode == "auto":
         return "draft" if has_draft_model else "ngram"

@@ -3,17 +3,37 @@ typed and checked, a bad one refused naming where it came from (exit 2)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+import click
 import pexpect
 import pytest
+import typer
 
-from kvchat import config
+from kvchat import config, settings
+from kvchat.engine_api import SamplingSettings
 from kvchat.errors import ExitCode, UsageError
-from kvchat.settings import MAX_CTX, MIN_CTX, SETTINGS, resolve
+from kvchat.prefix_cache import Fingerprint, PrefixCache, Store
+from kvchat.session import Session
+from kvchat.settings import (
+    LOAD_KEYS,
+    MAX_CTX,
+    MIN_CTX,
+    OVERFLOW_POLICIES,
+    SETTINGS,
+    SPECULATIVE_MODES,
+    Settings,
+    default,
+    keys_in,
+    resolve,
+)
+from kvchat.ui.commands import SET_KEYS, parse_setting
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -195,3 +215,127 @@ def test_declining_sessions_rm_is_not_an_error(kvchat, kv_env: dict[str, str]) -
     child.close()
     assert child.exitstatus == 0 and "nothing deleted" in child.before
     assert kvchat("sessions", "show", "keep").returncode == 0
+
+
+# --- everything else is derived from the table ----------------------------------------------
+
+
+def _click_commands() -> dict[str, click.Command]:
+    from kvchat.cli import app
+
+    group = typer.main.get_command(app)
+    assert isinstance(group, click.Group)
+    return dict(group.commands)
+
+
+def _setting_params(command: click.Command) -> dict[str, click.Option]:
+    """The command's options that are settings (bench's MODEL argument is not one)."""
+    return {p.name: p for p in command.params if p.name in SETTINGS and isinstance(p, click.Option)}
+
+
+@pytest.mark.parametrize("name", ["run", "chat"])
+def test_chat_commands_take_every_flag_of_the_table_as_written_there(name: str) -> None:
+    params = _setting_params(_click_commands()[name])
+    assert set(params) == {n for n, s in SETTINGS.items() if s.flags}
+    for key, param in params.items():
+        setting = SETTINGS[key]
+        assert param.help == setting.help and param.metavar == setting.metavar
+        # None: not given, so the resolver falls through to KVCHAT_*, config.toml, the table.
+        assert param.default is None
+        if isinstance(setting.default, bool):
+            assert param.opts == [setting.flags[0]] and param.secondary_opts == [
+                "--no-" + setting.flags[0].removeprefix("--")]
+        else:
+            assert param.opts == list(setting.flags) and param.secondary_opts == []
+
+
+@pytest.mark.parametrize("name", ["estimate", "bench"])
+def test_other_commands_spell_their_setting_flags_as_run_does(name: str) -> None:
+    run = _setting_params(_click_commands()["run"])
+    params = _setting_params(_click_commands()[name])
+    assert params, f"{name} takes no setting"
+    for key, param in params.items():
+        assert (param.opts, param.secondary_opts, param.help) == \
+            (run[key].opts, run[key].secondary_opts, run[key].help), key
+
+
+def test_estimate_takes_the_shared_draft_option() -> None:
+    drafts = [p for p in _click_commands()["estimate"].params if "--draft" in getattr(p, "opts", [])]
+    assert [p.name for p in drafts] == ["draft"] and drafts[0].help == SETTINGS["draft"].help
+
+
+def test_help_texts_show_the_table_defaults() -> None:
+    assert "(default 0.8)" in SETTINGS["temperature"].help
+    assert "ctx_max (32768)" in SETTINGS["ctx"].help
+    assert "(default 256)" in SETTINGS["checkpoint_mib"].help  # as typed, not 256.0
+    assert "(default on;" in SETTINGS["prefix_cache"].help
+    assert "KVCHAT_API_KEY" in SETTINGS["api_key"].help
+    changed = tuple(replace(s, default={"temperature": 0.3, "ctx_max": 8192}.get(s.name, s.default))
+                    for s in settings._TABLE)
+    helps = settings._with_help(changed)
+    assert "(default 0.3)" in helps["temperature"].help and "ctx_max (8192)" in helps["ctx"].help
+    assert not any("{" in s.help for s in SETTINGS.values())
+
+
+def test_settings_fields_are_the_table_with_its_defaults(home: Path) -> None:
+    names = [f.name for f in dataclasses.fields(Settings)]
+    assert names == [*SETTINGS, "sources", "overridden"]
+    plain = Settings()
+    assert all(getattr(plain, name) == getattr(resolve(), name) == default(name) for name in SETTINGS)
+
+
+def test_sampling_settings_are_the_sampling_group() -> None:
+    assert [f.name for f in dataclasses.fields(SamplingSettings)] == list(keys_in("sampling"))
+    assert dataclasses.asdict(SamplingSettings()) == {k: default(k) for k in keys_in("sampling")}
+    # What a named session saves (its sampler and reply limit) is what it gives back on resume.
+    assert set(keys_in("saved")) == {*keys_in("sampling"), "max_tokens"}
+
+
+def _session_default(name: str) -> Any:
+    (found,) = [f for f in dataclasses.fields(Session) if f.name == name]
+    assert found.default_factory is not dataclasses.MISSING
+    return found.default_factory()
+
+
+def test_a_changed_table_default_changes_every_class_that_carries_it(home: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    fingerprint = Fingerprint("ab" * 32, "m.gguf", "f16", "f16", "off", False, 0, 512, 512, "0")
+    assert PrefixCache(fingerprint, store=Store(tmp_path)).limit_bytes == 4 * 1024**3
+    assert (_session_default("overflow"), _session_default("checkpoint_max"),
+            _session_default("checkpoint_mib"), _session_default("max_tokens")) == ("shift", 8, 256.0, None)
+    for name, value in {"temperature": 0.3, "top_k": 7, "seed": 5, "overflow": "stop", "checkpoints": 2,
+                        "checkpoint_mib": 64.0, "max_tokens": 9, "prefix_cache_size": "1G"}.items():
+        monkeypatch.setitem(SETTINGS, name, replace(SETTINGS[name], default=value))
+    assert (SamplingSettings().temperature, SamplingSettings().top_k, SamplingSettings().seed) == (0.3, 7, 5)
+    assert (Settings().temperature, resolve().temperature, resolve().sources["temperature"]) == \
+        (0.3, 0.3, "default")
+    assert (_session_default("overflow"), _session_default("checkpoint_max"),
+            _session_default("checkpoint_mib"), _session_default("max_tokens")) == ("stop", 2, 64.0, 9)
+    assert PrefixCache(fingerprint, store=Store(tmp_path)).limit_bytes == 1024**3
+
+
+def test_repl_set_keys_are_the_table_group_spelled_as_their_flags_too() -> None:
+    assert keys_in("repl") == SET_KEYS
+    for key in SET_KEYS:
+        for flag in SETTINGS[key].flags:
+            assert parse_setting(flag.lstrip("-"), str(SETTINGS[key].default))[0] == key
+    with pytest.raises(UsageError, match="unknown setting 'ctx'"):
+        parse_setting("ctx", "4096")  # a setting, but not one a chat can change
+
+
+def test_groups_hold_known_settings_only() -> None:
+    assert LOAD_KEYS == keys_in("load") == ("model", "ctx", "cache_type_k", "cache_type_v", "flash_attn")
+    assert set(keys_in("load")) - {"model"} <= set(keys_in("local"))
+    assert not set(keys_in("local")) & set(keys_in("sampling"))
+    assert SETTINGS["overflow"].parse("stop") in OVERFLOW_POLICIES
+    assert all(SETTINGS["speculative"].parse(mode) == mode for mode in SPECULATIVE_MODES)
+
+
+def test_the_table_imports_no_engine_and_the_engine_interface_stays_light() -> None:
+    code = ("import sys, kvchat.engine_api, kvchat.settings; "
+            "print(sorted(m for m in ('kvchat.speculative', 'kvchat.engine', 'llama_cpp', 'typer', 'rich') "
+            "if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                            timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -150,11 +150,6 @@ def _start(backend: Backend, named: NamedSession | None, s: Settings, sampling: 
     return chat
 
 
-# Settings that size or place a model loaded here; a server decides them itself.
-_LOCAL_ONLY = ("ctx", "cache_type_k", "cache_type_v", "flash_attn", "ngl", "threads", "batch", "draft",
-               "prefix_cache", "checkpoints")
-
-
 def open_server(s: Settings, warn: Warn) -> LlamaServerBackend | MessageServerBackend:
     """Connect to `s.server`; say which local settings the server decides instead."""
     from kvchat.remote import open_server_engine
@@ -163,7 +158,7 @@ def open_server(s: Settings, warn: Warn) -> LlamaServerBackend | MessageServerBa
 
     assert s.server is not None
     engine = open_server_engine(ServerOptions(s.server, s.api_key, s.server_timeout, s.tls_verify), s.model)
-    ignored = [settings_mod.SETTINGS[k].flag or k for k in _LOCAL_ONLY
+    ignored = [settings_mod.SETTINGS[k].flag or k for k in settings_mod.keys_in("local")
                if s.sources.get(k) in ("flag", "env") and k in s.sources]
     if s.sources.get("speculative") in ("flag", "env") and s.speculative != "off":
         ignored.append("--speculative")

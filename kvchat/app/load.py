@@ -44,9 +44,9 @@ def sampling_of(s: Settings) -> SamplingSettings:
     # Imported here, not above: `kvchat estimate` imports this module and never samples,
     # and engine_api's protocols and dataclasses cost it 2% more instructions.
     from kvchat.engine_api import SamplingSettings
+    from kvchat.settings import keys_in
 
-    return SamplingSettings(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
-                            repeat_penalty=s.repeat_penalty, seed=s.seed)
+    return SamplingSettings(**{key: getattr(s, key) for key in keys_in("sampling")})
 
 
 def context_cap(s: Settings, spec: ModelSpec) -> int:

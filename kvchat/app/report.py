@@ -9,6 +9,7 @@ from typing import Any
 from kvchat.app.backends import MemoryFigures
 from kvchat.app.lifecycle import Chat
 from kvchat.conversation import TurnStats
+from kvchat.settings import keys_in
 
 
 @dataclass(frozen=True)
@@ -96,12 +97,7 @@ def turn_report(chat: Chat, turn: TurnStats, text: str, reasoning: str = "") -> 
         model=backend.model_ref,
         settings={
             **backend.where(),
-            "temperature": sampling.temperature,
-            "top_k": sampling.top_k,
-            "top_p": sampling.top_p,
-            "min_p": sampling.min_p,
-            "repeat_penalty": sampling.repeat_penalty,
-            "seed": sampling.seed,
+            **{key: getattr(sampling, key) for key in keys_in("sampling")},
             "max_tokens": session.max_tokens,
         },
         usage=Usage(turn.prompt_tokens if turn.usage_reported else None, turn.completion_tokens,

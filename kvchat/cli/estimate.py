@@ -14,7 +14,7 @@ import typer
 
 from kvchat.cache_types import CACHE_TYPES
 from kvchat.cli import app
-from kvchat.cli.options import BATCH, CTX, DEVICES, FLASH_ATTN, JSON, MODEL, shared_options
+from kvchat.cli.options import BATCH, CTX, DEVICES, DRAFT, FLASH_ATTN, JSON, MODEL, shared_options
 from kvchat.cli.options import CACHE_TYPES as CACHE_TYPE_OPTIONS
 from kvchat.devices import Device, device_budget, parse_devices, parse_tensor_split
 from kvchat.errors import OutOfMemoryError, UsageError
@@ -299,7 +299,7 @@ def _diff(ours: int, theirs: int) -> str:
 
 
 @app.command()
-@shared_options(MODEL, CTX, CACHE_TYPE_OPTIONS, FLASH_ATTN, DEVICES, BATCH, JSON)
+@shared_options(MODEL, CTX, CACHE_TYPE_OPTIONS, FLASH_ATTN, DEVICES, BATCH, DRAFT, JSON)
 def estimate(
     model_arg: Annotated[
         Optional[str], typer.Argument(metavar="[MODEL]", help="A .gguf path or model reference "
@@ -325,10 +325,6 @@ def estimate(
     exact: Annotated[
         bool, typer.Option("--exact", help="Also load the model and print llama.cpp's own figures.")
     ] = False,
-    draft: Annotated[
-        Optional[str], typer.Option("--draft", help="Also plan this speculative draft model, at the same "
-                                    "context and cache types.")
-    ] = None,
     device: Annotated[
         Optional[list[str]], typer.Option(
             "--device", metavar="NAME=SIZE", help="A device to plan over, with its memory: a GPU as "
@@ -343,6 +339,8 @@ def estimate(
     as_json: bool = False,
 ) -> None:
     """Memory a model needs — weights, KV cache, compute — per device, from its header alone.
+
+    With --draft, the draft model's share too, at the same context and cache types.
 
     \b
     Examples:
@@ -360,8 +358,7 @@ def estimate(
         raise UsageError("give the model once: as the argument or with --model")
     ctx_text = flags["ctx"]
     contexts = parse_ctx_list(ctx_text) if ctx_text and "," in ctx_text else None
-    s = resolve({**flags, "model": model_arg or flags["model"], "ctx": None if contexts else ctx_text,
-                 "draft": draft})
+    s = resolve({**flags, "model": model_arg or flags["model"], "ctx": None if contexts else ctx_text})
     if contexts is None and s.ctx is not None:
         contexts = [s.ctx]
     env = Environment()

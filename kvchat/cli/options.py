@@ -1,6 +1,7 @@
 """Options shared by several commands, defined once so they are spelled alike.
 
-A command takes groups of them with `@shared_options(LOAD, SAMPLING, ...)`: the
+A setting's flags, help text and metavar come from kvchat.settings.SETTINGS.
+A command takes groups of them with `@shared_options(CTX, SAMPLING, ...)`: the
 options are added to its signature for Typer, and the function receives what the
 user typed as one `flags` dict (None for every option not given), which
 `kvchat.settings.resolve` turns into typed settings (flag > saved session >
@@ -18,6 +19,8 @@ from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 
+from kvchat.settings import SETTINGS, keys_in
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -25,87 +28,41 @@ def _option(name: str, annotation: Any, default: Any = None) -> inspect.Paramete
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 
 
-MODEL = (
-    _option("model", Annotated[Optional[str], typer.Option(
-        "--model", "-m",
-        help="Model: alias[:quant], user/repo[:quant], user/repo/file.gguf or a .gguf path "
-        "(default: the bundled SmolLM2-135M).")]),
-)
-CTX = (
-    _option("ctx", Annotated[Optional[str], typer.Option(
-        "--ctx", "-c",
-        help="Context length in tokens (4096, 8k) or 'auto': the largest that fits free memory, "
-        "up to the training length and ctx_max (32768).")]),
-)
-CACHE_TYPES = (
-    _option("cache_type_k", Annotated[Optional[str], typer.Option(
-        "--cache-type-k", "-ctk", help="K cache type: f32 f16 bf16 q8_0 q4_0 q4_1 iq4_nl q5_0 q5_1.")]),
-    _option("cache_type_v", Annotated[Optional[str], typer.Option(
-        "--cache-type-v", "-ctv", help="V cache type (quantized types need flash attention).")]),
-)
-FLASH_ATTN = (
-    _option("flash_attn", Annotated[Optional[str], typer.Option(
-        "--flash-attn", "-fa", help="Flash attention: auto (off on a CPU), on or off.")]),
-)
-DEVICES = (
-    _option("ngl", Annotated[Optional[str], typer.Option(
-        "--ngl", help="Layers to offload to the GPU: a count, -1 (all) or auto (the most that fit).")]),
-)
-THREADS = (
-    _option("threads", Annotated[Optional[str], typer.Option(
-        "--threads", "-t", help="CPU threads (default: physical cores).")]),
-)
-BATCH = (
-    _option("batch", Annotated[Optional[str], typer.Option(
-        "--batch", "-b", help="Prompt tokens evaluated per step (default 512).")]),
-)
-SAMPLING = (
-    _option("max_tokens", Annotated[Optional[str], typer.Option(
-        "--max-tokens", "-n", help="Stop each reply after this many tokens.")]),
-    _option("temperature", Annotated[Optional[str], typer.Option(
-        "--temperature", "--temp", help="Sampling temperature; 0 = greedy (default 0.8).")]),
-    _option("top_k", Annotated[Optional[str], typer.Option(
-        "--top-k", help="Top-k; 0 = off (default 40).")]),
-    _option("top_p", Annotated[Optional[str], typer.Option(
-        "--top-p", help="Top-p; 1 = off (default 0.95).")]),
-    _option("min_p", Annotated[Optional[str], typer.Option(
-        "--min-p", help="Min-p; 0 = off (default 0.05).")]),
-    _option("repeat_penalty", Annotated[Optional[str], typer.Option(
-        "--repeat-penalty", help="Penalty for repeating recent tokens; 1 = off (default).")]),
-    _option("seed", Annotated[Optional[str], typer.Option("--seed", help="Sampling seed.")]),
-)
-CONVERSATION = (
-    _option("system", Annotated[Optional[str], typer.Option("--system", "-s", help="System prompt.")]),
-    _option("overflow", Annotated[Optional[str], typer.Option(
-        "--overflow", help="When the context is full: shift (drop oldest turns) or stop.")]),
-)
-PREFIX_CACHE = (
-    _option("prefix_cache", Annotated[Optional[bool], typer.Option(
-        "--prefix-cache/--no-prefix-cache", show_default=False,
-        help="Reuse and store prompt starts on disk (default on; see `kvchat cache`).")]),
-    _option("prefix_cache_size", Annotated[Optional[str], typer.Option(
-        "--prefix-cache-size", metavar="SIZE",
-        help="Prefix cache size limit, like 4G or 500M (default 4G).")]),
-)
-TEMPLATE = (
-    _option("chat_template", Annotated[Optional[str], typer.Option(
-        "--chat-template",
-        help="A llama.cpp built-in template name (chatml, gemma, llama3, ...) or a Jinja file; "
-        "overrides the model's own.")]),
-    _option("raw", Annotated[Optional[bool], typer.Option(
-        "--raw/--no-raw", help="No chat template: plain text completion (base models).")]),
-    _option("think", Annotated[Optional[str], typer.Option(
-        "--think", help="Reasoning on or off, where the template has a switch (enable_thinking).")]),
-)
-CHECKPOINTS = (
-    _option("checkpoints", Annotated[Optional[str], typer.Option(
-        "--checkpoints",
-        help="KV checkpoints kept at turn boundaries on sliding-window, recurrent and hybrid models, "
-        "so that undo, retry and an interrupted prefill re-evaluate a turn, not the conversation "
-        "(default 8).")]),
-    _option("checkpoint_mib", Annotated[Optional[str], typer.Option(
-        "--checkpoint-mib", help="Memory cap for those checkpoints, MiB (default 256).")]),
-)
+def option(name: str) -> Any:
+    """The typer.Option of setting `name`: its flags, help and metavar from the table.
+    An on/off setting (a bool default) is a --x/--no-x switch; any other takes the
+    text as typed (None when not given), which kvchat.settings parses."""
+    setting = SETTINGS[name]
+    long, *short = setting.flags
+    if isinstance(setting.default, bool):
+        long = f"{long}/--no-{long.removeprefix('--')}"
+    return typer.Option(long, *short, help=setting.help, metavar=setting.metavar, show_default=False)
+
+
+def settings_options(*names: str) -> tuple[inspect.Parameter, ...]:
+    """Command-line options for these settings, in this order (None when not given)."""
+    return tuple(
+        _option(name, Annotated[Optional[bool] if isinstance(SETTINGS[name].default, bool) else Optional[str],
+                                option(name)])
+        for name in names
+    )
+
+
+MODEL = settings_options("model")
+CTX = settings_options("ctx")
+CACHE_TYPES = settings_options("cache_type_k", "cache_type_v")
+FLASH_ATTN = settings_options("flash_attn")
+DEVICES = settings_options("ngl")
+THREADS = settings_options("threads")
+BATCH = settings_options("batch")
+SAMPLING = settings_options("max_tokens", *keys_in("sampling"))
+CONVERSATION = settings_options("system", "overflow")
+PREFIX_CACHE = settings_options("prefix_cache", "prefix_cache_size")
+TEMPLATE = settings_options("chat_template", "raw", "think")
+CHECKPOINTS = settings_options("checkpoints", "checkpoint_mib")
+DRAFT = settings_options("draft")
+SPECULATIVE = (*settings_options("speculative"), *DRAFT)
+SERVER = settings_options("server", "api_key")
 SESSION = (
     _option("session_name", Annotated[Optional[str], typer.Option(
         "--session", "-S", help="Named session: resume it (KV state restored) and save each turn.")]),
@@ -137,8 +94,6 @@ JSON = (
 # Every option a chat (run or chat) takes, in --help order.
 CHAT_OPTIONS = (*MODEL, *CTX, *CACHE_TYPES, *FLASH_ATTN, *DEVICES, *THREADS, *BATCH, *SAMPLING, *CONVERSATION,
                 *PREFIX_CACHE, *TEMPLATE, *CHECKPOINTS, *SPECULATIVE, *SERVER, *SESSION, *VERBOSE)
-# Names that are settings (kvchat.settings) rather than command switches.
-_NOT_SETTINGS = {"session_name", "rebuild", "verbose", "as_json"}
 
 
 def shared_options(*groups: tuple[inspect.Parameter, ...]) -> Callable[[F], F]:
@@ -159,8 +114,8 @@ def shared_options(*groups: tuple[inspect.Parameter, ...]) -> Callable[[F], F]:
 
         @functools.wraps(func)
         def command(**kwargs: Any) -> Any:
-            flags = {p.name: kwargs.pop(p.name) for p in added if p.name not in _NOT_SETTINGS}
-            switches = {p.name: kwargs.pop(p.name) for p in added if p.name in _NOT_SETTINGS}
+            flags = {p.name: kwargs.pop(p.name) for p in added if p.name in SETTINGS}
+            switches = {p.name: kwargs.pop(p.name) for p in added if p.name not in SETTINGS}
             if takes_flags:
                 kwargs["flags"] = flags
             return func(**kwargs, **{k: v for k, v in switches.items() if k in signature.parameters})

@@ -88,10 +88,12 @@ def check_url(url: str) -> str:
 
 @dataclass(frozen=True)
 class ServerOptions:
+    """How to reach a server: the settings server, api_key, server_timeout, tls_verify."""
+
     url: str
-    api_key: str | None = None
-    timeout_s: float = 300.0
-    verify_tls: bool = True
+    api_key: str | None
+    timeout_s: float
+    verify_tls: bool
 
 
 def clip(text: str | bytes, limit: int = 60) -> str:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvchat.errors import UsageError
+from kvchat.settings import SETTINGS, keys_in, parse_value
 
 
 @dataclass(frozen=True)
@@ -35,11 +36,12 @@ COMMANDS: dict[str, CommandSpec] = {
 }
 ALIASES = {"/quit": "/exit", "/q": "/exit", "/?": "/help"}
 
-# /set KEY: the sampling settings a chat may change, parsed and range-checked by
-# kvchat.settings like any flag ("none" clears max_tokens and seed).
-SETTINGS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "max_tokens", "seed")
-_SETTING_ALIASES = {"temp": "temperature", "top-p": "top_p", "top-k": "top_k", "min-p": "min_p",
-                    "max-tokens": "max_tokens", "n": "max_tokens", "repeat-penalty": "repeat_penalty"}
+# /set KEY: the settings a chat may change (the table's "repl" group), parsed and
+# range-checked by kvchat.settings like any flag ("none" clears max_tokens and seed).
+# A key may also be spelled as its flags are, without the dashes (temp, top-p, n).
+SET_KEYS = keys_in("repl")
+_SET_KEY_ALIASES = {flag.lstrip("-"): name for name in SET_KEYS for flag in SETTINGS[name].flags
+                    if flag.lstrip("-") != name}
 
 
 @dataclass(frozen=True)
@@ -68,17 +70,14 @@ def command_names() -> list[str]:
 
 def parse_setting(key: str, raw: str) -> tuple[str, Any]:
     """Validate `/set KEY VALUE`; returns the canonical key and a typed value."""
-    from kvchat.settings import SETTINGS as ALL_SETTINGS
-    from kvchat.settings import parse_value
-
-    name = _SETTING_ALIASES.get(key.lower(), key.lower())
-    if name not in SETTINGS:
-        raise UsageError(f"unknown setting '{key}'", hint=f"settings: {', '.join(SETTINGS)}")
+    name = _SET_KEY_ALIASES.get(key.lower(), key.lower())
+    if name not in SET_KEYS:
+        raise UsageError(f"unknown setting '{key}'", hint=f"settings: {', '.join(SET_KEYS)}")
     try:
         return name, parse_value(name, raw, "flag")
     except UsageError as exc:
         reason = exc.message.split(" ", 2)[-1]  # drop the flag spelling: "/set" was typed
-        raise UsageError(f"{name} '{raw}' {reason}", hint=ALL_SETTINGS[name].help) from None
+        raise UsageError(f"{name} '{raw}' {reason}", hint=SETTINGS[name].help) from None
 
 
 def parse_command(line: str) -> Command:
@@ -103,7 +102,7 @@ def parse_command(line: str) -> Command:
         if not words:
             return Command(name)
         if len(words) != 2:
-            raise UsageError(f"usage: {COMMANDS[name].usage}", hint=f"keys: {', '.join(SETTINGS)}")
+            raise UsageError(f"usage: {COMMANDS[name].usage}", hint=f"keys: {', '.join(SET_KEYS)}")
         key, value = parse_setting(words[0], words[1])
         return Command(name, argument, key, value)
     elif name not in ("/system",) and argument:
@@ -127,5 +126,5 @@ def completions(text: str, session_names: Iterable[str] = ()) -> list[str]:
     if len(words) == 2 and head in ("/load", "/save"):
         return sorted(n for n in session_names if n.startswith(current))
     if len(words) == 2 and head == "/set":
-        return [key for key in SETTINGS if key.startswith(current.lower())]
+        return [key for key in SET_KEYS if key.startswith(current.lower())]
     return []

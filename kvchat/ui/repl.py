@@ -32,7 +32,8 @@ from kvchat.errors import KvchatError, NetworkError, SessionError
 from kvchat.hardware import NvmlReader
 from kvchat.monitor import HardwareSampler, KvFill, TokenMeter
 from kvchat.registry import model_name
-from kvchat.ui.commands import COMMANDS, SETTINGS, Command, completions, is_command, parse_command
+from kvchat.settings import keys_in
+from kvchat.ui.commands import COMMANDS, SET_KEYS, Command, completions, is_command, parse_command
 from kvchat.ui.commands import unescape_message as _unescape
 from kvchat.ui.environment import Environment
 from kvchat.ui.info import local_rows, server_rows, speculative_line
@@ -138,6 +139,13 @@ def _echo_off(stream: Any) -> Iterator[None]:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
+def _setting_text(key: str, value: Any) -> str:
+    """'temperature 0.8', 'seed random' (unset: a new seed each reply), 'max_tokens none'."""
+    if value is None:
+        return f"{key} {'random' if key == 'seed' else 'none'}"
+    return f"{key} {value:g}" if isinstance(value, float) else f"{key} {value}"
+
+
 def private_file(path: Path) -> None:
     """Create `path` readable by its owner only (0600, like session files), or make it so:
     the input history holds everything typed into every chat."""
@@ -235,12 +243,9 @@ class ChatRepl:
 
     def _restored_settings(self) -> list[str]:
         """Sampling settings and reply limit taken from the saved session (not given as flags)."""
-        from kvchat.named_session import SAVED_SAMPLING_KEYS
-
         s = self.setup.settings
-        values = {key: getattr(s, key) for key in SAVED_SAMPLING_KEYS if s.sources.get(key) == "session"}
-        return [f"{key} {value:g}" if isinstance(value, float) else f"{key} {value}"
-                for key, value in values.items()]
+        return [_setting_text(key, getattr(s, key)) for key in keys_in("saved")
+                if s.sources.get(key) == "session"]
 
     def _user_turns(self) -> int:
         return sum(1 for m in self.session.messages if m["role"] == "user")
@@ -420,7 +425,7 @@ class ChatRepl:
         for spec in COMMANDS.values():
             table.add_row(spec.usage, spec.help)
         self.console.print(table)
-        keys = ", ".join(SETTINGS)
+        keys = ", ".join(SET_KEYS)
         self.say(f"/set keys: {keys}. A message starting with '/' is sent as '//...'.", style="dim")
         self.say(KEYS_HELP, style="dim")
 
@@ -491,19 +496,18 @@ class ChatRepl:
                 f"({self.bytes_per_cell / 1024:.1f} KiB per cell)")
 
     def _settings_line(self) -> str:
-        s = self.session.sampling
-        seed = "random" if s.seed is None else s.seed
-        limit = "none" if self.session.max_tokens is None else self.session.max_tokens
-        return (f"temperature {s.temperature:g} · top_p {s.top_p:g} · top_k {s.top_k} · "
-                f"min_p {s.min_p:g} · max_tokens {limit} · seed {seed}")
+        """Every /set key and its value now: the sampler's, then the session's own (max_tokens)."""
+        sampling = dataclasses.asdict(self.session.sampling)
+        return " · ".join(_setting_text(key, sampling[key] if key in sampling else getattr(self.session, key))
+                          for key in SET_KEYS)
 
     def _cmd_set(self, command: Command) -> None:
         if command.key is not None:
-            if command.key == "max_tokens":
-                self.session.max_tokens = command.value
-            else:
+            if command.key in keys_in("sampling"):
                 self.session.set_sampling(dataclasses.replace(self.session.sampling,
                                                               **{command.key: command.value}))
+            else:
+                setattr(self.session, command.key, command.value)
         self.say(self._settings_line())
 
     def _cmd_info(self, command: Command) -> None:
