@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeGuard, cast
 
 from kvchat import hardware
 from kvchat import settings as settings_mod
@@ -23,6 +23,7 @@ from kvchat.limits import check_explicit_ctx, forced
 from kvchat.settings import Settings
 
 if TYPE_CHECKING:
+    from kvchat.bench import CachePair, EngineFactory
     from kvchat.chat_template import ChatTemplate
     from kvchat.engine import Engine
     from kvchat.engine_api import ChatEngine
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
 
     ServerEngine = LlamaServerEngine | OpenAIChatEngine
     from kvchat.session import Session, TurnStats
+    from kvchat.speculative import SpecCounters
+    from kvchat.speculative_engine import SpeculativeEngine
 
 Warn = Callable[[str], None]
 
@@ -194,22 +197,23 @@ def resolve_speculation(s: Settings) -> SpeculationRequest:
 
 
 def start_speculation(engine: Engine, request: LoadRequest, spec: SpeculationRequest, warn: Warn,
-                      *, verbose: bool = False) -> None:
-    """Give `engine` its speculator (the engine owns and closes it, and a draft model);
-    say once why it stays off where the model rules it out."""
+                      *, verbose: bool = False) -> Engine | SpeculativeEngine:
+    """The engine to chat with: `engine` wrapped for speculative decoding (the wrapper
+    owns and closes it, its speculator and a draft model), or `engine` itself where
+    speculation is off; say once why it stays off where the model rules it out."""
     from kvchat.errors import UsageError
     from kvchat.speculative import ModelDrafter, NgramDrafter, Speculator, vocab_mismatch
+    from kvchat.speculative_engine import SpeculativeEngine, speculation_blocker
 
     if spec.mode == "off":
-        return
-    blocker = engine.speculation_blocker()
+        return engine
+    blocker = speculation_blocker(engine)
     if blocker is not None:
         if spec.asked:
             warn(f"speculative decoding stays off: {blocker}")
-        return
+        return engine
     if spec.draft_path is None:
-        engine.set_speculator(Speculator(NgramDrafter()))
-        return
+        return SpeculativeEngine(engine, Speculator(NgramDrafter()))
     draft_engine = load_engine(replace(request, model_path=spec.draft_path), warn, verbose=verbose)
     try:
         mismatch = vocab_mismatch(engine, draft_engine)
@@ -220,7 +224,7 @@ def start_speculation(engine: Engine, request: LoadRequest, spec: SpeculationReq
                 hint="pick a smaller model of the same family (same tokenizer), or --speculative ngram",
             )
         draft_engine.set_sampling(SamplingSettings(temperature=0))
-        engine.set_speculator(Speculator(ModelDrafter(draft_engine, engine.n_vocab)))
+        return SpeculativeEngine(engine, Speculator(ModelDrafter(draft_engine, engine.n_vocab)))
     except BaseException:
         draft_engine.close()
         raise
@@ -250,7 +254,7 @@ class Conversation:
     llama-server) is set; `engine` is that model's or that server's engine.
     """
 
-    engine: Engine | ServerEngine
+    engine: Engine | SpeculativeEngine | ServerEngine
     session: Session
     named: NamedSession | None
     request: LoadRequest | None
@@ -261,8 +265,13 @@ class Conversation:
 
     @property
     def local(self) -> Engine | None:
-        """The in-process engine, None on a server."""
-        return None if self.server is not None else cast("Engine", self.engine)
+        """The in-process engine (under speculative decoding, the one it wraps), None on a server."""
+        from kvchat.speculative_engine import SpeculativeEngine
+
+        if self.server is not None:
+            return None
+        engine = self.engine
+        return cast("Engine", engine.target if isinstance(engine, SpeculativeEngine) else engine)
 
     @property
     def model_label(self) -> str:
@@ -336,7 +345,7 @@ def open_conversation(
     from kvchat.session_store import model_identity
 
     named = NamedSession(session_name) if session_name else None
-    engine: Engine | ServerEngine | None = None
+    engine: Engine | SpeculativeEngine | ServerEngine | None = None
     try:
         saved = named.saved_values() if named is not None else {}
         s = settings_mod.resolve(flags, saved)
@@ -353,8 +362,8 @@ def open_conversation(
         probe = hardware.CpuLoadProbe()
         local = engine = load_engine(request, warn, verbose=verbose)
         warn_if_cores_contended(probe, request.n_threads, warn)
-        start_speculation(local, request, speculation, warn, verbose=verbose)
-        return _start_conversation(local, request, named, s, sampling, warn, rebuild=rebuild)
+        engine = start_speculation(local, request, speculation, warn, verbose=verbose)
+        return _start_conversation(engine, request, named, s, sampling, warn, rebuild=rebuild)
     except BaseException:
         if engine is not None:
             engine.close()
@@ -363,7 +372,7 @@ def open_conversation(
         raise
 
 
-def _start_conversation(engine: Engine | ServerEngine, request: LoadRequest | None,
+def _start_conversation(engine: Engine | SpeculativeEngine | ServerEngine, request: LoadRequest | None,
                         named: NamedSession | None, s: Settings, sampling: SamplingSettings | None,
                         warn: Warn, *, rebuild: bool,
                         server: ServerEngine | None = None) -> Conversation:
@@ -665,10 +674,47 @@ def server_rows(server: ServerEngine) -> list[tuple[str, str]]:
                           f"{known(counts['prefix_cache_hit_rate'], '{:.0%}')}")]
 
 
-def speculative_mode(engine: ChatEngine) -> str:
-    """ngram, draft, or off (an engine without speculative decoding)."""
-    speculator = getattr(engine, "speculator", None)
-    return speculator.mode if speculator is not None else "off"
+def speculative_mode(engine: object) -> str:
+    """ngram, draft, or off (any other engine: plain decoding, a server)."""
+    from kvchat.speculative_engine import SpeculativeEngine
+
+    return engine.mode if isinstance(engine, SpeculativeEngine) else "off"
+
+
+def speculation_counters(engine: object) -> SpecCounters | None:
+    """What speculative decoding did in `engine`'s lifetime; None where it is off."""
+    from kvchat.speculative_engine import SpeculativeEngine
+
+    return engine.counters if isinstance(engine, SpeculativeEngine) else None
+
+
+# --- what the CLI and the REPL ask of the engines, without importing them ----------------
+
+
+def gpu_offload_supported() -> bool:
+    """Whether the llama.cpp kvchat loads models with has a GPU backend."""
+    from kvchat.engine import supports_gpu_offload
+
+    return supports_gpu_offload()
+
+
+def is_llama_server(server: ServerEngine) -> TypeGuard[LlamaServerEngine]:
+    """Whether `server` is llama-server (token prompts, slots and its own timings), not
+    another OpenAI-compatible server."""
+    from kvchat.remote.llama_server import LlamaServerEngine
+
+    return isinstance(server, LlamaServerEngine)
+
+
+def bench_engine_factory(request: LoadRequest, flash_attn: Mapping[CachePair, str], warn: Warn,
+                         *, verbose: bool = False) -> EngineFactory:
+    """`kvchat bench`'s loads: the model of `request` with each cache pair's K and V
+    types and that pair's flash-attention mode."""
+    def load(pair: CachePair) -> Engine:
+        return load_engine(replace(request, type_k=pair.type_k, type_v=pair.type_v, flash_attn=flash_attn[pair]),
+                           warn, verbose=verbose)
+
+    return load
 
 
 # --- estimates: what a model will cost, from its header alone -------------------------

@@ -21,7 +21,7 @@ from typing import Any, Generic, Literal, TypeVar
 from kvchat import config
 from kvchat.cache_types import CacheType, parse_cache_type, resolve_flash_attn
 from kvchat.errors import KvchatError, UsageError
-from kvchat.speculative import MODES as SPECULATIVE_MODES
+from kvchat.speculative_modes import MODES as SPECULATIVE_MODES
 
 T = TypeVar("T")
 Source = Literal["flag", "session", "env", "config", "default"]

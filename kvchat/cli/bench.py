@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
@@ -21,7 +20,6 @@ from kvchat.units import format_bytes
 if TYPE_CHECKING:
     from kvchat.app import LoadRequest
     from kvchat.bench import BenchResult, CachePair, Spread
-    from kvchat.engine import Engine
 
 
 def _flash_attn_for(request: LoadRequest, pair: CachePair) -> str:
@@ -145,7 +143,7 @@ def bench(
       kvchat bench ./model.gguf --cache-types f16,q8_0,q4_0,q8_0/q4_0 --ctx 8192
       kvchat bench --no-speed --json > quality.json
     """
-    from kvchat.app import load_engine, resolve_load
+    from kvchat.app import bench_engine_factory, gpu_offload_supported, resolve_load
     from kvchat.bench import (
         DEFAULT_PAIRS,
         BenchSettings,
@@ -157,7 +155,6 @@ def bench(
         to_json,
     )
     from kvchat.cache_types import fused_kernel_warning
-    from kvchat.engine import supports_gpu_offload
     from kvchat.settings import resolve
 
     env = Environment()
@@ -178,19 +175,15 @@ def bench(
         repeats=repeats, quality_tokens=quality_tokens, speed=not no_speed, quality=not no_quality,
     )
     check_settings(settings)
-    on_gpu = request.n_gpu_layers != 0 and supports_gpu_offload()
+    on_gpu = request.n_gpu_layers != 0 and gpu_offload_supported()
     warnings = [f"{p.name}: {w}" for p in pairs
                 if on_gpu and (w := fused_kernel_warning(p.type_k, p.type_v)) is not None]
     for warning in warnings:
         env.warn(warning)
 
-    def factory(pair: CachePair) -> Engine:
-        return load_engine(replace(request, type_k=pair.type_k, type_v=pair.type_v, flash_attn=modes[pair]),
-                           env.warn, verbose=verbose)
-
     with BenchProgress(env, plan_steps(settings, len(pairs)), enabled=not verbose) as progress:
         result = run_bench(
-            factory, pairs, settings, model_path=request.model_path, n_threads=request.n_threads,
+            bench_engine_factory(request, modes, env.warn, verbose=verbose), pairs, settings, model_path=request.model_path, n_threads=request.n_threads,
             flash_attn=request.flash_attn, planned_kv=_planner(request), progress=progress.step,
         )
     result.warnings.extend(warnings)
@@ -230,15 +223,14 @@ def _bench_server(env: Environment, flags: dict[str, Any], repeats: int, prompt_
                   decode_tokens: int, *, as_json: bool) -> None:
     """`kvchat bench --server URL`: prefill and decode speed on llama-server, kvchat's
     figures on the stream beside the server's own."""
-    from kvchat.app import open_server
+    from kvchat.app import is_llama_server, open_server
     from kvchat.bench import bench_tokens, measure_server_speed
-    from kvchat.remote.llama_server import LlamaServerEngine
     from kvchat.settings import resolve
 
     s = resolve({k: v for k, v in flags.items() if k in ("server", "api_key")})
     engine = open_server(s, env.warn)
     try:
-        if not isinstance(engine, LlamaServerEngine):
+        if not is_llama_server(engine):
             raise UsageError("bench --server needs llama-server (token prompts and its own timings)",
                              hint="elsewhere `kvchat run --server URL --json` reports each reply's speed")
         result = measure_server_speed(engine, bench_tokens(engine, prompt_tokens), decode_tokens, repeats)

@@ -179,14 +179,14 @@ class ChatRepl:
     # -- the loaded chat -----------------------------------------------------
 
     def _use(self, setup: Conversation) -> None:
-        from kvchat.engine import supports_gpu_offload
+        from kvchat.app import gpu_offload_supported
 
         self.setup = setup
         self.engine, self.session = setup.engine, setup.session
         local = setup.local
         if local is not None:
             self.bytes_per_cell: float | None = kv_bytes_per_cell(local.buffers, local.n_ctx)
-            self.device = DeviceInfo(local.gpu_layers, supports_gpu_offload())
+            self.device = DeviceInfo(local.gpu_layers, gpu_offload_supported())
         else:  # on a server: its KV bytes and devices are not reported
             assert setup.server is not None
             self.bytes_per_cell = None
@@ -569,11 +569,12 @@ class ChatRepl:
 
     def _speculative_line(self) -> str:
         """The drafting mode and what it did in this process (kvchat.speculative)."""
-        speculator = getattr(self.engine, "speculator", None)
-        if speculator is None:
+        from kvchat.app import speculation_counters, speculative_mode
+
+        c = speculation_counters(self.engine)
+        if c is None:
             return "off"
-        c = speculator.counters
-        return (f"{speculator.mode} · {c.accepted}/{c.drafted} draft tokens accepted ({c.acceptance:.0%}) "
+        return (f"{speculative_mode(self.engine)} · {c.accepted}/{c.drafted} draft tokens accepted ({c.acceptance:.0%}) "
                 f"in {c.steps} steps")
 
     def _cmd_save(self, command: Command) -> None:
