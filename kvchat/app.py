@@ -711,8 +711,8 @@ def bench_engine_factory(request: LoadRequest, flash_attn: Mapping[CachePair, st
     """`kvchat bench`'s loads: the model of `request` with each cache pair's K and V
     types and that pair's flash-attention mode."""
     def load(pair: CachePair) -> Engine:
-        return load_engine(replace(request, type_k=pair.type_k, type_v=pair.type_v, flash_attn=flash_attn[pair]),
-                           warn, verbose=verbose)
+        asked = replace(request, type_k=pair.type_k, type_v=pair.type_v, flash_attn=flash_attn[pair])
+        return load_engine(asked, warn, verbose=verbose)
 
     return load
 

@@ -181,9 +181,10 @@ def bench(
     for warning in warnings:
         env.warn(warning)
 
+    factory = bench_engine_factory(request, modes, env.warn, verbose=verbose)
     with BenchProgress(env, plan_steps(settings, len(pairs)), enabled=not verbose) as progress:
         result = run_bench(
-            bench_engine_factory(request, modes, env.warn, verbose=verbose), pairs, settings, model_path=request.model_path, n_threads=request.n_threads,
+            factory, pairs, settings, model_path=request.model_path, n_threads=request.n_threads,
             flash_attn=request.flash_attn, planned_kv=_planner(request), progress=progress.step,
         )
     result.warnings.extend(warnings)

@@ -574,8 +574,8 @@ class ChatRepl:
         c = speculation_counters(self.engine)
         if c is None:
             return "off"
-        return (f"{speculative_mode(self.engine)} · {c.accepted}/{c.drafted} draft tokens accepted ({c.acceptance:.0%}) "
-                f"in {c.steps} steps")
+        return (f"{speculative_mode(self.engine)} · {c.accepted}/{c.drafted} draft tokens accepted "
+                f"({c.acceptance:.0%}) in {c.steps} steps")
 
     def _cmd_save(self, command: Command) -> None:
         name = command.argument
