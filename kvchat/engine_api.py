@@ -3,7 +3,10 @@
 `Session` (and bench, the monitor and the REPL) depend on this small protocol, not
 on llama.cpp. `kvchat.engine.Engine` implements it in-process; a remote engine
 (llama-server) or a test double can implement it too. The value types that cross
-the seam live here, so importing them never loads llama.cpp.
+the seam live here, so importing them never loads llama.cpp, and so does
+`TokenEmitter`, the one way any engine turns sampled tokens into TokenEvents.
+`VerifyingEngine` is the optional capability speculative decoding needs: an engine
+that has it can be wrapped by kvchat.speculative_engine.SpeculativeEngine.
 """
 
 from __future__ import annotations
