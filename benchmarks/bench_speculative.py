@@ -45,7 +45,7 @@ import model_files  # noqa: E402
 from kvchat.app import chat_template_for  # noqa: E402
 from kvchat.cache_types import parse_cache_type  # noqa: E402
 from kvchat.engine import Engine, EngineSettings  # noqa: E402
-from kvchat.engine_api import SamplingSettings  # noqa: E402
+from kvchat.engine_api import ChatEngine, SamplingSettings  # noqa: E402
 from kvchat.session import Session  # noqa: E402
 from kvchat.speculative import (  # noqa: E402
     DraftPolicy,
@@ -55,6 +55,7 @@ from kvchat.speculative import (  # noqa: E402
     policy_for,
     vocab_mismatch,
 )
+from kvchat.speculative_engine import SpeculativeEngine  # noqa: E402
 
 GREEDY = SamplingSettings(temperature=0, seed=1)
 F16 = parse_cache_type("f16")
@@ -99,13 +100,11 @@ class Result:
 
 def run_kvchat(engine: Engine, prompt: str, speculator: Speculator | None, max_tokens: int) -> Result:
     engine.kv_clear()
-    engine.set_speculator(speculator)
-    try:
-        session = Session(engine, chat_template_for(engine), GREEDY, max_tokens)
-        sent = session.send(prompt)
-        tokens = [e.token for e in sent]
-    finally:
-        engine.speculator = None  # the caller owns it (and its draft engine)
+    # Not closed here: the caller owns the engine and the speculator (and its draft engine).
+    chat: ChatEngine = engine if speculator is None else SpeculativeEngine(engine, speculator)
+    session = Session(chat, chat_template_for(chat), GREEDY, max_tokens)
+    sent = session.send(prompt)
+    tokens = [e.token for e in sent]
     turn = sent.stats
     return Result(turn.decode_tok_s, tokens, turn.drafted_tokens, turn.accepted_tokens,
                   session.tokens[: len(session.tokens) - len(tokens)])

@@ -9,7 +9,6 @@ what llama.cpp allocated (model, KV, compute and output buffers).
 
 from __future__ import annotations
 
-import codecs
 import ctypes
 import os
 import sys
@@ -18,22 +17,19 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import llama_cpp.llama_cpp as llama
 import numpy as np  # llama_cpp imports it already: free here
 
 from kvchat import kv_state
 from kvchat.cache_types import CacheType, flash_attn_enabled
-from kvchat.engine_api import Checkpoint, PerfCounters, SamplingSettings, TokenEvent
+from kvchat.engine_api import Checkpoint, PerfCounters, SamplingSettings, TokenEmitter, TokenEvent
 from kvchat.errors import KvchatError, ModelLoadError, SessionError, UsageError
 from kvchat.gguf import read_model_header_file
 from kvchat.llama_log import BufferSizes, parse_load_log
 from kvchat.model_spec import check_loadable, spec_from_header
 from kvchat.settings import MIN_CTX
-
-if TYPE_CHECKING:
-    from kvchat.speculative import Speculator
 
 # A prefill chunk should take about this long, so Ctrl-C stops it promptly.
 _CHUNK_S = 0.5
@@ -175,9 +171,8 @@ class Engine:
         self._ctx: Any = None
         self._sampler: Any = None
         self._greedy = False  # the chain is plain greedy: sample() takes the argmax itself
-        self._spec_batch: Any = None
-        self._spec_batch_size = 0
-        self.speculator: Speculator | None = None
+        self._batch: Any = None  # eval_batch's, kept: a verify step per few tokens reuses it
+        self._batch_size = 0
         self.flash_attn = settings.flash_attn
         self.gpu_layers: tuple[int, int] | None = None
         self.n_past = 0
@@ -265,11 +260,11 @@ class Engine:
         self.n_ctx_train = llama.llama_model_n_ctx_train(model)
         self.n_vocab = llama.llama_vocab_n_tokens(self._vocab)
         self.n_layer = llama.llama_model_n_layer(model)
-        self.n_swa = llama.llama_model_n_swa(model)
         self.n_batch = llama.llama_n_batch(ctx)
         self.n_swa = int(llama.llama_model_n_swa(model))
         self._piece_buf = ctypes.create_string_buffer(256)
         self._one_token = (llama.llama_token * 1)()
+        self.set_sampling(SamplingSettings())
 
     # -- model facts -------------------------------------------------------
 
@@ -457,73 +452,38 @@ class Engine:
         `max_tokens` or the context end) is *not* evaluated into the KV cache yet:
         the caller owns the token history and evaluates it with the next turn.
         `stop_at_eog=False` keeps going past end-of-generation tokens, as
-        llama-bench's tg test does (benchmarks).
-
-        With a speculator set (`set_speculator`), tokens are drafted from `context`
-        (the token history in the cache) plus the reply so far and verified in one
-        batch; the tokens yielded are the same the plain loop would sample.
+        llama-bench's tg test does (benchmarks). `context` is not needed here
+        (kvchat.speculative_engine drafts from it).
         """
-        if self._sampler is None:
-            self.set_sampling(SamplingSettings())
-        if self.speculator is not None:
-            yield from self._generate_speculative(self.speculator, max_tokens, stop_at_eog, context)
-            return
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        produced = 0
-        one = self._one_token
+        emit = TokenEmitter(self, max_tokens, self.n_ctx - self.n_past, stop_at_eog=stop_at_eog)
         while True:
             token = self.sample(-1)
-            produced += 1
-            eog = bool(llama.llama_vocab_is_eog(self._vocab, token))
-            text = "" if eog else decoder.decode(self.token_piece(token))
-            at_limit = max_tokens is not None and produced >= max_tokens
-            last = (eog and stop_at_eog) or at_limit or self.n_past + 1 >= self.n_ctx
-            if last:
-                text += decoder.decode(b"", final=True)
-            yield TokenEvent(token, text, eog)
-            if last:
+            yield emit.event(token)
+            if emit.done:
                 return
-            one[0] = token
-            self._decode(llama.llama_batch_get_one(one, 1), 1)
+            self._decode_one(token)
 
-    # -- speculative decoding --------------------------------------------------
+    def _decode_one(self, token: int) -> None:
+        one = self._one_token
+        one[0] = token
+        self._decode(llama.llama_batch_get_one(one, 1), 1)
 
-    def speculation_blocker(self) -> str | None:
-        """Why speculative decoding cannot run on this model, or None.
+    # -- batches with logits at every position (verifying several tokens at once) ----
 
-        Rejected draft tokens must be removed from the cache; recurrent and hybrid
-        memories hold one state per sequence and cannot drop a tail
-        (llama_memory_seq_rm returns false there).
-        """
-        if llama.llama_model_is_recurrent(self._model) or llama.llama_model_is_hybrid(self._model):
-            return "this model's recurrent state cannot drop rejected draft tokens"
-        return None
-
-    def set_speculator(self, speculator: Speculator | None) -> None:
-        """Use `speculator` in `generate` (None: plain decoding). The engine owns it from
-        here: `close()` closes it (and a draft model it holds)."""
-        if speculator is not None:
-            blocker = self.speculation_blocker()
-            if blocker is not None:
-                raise UsageError(f"speculative decoding is not possible: {blocker}",
-                                 hint="use --speculative off")
-        if self.speculator is not None and self.speculator is not speculator:
-            self.speculator.close()
-        self.speculator = speculator
-
-    def _draft_batch(self, size: int) -> llama.llama_batch:
-        if self._spec_batch is None or self._spec_batch_size < size:
-            if self._spec_batch is not None:
-                llama.llama_batch_free(self._spec_batch)
-            self._spec_batch = llama.llama_batch_init(size, 0, 1)
-            self._spec_batch_size = size
-        return self._spec_batch
-
-    def _decode_all_logits(self, tokens: Sequence[int]) -> None:
-        """Append `tokens` with logits at every position (a draft to verify)."""
-        batch = self._draft_batch(len(tokens))
-        self._fill_all_logits(batch, tokens)
-        self._decode(batch, len(tokens))
+    def eval_batch(self, tokens: Sequence[int]) -> None:
+        """Append `tokens` in one decode, keeping the logits at every position: `sample(i)`
+        then samples what follows tokens[: i + 1]. At most n_batch tokens, and the
+        caller checks that they fit the context (llama_decode fails otherwise)."""
+        if len(tokens) == 1:
+            self._decode_one(tokens[0])  # its one output is at every position there is
+            return
+        if self._batch is None or self._batch_size < len(tokens):
+            if self._batch is not None:
+                llama.llama_batch_free(self._batch)
+            self._batch = llama.llama_batch_init(len(tokens), 0, 1)
+            self._batch_size = len(tokens)
+        self._fill_all_logits(self._batch, tokens)
+        self._decode(self._batch, len(tokens))
 
     def _fill_all_logits(self, batch: llama.llama_batch, tokens: Sequence[int]) -> None:
         """Put `tokens` in `batch` at the next positions of seq 0, each an output."""
@@ -535,103 +495,28 @@ class Engine:
             batch.logits[i] = 1
         batch.n_tokens = len(tokens)
 
-    def _truncate(self, n_tokens: int) -> None:
-        """Keep the first `n_tokens` positions of the sequence; drop the rest, checked.
+    def truncate(self, n_tokens: int) -> None:
+        """Keep the first `n_tokens` positions of the sequence; drop the rest, checked:
+        KvchatError where llama.cpp refuses or the cache then lacks what the token at
+        `n_tokens` attends to.
 
         Asks llama.cpp what the cache holds rather than trusting `n_past`: an interrupt
         may land between a decode and the bookkeeping after it."""
-        held = llama.llama_memory_seq_pos_max(self._memory, 0) + 1
+        held = self._pos_max() + 1
         if held <= n_tokens:
             self.n_past = held
             return
         if not llama.llama_memory_seq_rm(self._memory, 0, n_tokens, -1):
-            raise KvchatError(
-                "llama.cpp refused to remove rejected draft tokens from the KV cache",
-                hint="use --speculative off",
-            )
+            raise KvchatError(f"llama.cpp refused to remove positions {n_tokens}.. from the KV cache")
         self._held_upto = min(self._held_upto, n_tokens)
-        self.n_past = llama.llama_memory_seq_pos_max(self._memory, 0) + 1
+        self._sync_n_past()
         if self.n_past != n_tokens:
-            raise KvchatError(
-                f"the KV cache holds {self.n_past} positions after removing draft tokens, "
-                f"expected {n_tokens}",
-                hint="use --speculative off",
-            )
-        if self.n_swa > 0 and not self.settings.swa_full:
-            # A sliding-window cache must still hold the window before the new end.
-            oldest = llama.llama_memory_seq_pos_min(self._memory, 0)
-            if oldest > max(0, n_tokens - self.n_swa):
-                raise KvchatError(
-                    "the sliding-window cache lost cells inside the window while verifying a draft",
-                    hint="use --speculative off",
-                )
-
-    def _generate_speculative(
-        self, spec: Speculator, max_tokens: int | None, stop_at_eog: bool, context: Sequence[int]
-    ) -> Iterator[TokenEvent]:
-        """`generate` with drafts: each step evaluates the pending token and the draft in
-        one batch, samples the target's choice at each position in turn and keeps draft
-        tokens only while they equal it. The sampler sees exactly the tokens it would
-        in plain decoding, one `sample` per token kept."""
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        policy = spec.policy
-        history = list(context)
-        start = self.n_past
-        produced = 0
-        one = self._one_token
-        sampled = [self.sample(-1)]
-        drafted = accepted = 0
-        spec.sync(history)  # e.g. a draft model's prefill: not a cost of any one step
-        try:
-            while True:
-                for j, token in enumerate(sampled):
-                    produced += 1
-                    eog = bool(llama.llama_vocab_is_eog(self._vocab, token))
-                    text = "" if eog else decoder.decode(self.token_piece(token))
-                    at_limit = max_tokens is not None and produced >= max_tokens
-                    last = (eog and stop_at_eog) or at_limit or start + produced >= self.n_ctx
-                    if last:
-                        text += decoder.decode(b"", final=True)
-                    yield TokenEvent(token, text, eog, drafted=drafted if j == 0 else 0,
-                                     accepted=accepted if j == 0 else 0)
-                    if last:
-                        return
-                history.extend(sampled)
-                pending = sampled[-1]
-                base = self.n_past  # == start + produced - 1: the pending token goes here
-                room = min(self.n_ctx - base - 2, policy.n_max)
-                if max_tokens is not None:
-                    room = min(room, max_tokens - produced - 1)
-                began = time.perf_counter()
-                drafts = spec.propose(history, room)
-                if not drafts:
-                    one[0] = pending
-                    self._decode(llama.llama_batch_get_one(one, 1), 1)
-                    sampled = [self.sample(-1)]
-                    drafted = accepted = 0
-                    spec.observe_plain(time.perf_counter() - began)
-                    continue
-                self._decode_all_logits([pending, *drafts])
-                sampled = []
-                for i in range(len(drafts) + 1):
-                    token = self.sample(i)
-                    sampled.append(token)
-                    if i == len(drafts) or token != drafts[i]:
-                        break
-                    if stop_at_eog and llama.llama_vocab_is_eog(self._vocab, token):
-                        break
-                    if max_tokens is not None and produced + len(sampled) >= max_tokens:
-                        break
-                drafted = len(drafts)
-                accepted = sum(1 for a, b in zip(sampled, drafts, strict=False) if a == b)
-                # Keep the pending token and the accepted drafts but the last one sampled,
-                # which stays pending like any last token yielded.
-                self._truncate(base + len(sampled))
-                spec.observe_draft(drafted, accepted, len(sampled), time.perf_counter() - began)
-        finally:
-            # Stopped early (closed, interrupted, max_tokens inside a step): the cache
-            # holds every token yielded but the last, nothing more.
-            self._truncate(start + max(produced - 1, 0))
+            raise KvchatError(f"the KV cache holds {self.n_past} positions after removing those from "
+                              f"{n_tokens} on, expected {n_tokens}")
+        # A sliding-window cache must still hold the window before the new end.
+        if self.n_swa > 0 and not self.settings.swa_full and self._pos_min() > max(0, n_tokens - self.n_swa):
+            raise KvchatError("the sliding-window cache lost cells inside the window when "
+                              f"removing positions from {n_tokens} on")
 
     def eval_logits(
         self, tokens: Sequence[int], *, max_rows: int | None = None
@@ -677,8 +562,18 @@ class Engine:
 
     # -- KV memory -----------------------------------------------------------
 
+    # The one place positions are read from llama.cpp; everything else asks these.
+    def _pos_max(self) -> int:
+        """Newest position seq 0 holds (-1 when empty)."""
+        return int(llama.llama_memory_seq_pos_max(self._memory, 0))
+
+    def _pos_min(self) -> int:
+        """Oldest position seq 0 still holds (-1 when empty); on a sliding-window cache,
+        older cells are dropped as evaluation moves on."""
+        return int(llama.llama_memory_seq_pos_min(self._memory, 0))
+
     def _sync_n_past(self) -> None:
-        self.n_past = llama.llama_memory_seq_pos_max(self._memory, 0) + 1
+        self.n_past = self._pos_max() + 1
 
     def kv_remove(self, start: int, end: int) -> bool:
         """Remove positions [start, end) of seq 0; end -1 means to the end.
@@ -696,8 +591,7 @@ class Engine:
 
     def kv_span(self) -> tuple[int, int]:
         """(oldest, newest) position llama.cpp holds for seq 0; (-1, -1) when empty."""
-        return (llama.llama_memory_seq_pos_min(self._memory, 0),
-                llama.llama_memory_seq_pos_max(self._memory, 0))
+        return self._pos_min(), self._pos_max()
 
     def kv_shift(self, start: int, end: int, delta: int) -> None:
         llama.llama_memory_seq_add(self._memory, 0, start, end, delta)
@@ -706,7 +600,7 @@ class Engine:
 
     def cells_in_use(self) -> int:
         """Positions of seq 0 the cache holds, as llama.cpp counts them (pos_max + 1)."""
-        return int(llama.llama_memory_seq_pos_max(self._memory, 0)) + 1
+        return self._pos_max() + 1
 
     def can_shift(self) -> bool:
         return bool(llama.llama_memory_can_shift(self._memory))
@@ -716,15 +610,6 @@ class Engine:
         self.n_past = 0
         self._held_upto = 0
 
-    def seq_pos_min(self) -> int:
-        """Oldest position seq 0 still holds (-1 when empty); on a sliding-window
-        cache, older cells are dropped as evaluation moves on."""
-        return int(llama.llama_memory_seq_pos_min(self._memory, 0))
-
-    def seq_pos_max(self) -> int:
-        """Newest position seq 0 holds (-1 when empty)."""
-        return int(llama.llama_memory_seq_pos_max(self._memory, 0))
-
     def covers(self, n_tokens: int) -> bool:
         """Whether the cache holds exactly what the token at position `n_tokens`
         needs after a history of `n_tokens` tokens: nothing past it, and every cell
@@ -733,7 +618,7 @@ class Engine:
         Recurrent and hybrid memory keep one state per sequence whose position is
         the last token evaluated; its min and max are that position.
         """
-        pos_min, pos_max = self.seq_pos_min(), self.seq_pos_max()
+        pos_min, pos_max = self.kv_span()
         if n_tokens == 0:
             return pos_max < 0
         if pos_max != n_tokens - 1:
@@ -801,7 +686,7 @@ class Engine:
         read = llama.llama_state_seq_set_data(self._ctx, buf, len(data), 0)
         if read == 0:
             raise SessionError("llama.cpp refused the saved KV state", hint="use --rebuild")
-        cells = llama.llama_memory_seq_pos_max(self._memory, 0) + 1
+        cells = self.cells_in_use()
         if cells != n_tokens:
             self.kv_clear()
             raise SessionError(
@@ -862,7 +747,7 @@ class Engine:
         if not self.can_save_ranges:
             raise SessionError(f"a {self.memory_kind} cache cannot be restored by position",
                                hint="use --rebuild")
-        if self.cells_in_use() != start or (start and self.seq_pos_min() != 0):
+        if self.cells_in_use() != start or (start and self._pos_min() != 0):
             raise SessionError(f"a KV range from position {start} does not follow the "
                                f"{self.cells_in_use()} positions in the cache", hint="use --rebuild")
         buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
@@ -893,13 +778,10 @@ class Engine:
         llama.llama_perf_context_reset(self._ctx)
 
     def close(self) -> None:
-        """Free the speculator, sampler, context and model now (VRAM is released here)."""
-        if self.speculator is not None:
-            self.speculator.close()
-            self.speculator = None
-        if self._spec_batch is not None:
-            llama.llama_batch_free(self._spec_batch)
-            self._spec_batch = None
+        """Free the sampler, context and model now (VRAM is released here)."""
+        if self._batch is not None:
+            llama.llama_batch_free(self._batch)
+            self._batch = None
         if self._sampler is not None:
             llama.llama_sampler_free(self._sampler)
             self._sampler = None

@@ -3,11 +3,15 @@
 `Session` (and bench, the monitor and the REPL) depend on this small protocol, not
 on llama.cpp. `kvchat.engine.Engine` implements it in-process; a remote engine
 (llama-server) or a test double can implement it too. The value types that cross
-the seam live here, so importing them never loads llama.cpp.
+the seam live here, so importing them never loads llama.cpp, and so does
+`TokenEmitter`, the one way any engine turns sampled tokens into TokenEvents.
+`VerifyingEngine` is the optional capability speculative decoding needs: an engine
+that has it can be wrapped by kvchat.speculative_engine.SpeculativeEngine.
 """
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -103,6 +107,9 @@ class ChatEngine(Protocol):
         ...
 
     # -- tokens ------------------------------------------------------------------
+    def is_eog(self, token: int) -> bool:
+        """The token ends a reply (end of generation)."""
+        ...
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]: ...
     def token_text(self, token: int) -> str: ...
     def token_piece(self, token: int, *, special: bool = False) -> bytes: ...
@@ -152,6 +159,60 @@ class CheckpointingEngine(Protocol):
 
     def checkpoint(self, n_tokens: int) -> Checkpoint: ...
     def restore_checkpoint(self, checkpoint: Checkpoint) -> bool: ...
+
+
+class VerifyingEngine(ChatEngine, Protocol):
+    """A ChatEngine that can check many candidate tokens in one forward pass: what
+    speculative decoding (kvchat.speculative_engine) needs from the engine it wraps,
+    and what a draft model (kvchat.speculative.ModelDrafter) runs on."""
+
+    @property
+    def n_vocab(self) -> int: ...
+    @property
+    def eos_token(self) -> int: ...
+
+    def close(self) -> None: ...
+    def eval_batch(self, tokens: Sequence[int]) -> None:
+        """Append `tokens` (at most one batch) in one decode, keeping the logits of every
+        position: `sample(i)` then samples what follows tokens[: i + 1]."""
+        ...
+    def sample(self, index: int = -1) -> int:
+        """Sample at batch index `index` of the last decode (-1: its last output) and
+        accept the token into the sampler's state: call it once per token kept."""
+        ...
+    def truncate(self, n_tokens: int) -> None:
+        """Keep the first `n_tokens` positions of the sequence, drop the rest; raises
+        KvchatError where the cache cannot then go on from `n_tokens`."""
+        ...
+
+
+class TokenEmitter:
+    """Turns the tokens of one reply, as they are sampled, into TokenEvents: their text
+    through one incremental UTF-8 decoder (a character split over several tokens comes
+    out whole, with the token that completes it), and whether the reply ends there.
+
+    A reply ends at an end-of-generation token (with `stop_at_eog`), at `max_tokens`,
+    or where the context is full: the last token is never evaluated, so `room` tokens
+    (n_ctx - n_past when the reply starts) can be yielded.
+    """
+
+    def __init__(self, engine: ChatEngine, max_tokens: int | None, room: int, *, stop_at_eog: bool) -> None:
+        self.produced = 0
+        self.done = False  # the last event ended the reply
+        self._is_eog = engine.is_eog
+        self._piece = engine.token_piece
+        self._decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
+        self._limit = room if max_tokens is None else min(max_tokens, room)
+        self._stop_at_eog = stop_at_eog
+
+    def event(self, token: int, drafted: int = 0, accepted: int = 0) -> TokenEvent:
+        self.produced += 1
+        eog = self._is_eog(token)
+        text = "" if eog else self._decode(self._piece(token))
+        self.done = (eog and self._stop_at_eog) or self.produced >= self._limit
+        if self.done:
+            text += self._decode(b"", final=True)
+        return TokenEvent(token, text, eog, drafted=drafted, accepted=accepted)
 
 
 @dataclass(frozen=True)

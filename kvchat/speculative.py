@@ -1,6 +1,6 @@
 """Speculative decoding, the drafting side: who proposes tokens, and how many.
 
-The engine (kvchat.engine) verifies a draft in one batch with the target model's
+kvchat.speculative_engine verifies a draft in one batch with the target model's
 logits at every position and keeps a draft token only where the target's own
 sampler picks it, so the output is the target's. This module decides what to
 draft and is pure bookkeeping: no llama_cpp import, no printing.
@@ -27,7 +27,7 @@ from kvchat.errors import UsageError
 from kvchat.settings import SPECULATIVE_MODES
 
 if TYPE_CHECKING:
-    from kvchat.engine import Engine
+    from kvchat.engine_api import VerifyingEngine
 
 # llama.cpp's own rule for draft models (common/speculative.cpp): vocabularies may
 # differ by a few padding tokens at the end, never in the tokens both have.
@@ -121,7 +121,7 @@ class NgramDrafter:
 
     def _sync(self, context: Sequence[int]) -> None:
         n = len(self._seq)
-        # The engine appends to one list during a reply: then the indexed part is
+        # SpeculativeEngine appends to one list during a reply: then the indexed part is
         # known to be unchanged and the O(n) comparison is skipped.
         same = context is self._ref and len(context) >= n
         if not same and (len(context) < n or list(context[:n]) != self._seq):
@@ -187,7 +187,7 @@ class NgramDrafter:
         self._reset()
 
 
-def vocab_mismatch(target: Engine, draft: Engine) -> str | None:
+def vocab_mismatch(target: VerifyingEngine, draft: VerifyingEngine) -> str | None:
     """Why `draft` cannot draft for `target`, or None when their vocabularies agree
     (llama.cpp's test: special tokens, BOS handling and the text of every shared token)."""
     if abs(target.n_vocab - draft.n_vocab) > VOCAB_MAX_SIZE_DIFFERENCE:
@@ -215,7 +215,7 @@ class ModelDrafter:
 
     name = "draft"
 
-    def __init__(self, engine: Engine, n_vocab_target: int) -> None:
+    def __init__(self, engine: VerifyingEngine, n_vocab_target: int) -> None:
         self.engine = engine
         self._n_vocab_target = n_vocab_target
         self._tokens: list[int] = []  # exactly what the draft engine's cache holds
@@ -386,7 +386,7 @@ def policy_for(drafter: str) -> DraftPolicy:
 
 
 class Speculator:
-    """A drafter and its policy, as the engine uses them during `generate`."""
+    """A drafter and its policy, as SpeculativeEngine.generate uses them."""
 
     def __init__(self, drafter: Drafter, policy: DraftPolicy | None = None) -> None:
         self.drafter = drafter

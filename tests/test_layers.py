@@ -1,8 +1,12 @@
-"""The architecture's rules, checked on the source (ARCHITECTURE.md, "Rules").
+"""The layering rules, checked on the source.
 
-- no import cycles among kvchat modules (imports inside functions count too: a
-  cycle hidden in a function is still a cycle);
+- no import cycles among kvchat modules: imports inside functions and under
+  `if TYPE_CHECKING:` count too (a cycle hidden in a function or in annotations is
+  still a cycle between the modules);
 - core modules import neither kvchat.cli nor kvchat.ui;
+- kvchat.cli and kvchat.ui reach engines only through the application layer
+  (kvchat.app): they never import kvchat.engine, kvchat.speculative,
+  kvchat.speculative_engine or kvchat.remote;
 - only kvchat.engine imports llama_cpp;
 - hardware is probed in one module (psutil for the machine, pynvml for GPUs);
 - llama.cpp's log is parsed in one module (kvchat.llama_log);
@@ -80,9 +84,10 @@ def _type_checking_lines(path: Path) -> set[int]:
 
 
 def _graph() -> dict[str, set[str]]:
+    """kvchat module -> the kvchat modules it imports, TYPE_CHECKING imports included."""
     modules = _modules()
     return {
-        name: {i for i in _imports(path, name, runtime_only=True) if i in modules and i != name}
+        name: {i for i in _imports(path, name) if i in modules and i != name}
         for name, path in modules.items()
     }
 
@@ -124,13 +129,53 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-def test_no_import_cycles() -> None:
-    graph = _graph()
+def _cycle_path(graph: dict[str, set[str]], component: list[str]) -> list[str]:
+    """The shortest cycle through the first module of `component` (a strongly connected
+    component), as the chain of imports to print: a -> b -> ... -> a."""
+    members, start = set(component), component[0]
+    parents: dict[str, str] = {}
+    frontier = [start]
+    while frontier:  # breadth first from `start` until an import leads back to it
+        reached = []
+        for v in frontier:
+            for w in sorted(graph[v] & members):
+                if w == start:
+                    path = [v]
+                    while path[-1] != start:
+                        path.append(parents[path[-1]])
+                    return [*reversed(path), start]
+                if w not in parents:
+                    parents[w] = v
+                    reached.append(w)
+        frontier = reached
+    raise AssertionError(f"{component} is not a strongly connected component")
+
+
+def _without_package_links(graph: dict[str, set[str]]) -> dict[str, set[str]]:
     # A package's __init__ registering its submodules is not a cycle of layers.
-    for name in list(graph):
-        graph[name] = {t for t in graph[name]
-                       if not name.startswith(t + ".") and not t.startswith(name + ".")}
-    assert _cycles(graph) == []
+    return {name: {t for t in targets if not name.startswith(t + ".") and not t.startswith(name + ".")}
+            for name, targets in graph.items()}
+
+
+def test_no_import_cycles() -> None:
+    graph = _without_package_links(_graph())
+    cycles = [f"{', '.join(component)} (e.g. {' -> '.join(_cycle_path(graph, component))})"
+              for component in _cycles(graph)]
+    assert cycles == [], "import cycles (TYPE_CHECKING imports count):\n" + "\n".join(cycles)
+
+
+def test_the_cycle_check_sees_type_checking_imports(tmp_path: Path) -> None:
+    """A cycle closed only by an `if TYPE_CHECKING:` import is found and printed."""
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "a.py").write_text("from pkg import b\n")
+    (package / "b.py").write_text("from typing import TYPE_CHECKING\n\nif TYPE_CHECKING:\n"
+                                  "    from pkg.c import C\n")
+    (package / "c.py").write_text("def f() -> None:\n    import pkg.a\n")
+    graph = {f"pkg.{p.stem}": {i for i in _imports(p, f"pkg.{p.stem}") if i.startswith("pkg.")}
+             for p in package.glob("*.py")}
+    assert _cycles(graph) == [["pkg.a", "pkg.b", "pkg.c"]]
+    assert _cycle_path(graph, ["pkg.a", "pkg.b", "pkg.c"]) == ["pkg.a", "pkg.b", "pkg.c", "pkg.a"]
 
 
 def _is_core(module: str) -> bool:
@@ -143,6 +188,18 @@ def test_core_modules_import_neither_cli_nor_ui(module: str) -> None:
     imported = _imports(path, module, runtime_only=True)
     bad = sorted(i for i in imported if i.startswith(("kvchat.cli", "kvchat.ui")))
     assert bad == [], f"{module} imports {bad}"
+
+
+# The engines and what wraps them: the CLI and the REPL ask kvchat.app instead.
+_ENGINE_MODULES = ("kvchat.engine", "kvchat.speculative", "kvchat.speculative_engine", "kvchat.remote")
+
+
+@pytest.mark.parametrize("module", sorted(m for m in _modules() if not _is_core(m)))
+def test_cli_and_ui_reach_engines_only_through_the_app(module: str) -> None:
+    modules = _modules()
+    imported = _imports(modules[module], module) & modules.keys()
+    bad = sorted(i for i in imported if any(i == m or i.startswith(m + ".") for m in _ENGINE_MODULES))
+    assert bad == [], f"{module} imports {bad}: call a function of kvchat.app instead"
 
 
 def _importers_of(prefix: str) -> set[str]:

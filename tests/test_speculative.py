@@ -212,23 +212,17 @@ def test_parse_mode_refuses_unknown_modes_and_draft_without_a_model() -> None:
 class _RecurrentEngine:
     """Stands in for a model whose memory cannot drop a tail (Mamba, RWKV, hybrids)."""
 
-    def __init__(self) -> None:
-        self.speculator: object | None = None
-
-    def speculation_blocker(self) -> str:
-        return "this model's recurrent state cannot drop rejected draft tokens"
-
-    def set_speculator(self, speculator: object) -> None:
-        raise AssertionError("must not be called on a recurrent model")
+    memory_kind = "recurrent"
 
 
 @pytest.mark.parametrize(("asked", "warnings"), [(True, 1), (False, 0)])
 def test_recurrent_models_stay_off_and_say_why_when_asked(asked: bool, warnings: int) -> None:
-    from kvchat.app import SpeculationRequest, start_speculation
+    from kvchat.app import SpeculationRequest, speculative_mode, start_speculation
 
     said: list[str] = []
     engine = _RecurrentEngine()
-    start_speculation(engine, None, SpeculationRequest("ngram", None, asked), said.append)  # type: ignore[arg-type]
-    assert engine.speculator is None
+    got = start_speculation(engine, None, SpeculationRequest("ngram", None, asked), said.append)  # type: ignore[arg-type]
+    assert got is engine  # not wrapped: plain decoding
+    assert speculative_mode(got) == "off"
     assert len(said) == warnings
     assert all("stays off" in line and "recurrent" in line for line in said)

@@ -13,9 +13,10 @@ from kvchat.app import chat_template_for
 from kvchat.cache_types import parse_cache_type
 from kvchat.conversation import TurnStats
 from kvchat.engine import Engine, EngineSettings
-from kvchat.engine_api import SamplingSettings, TokenEvent
+from kvchat.engine_api import ChatEngine, SamplingSettings, TokenEvent
 from kvchat.session import Session
 from kvchat.speculative import DraftPolicy, ModelDrafter, NgramDrafter, Speculator, vocab_mismatch
+from kvchat.speculative_engine import SpeculativeEngine
 
 F16 = parse_cache_type("f16")
 GREEDY = SamplingSettings(temperature=0, seed=1)
@@ -52,16 +53,19 @@ def _speculator(n_draft: int = 4) -> Speculator:
     return Speculator(NgramDrafter(), DraftPolicy(n_draft=n_draft, t_plain_s=0.01, min_gain=0.0))
 
 
+def _with(engine: Engine, speculator: Speculator | None) -> ChatEngine:
+    """`engine`, drafting with `speculator` (not closed here: the module's engine, and the
+    speculator's counters, outlive each test's wrapper)."""
+    return engine if speculator is None else SpeculativeEngine(engine, speculator)
+
+
 def _reply(engine: Engine, prompt: str, *, speculator: Speculator | None, max_tokens: int = 64,
            sampling: SamplingSettings = GREEDY) -> tuple[list[int], Session, TurnStats]:
     engine.kv_clear()
-    engine.set_speculator(speculator)
-    try:
-        session = Session(engine, chat_template_for(engine), sampling, max_tokens)
-        turn = session.send(prompt)
-        tokens = [e.token for e in turn]
-    finally:
-        engine.speculator = None  # keep the speculator (its counters) for the caller
+    chat = _with(engine, speculator)
+    session = Session(chat, chat_template_for(chat), sampling, max_tokens)
+    turn = session.send(prompt)
+    tokens = [e.token for e in turn]
     return tokens, session, turn.stats
 
 
@@ -77,7 +81,6 @@ def _explain_difference(engine: Engine, history: list[int], plain: list[int], sp
     evaluation makes at that position.
     """
     at = next(i for i, (a, b) in enumerate(zip(plain, spec, strict=False)) if a != b)
-    engine.set_speculator(None)
     engine.kv_clear()
     *_, batched = engine.eval_logits(history + plain[:at])
     engine.kv_clear()
@@ -117,11 +120,10 @@ def test_the_greedy_shortcut_picks_what_the_native_greedy_sampler_picks(engine: 
     native chain; at every output of a batch it must pick the native greedy token."""
     import llama_cpp.llama_cpp as llama
 
-    engine.set_speculator(None)
     engine.set_sampling(GREEDY)
     engine.kv_clear()
     tokens = engine.tokenize(TEXT, add_special=True)
-    engine._decode_all_logits(tokens)
+    engine.eval_batch(tokens)
     native = llama.llama_sampler_init_greedy()
     try:
         for i in range(len(tokens)):
@@ -151,19 +153,15 @@ def test_the_cache_holds_the_history_after_every_token(engine: Engine) -> None:
     prompt = engine.tokenize(PROMPTS[0], add_special=True)
     engine.eval(prompt)
     engine.set_sampling(GREEDY)
-    engine.set_speculator(_speculator(n_draft=8))
     events: list[TokenEvent] = []
     ahead: list[int] = []
-    try:
-        for event in engine.generate(100, context=prompt):
-            events.append(event)
-            oldest, newest = engine.kv_span()
-            assert (oldest, newest + 1) == (0, engine.n_past)
-            # Everything yielded but the last token is in the cache, plus at most the
-            # accepted tokens of this step still to be yielded; never a rejected one.
-            ahead.append(engine.n_past - (len(prompt) + len(events) - 1))
-    finally:
-        engine.set_speculator(None)
+    for event in SpeculativeEngine(engine, _speculator(n_draft=8)).generate(100, context=prompt):
+        events.append(event)
+        oldest, newest = engine.kv_span()
+        assert (oldest, newest + 1) == (0, engine.n_past)
+        # Everything yielded but the last token is in the cache, plus at most the
+        # accepted tokens of this step still to be yielded; never a rejected one.
+        ahead.append(engine.n_past - (len(prompt) + len(events) - 1))
     for j, excess in enumerate(ahead):
         assert excess >= 0
         following = events[j + 1 : j + 1 + excess]
@@ -180,27 +178,19 @@ def test_stopping_inside_a_verified_draft_leaves_only_what_was_yielded(engine: E
     prompt = engine.tokenize(PROMPTS[0], add_special=True)
     engine.eval(prompt)
     engine.set_sampling(GREEDY)
-    engine.set_speculator(_speculator(n_draft=16))
-    try:
-        stream = engine.generate(None, context=prompt)
-        taken = []
-        for event in stream:
-            taken.append(event)
-            if event.accepted >= 3:  # the first token of a step with more to come
-                break
-        stream.close()
-    finally:
-        engine.set_speculator(None)
+    stream = SpeculativeEngine(engine, _speculator(n_draft=16)).generate(None, context=prompt)
+    taken = []
+    for event in stream:
+        taken.append(event)
+        if event.accepted >= 3:  # the first token of a step with more to come
+            break
+    stream.close()
     assert taken[-1].accepted >= 3
     _cache_matches(engine, len(prompt) + len(taken) - 1)
     # max_tokens inside a step: the same rule.
     engine.kv_clear()
     engine.eval(prompt)
-    engine.set_speculator(_speculator(n_draft=16))
-    try:
-        events = list(engine.generate(37, context=prompt))
-    finally:
-        engine.set_speculator(None)
+    events = list(SpeculativeEngine(engine, _speculator(n_draft=16)).generate(37, context=prompt))
     assert len(events) == 37
     _cache_matches(engine, len(prompt) + 36)
 
@@ -225,12 +215,9 @@ def test_at_temperature_a_draft_token_is_kept_only_where_the_target_sampled_it(e
     drafter = _RecordingDrafter()
     speculator = Speculator(drafter, DraftPolicy(n_draft=4, t_plain_s=0.01, min_gain=0.0))
     engine.kv_clear()
-    engine.set_speculator(speculator)
-    try:
-        session = Session(engine, chat_template_for(engine), warm, 64)
-        events = list(session.send(PROMPTS[0]))
-    finally:
-        engine.speculator = None
+    chat = SpeculativeEngine(engine, speculator)
+    session = Session(chat, chat_template_for(chat), warm, 64)
+    events = list(session.send(PROMPTS[0]))
     steps = [j for j, e in enumerate(events) if e.drafted]
     assert len(steps) == len(drafter.drafts) > 0
     for j, draft in zip(steps, drafter.drafts, strict=True):
@@ -253,16 +240,13 @@ def test_sessions_across_turns_keep_the_same_tokens(engine: Engine) -> None:
     def conversation(speculator: Speculator | None) -> list[tuple[list[int], list[int]]]:
         """(history before the reply, reply) of every turn."""
         engine.kv_clear()
-        engine.set_speculator(speculator)
+        chat = _with(engine, speculator)
         replies = []
-        try:
-            session = Session(engine, chat_template_for(engine), GREEDY, 40)
-            for text in turns:
-                reply = [e.token for e in session.send(text)]
-                _cache_matches(engine, len(session.tokens) - 1)
-                replies.append((session.tokens[: len(session.tokens) - len(reply)], reply))
-        finally:
-            engine.speculator = None
+        session = Session(chat, chat_template_for(chat), GREEDY, 40)
+        for text in turns:
+            reply = [e.token for e in session.send(text)]
+            _cache_matches(engine, len(session.tokens) - 1)
+            replies.append((session.tokens[: len(session.tokens) - len(reply)], reply))
         return replies
 
     plain = conversation(None)

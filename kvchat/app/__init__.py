@@ -41,8 +41,10 @@ if TYPE_CHECKING:  # the names below, for the type checker (`X as X`: re-exporte
     from kvchat.app.lifecycle import switch_conversation as switch_conversation
     from kvchat.app.load import LoadRequest as LoadRequest
     from kvchat.app.load import Warn as Warn
+    from kvchat.app.load import bench_engine_factory as bench_engine_factory
     from kvchat.app.load import chat_template_for as chat_template_for
     from kvchat.app.load import expected_context as expected_context
+    from kvchat.app.load import gpu_offload_supported as gpu_offload_supported
     from kvchat.app.load import load_engine as load_engine
     from kvchat.app.load import resolve_load as resolve_load
     from kvchat.app.load import sampling_of as sampling_of
@@ -51,6 +53,7 @@ if TYPE_CHECKING:  # the names below, for the type checker (`X as X`: re-exporte
     from kvchat.app.report import turn_report as turn_report
     from kvchat.app.speculation import SpeculationRequest as SpeculationRequest
     from kvchat.app.speculation import resolve_speculation as resolve_speculation
+    from kvchat.app.speculation import speculation_counters as speculation_counters
     from kvchat.app.speculation import speculative_mode as speculative_mode
     from kvchat.app.speculation import start_speculation as start_speculation
 
@@ -59,10 +62,11 @@ _EXPORTS = {
                  "MessageServerBackend", "ServerFacts"),
     "estimates": ("Estimate", "draft_estimate", "estimate", "exact_buffers", "read_model_spec"),
     "lifecycle": ("Chat", "open_conversation", "open_prefix_cache", "open_server", "switch_conversation"),
-    "load": ("LoadRequest", "Warn", "chat_template_for", "expected_context", "load_engine", "resolve_load",
-             "sampling_of"),
+    "load": ("LoadRequest", "Warn", "bench_engine_factory", "chat_template_for", "expected_context",
+             "gpu_offload_supported", "load_engine", "resolve_load", "sampling_of"),
     "report": ("TurnReport", "rebuilt_cache_counts", "turn_report"),
-    "speculation": ("SpeculationRequest", "resolve_speculation", "speculative_mode", "start_speculation"),
+    "speculation": ("SpeculationRequest", "resolve_speculation", "speculation_counters", "speculative_mode",
+                    "start_speculation"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from kvchat.session import Session
     from kvchat.settings import Settings
     from kvchat.speculative import SpecCounters
+    from kvchat.speculative_engine import SpeculativeEngine
 
 
 @dataclass(frozen=True)
@@ -144,10 +145,13 @@ def _token_session(engine: ChatEngine, template_model: TemplateModel, s: Setting
 
 
 class LocalBackend:
-    """A model loaded in this process (kvchat.engine.Engine)."""
+    """A model loaded in this process (kvchat.engine.Engine); `chat_engine` is what the
+    conversation runs on: the engine itself, or it wrapped for speculative decoding."""
 
-    def __init__(self, engine: Engine, request: LoadRequest, s: Settings) -> None:
+    def __init__(self, engine: Engine, request: LoadRequest, s: Settings,
+                 chat_engine: Engine | SpeculativeEngine | None = None) -> None:
         self.engine = engine
+        self.chat_engine: Engine | SpeculativeEngine = chat_engine if chat_engine is not None else engine
         self.request = request
         self._settings = s
         self.prefix_cache: PrefixCache | None = None
@@ -172,18 +176,18 @@ class LocalBackend:
     def speculative_mode(self) -> str:
         from kvchat.app.speculation import speculative_mode
 
-        return speculative_mode(self.engine)
+        return speculative_mode(self.chat_engine)
 
     def facts(self) -> LocalFacts:
+        from kvchat.app.speculation import speculation_counters
         from kvchat.engine import supports_gpu_offload
         from kvchat.monitor import kv_bytes_per_cell
 
         e = self.engine
-        speculator = e.speculator
         return LocalFacts(self.request, e.n_ctx, e.n_ctx_train, e.flash_attn, e.gpu_layers,
                           supports_gpu_offload(), e.n_layer, e.memory_kind, e.needs_checkpoints,
                           kv_bytes_per_cell(e.buffers, e.n_ctx),
-                          speculator.counters if speculator is not None else None)
+                          speculation_counters(self.chat_engine))
 
     def identity(self) -> dict[str, Any]:
         from kvchat.session_store import model_identity
@@ -212,7 +216,7 @@ class LocalBackend:
         return None
 
     def conversation(self, s: Settings, sampling: SamplingSettings, warn: Warn) -> Conversation:
-        session = _token_session(self.engine, self.engine, s, sampling, warn)
+        session = _token_session(self.chat_engine, self.engine, s, sampling, warn)
         session.prefix_cache = self.prefix_cache
         return session
 
@@ -223,7 +227,7 @@ class LocalBackend:
         return None
 
     def close(self) -> None:
-        self.engine.close()
+        self.chat_engine.close()  # a speculative wrapper closes the engine it wraps
 
 
 def server_identity(url: str, label: str) -> dict[str, Any]:
@@ -360,11 +364,12 @@ class MessageServerBackend(_ServerBase):
 
 if TYPE_CHECKING:
     def _claims(local: Engine, server: LlamaServerEngine, api: OpenAIChatEngine, request: LoadRequest,
-                s: Settings) -> None:
+                s: Settings, speculative: SpeculativeEngine) -> None:
         """mypy checks here that each engine implements the protocols it claims, and
         each backend the Backend protocol (a structural mismatch is a type error)."""
-        chat: tuple[ChatEngine, ChatEngine] = (local, server)
-        capabilities: tuple[ShiftingEngine, CheckpointingEngine] = (local, local)
+        chat: tuple[ChatEngine, ChatEngine, ChatEngine] = (local, server, speculative)
+        capabilities: tuple[ShiftingEngine, CheckpointingEngine, ShiftingEngine, CheckpointingEngine] = (
+            local, local, speculative, speculative)
         message: MessageEngine = api
         backends: tuple[Backend, Backend, Backend] = (LocalBackend(local, request, s),
                                                       LlamaServerBackend(server), MessageServerBackend(api))

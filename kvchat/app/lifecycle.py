@@ -118,7 +118,7 @@ def open_conversation(
         local = LocalBackend(engine, request, s)
         backend = local
         warn_if_cores_contended(probe, request.n_threads, warn)
-        start_speculation(engine, request, speculation, warn, verbose=verbose)
+        local.chat_engine = start_speculation(engine, request, speculation, warn, verbose=verbose)
         local.prefix_cache = open_prefix_cache(engine, request, s)
         return _start(local, named, s, sampling, warn, rebuild=rebuild)
     except BaseException:

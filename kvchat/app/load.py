@@ -3,7 +3,7 @@ layers, threads), the load itself, and the chat template to talk to it with."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,6 +15,7 @@ from kvchat.limits import check_explicit_ctx, forced
 from kvchat.settings import Settings
 
 if TYPE_CHECKING:
+    from kvchat.bench import CachePair, EngineFactory
     from kvchat.chat_template import ChatTemplate, TemplateModel
     from kvchat.engine import Engine
     from kvchat.engine_api import SamplingSettings
@@ -192,3 +193,21 @@ def chat_template_for(engine: TemplateModel, override: str | None = None, *, raw
         if think is not None and not raw and not template.supports_thinking:
             warn(f"--think {think}: this chat template has no thinking switch (enable_thinking); ignored")
     return template
+
+
+def gpu_offload_supported() -> bool:
+    """Whether the llama.cpp kvchat loads models with has a GPU backend."""
+    from kvchat.engine import supports_gpu_offload
+
+    return supports_gpu_offload()
+
+
+def bench_engine_factory(request: LoadRequest, flash_attn: Mapping[CachePair, str], warn: Warn,
+                         *, verbose: bool = False) -> EngineFactory:
+    """`kvchat bench`'s loads: the model of `request` with each cache pair's K and V
+    types and that pair's flash-attention mode."""
+    def load(pair: CachePair) -> Engine:
+        asked = replace(request, type_k=pair.type_k, type_v=pair.type_v, flash_attn=flash_attn[pair])
+        return load_engine(asked, warn, verbose=verbose)
+
+    return load

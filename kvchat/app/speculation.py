@@ -13,6 +13,8 @@ from kvchat.settings import Settings
 
 if TYPE_CHECKING:
     from kvchat.engine import Engine
+    from kvchat.speculative import SpecCounters
+    from kvchat.speculative_engine import SpeculativeEngine
 
 
 @dataclass(frozen=True)
@@ -36,22 +38,23 @@ def resolve_speculation(s: Settings) -> SpeculationRequest:
 
 
 def start_speculation(engine: Engine, request: LoadRequest, spec: SpeculationRequest, warn: Warn,
-                      *, verbose: bool = False) -> None:
-    """Give `engine` its speculator (the engine owns and closes it, and a draft model);
-    say once why it stays off where the model rules it out."""
+                      *, verbose: bool = False) -> Engine | SpeculativeEngine:
+    """The engine to chat with: `engine` wrapped for speculative decoding (the wrapper
+    owns and closes it, its speculator and a draft model), or `engine` itself where
+    speculation is off; say once why it stays off where the model rules it out."""
     from kvchat.errors import UsageError
     from kvchat.speculative import ModelDrafter, NgramDrafter, Speculator, vocab_mismatch
+    from kvchat.speculative_engine import SpeculativeEngine, speculation_blocker
 
     if spec.mode == "off":
-        return
-    blocker = engine.speculation_blocker()
+        return engine
+    blocker = speculation_blocker(engine)
     if blocker is not None:
         if spec.asked:
             warn(f"speculative decoding stays off: {blocker}")
-        return
+        return engine
     if spec.draft_path is None:
-        engine.set_speculator(Speculator(NgramDrafter()))
-        return
+        return SpeculativeEngine(engine, Speculator(NgramDrafter()))
     draft_engine = load_engine(replace(request, model_path=spec.draft_path), warn, verbose=verbose)
     try:
         mismatch = vocab_mismatch(engine, draft_engine)
@@ -62,13 +65,21 @@ def start_speculation(engine: Engine, request: LoadRequest, spec: SpeculationReq
                 hint="pick a smaller model of the same family (same tokenizer), or --speculative ngram",
             )
         draft_engine.set_sampling(SamplingSettings(temperature=0))
-        engine.set_speculator(Speculator(ModelDrafter(draft_engine, engine.n_vocab)))
+        return SpeculativeEngine(engine, Speculator(ModelDrafter(draft_engine, engine.n_vocab)))
     except BaseException:
         draft_engine.close()
         raise
 
 
 def speculative_mode(engine: object) -> str:
-    """ngram, draft, or off (an engine without speculative decoding)."""
-    speculator = getattr(engine, "speculator", None)
-    return speculator.mode if speculator is not None else "off"
+    """ngram, draft, or off (any other engine: plain decoding, a server)."""
+    from kvchat.speculative_engine import SpeculativeEngine
+
+    return engine.mode if isinstance(engine, SpeculativeEngine) else "off"
+
+
+def speculation_counters(engine: object) -> SpecCounters | None:
+    """What speculative decoding did in `engine`'s lifetime; None where it is off."""
+    from kvchat.speculative_engine import SpeculativeEngine
+
+    return engine.counters if isinstance(engine, SpeculativeEngine) else None

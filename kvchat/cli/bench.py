@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
@@ -21,7 +20,6 @@ from kvchat.units import format_bytes
 if TYPE_CHECKING:
     from kvchat.app.load import LoadRequest
     from kvchat.bench import BenchResult, CachePair, Spread
-    from kvchat.engine import Engine
 
 
 def _flash_attn_for(request: LoadRequest, pair: CachePair) -> str:
@@ -145,7 +143,7 @@ def bench(
       kvchat bench ./model.gguf --cache-types f16,q8_0,q4_0,q8_0/q4_0 --ctx 8192
       kvchat bench --no-speed --json > quality.json
     """
-    from kvchat.app.load import load_engine, resolve_load
+    from kvchat.app import bench_engine_factory, gpu_offload_supported, resolve_load
     from kvchat.bench import (
         DEFAULT_PAIRS,
         BenchSettings,
@@ -157,7 +155,6 @@ def bench(
         to_json,
     )
     from kvchat.cache_types import fused_kernel_warning
-    from kvchat.engine import supports_gpu_offload
     from kvchat.settings import resolve
 
     env = Environment()
@@ -178,16 +175,13 @@ def bench(
         repeats=repeats, quality_tokens=quality_tokens, speed=not no_speed, quality=not no_quality,
     )
     check_settings(settings)
-    on_gpu = request.n_gpu_layers != 0 and supports_gpu_offload()
+    on_gpu = request.n_gpu_layers != 0 and gpu_offload_supported()
     warnings = [f"{p.name}: {w}" for p in pairs
                 if on_gpu and (w := fused_kernel_warning(p.type_k, p.type_v)) is not None]
     for warning in warnings:
         env.warn(warning)
 
-    def factory(pair: CachePair) -> Engine:
-        return load_engine(replace(request, type_k=pair.type_k, type_v=pair.type_v, flash_attn=modes[pair]),
-                           env.warn, verbose=verbose)
-
+    factory = bench_engine_factory(request, modes, env.warn, verbose=verbose)
     with BenchProgress(env, plan_steps(settings, len(pairs)), enabled=not verbose) as progress:
         result = run_bench(
             factory, pairs, settings, model_path=request.model_path, n_threads=request.n_threads,

@@ -112,7 +112,7 @@ def _check_exact_devices(devices: list[Device], est: Estimate) -> None:
     """--exact loads through llama-cpp-python on this machine: it has no RPC client
     (its rpc_servers parameter is gone) and sees only the GPUs here. Say what cannot
     be checked, and how to check it, rather than compare with another load."""
-    from kvchat.engine import supports_gpu_offload
+    from kvchat.app import gpu_offload_supported
     from kvchat.hardware import free_vram
 
     plan = est.plans[0]
@@ -138,7 +138,7 @@ def _check_exact_devices(devices: list[Device], est: Estimate) -> None:
             f"given{' (' + ', '.join(missing) + ' not here)' if missing else ''}",
             hint="run it on the machine with those GPUs, naming every one of them, or drop --exact",
         )
-    if not supports_gpu_offload():
+    if not gpu_offload_supported():
         raise UsageError("--exact cannot load onto GPUs: this llama-cpp-python build has no GPU backend",
                          hint="install a GPU build of llama-cpp-python (e.g. CMAKE_ARGS=-DGGML_CUDA=on), "
                          "or drop --exact")
