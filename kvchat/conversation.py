@@ -71,6 +71,16 @@ class TurnStats:
         return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
 
 
+def set_system_prompt(messages: list[Message], text: str) -> bool:
+    """Put `text` as the system prompt at the start of `messages`, in place; True when
+    it was inserted (the messages after it moved one place on)."""
+    if messages and messages[0]["role"] == "system":
+        messages[0] = {"role": "system", "content": text}
+        return False
+    messages.insert(0, {"role": "system", "content": text})
+    return True
+
+
 def assistant_reply(text: str, cut: str = "") -> Message:
     """An assistant message; one the server cut short (`cut`: why) is marked as such, so
     that the transcript never shows it as a whole reply."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvchat.chat_template import Message
-from kvchat.conversation import SavedState, Turn, TurnStats, assistant_reply
+from kvchat.conversation import SavedState, Turn, TurnStats, assistant_reply, set_system_prompt
 from kvchat.engine_api import MessageEngine, SamplingSettings, TokenEvent
 from kvchat.errors import NetworkError, SessionError, UsageError
 from kvchat.settings import OVERFLOW_POLICIES, default_field
@@ -61,10 +61,7 @@ class MessageSession:
 
     def set_system(self, text: str) -> None:
         self._revision += 1
-        if self.messages and self.messages[0]["role"] == "system":
-            self.messages[0] = {"role": "system", "content": text}
-        else:
-            self.messages.insert(0, {"role": "system", "content": text})
+        set_system_prompt(self.messages, text)
 
     def set_sampling(self, sampling: SamplingSettings) -> None:
         self.sampling = sampling

@@ -38,7 +38,7 @@ from kvchat.checkpoints import (
     encode_checkpoints,
     history_digest,
 )
-from kvchat.conversation import SavedState, Turn, TurnStats, assistant_reply
+from kvchat.conversation import SavedState, Turn, TurnStats, assistant_reply, set_system_prompt
 from kvchat.engine_api import ChatEngine, CheckpointingEngine, SamplingSettings, ShiftingEngine, TokenEvent
 from kvchat.errors import NetworkError, SessionError, UsageError
 from kvchat.prefix_cache import PrefixCache
@@ -105,10 +105,7 @@ class Session:
     def set_system(self, text: str) -> None:
         """Set the system prompt; once turns exist, the cache is rebuilt lazily."""
         self._revision += 1
-        if self.messages and self.messages[0]["role"] == "system":
-            self.messages[0] = {"role": "system", "content": text}
-        else:
-            self.messages.insert(0, {"role": "system", "content": text})
+        if set_system_prompt(self.messages, text):
             for mark in self.turns:
                 mark.message += 1
 
