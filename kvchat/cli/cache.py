@@ -14,7 +14,7 @@ from kvchat.ui.environment import Environment
 from kvchat.units import format_bytes
 
 cache_app = typer.Typer(help="The prefix cache: prompt starts kept on disk for `run` and `chat`.",
-                        no_args_is_help=True)
+                        no_args_is_help=True, suggest_commands=False)
 app.add_typer(cache_app, name="cache")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead.")]

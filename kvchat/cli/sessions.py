@@ -21,7 +21,7 @@ from kvchat.ui.tables import TableData, print_table
 from kvchat.units import format_bytes
 
 sessions_app = typer.Typer(help="Named sessions saved on disk (see `run/chat --session NAME`).",
-                           no_args_is_help=True)
+                           no_args_is_help=True, suggest_commands=False)
 app.add_typer(sessions_app, name="sessions")
 
 NameArg = Annotated[str, typer.Argument(help="Session name.")]
