@@ -51,6 +51,8 @@ _ALIAS_RE = re.compile(rf"^(?P<name>{_NAME})(?::(?P<quant>{_QUANT}))?$")
 _QUANT_IN_NAME_RE = re.compile(
     r"(?:^|[-_.])((?:I?Q\d(?:_[A-Z0-9]+)*)|BF16|F16|F32|FP16)(?=[-.]|$)", re.IGNORECASE
 )
+# ollama's tags name a size (qwen2.5:0.5b, smollm2:135m), which is an entry of its own here
+_SIZE_TAG_RE = re.compile(r"\d+(?:\.\d+)?[bmk]", re.IGNORECASE)
 _ENTRY_KEYS = {"repo", "file", "quant", "note", "aliases", "bundled"}
 
 
@@ -108,7 +110,12 @@ def looks_like_model_ref(word: str) -> bool:
         except KvchatError:
             return False
     alias = _ALIAS_RE.match(word)
-    return alias is not None and find_entry(alias["name"]) is not None
+    if alias is None:
+        return False
+    # an ollama-style name (llama3.2, gemma3:1b) is a model, found or suggested
+    return (alias_entry(alias["name"], alias["quant"])[0] is not None
+            or (alias["quant"] is not None and _SIZE_TAG_RE.fullmatch(alias["quant"]) is not None)
+            or bool(_family_members(alias["name"])))
 
 
 def check_gguf_file(path: Path) -> Path:
@@ -252,6 +259,42 @@ def find_entry(name: str) -> CatalogEntry | None:
     return None
 
 
+def alias_entry(name: str, tag: str | None) -> tuple[CatalogEntry | None, str | None]:
+    """The entry `name[:tag]` names, and the quant it asks for (None: the entry's own).
+    A size tag as ollama writes them (`qwen2.5:0.5b`, `smollm2:135m`) is part of the
+    name (`qwen2.5-0.5b`), never a quant."""
+    if tag is not None and _SIZE_TAG_RE.fullmatch(tag):
+        return find_entry(f"{name}-{tag}"), None
+    return find_entry(name), tag
+
+
+def _family_members(name: str) -> list[str]:
+    """Entries named `name-SIZE...` (llama3.2 -> llama3.2-1b, llama3.2-3b), smallest first."""
+    prefix = f"{name.casefold()}-"
+    scale = {"k": 1e3, "m": 1e6, "b": 1e9}
+
+    def size(entry_name: str) -> tuple[float, str]:
+        rest = entry_name[len(prefix):]
+        found = _SIZE_TAG_RE.fullmatch(rest)
+        return (float(rest[:-1]) * scale[rest[-1].lower()] if found else float("inf"), rest)
+
+    return sorted((e.name for e in catalogue().values() if e.name.casefold().startswith(prefix)), key=size)
+
+
+def suggest_entries(name: str) -> list[str]:
+    """Catalogue names a user may have meant by an unknown `name`: the family's sizes,
+    else the names (or aliases) spelled closest, each entry once."""
+    import difflib
+
+    members = _family_members(name)
+    if members:
+        return members
+    spellings = {spelling.casefold(): e.name
+                 for e in catalogue().values() for spelling in (e.name, *e.aliases)}
+    close = difflib.get_close_matches(name.casefold(), list(spellings), n=5, cutoff=0.75)
+    return list(dict.fromkeys(spellings[c] for c in close))[:3]
+
+
 # --- references -------------------------------------------------------------------------
 
 
@@ -288,18 +331,23 @@ def parse_ref(ref: str | None) -> ModelRef:
             text=text, kind="hub", repo=match["repo"], quant=quant.upper() if quant else None,
             quant_given=quant is not None,
         )
-    if (match := _ALIAS_RE.match(text)) and (entry := find_entry(match["name"])) is not None:
-        quant = (match["quant"] or entry.quant).upper()
-        return ModelRef(
-            text=text, kind="hub", repo=entry.repo, filename=entry.filename(quant), quant=quant,
-            quant_given=match["quant"] is not None, entry=entry,
-        )
+    alias = _ALIAS_RE.match(text)
+    if alias is not None:
+        entry, tag = alias_entry(alias["name"], alias["quant"])
+        if entry is not None:
+            quant = (tag or entry.quant).upper()
+            return ModelRef(
+                text=text, kind="hub", repo=entry.repo, filename=entry.filename(quant), quant=quant,
+                quant_given=tag is not None, entry=entry,
+            )
     if looks_like_path(text):
         return ModelRef(text=text, kind="path", path=candidate)
-    raise ModelNotFoundError(
-        f"unknown model '{text}'",
-        hint="see `kvchat list --available`, or use user/repo[:quant] or a path to a .gguf file",
-    )
+    hint = "see `kvchat list --available`, or use user/repo[:quant] or a path to a .gguf file"
+    if alias is not None and (names := suggest_entries(alias["name"])):
+        tag = alias["quant"]
+        quant = f":{tag}" if tag is not None and not _SIZE_TAG_RE.fullmatch(tag) else ""
+        hint = f"did you mean {', '.join(n + quant for n in names)}? (all: `kvchat list --available`)"
+    raise ModelNotFoundError(f"unknown model '{text}'", hint=hint)
 
 
 def quant_of(filename: str) -> str | None:
