@@ -633,6 +633,20 @@ def model_name(path: Path) -> str:
     return name[: -len(".gguf")] if name.lower().endswith(".gguf") else name
 
 
+def model_name_for(label: str) -> str:
+    """model_name for a model known by text: a file's path (here, or on a server), a
+    bare file name (what the prefix cache records: matched among the installed
+    models' files), or a server's model id (returned as it is)."""
+    path = Path(label)
+    if not label.lower().endswith(".gguf") and not path.is_file():
+        return label
+    if len(path.parts) == 1:
+        found = [model.name for model in installed_models() if model.path.name == label]
+        if found:
+            return found[0]
+    return model_name(path)
+
+
 def remote_model_name(ref: str, filename: str) -> str:
     """The name of a Hub model read without downloading it: `alias:quant` for a catalogue
     entry (as `kvchat list` will name it once pulled), else the file's stem."""

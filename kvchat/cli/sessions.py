@@ -14,7 +14,6 @@ import typer
 from kvchat import session_store
 from kvchat.cli import app
 from kvchat.errors import KvchatError, UsageError
-from kvchat.registry import model_name
 from kvchat.ui.environment import Environment
 from kvchat.ui.render import safe_text
 from kvchat.ui.tables import TableData, print_table
@@ -75,7 +74,7 @@ def show_cmd(name: NameArg, as_json: Annotated[bool, typer.Option("--json")] = F
     s = record["settings"]
     con = env.out_console()
     # everything from the file is escaped before it reaches the terminal
-    con.print(f"session {name}: model {safe_text(model_name(Path(record['model']['path'])))}, "
+    con.print(f"session {name}: model {safe_text(session_store.model_display_name(record['model']))}, "
               f"n_ctx {session_store.context_cells(record)}, "
               f"K {safe_text(s['type_k'])}, V {safe_text(s['type_v'])}, "
               f"flash attention {safe_text(s['flash_attn'])}, {record['n_kv']} KV cells in use",
@@ -106,7 +105,7 @@ def _export_record(name: str, record: dict[str, Any]) -> dict[str, Any]:
 
 def to_markdown(name: str, record: dict[str, Any]) -> str:
     lines = [f"# Session {name}", "",
-             f"Model: `{model_name(Path(record['model']['path']))}` · "
+             f"Model: `{session_store.model_display_name(record['model'])}` · "
              f"n_ctx {session_store.context_cells(record)}", ""]
     for message in record.get("dropped", []) + record["messages"]:
         cut = f" (cut short: {message['cut']})" if message.get("cut") else ""
