@@ -42,8 +42,8 @@ def list_cmd(as_json: JsonOpt = False) -> None:
     entries = sorted(Store().read_index().values(), key=lambda e: e.last_used, reverse=True)
     names = _model_names(e.model for e in entries)
     if as_json:
-        rows = [{"key": e.key, "model": names[e.model], "file": e.model, "start": e.start, "end": e.end, "bytes": e.bytes,
-                 "last_used": e.last_used, "hits": e.hits} for e in entries]
+        rows = [{"key": e.key, "model": names[e.model], "file": e.model, "start": e.start, "end": e.end,
+                 "bytes": e.bytes, "last_used": e.last_used, "hits": e.hits} for e in entries]
         env.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
     if not entries:
@@ -53,8 +53,8 @@ def list_cmd(as_json: JsonOpt = False) -> None:
 
     table = Table("key", "model", "tokens", "size", "last use", "hits", box=None)
     for e in entries:
-        table.add_row(e.key[:12], safe_text(names[e.model]), f"{e.start}-{e.end}", format_bytes(e.bytes), _when(e.last_used),
-                      str(e.hits))
+        table.add_row(e.key[:12], safe_text(names[e.model]), f"{e.start}-{e.end}", format_bytes(e.bytes),
+                      _when(e.last_used), str(e.hits))
     env.out_console().print(table)
 
 
