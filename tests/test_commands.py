@@ -19,7 +19,7 @@ from kvchat.ui.commands import (
 
 def test_every_documented_command_parses() -> None:
     assert set(COMMANDS) == {"/help", "/system", "/clear", "/save", "/load", "/sessions", "/stats",
-                             "/set", "/info", "/exit", "/undo", "/retry"}
+                             "/set", "/info", "/exit", "/undo", "/retry", "/copy"}
     for name in ("/help", "/clear", "/sessions", "/stats", "/info", "/exit", "/system", "/set", "/undo",
                  "/retry"):
         assert parse_command(name) == Command(name)
@@ -37,6 +37,15 @@ def test_aliases() -> None:
     assert parse_command("/quit").name == "/exit"
     assert parse_command("/q").name == "/exit"
     assert parse_command("/?").name == "/help"
+    assert parse_command("/bye").name == "/exit"  # ollama's
+
+
+def test_copy_takes_code_or_nothing() -> None:
+    assert parse_command("/copy") == Command("/copy")
+    assert parse_command("/copy CODE") == Command("/copy", "code")
+    with pytest.raises(UsageError, match=r"usage: /copy \[code\]"):
+        parse_command("/copy all")
+    assert completions("/copy c") == ["code"] and completions("/copy x") == []
 
 
 def test_unknown_command_lists_what_exists() -> None:

@@ -327,3 +327,14 @@ def test_reply_view_markdown_renders_blocks() -> None:
             view.feed(piece)
     out = buffer.getvalue()
     assert "Heading" in out and "**" not in out and "code()" in out and "```" not in out
+
+
+def test_reply_view_markdown_code_blocks_copy_as_code() -> None:
+    # rich pads a code block by a column and wraps it; copied from the screen, that is not the code
+    console, buffer = _console(terminal=False)
+    long = "    return x + 1  # " + "a comment longer than the whole screen " * 4
+    with ReplyView(console, markdown=True, status=None) as view:
+        view.feed(f"Here:\n\n```python\ndef f(x):\n{long}\n```\n\nDone.\n")
+    lines = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", buffer.getvalue()).splitlines()
+    at = lines.index("def f(x):")  # flush left, no trailing padding
+    assert lines[at + 1] == long.rstrip()  # one line, whole
