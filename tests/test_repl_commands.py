@@ -58,8 +58,11 @@ class _Chat:
         return 5
 
 
+Repl = tuple[ChatRepl, _Chat, io.StringIO]
+
+
 @pytest.fixture
-def repl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[ChatRepl, _Chat, io.StringIO]:
+def repl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Repl:
     monkeypatch.setenv("KVCHAT_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("NO_COLOR", "1")
     chat = _Chat()
@@ -69,7 +72,7 @@ def repl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[ChatRepl, _Ch
     return ChatRepl(env, chat, opener=opener, markdown=False, nvml=None), chat, err  # type: ignore[arg-type]
 
 
-def test_save_asks_before_replacing_a_session_it_did_not_write(repl: tuple[ChatRepl, _Chat, io.StringIO]) -> None:
+def test_save_asks_before_replacing_a_session_it_did_not_write(repl: Repl) -> None:
     shell, chat, err = repl
     other = session_store.session_path("work")
     other.parent.mkdir(parents=True)
@@ -81,7 +84,7 @@ def test_save_asks_before_replacing_a_session_it_did_not_write(repl: tuple[ChatR
     assert chat.saves == [("work", True)]
 
 
-def test_save_updates_its_own_session_until_the_chat_changes(repl: tuple[ChatRepl, _Chat, io.StringIO]) -> None:
+def test_save_updates_its_own_session_until_the_chat_changes(repl: Repl) -> None:
     shell, chat, err = repl
     shell.do(parse_command("/save mine"))
     shell.do(parse_command("/save mine"))  # the same chat, saved again: an update
@@ -91,13 +94,13 @@ def test_save_updates_its_own_session_until_the_chat_changes(repl: tuple[ChatRep
     assert len(chat.saves) == 2 and "already exists" in err.getvalue()
 
 
-def test_bye_leaves(repl: tuple[ChatRepl, _Chat, io.StringIO]) -> None:
+def test_bye_leaves(repl: Repl) -> None:
     shell, chat, _ = repl
     shell.do(parse_command("/save kept"))  # nothing unsaved: leaving asks nothing
     assert shell.do(parse_command("/bye")) is False
 
 
-def test_copy_without_a_clipboard_says_so(repl: tuple[ChatRepl, _Chat, io.StringIO],
+def test_copy_without_a_clipboard_says_so(repl: Repl,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     shell, _, _ = repl
     monkeypatch.setattr("shutil.which", lambda name: None)
