@@ -265,10 +265,12 @@ def test_paths_shows_where_files_live(kvchat, kv_env: dict[str, str], model_path
     result = kvchat("paths", "--json")
     assert result.returncode == 0
     rows = json.loads(result.stdout)
+    assert all(key.isidentifier() for key in rows)  # snake_case keys, for `jq .prefix_cache`
     assert rows["sessions"] == str(Path(kv_env["KVCHAT_HOME"]) / "sessions")
-    assert rows["prefix cache"] == str(Path(kv_env["KVCHAT_HOME"]) / "prefix-cache")
-    assert rows["models (Hugging Face cache)"] == str(Path(kv_env["HF_HOME"]) / "hub")
-    assert rows["default model"] == str(model_path)
+    assert rows["prefix_cache"] == str(Path(kv_env["KVCHAT_HOME"]) / "prefix-cache")
+    assert rows["models"] == str(Path(kv_env["HF_HOME"]) / "hub")
+    assert rows["default_model"] == str(model_path)
+    assert "prefix cache  " in kvchat("paths").stdout  # the table keeps its labels
 
 
 def test_config_file_and_env_precedence(kvchat, kv_env: dict[str, str]) -> None:
