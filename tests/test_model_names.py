@@ -102,3 +102,17 @@ def test_cache_list_and_stats_use_the_name(tiny: Path, monkeypatch: pytest.Monke
     stats = json.loads(cli.invoke(app, ["cache", "stats", "--json"]).stdout)
     assert stats["models"] == ["Gone-F16", NAME]
     assert f"models   Gone-F16, {NAME}" in cli.invoke(app, ["cache", "stats"]).stdout
+
+
+def test_sessions_rm_takes_several_names_all_or_none(tiny: Path) -> None:
+    for name in ("a", "b", "c"):
+        _session(name, {"path": str(tiny), "size": 1, "sha256": "00"})
+    cli = CliRunner()
+    missing = cli.invoke(app, ["sessions", "rm", "a", "nope", "--yes"])
+    assert missing.exit_code != 0 and "nope" in str(missing.exception)
+    assert all(session_store.session_path(n).exists() for n in "abc")  # nothing deleted
+    refused = cli.invoke(app, ["sessions", "rm", "a", "b"])  # no terminal to ask on
+    assert "not deleting sessions 'a', 'b' without confirmation" in str(refused.exception)
+    done = cli.invoke(app, ["sessions", "rm", "a", "b", "a", "--yes"])
+    assert done.exit_code == 0, done.output
+    assert [n for n in "abc" if session_store.session_path(n).exists()] == ["c"]

@@ -147,18 +147,24 @@ def write_output(path: Path, data: bytes) -> None:
 
 @sessions_app.command("rm")
 def rm_cmd(
-    name: NameArg,
+    names: Annotated[list[str], typer.Argument(metavar="NAME...", help="Session names.")],
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
 ) -> None:
-    """Delete a saved session."""
+    """Delete saved sessions: every one named, or none when one of them does not exist."""
     env = Environment()
-    if not session_store.session_path(name).exists():
-        _load(name)  # raises the not-found error
+    names = list(dict.fromkeys(names))
+    for name in names:
+        if not session_store.session_path(name).exists():
+            _load(name)  # raises the not-found error
+    listed = ", ".join(f"'{name}'" for name in names)
     if not yes:
         if not env.stdin_isatty:
-            raise UsageError(f"not deleting session '{name}' without confirmation", hint="add --yes")
-        if not typer.confirm(f"Delete session '{name}'?", default=False, err=True):
+            raise UsageError(f"not deleting session{'s' if len(names) > 1 else ''} {listed} without "
+                             "confirmation", hint="add --yes")
+        if not typer.confirm(f"Delete session{'s' if len(names) > 1 else ''} {listed}?", default=False,
+                             err=True):
             typer.echo("kvchat: nothing deleted", err=True)
             return  # declining is an answer, not an error: `kvchat rm` does the same
-    session_store.remove(name)
-    env.stderr.write(f"deleted session '{name}'\n")
+    for name in names:
+        session_store.remove(name)
+        env.stderr.write(f"deleted session '{name}'\n")
