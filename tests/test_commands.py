@@ -133,3 +133,27 @@ def test_completion_of_arguments() -> None:
     assert completions("/set top") == ["top_p", "top_k"]
     assert completions("/system w", names) == []
     assert completions("/load work x", names) == []
+
+
+def test_every_command_s_examples_are_lines_of_their_own() -> None:
+    """click joins a docstring's lines unless a paragraph starts with \\b; `bench --help`
+    once ran its examples together."""
+    import click
+    import typer
+
+    from kvchat.cli import app
+
+    def walk(command: click.Command, path: list[str]) -> list[tuple[str, str]]:
+        found = [(" ".join(path), command.get_help(click.Context(command, info_name=" ".join(path))))]
+        if isinstance(command, click.Group):
+            for name, sub in command.commands.items():
+                found += walk(sub, [*path, name])
+        return found
+
+    helps = walk(typer.main.get_command(app), ["kvchat"])
+    assert len(helps) > 10
+    for path, text in helps:
+        if "Examples:" not in text:
+            continue
+        after = text.split("Examples:", 1)[1].strip("\n").split("\n\n", 1)[0].splitlines()
+        assert after and all(line.count("kvchat ") == 1 for line in after), (path, after)
