@@ -142,6 +142,25 @@ def test_ctx_above_training_context_warns(kvchat) -> None:
     assert "training context" in result.stderr
 
 
+def test_a_ctx_llama_cpp_rounds_up_says_so(kvchat) -> None:
+    result = kvchat("run", "--json", "--ctx", "100", "--max-tokens", "1", *GREEDY, "Hi")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["settings"]["n_ctx"] == 256
+    assert "--ctx 100 becomes 256: llama.cpp rounds the context up to a multiple of 256" in result.stderr
+
+
+def test_a_broken_chat_template_file_is_a_usage_error(kvchat, model_path: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "mine.jinja"
+    broken.write_text("{% for m in messages %}{{ m.content }}")
+    # the model as the first word: a failure of the model would add how to send it as a prompt
+    result = kvchat("run", str(model_path), "--chat-template", str(broken), "--max-tokens", "1", "Hi")
+    assert result.returncode == ExitCode.USAGE and result.stdout == ""
+    (error,) = [line for line in result.stderr.splitlines() if not line.startswith("kvchat: warning:")]
+    assert error.startswith(f"kvchat: error: the chat template {broken} does not compile") and \
+        "fix mine.jinja" in error
+    assert "author" not in error and "as a prompt" not in error
+
+
 def _assert_one_line_error(result, code: ExitCode, *needles: str) -> None:  # noqa: ANN001
     assert result.returncode == code, (result.returncode, result.stderr)
     lines = result.stderr.strip().splitlines()
