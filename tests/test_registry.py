@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kvchat import registry
+from kvchat.catalogue import find_entry
 from kvchat.cli.run import split_model_and_prompt
 from kvchat.errors import ModelNotFoundError, UsageError
 
@@ -25,7 +26,7 @@ def test_catalogue_has_a_dozen_chat_models_with_quant_patterns():
 
 
 def test_smollm2_alias_is_the_bundled_default():
-    entry = registry.find_entry("SmolLM2")
+    entry = find_entry("SmolLM2")
     assert entry is not None and entry.bundled and entry.name == "smollm2-135m"
     bundled = registry.default_model_path()
     if bundled is None:

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from kvchat import registry
+from kvchat.catalogue import catalogue
 from kvchat.cli import app
 from kvchat.errors import ModelFormatError, ModelNotFoundError, UsageError
 from kvchat.memory import PlanSettings
@@ -206,7 +207,7 @@ def list_models(
     """
     env = Environment()
     if available:
-        entries = sorted(registry.catalogue().values(), key=lambda e: e.name)
+        entries = sorted(catalogue().values(), key=lambda e: e.name)
         if as_json:
             entries_json = [
                 {"name": e.name, "aliases": list(e.aliases), "repo": e.repo, "file": e.file,
