@@ -94,9 +94,29 @@ def _extract_llama_cpp(sdist: Path, into: Path) -> Path:
             if "/vendor/llama.cpp/" in m.name and "/vendor/llama.cpp/models/" not in m.name
             and (m.isfile() or m.isdir())
         ]
-        tar.extractall(into, members=members, filter="data")
+        extract_checked(tar, members, into)
     (source,) = into.glob("llama_cpp_python-*/vendor/llama.cpp")
     return source
+
+
+def extract_checked(tar: tarfile.TarFile, members: list[tarfile.TarInfo], into: Path) -> None:
+    """Extract `members` with tarfile's 'data' filter where this Python has it (3.12,
+    3.11.4, 3.10.12 on); elsewhere (Debian 12's 3.11.2, which pyproject allows) check
+    each member as that filter would: only regular files and folders, a relative name
+    without '..' that stays inside `into`, no setuid or group/other-write bits."""
+    if hasattr(tarfile, "data_filter"):
+        tar.extractall(into, members=members, filter="data")
+        return
+    root = into.resolve()
+    for member in members:
+        name = Path(member.name)
+        inside = (root / name).resolve()
+        if not (member.isfile() or member.isdir()) or name.is_absolute() or ".." in name.parts \
+                or (inside != root and root not in inside.parents):
+            raise RuntimeError(f"{tar.name}: refusing to extract {member.name!r} (a link, a device, or a "
+                               "path outside the target folder)")
+        member.mode &= 0o755
+    tar.extractall(into, members=members)  # noqa: S202 - every member checked above
 
 
 def _logged(command: list[str], log: Path) -> None:

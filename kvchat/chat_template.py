@@ -56,6 +56,16 @@ class TemplateLimitError(ModelFormatError):
     """The template ran too long or produced too much: broken or hostile."""
 
 
+class TemplateFileError(UsageError):
+    """The user's own `--chat-template FILE` does not compile or fails to render: theirs
+    to fix, so a usage error naming the file (not the model's author's)."""
+
+    def __init__(self, path: Path, exc: ModelFormatError) -> None:
+        what = exc.message.replace("the model's chat template", f"the chat template {path}", 1)
+        super().__init__(what, hint=f"fix {path.name}, or drop --chat-template to use the model's own")
+        self.over_limit = isinstance(exc, TemplateLimitError)
+
+
 class _Budget:
     """The deadline of the render in progress."""
 
@@ -137,12 +147,15 @@ class ChatTemplate:
 
     `origin` says where it came from (shown by /info and `kvchat show`);
     `render_fn`, when given, renders instead of Jinja (llama.cpp's built-in
-    templates); `variables` are extra names the template sees (enable_thinking).
+    templates); `variables` are extra names the template sees (enable_thinking);
+    `file`: the user's --chat-template file the source was read from, whose
+    failures are TemplateFileError.
     """
 
     def __init__(self, source: str | None, *, bos_token: str = "", eos_token: str = "",
                  origin: str | None = None, render_fn: RenderFn | None = None,
-                 variables: dict[str, Any] | None = None) -> None:
+                 variables: dict[str, Any] | None = None, file: Path | None = None) -> None:
+        self.file = file
         self.source = source or CHATML
         self.is_default = source is None and render_fn is None
         self.origin = origin or ("ChatML (kvchat's fallback)" if source is None
@@ -156,10 +169,11 @@ class ChatTemplate:
         try:
             self._template = env.from_string(self.source)
         except (TemplateError, RecursionError, MemoryError, ValueError, OverflowError) as exc:
-            raise ModelFormatError(
+            error = ModelFormatError(
                 f"the model's chat template does not compile: {exc}",
                 hint="report it to the model's author; kvchat cannot chat with it",
-            ) from exc
+            )
+            raise (error if file is None else TemplateFileError(file, error)) from exc
         self.bos_token = bos_token
         self.eos_token = eos_token
 
@@ -171,6 +185,14 @@ class ChatTemplate:
     def render(self, messages: Sequence[Message], *, add_generation_prompt: bool) -> str:
         if self.render_fn is not None:
             return self.render_fn(messages, add_generation_prompt)
+        try:
+            return self._render(messages, add_generation_prompt)
+        except ModelFormatError as exc:
+            if self.file is None:
+                raise
+            raise TemplateFileError(self.file, exc) from exc
+
+    def _render(self, messages: Sequence[Message], add_generation_prompt: bool) -> str:
         context: dict[str, Any] = {
             **self.variables,
             "messages": list(messages),
@@ -239,6 +261,10 @@ def preamble_length(template: ChatTemplate) -> int:
         )
     except TemplateLimitError:
         raise
+    except TemplateFileError as exc:
+        if exc.over_limit:
+            raise
+        return 0
     except ModelFormatError:
         return 0
     if not three.startswith(pair) or two not in three or one not in first:
@@ -333,7 +359,7 @@ def select_template(model: TemplateModel, override: str | None = None, *, raw: b
                 raise UsageError(f"cannot read the chat template {path}: {exc}",
                                  hint="pass a UTF-8 Jinja file or a built-in name") from exc
             return ChatTemplate(source, bos_token=bos, eos_token=eos, origin=f"file {path}",
-                                variables=variables), None
+                                variables=variables, file=path), None
         if not isinstance(model, BuiltinTemplates):
             raise UsageError(f"--chat-template '{override}' is not a file, and llama.cpp's built-in "
                              "templates are only at hand for a model loaded here",

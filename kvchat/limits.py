@@ -32,11 +32,17 @@ def forced() -> bool:
 def check_explicit_ctx(spec: ModelSpec, base: PlanSettings, budget: Budget, n_ctx: int, *,
                        force: bool) -> list[str]:
     """Refuse an explicit --ctx past 4x the training context or past the memory free
-    now, unless forced; returns the warnings to show when it is forced through."""
+    now, unless forced; returns the warnings to show: a context llama.cpp rounds up,
+    and one forced through."""
     from dataclasses import replace
 
-    from kvchat.memory import fits, plan_memory
+    from kvchat.memory import CTX_PAD, fits, plan_memory, round_ctx
 
+    warnings = []
+    rounded = round_ctx(n_ctx, spec.n_ctx_train)[0]
+    if rounded != n_ctx:
+        warnings.append(f"--ctx {n_ctx} becomes {rounded}: llama.cpp rounds the context up to a multiple "
+                        f"of {CTX_PAD}")
     train = spec.n_ctx_train
     if train and n_ctx > train * TRAINING_CTX_FACTOR and not force:
         raise UsageError(
@@ -45,11 +51,11 @@ def check_explicit_ctx(spec: ModelSpec, base: PlanSettings, budget: Budget, n_ct
         )
     plan = plan_memory(spec, replace(base, n_ctx=n_ctx))
     if fits(plan, budget):
-        return []
+        return warnings
     if not force:
         raise OutOfMemoryError(
             f"--ctx {n_ctx} needs about {plan.total / 2**30:.2f} GiB, more than the memory free now "
             f"({max(budget.ram, 0) / 2**30:.2f} GiB RAM)",
             hint=f"use a smaller --ctx or --ctx auto (see `kvchat estimate`), or set {FORCE_ENV}=1",
         )
-    return [f"--ctx {n_ctx} may not fit the memory free now ({FORCE_ENV} is set)"]
+    return [*warnings, f"--ctx {n_ctx} may not fit the memory free now ({FORCE_ENV} is set)"]

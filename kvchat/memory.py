@@ -314,6 +314,28 @@ def _plan_kv(
             dev.v += _row_bytes(s.type_v, width, "V") * n_cells
 
 
+@dataclass(frozen=True)
+class KvGrowth:
+    """How the KV cache grows with the context: `fixed + per_1k * n_ctx / 1024` bytes
+    for any n_ctx from `from_ctx` on (a multiple of 256), as plan_memory sizes it."""
+
+    per_1k: int  # bytes each further 1024 tokens of context add (the full-attention layers)
+    fixed: int  # bytes that stop growing: the sliding-window layers' cells
+    swa_cells: int  # cells each sliding-window layer keeps (0: none)
+    from_ctx: int
+
+
+def kv_growth(spec: ModelSpec, settings: PlanSettings) -> KvGrowth:
+    """KV bytes per 1k tokens of context, and the part that does not grow, from two
+    plans past the sliding window (its cells stop at PAD(n_swa + n_ubatch, 256))."""
+    window = spec.n_swa + settings.n_ubatch if any(spec.is_swa) and not settings.swa_full else 0
+    start = max(1024, -(-window // CTX_PAD) * CTX_PAD)
+    low = plan_memory(spec, replace(settings, n_ctx=start))
+    high = plan_memory(spec, replace(settings, n_ctx=start + 1024))
+    per_1k = high.kv - low.kv
+    return KvGrowth(per_1k, low.kv - per_1k * start // 1024, low.swa_cells if window else 0, start)
+
+
 def checkpoint_bytes(spec: ModelSpec, s: PlanSettings) -> int:
     """Bytes of one KV checkpoint kvchat keeps at a turn boundary (kvchat.session),
     0 where none is needed (memory that rolls back by removing cells).

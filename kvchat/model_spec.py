@@ -11,7 +11,7 @@ tensor by layer (for GPU placement).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kvchat.errors import ModelFormatError
@@ -65,6 +65,25 @@ _SWA_RULES: dict[str, _SwaRule] = {
 
 
 @dataclass(frozen=True)
+class HeaderVocabulary:
+    """A vocabulary as the GGUF header states it, to check a draft model against its
+    target before anything loads (kvchat.speculative.vocab_mismatch). None: the header
+    leaves that value to the tokenizer's default."""
+
+    tokens: Sequence[str]
+    bos_token: int | None
+    eos_token: int | None
+    add_bos: bool | None
+
+    @property
+    def n_vocab(self) -> int:
+        return len(self.tokens)
+
+    def token_text(self, token: int) -> str:
+        return self.tokens[token]
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """What a model's memory depends on. Per-layer tuples have `n_layer` entries."""
 
@@ -95,6 +114,7 @@ class ModelSpec:
     tied_output_bytes: int  # bytes of that copy
     file_type: int | None = None
     n_ff_max: int = 0  # widest feed_forward_length (dense FFN), 0 where the GGUF gives none
+    vocabulary: HeaderVocabulary | None = field(default=None, compare=False, repr=False)
 
     @property
     def n_layer_main(self) -> int:
@@ -273,6 +293,20 @@ def _vocab_size(md: dict[str, Any], arch: str) -> int:
     return 0
 
 
+def _header_vocabulary(md: dict[str, Any]) -> HeaderVocabulary | None:
+    tokens = md.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, Sequence) or isinstance(tokens, str):
+        return None
+
+    def stated(key: str, kind: type) -> Any:
+        value = md.get(key)
+        return value if isinstance(value, kind) else None
+
+    return HeaderVocabulary(tokens, stated("tokenizer.ggml.bos_token_id", int),
+                            stated("tokenizer.ggml.eos_token_id", int),
+                            stated("tokenizer.ggml.add_bos_token", bool))
+
+
 def spec_from_header(header: GGUFHeader) -> ModelSpec:
     """Build the ModelSpec for a GGUF header; ModelFormatError when keys are missing or absurd."""
     md = header.metadata
@@ -370,6 +404,7 @@ def spec_from_header(header: GGUFHeader) -> ModelSpec:
         tied_output_bytes=tied_bytes,
         file_type=file_type if isinstance(file_type, int) else None,
         n_ff_max=max(n_ff, default=0),
+        vocabulary=_header_vocabulary(md),
     )
 
 

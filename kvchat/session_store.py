@@ -465,9 +465,18 @@ def context_cells(record: dict[str, Any]) -> int:
     return int(record.get("n_ctx_cells") or record["settings"]["n_ctx"])
 
 
-def list_sessions() -> list[SessionInfo]:
-    from kvchat.registry import model_name
+def model_display_name(model: dict[str, Any]) -> str:
+    """A record's model as kvchat names it everywhere (registry.model_name_for); a
+    server's model (its path there, or its id) after the server it runs on."""
+    from kvchat.registry import model_name_for
 
+    path, server = str(model.get("path", "")), model.get("server")
+    if isinstance(server, str) and path.startswith(f"{server} "):
+        return f"{model_name_for(path[len(server) + 1:])} on {server}"
+    return model_name_for(path)
+
+
+def list_sessions() -> list[SessionInfo]:
     infos = []
     folder = sessions_dir()
     if not folder.is_dir():
@@ -487,7 +496,7 @@ def list_sessions() -> list[SessionInfo]:
         rec = saved.record
         model_path = rec["model"]["path"]
         if model_path not in names:
-            names[model_path] = model_name(Path(model_path))
+            names[model_path] = model_display_name(rec["model"])
         infos.append(
             SessionInfo(
                 name=path.stem,

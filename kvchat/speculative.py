@@ -28,6 +28,7 @@ from kvchat.settings import SPECULATIVE_MODES
 
 if TYPE_CHECKING:
     from kvchat.engine_api import VerifyingEngine
+    from kvchat.model_spec import ModelSpec
 
 # llama.cpp's own rule for draft models (common/speculative.cpp): vocabularies may
 # differ by a few padding tokens at the end, never in the tokens both have.
@@ -187,22 +188,49 @@ class NgramDrafter:
         self._reset()
 
 
-def vocab_mismatch(target: VerifyingEngine, draft: VerifyingEngine) -> str | None:
+class Vocabulary(Protocol):
+    """What vocab_mismatch compares: a loaded model (kvchat.engine.Engine), or a GGUF
+    header's statement of it (kvchat.model_spec.HeaderVocabulary), where None means
+    the header leaves the value to the tokenizer's default and is not compared."""
+
+    @property
+    def n_vocab(self) -> int: ...
+    @property
+    def add_bos(self) -> bool | None: ...
+    @property
+    def bos_token(self) -> int | None: ...
+    @property
+    def eos_token(self) -> int | None: ...
+    def token_text(self, token: int) -> str: ...
+
+
+def vocab_mismatch(target: Vocabulary, draft: Vocabulary) -> str | None:
     """Why `draft` cannot draft for `target`, or None when their vocabularies agree
     (llama.cpp's test: special tokens, BOS handling and the text of every shared token)."""
     if abs(target.n_vocab - draft.n_vocab) > VOCAB_MAX_SIZE_DIFFERENCE:
         return f"vocabulary sizes differ ({target.n_vocab} vs {draft.n_vocab} tokens)"
-    if target.add_bos != draft.add_bos:
+    if None not in (target.add_bos, draft.add_bos) and target.add_bos != draft.add_bos:
         return "one model adds a BOS token and the other does not"
     specials = (("BOS", target.bos_token, draft.bos_token), ("EOS", target.eos_token, draft.eos_token))
     for what, a, b in specials:
-        if a != b:
+        if a is not None and b is not None and a != b:
             return f"{what} tokens differ ({a} vs {b})"
     for token in range(min(target.n_vocab, draft.n_vocab)):
         if target.token_text(token) != draft.token_text(token):
             return (f"token {token} is {target.token_text(token)!r} in one model and "
                     f"{draft.token_text(token)!r} in the other")
     return None
+
+
+def check_draft_vocabulary(target: ModelSpec, draft: ModelSpec, target_name: str, draft_name: str) -> None:
+    """`estimate --draft`: refuse, from the two GGUF headers, a draft model that
+    `run --draft` would refuse once loaded (the same rule, vocab_mismatch)."""
+    if target.vocabulary is None or draft.vocabulary is None:
+        return  # no vocabulary in a header: `run` refuses that model for other reasons
+    mismatch = vocab_mismatch(target.vocabulary, draft.vocabulary)
+    if mismatch is not None:
+        raise UsageError(f"draft model {draft_name} cannot draft for {target_name}: {mismatch}",
+                         hint="pick a smaller model of the same family (same tokenizer)")
 
 
 class ModelDrafter:

@@ -19,7 +19,7 @@ from kvchat.ui.commands import (
 
 def test_every_documented_command_parses() -> None:
     assert set(COMMANDS) == {"/help", "/system", "/clear", "/save", "/load", "/sessions", "/stats",
-                             "/set", "/info", "/exit", "/undo", "/retry"}
+                             "/set", "/info", "/exit", "/undo", "/retry", "/copy"}
     for name in ("/help", "/clear", "/sessions", "/stats", "/info", "/exit", "/system", "/set", "/undo",
                  "/retry"):
         assert parse_command(name) == Command(name)
@@ -37,6 +37,15 @@ def test_aliases() -> None:
     assert parse_command("/quit").name == "/exit"
     assert parse_command("/q").name == "/exit"
     assert parse_command("/?").name == "/help"
+    assert parse_command("/bye").name == "/exit"  # ollama's
+
+
+def test_copy_takes_code_or_nothing() -> None:
+    assert parse_command("/copy") == Command("/copy")
+    assert parse_command("/copy CODE") == Command("/copy", "code")
+    with pytest.raises(UsageError, match=r"usage: /copy \[code\]"):
+        parse_command("/copy all")
+    assert completions("/copy c") == ["code"] and completions("/copy x") == []
 
 
 def test_unknown_command_lists_what_exists() -> None:
@@ -124,3 +133,27 @@ def test_completion_of_arguments() -> None:
     assert completions("/set top") == ["top_k", "top_p"]  # the settings table's order
     assert completions("/system w", names) == []
     assert completions("/load work x", names) == []
+
+
+def test_every_command_s_examples_are_lines_of_their_own() -> None:
+    """click joins a docstring's lines unless a paragraph starts with \\b; `bench --help`
+    once ran its examples together."""
+    import click
+    import typer
+
+    from kvchat.cli import app
+
+    def walk(command: click.Command, path: list[str]) -> list[tuple[str, str]]:
+        found = [(" ".join(path), command.get_help(click.Context(command, info_name=" ".join(path))))]
+        if isinstance(command, click.Group):
+            for name, sub in command.commands.items():
+                found += walk(sub, [*path, name])
+        return found
+
+    helps = walk(typer.main.get_command(app), ["kvchat"])
+    assert len(helps) > 10
+    for path, text in helps:
+        if "Examples:" not in text:
+            continue
+        after = text.split("Examples:", 1)[1].strip("\n").split("\n\n", 1)[0].splitlines()
+        assert after and all(line.count("kvchat ") == 1 for line in after), (path, after)

@@ -213,7 +213,7 @@ def test_the_turn_report_is_the_json_schema() -> None:
     local = turn_report(FakeChat(FakeBackend(None)), stats, "hi").to_json()  # type: ignore[arg-type]
     assert list(local) == ["text", "reasoning", "model", "settings", "usage", "cache", "memory", "timings",
                            "speculative", "stop_reason"]
-    assert local["model"] == "/models/m.gguf" and local["settings"]["n_ctx"] == 256
+    assert local["model"] == "m" and local["settings"]["n_ctx"] == 256  # as `kvchat list` would name it
     # Tokens --rebuild re-evaluated count as evaluated, not reused.
     assert (local["cache"]["reused_tokens"], local["cache"]["evaluated_tokens"],
             local["cache"]["rebuilt_tokens"]) == (5, 8, 5)

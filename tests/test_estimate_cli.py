@@ -33,8 +33,10 @@ def test_table_by_component(kvchat, model_path: Path) -> None:  # noqa: ANN001
     assert r.returncode == 0, r.stderr
     out = r.stdout
     assert "n_ctx 4096" in out and "flash attention off" in out
+    # The figures llama.cpp logs for this load. Output: two logits rows, the conversation's
+    # and kvchat's scratch sequence's (0.19 MiB each; kvchat.engine reads turns through it).
     for label, figure in (("weights", "92.10 MiB"), ("K cache", "45.00 MiB"), ("V cache", "45.00 MiB"),
-                          ("output (logits)", "0.19 MiB"), ("compute", "98.25 MiB")):
+                          ("output (logits)", "0.38 MiB"), ("compute", "98.25 MiB")):
         line = next(ln for ln in out.splitlines() if label in ln)
         assert figure in line
     assert "largest context for K f16 / V f16" in out
@@ -179,3 +181,34 @@ def test_estimate_does_not_import_llama_cpp(model_path: Path, kv_env: dict[str, 
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def _with_vocab(path: Path, tokens: list[str], **extra: int) -> Path:
+    from synthetic import write_gguf
+
+    kv = {"context_length": 4096, "embedding_length": 64, "attention.head_count": 2,
+          "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens, **extra}
+    return write_gguf(path, "llama", kv, n_layer=2, vocab=len(tokens))
+
+
+def test_draft_vocabulary_is_checked_from_the_headers(kvchat, tmp_path: Path) -> None:  # noqa: ANN001
+    words = [f"w{i}" for i in range(300)]
+    target = _with_vocab(tmp_path / "target.gguf", words, **{"tokenizer.ggml.bos_token_id": 1})
+    same = _with_vocab(tmp_path / "draft.gguf", words[:250])  # a few padding tokens short: allowed
+    ok = kvchat("estimate", str(target), "--ctx", "4096", "--draft", str(same), "--json")
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["draft"]["name"] == "draft"  # the name `kvchat list` would give
+    table = kvchat("estimate", str(target), "--ctx", "4096", "--draft", str(same))
+    assert "draft model draft at the same settings:" in table.stdout
+    other = _with_vocab(tmp_path / "other.gguf", [*words[:7], "x", *words[8:]])
+    refused = kvchat("estimate", str(target), "--ctx", "4096", "--draft", str(other))
+    assert refused.returncode == ExitCode.USAGE and refused.stdout == ""
+    assert refused.stderr.count("\n") == 1 and "draft model other.gguf cannot draft for target.gguf" in \
+        refused.stderr and "token 7 is 'w7' in one model and 'x' in the other" in refused.stderr
+    small = _with_vocab(tmp_path / "small.gguf", words[:100])
+    refused = kvchat("estimate", str(target), "--draft", str(small))
+    assert refused.returncode == ExitCode.USAGE
+    assert "vocabulary sizes differ (300 vs 100 tokens)" in refused.stderr
+    bos = _with_vocab(tmp_path / "bos.gguf", words, **{"tokenizer.ggml.bos_token_id": 2})
+    refused = kvchat("estimate", str(target), "--draft", str(bos))
+    assert refused.returncode == ExitCode.USAGE and "BOS tokens differ (1 vs 2)" in refused.stderr

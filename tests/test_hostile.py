@@ -694,6 +694,8 @@ def test_explicit_ctx_is_bounded_by_training_length_and_memory(
     base = PlanSettings(flash_attn=False, n_gpu_layers=0)
     plenty = Budget(ram=64 << 30)
     assert limits.check_explicit_ctx(spec, base, plenty, 16384, force=False) == []
+    assert limits.check_explicit_ctx(spec, base, plenty, 100, force=False) == [
+        "--ctx 100 becomes 256: llama.cpp rounds the context up to a multiple of 256"]
     with pytest.raises(UsageError, match="4x"):
         limits.check_explicit_ctx(spec, base, plenty, 8192 * 4 + 1, force=False)
     little = Budget(ram=300 << 20)

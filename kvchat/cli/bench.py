@@ -137,6 +137,7 @@ def bench(
 
     Quality is teacher-forced over a bundled public-domain text and compared with the
     f16 cache: mean KL divergence, top-1 agreement and perplexity (deterministic).
+
     \b
     Examples:
       kvchat bench

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -11,13 +12,21 @@ import typer
 from kvchat.cli import app
 from kvchat.errors import UsageError
 from kvchat.ui.environment import Environment
+from kvchat.ui.render import safe_text
 from kvchat.units import format_bytes
 
 cache_app = typer.Typer(help="The prefix cache: prompt starts kept on disk for `run` and `chat`.",
-                        no_args_is_help=True)
+                        no_args_is_help=True, suggest_commands=False)
 app.add_typer(cache_app, name="cache")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead.")]
+
+
+def _model_names(files: Iterable[str]) -> dict[str, str]:
+    """Each recorded model file's name as `kvchat list` gives it (registry.model_name_for)."""
+    from kvchat.registry import model_name_for
+
+    return {file: model_name_for(file) for file in set(files)}
 
 
 def _when(ts: float) -> str:
@@ -31,9 +40,10 @@ def list_cmd(as_json: JsonOpt = False) -> None:
 
     env = Environment()
     entries = sorted(Store().read_index().values(), key=lambda e: e.last_used, reverse=True)
+    names = _model_names(e.model for e in entries)
     if as_json:
-        rows = [{"key": e.key, "model": e.model, "start": e.start, "end": e.end, "bytes": e.bytes,
-                 "last_used": e.last_used, "hits": e.hits} for e in entries]
+        rows = [{"key": e.key, "model": names[e.model], "file": e.model, "start": e.start, "end": e.end,
+                 "bytes": e.bytes, "last_used": e.last_used, "hits": e.hits} for e in entries]
         env.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
     if not entries:
@@ -43,8 +53,8 @@ def list_cmd(as_json: JsonOpt = False) -> None:
 
     table = Table("key", "model", "tokens", "size", "last use", "hits", box=None)
     for e in entries:
-        table.add_row(e.key[:12], e.model, f"{e.start}-{e.end}", format_bytes(e.bytes), _when(e.last_used),
-                      str(e.hits))
+        table.add_row(e.key[:12], safe_text(names[e.model]), f"{e.start}-{e.end}", format_bytes(e.bytes),
+                      _when(e.last_used), str(e.hits))
     env.out_console().print(table)
 
 
@@ -68,7 +78,7 @@ def stats_cmd(as_json: JsonOpt = False) -> None:
         "limit_bytes": configured,
         "effective_limit_bytes": effective_limit(configured, store),
         "hits": sum(e.hits for e in entries),
-        "models": sorted({e.model for e in entries}),
+        "models": sorted(set(_model_names(e.model for e in entries).values())),
     }
     if as_json:
         env.stdout.write(json.dumps(figures, indent=2) + "\n")

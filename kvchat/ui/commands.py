@@ -32,9 +32,11 @@ COMMANDS: dict[str, CommandSpec] = {
     "/stats": CommandSpec("/stats", "timings of the last reply, KV fill, RAM and VRAM"),
     "/set": CommandSpec("/set [KEY VALUE]", "show or change a sampling setting"),
     "/info": CommandSpec("/info", "model, context, K/V cache types, flash attention, GPU layers"),
-    "/exit": CommandSpec("/exit", "leave (also /quit, Ctrl-D, or Ctrl-C twice at an empty prompt)"),
+    "/copy": CommandSpec("/copy [code]", "put the last reply (or, with 'code', its last code block) on the "
+                                         "clipboard"),
+    "/exit": CommandSpec("/exit", "leave (also /quit, /bye, Ctrl-D, or Ctrl-C twice at an empty prompt)"),
 }
-ALIASES = {"/quit": "/exit", "/q": "/exit", "/?": "/help"}
+ALIASES = {"/quit": "/exit", "/q": "/exit", "/bye": "/exit", "/?": "/help"}
 
 # /set KEY: the settings a chat may change (the table's "repl" group), parsed and
 # range-checked by kvchat.settings like any flag ("none" clears max_tokens and seed).
@@ -105,6 +107,11 @@ def parse_command(line: str) -> Command:
             raise UsageError(f"usage: {COMMANDS[name].usage}", hint=f"keys: {', '.join(SET_KEYS)}")
         key, value = parse_setting(words[0], words[1])
         return Command(name, argument, key, value)
+    elif name == "/copy":
+        if argument.lower() not in ("", "code"):
+            raise UsageError(f"usage: {COMMANDS[name].usage}",
+                             hint="/copy: the last reply; /copy code: its last code block")
+        return Command(name, argument.lower())
     elif name not in ("/system",) and argument:
         raise UsageError(f"{name} takes no argument", hint=f"usage: {COMMANDS[name].usage}")
     return Command(name, argument)
@@ -127,4 +134,6 @@ def completions(text: str, session_names: Iterable[str] = ()) -> list[str]:
         return sorted(n for n in session_names if n.startswith(current))
     if len(words) == 2 and head == "/set":
         return [key for key in SET_KEYS if key.startswith(current.lower())]
+    if len(words) == 2 and head == "/copy":
+        return ["code"] if "code".startswith(current.lower()) else []
     return []

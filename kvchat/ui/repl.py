@@ -447,6 +447,7 @@ class ChatRepl:
             return
         kept = self._drop_recent()
         self.session.clear()
+        self._saved_here.clear()  # what /save wrote before holds another conversation now
         self.setup.save()
         self.say(f"cleared: KV cache empty ({self.session.n_kv}/{self.backend.n_ctx} cells), "
                  "system prompt kept", style="dim")
@@ -545,11 +546,24 @@ class ChatRepl:
             self.setup.save()
             self.say(f"saved '{name}'", style="dim")
             return
-        size = self.setup.save_as(name, replace_existing=name in self._saved_here)
+        # A session this chat saved is updated; any other is replaced only when asked twice.
+        exists = session_store.session_path(name).exists()
+        if exists and name not in self._saved_here and self._confirm != f"/save {name}":
+            self._confirm = f"/save {name}"
+            self.env.warn(f"session '{name}' already exists — /save {name} again replaces it")
+            return
+        size = self.setup.save_as(name, replace_existing=exists)
         self._saved_here.add(name)
         self._saved_revision = self.session.revision
         self.say(f"saved '{name}' ({format_bytes(size)}, {self.session.n_kv} KV cells) — "
                  f"resume with `kvchat chat --session {name}` or /load {name}", style="dim")
+
+    def _cmd_copy(self, command: Command) -> None:
+        from kvchat.ui.clipboard import copy_last_reply
+
+        terminal = self.env.stdout if self.console.is_terminal else None
+        self.say(copy_last_reply(self.session.messages, code=command.argument == "code", terminal=terminal),
+                 style="dim")
 
     def _cmd_load(self, command: Command) -> None:
         name = command.argument
@@ -575,6 +589,7 @@ class ChatRepl:
             raise
         self._confirm = None
         self._saved_revision = None
+        self._saved_here.clear()
         if kept:
             self.say(f"(the previous chat is kept in history as '{kept}')", style="dim")
         self.say(f"loaded '{name}': {plural(self._user_turns(), 'turn')}, {self.session.n_kv} KV cells "

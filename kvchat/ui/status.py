@@ -16,8 +16,9 @@ from typing import Any
 from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.live import Live
 from rich.live_render import LiveRender
-from rich.markdown import Markdown
+from rich.markdown import CodeBlock, Markdown
 from rich.segment import Segment
+from rich.syntax import Syntax
 from rich.text import Text
 from rich.theme import Theme
 
@@ -31,6 +32,25 @@ SEP = " · "
 THEME = Theme({"markdown.code": "bold", "markdown.code_block": "none", "kvchat.status": "dim",
                "kvchat.reasoning": "dim italic"})
 CODE_THEME = "ansi_dark"
+
+
+class _FlushCodeBlock(CodeBlock):
+    """A code block as its lines, flush left, highlighted: rich's own pads it by a column
+    on each side and wraps long lines, so that text copied from the terminal is not the
+    code. Long lines are left to the terminal's soft wrap."""
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        code = str(self.text).rstrip("\n")
+        text = Syntax(code, self.lexer_name, theme=self.theme).highlight(code)
+        text.rstrip()
+        text.no_wrap, text.overflow = True, "ignore"
+        yield text
+
+
+class ReplyMarkdown(Markdown):
+    """Markdown for replies: code blocks that copy as working code (_FlushCodeBlock)."""
+
+    elements = {**Markdown.elements, "fence": _FlushCodeBlock, "code_block": _FlushCodeBlock}
 
 
 def _mib(n: float) -> str:
@@ -268,7 +288,7 @@ class ReplyView:
 
     def _block(self, text: str) -> RenderableType:
         if self.markdown:
-            return Markdown(text, code_theme=CODE_THEME)
+            return ReplyMarkdown(text, code_theme=CODE_THEME)
         return Text(text)
 
     def _renderable(self) -> RenderableType:
@@ -291,7 +311,7 @@ class ReplyView:
                 return
             if self._blocks:  # blocks rendered one by one lose the blank line between them
                 self.console.print()
-            self.console.print(self._block(text))
+            self.console.print(self._block(text), crop=False)  # code lines wider than the screen stay whole
             self._blocks += 1
         else:
             self.console.print(Text(text), end="")  # rich wraps at word boundaries
