@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvchat import engine
+from kvchat.engine import runtime as engine
 
 
 def test_amx_build_loads_weights_without_extra_buffer_types(monkeypatch: pytest.MonkeyPatch) -> None:

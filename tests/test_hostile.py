@@ -601,7 +601,7 @@ def test_template_output_is_bounded_but_long_messages_pass() -> None:
 
 
 def test_log_parsing_is_linear_on_a_huge_line() -> None:
-    from kvchat.engine import _LOG
+    from kvchat.engine.runtime import _LOG
     from kvchat.llama_log import parse_buffer_sizes
 
     huge = "print_info: general.name = " + "n" * (1 << 20) + " model buffer size = 1.00 MiB"

@@ -1,4 +1,6 @@
-"""The one seam around llama.cpp: the only module that imports `llama_cpp`.
+"""The one seam around llama.cpp: this package alone imports `llama_cpp`
+(`runtime`: the process-wide log and build facts; `seq_state`: sequence states
+whole, partial or by range; here: the model and its context).
 
 It loads a model and a context with every setting chosen deliberately (context
 length, K and V cache types, flash attention, SWA cache size, threads), evaluates
@@ -10,12 +12,8 @@ what llama.cpp allocated (model, KV, compute and output buffers).
 from __future__ import annotations
 
 import ctypes
-import os
-import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +21,21 @@ import llama_cpp.llama_cpp as llama
 import numpy as np  # llama_cpp imports it already: free here
 
 from kvchat import kv_state
-from kvchat.cache_types import CacheType, flash_attn_enabled
+from kvchat.cache_types import flash_attn_enabled
+from kvchat.engine import seq_state
+from kvchat.engine.context import EngineSettings, context_params
+from kvchat.engine.runtime import (
+    _LOG,
+    AMX_ENV,
+    amx_guard,
+    apply_builtin_template,
+    backend_version,
+    builtin_templates,
+    load_model,
+    supports_gpu_offload,
+    system_info,
+)
+from kvchat.engine.sampler import sampler_chain
 from kvchat.engine_api import Checkpoint, PerfCounters, SamplingSettings, TokenEmitter, TokenEvent
 from kvchat.errors import KvchatError, ModelLoadError, SessionError, UsageError
 from kvchat.gguf import read_model_header_file
@@ -31,133 +43,13 @@ from kvchat.llama_log import BufferSizes, parse_load_log
 from kvchat.model_spec import check_loadable, spec_from_header
 from kvchat.settings import MIN_CTX
 
+__all__ = ["AMX_ENV", "Engine", "EngineSettings", "amx_guard", "backend_version", "builtin_templates",
+           "supports_gpu_offload", "system_info"]
+
 # A prefill chunk should take about this long, so Ctrl-C stops it promptly.
 _CHUNK_S = 0.5
 _MIN_CHUNK = 32
 Progress = Callable[[int, int], None]
-
-# The scratch sequence through which a range of seq 0's cells is read or appended
-# (Engine.state_range_bytes, load_state_range).
-_SCRATCH = 1
-
-_FLASH_ATTN = {
-    "auto": llama.LLAMA_FLASH_ATTN_TYPE_AUTO,
-    "on": llama.LLAMA_FLASH_ATTN_TYPE_ENABLED,
-    "off": llama.LLAMA_FLASH_ATTN_TYPE_DISABLED,
-}
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    """Everything that shapes the context llama.cpp creates."""
-
-    n_ctx: int
-    type_k: CacheType
-    type_v: CacheType
-    flash_attn: str = "auto"
-    n_gpu_layers: int = -1
-    n_threads: int = 1
-    n_batch: int = 512
-    n_ubatch: int = 512
-    swa_full: bool = False
-    verbose: bool = False
-    tensor_split: tuple[float, ...] = ()  # share of layers per GPU, in llama.cpp's device order
-
-
-_MAX_KEPT_LINE = 4096  # a 1 MiB general.name echoed in the log is not kept whole
-
-
-class _Log:
-    """Process-wide llama.cpp log sink: records lines, echoes them when verbose."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-        self.echo = False
-        self._partial: list[str] = []
-        self._partial_len = 0
-        self._lock = threading.Lock()
-
-    def write(self, text: str) -> None:
-        """Linear in what arrives: a line fed in many pieces is joined once, and
-        what is kept of each line is cut to _MAX_KEPT_LINE characters."""
-        with self._lock:
-            if self.echo:
-                sys.stderr.write(text)
-            *complete, rest = text.split("\n")
-            if complete:
-                first = "".join([*self._partial, complete[0]])
-                self._partial, self._partial_len = [], 0
-                self.lines.extend(line[:_MAX_KEPT_LINE] for line in (first, *complete[1:]))
-            if rest and self._partial_len < _MAX_KEPT_LINE:
-                self._partial.append(rest)
-                self._partial_len += len(rest)
-
-    def mark(self) -> int:
-        with self._lock:
-            return len(self.lines)
-
-    def since(self, mark: int) -> list[str]:
-        with self._lock:
-            return self.lines[mark:]
-
-
-_LOG = _Log()
-
-
-# llama_cpp's ctypes bindings carry no types: the decorator is untyped.
-@llama.llama_log_callback  # type: ignore[untyped-decorator]
-def _log_callback(level: int, text: bytes | None, user_data: ctypes.c_void_p) -> None:
-    if text:
-        _LOG.write(text.decode("utf-8", errors="replace"))
-
-
-llama.llama_log_set(_log_callback, ctypes.c_void_p(0))
-llama.llama_backend_init()
-
-
-def builtin_templates() -> list[str]:
-    """Names of llama.cpp's built-in chat templates (llama_chat_builtin_templates)."""
-    n = llama.llama_chat_builtin_templates((ctypes.c_char_p * 0)(), 0)
-    names = (ctypes.c_char_p * max(n, 1))()
-    n = llama.llama_chat_builtin_templates(names, n)
-    return [names[i].decode() for i in range(max(n, 0))]
-
-
-def system_info() -> str:
-    return (llama.llama_print_system_info() or b"").decode("utf-8", errors="replace")
-
-
-# Set to 1 to let llama.cpp put weights in its AMX buffer all the same.
-AMX_ENV = "KVCHAT_AMX"
-
-
-def amx_guard() -> str | None:
-    """Why weights load without llama.cpp's extra CPU buffer types here, or None.
-
-    On CPUs with AMX, a llama.cpp built for the machine puts weights in its AMX
-    buffer first, and its matrix kernel crashes the process on some of them (seen
-    on Xeon machines with Q4_1 and Q4_K weights: a segfault in
-    ggml_backend_amx_mul_mat; ggml-org/llama.cpp#20824, #26954). Without the extra
-    buffer types (llama.cpp's --no-repack) weights stay in the plain CPU buffer:
-    slower prompt processing, never a crash. KVCHAT_AMX=1 opts back in.
-    """
-    if os.environ.get(AMX_ENV) == "1" or "AMX_INT8 = 1" not in system_info():
-        return None
-    return ("llama.cpp's AMX kernels crash on some CPUs; weights load without repacking "
-            f"({AMX_ENV}=1 allows it)")
-
-
-def supports_gpu_offload() -> bool:
-    return bool(llama.llama_supports_gpu_offload())
-
-
-def backend_version() -> str:
-    """The llama-cpp-python version, which pins the llama.cpp it vendors."""
-    import llama_cpp
-
-    return str(llama_cpp.__version__)
-
-
 
 
 class Engine:
@@ -206,47 +98,21 @@ class Engine:
         if settings.n_ctx < MIN_CTX:
             raise UsageError(f"a {settings.n_ctx}-token context is too small",
                              hint=f"use at least {MIN_CTX} tokens")
-        mparams = llama.llama_model_default_params()
-        mparams.n_gpu_layers = settings.n_gpu_layers
-        if amx_guard() is not None:
-            mparams.use_extra_bufts = False
-        if settings.tensor_split:  # llama.cpp copies it while loading (llama_model's constructor)
-            split = (ctypes.c_float * llama.llama_max_devices())(*settings.tensor_split)
-            mparams.tensor_split = ctypes.cast(split, ctypes.POINTER(ctypes.c_float))
-        model = llama.llama_model_load_from_file(str(model_path).encode(), mparams)
-        if not model:
-            raise ModelLoadError(
-                f"llama.cpp could not load '{model_path}'",
-                hint="run with --verbose to see llama.cpp's reason",
-            )
+        model = load_model(model_path, settings.n_gpu_layers, settings.tensor_split)
         self._model = model
         self._vocab = llama.llama_model_get_vocab(model)
-        cparams = llama.llama_context_default_params()
-        cparams.n_ctx = settings.n_ctx
-        # A batch larger than the context trips GGML_ASSERT(n_tokens_all <= n_batch)
-        # inside llama.cpp once it caps n_batch at n_ctx: cap both here.
-        cparams.n_batch = min(settings.n_batch, settings.n_ctx)
-        cparams.n_ubatch = min(settings.n_ubatch, cparams.n_batch)
-        # A plain KV cache gets a second, scratch sequence (_SCRATCH) so that a save reads
-        # only a turn's new cells (state_range_bytes). The cache stays one unified stream:
-        # with kv_unified off, llama.cpp splits the cells into n_seq_max streams of
+        # A plain KV cache gets a second, scratch sequence (seq_state.SCRATCH) so that a save
+        # reads only a turn's new cells (state_range_bytes). The cache stays one unified
+        # stream: with kv_unified off, llama.cpp splits the cells into n_seq_max streams of
         # n_ctx / n_seq_max each (llama_context: n_ctx_seq), halving seq 0's context.
         # Sliding-window, recurrent and hybrid memory cannot be cut by position: one sequence.
         cut = not (llama.llama_model_is_recurrent(model) or llama.llama_model_is_hybrid(model))
         self.can_save_ranges = cut and llama.llama_model_n_swa(model) == 0
-        cparams.n_seq_max = 2 if self.can_save_ranges else 1
-        cparams.kv_unified = self.can_save_ranges
-        cparams.n_threads = settings.n_threads
-        cparams.n_threads_batch = settings.n_threads
         gpu = settings.n_gpu_layers != 0 and supports_gpu_offload()
         enabled = flash_attn_enabled(settings.flash_attn, settings.type_v, gpu=gpu)
         self.flash_attn = "auto" if enabled is None else ("on" if enabled else "off")
-        cparams.flash_attn_type = _FLASH_ATTN[self.flash_attn]
-        cparams.type_k = settings.type_k.ggml_type
-        cparams.type_v = settings.type_v.ggml_type
-        cparams.swa_full = settings.swa_full
-        cparams.no_perf = False
-        ctx = llama.llama_init_from_model(model, cparams)
+        ctx = llama.llama_init_from_model(model, context_params(settings, self.flash_attn,
+                                                                  self.can_save_ranges))
         if not ctx:
             raise ModelLoadError(
                 f"llama.cpp could not create a context (n_ctx {settings.n_ctx}, "
@@ -290,25 +156,7 @@ class Engine:
 
     def apply_builtin_template(self, name: str, messages: Sequence[dict[str, str]],
                                *, add_generation_prompt: bool) -> str:
-        """Render `messages` with llama.cpp's built-in template `name`
-        (llama_chat_apply_template; see builtin_templates())."""
-        keep = [(m["role"].encode(), m["content"].encode()) for m in messages]
-        chat = (llama.llama_chat_message * max(len(keep), 1))()
-        for i, (role, content) in enumerate(keep):
-            chat[i].role = role
-            chat[i].content = content
-        size = max(256, 2 * sum(len(r) + len(c) for r, c in keep) + 256)
-        for _ in range(2):
-            buf = ctypes.create_string_buffer(size)
-            n = llama.llama_chat_apply_template(name.encode(), chat, len(keep), add_generation_prompt,
-                                                buf, size)
-            if n < 0:
-                raise UsageError(f"llama.cpp has no built-in chat template '{name}'",
-                                 hint="see `kvchat show MODEL` or pass a Jinja file to --chat-template")
-            if n <= size:
-                return buf.raw[:n].decode("utf-8", errors="replace")
-            size = n + 1
-        raise KvchatError(f"llama.cpp's '{name}' template output did not fit its buffer")
+        return apply_builtin_template(name, messages, add_generation_prompt=add_generation_prompt)
 
     def token_text(self, token: int) -> str:
         raw = llama.llama_vocab_get_text(self._vocab, token)
@@ -411,29 +259,7 @@ class Engine:
         """Build llama.cpp's sampler chain; sampling then happens in C."""
         if self._sampler is not None:
             llama.llama_sampler_free(self._sampler)
-        chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
-        seed = llama.LLAMA_DEFAULT_SEED if sampling.seed is None else sampling.seed & 0xFFFFFFFF
-        if sampling.repeat_penalty != 1.0:
-            # llama.cpp's penalties sampler over the last 64 tokens (its CLI default).
-            llama.llama_sampler_chain_add(
-                chain, llama.llama_sampler_init_penalties(64, sampling.repeat_penalty, 0.0, 0.0)
-            )
-        if sampling.temperature <= 0:
-            llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_greedy())
-        else:
-            if sampling.top_k > 0:
-                llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_top_k(sampling.top_k))
-            llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_top_p(sampling.top_p, 1))
-            if sampling.min_p > 0:
-                llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_min_p(sampling.min_p, 1))
-            llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_temp(sampling.temperature))
-            llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_dist(seed))
-        self._sampler = chain
-        # A chain of greedy alone keeps no state, and its choice is the first index of
-        # the largest logit, which is numpy's argmax: ~30 us where llama_sampler_sample
-        # first builds a candidate array of the whole vocabulary (0.5 ms for Gemma 3's
-        # 262k tokens, once per token and per verified draft position).
-        self._greedy = sampling.temperature <= 0 and sampling.repeat_penalty == 1.0
+        self._sampler, self._greedy = sampler_chain(sampling)
 
     def sample(self, index: int = -1) -> int:
         """Sample with the native chain at batch index `index` of the last decode (-1:
@@ -646,23 +472,16 @@ class Engine:
         and are kept by trimming the tail on restore, as llama-server does.
         Elsewhere the whole sequence is saved.
         """
-        flags = llama.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY if self.needs_checkpoints else 0
-        size = llama.llama_state_seq_get_size_ext(self._ctx, 0, flags)
-        buf = (ctypes.c_uint8 * size)()
-        written = llama.llama_state_seq_get_data_ext(self._ctx, buf, size, 0, flags)
-        return Checkpoint(n_tokens, bytes(buf[:written]), partial=bool(flags))
+        partial = self.needs_checkpoints
+        return Checkpoint(n_tokens, seq_state.read(self._ctx, 0, partial=partial), partial=partial)
 
     def restore_checkpoint(self, checkpoint: Checkpoint) -> bool:
         """Put the sequence back to `checkpoint`; True when the cache then covers
         exactly its tokens. A partial checkpoint needs the full-attention cells of
         its positions to be still in the cache (they are, unless cleared)."""
-        data = checkpoint.data
-        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-        flags = llama.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY if checkpoint.partial else 0
         if checkpoint.partial and checkpoint.n_tokens > self._held_upto:
             return False
-        read = llama.llama_state_seq_set_data_ext(self._ctx, buf, len(data), 0, flags)
-        if read == 0:
+        if not seq_state.write(self._ctx, checkpoint.data, 0, partial=checkpoint.partial):
             self.kv_clear()
             return False
         # The restored part ends at the checkpoint; trim the attention cells after it.
@@ -674,17 +493,11 @@ class Engine:
 
     def state_bytes(self) -> bytes:
         """The sequence's KV state only (no logits), for saving to disk."""
-        size = llama.llama_state_seq_get_size(self._ctx, 0)
-        buf = (ctypes.c_uint8 * size)()
-        written = llama.llama_state_seq_get_data(self._ctx, buf, size, 0)
-        # string_at copies once in C; bytes(buf[:n]) would build a list of n ints first.
-        return ctypes.string_at(buf, written)
+        return seq_state.read(self._ctx, 0)
 
     def load_state_bytes(self, data: bytes, n_tokens: int) -> None:
         self.kv_clear()
-        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-        read = llama.llama_state_seq_set_data(self._ctx, buf, len(data), 0)
-        if read == 0:
+        if not seq_state.write(self._ctx, data, 0):
             raise SessionError("llama.cpp refused the saved KV state", hint="use --rebuild")
         cells = self.cells_in_use()
         if cells != n_tokens:
@@ -697,70 +510,30 @@ class Engine:
 
     def state_range_bytes(self, start: int, end: int) -> bytearray:
         """The cells of positions [start, end) of seq 0, as the sequence state llama.cpp
-        writes for them alone: what kv_state.cut would take from state_bytes(), without
-        reading the other cells (a turn's save costs the turn, not the history).
+        writes for them alone (kvchat.engine.seq_state.read_range says why it is
+        exact): a turn's save costs the turn, not the history.
 
-        Why it is exact: llama_memory_seq_cp(0 -> _SCRATCH, start, end) on a unified
-        cache only adds the scratch id to those cells' metadata (llama_kv_cache::seq_cp,
-        same stream: no data copied). llama_state_seq_get_data(_SCRATCH) then writes the
-        cells carrying that id, in cell order, with their K and V rows read from the
-        cache tensors (llama_kv_cache::state_write: the very rows seq 0's state holds).
-        seq_rm(_SCRATCH) drops the id again; a cell is freed only when no sequence holds
-        it, and seq 0 still does. The cell records say seq 1 (llama.cpp reads the
-        destination from the caller on load, not from the bytes); kv_state.as_seq0 writes
-        0 there, so the result is byte for byte the cut of seq 0's own state. The bytes
-        are written by llama.cpp straight into the buffer returned: a save holds one
-        copy of the new cells, never the history.
-
-        Raises kv_state.StateFormatError when the cells are not [start, end) in order
-        (after a context shift the cells no longer follow positions): save whole then.
-        Cost: one pass over the cells' metadata (n_ctx), and the range's bytes.
+        Raises kv_state.StateFormatError where the memory cannot be cut by position,
+        or the cells are not [start, end) in order (after a context shift): save whole.
         """
         if not self.can_save_ranges:
             raise kv_state.StateFormatError(f"a {self.memory_kind} cache cannot be read by position")
         if not 0 <= start < end <= self.n_past:
             raise kv_state.StateFormatError(f"positions {start}..{end} are not all in the cache")
-        llama.llama_memory_seq_rm(self._memory, _SCRATCH, -1, -1)
-        llama.llama_memory_seq_cp(self._memory, 0, _SCRATCH, start, end)
-        try:
-            size = llama.llama_state_seq_get_size(self._ctx, _SCRATCH)
-            data = bytearray(size)
-            written = llama.llama_state_seq_get_data(
-                self._ctx, (ctypes.c_uint8 * size).from_buffer(data), size, _SCRATCH)
-        finally:
-            llama.llama_memory_seq_rm(self._memory, _SCRATCH, -1, -1)
-        if written != size:
-            raise kv_state.StateFormatError(f"llama.cpp wrote {written} of {size} state bytes")
-        return kv_state.as_seq0(data, _SCRATCH, start, end)
+        return seq_state.read_range(self._ctx, self._memory, start, end)
 
     def load_state_range(self, data: bytes, start: int, end: int) -> None:
         """Append cells [start, end) (state_range_bytes' bytes, or consecutive ranges
-        joined by kv_state) after the `start` positions seq 0 holds.
-
-        Loading into seq 0 would first clear it (llama_kv_cache::state_read_meta
-        removes the destination sequence), so the range goes into the scratch
-        sequence: llama.cpp puts the cells in free cells with their saved positions and
-        K/V rows; seq_cp(_SCRATCH -> 0) then gives them to seq 0 (metadata only) and
-        seq_rm(_SCRATCH) drops the scratch id. Ranges loaded in order after kv_clear()
-        fill the cells in order: the cache then holds the bytes it held when saved.
-        """
+        joined by kv_state) after the `start` positions seq 0 holds
+        (kvchat.engine.seq_state.load_range)."""
         if not self.can_save_ranges:
             raise SessionError(f"a {self.memory_kind} cache cannot be restored by position",
                                hint="use --rebuild")
         if self.cells_in_use() != start or (start and self._pos_min() != 0):
             raise SessionError(f"a KV range from position {start} does not follow the "
                                f"{self.cells_in_use()} positions in the cache", hint="use --rebuild")
-        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-        try:
-            read = llama.llama_state_seq_set_data(self._ctx, buf, len(data), _SCRATCH)
-            span = (llama.llama_memory_seq_pos_min(self._memory, _SCRATCH),
-                    llama.llama_memory_seq_pos_max(self._memory, _SCRATCH))
-            if read == 0 or span != (start, end - 1):
-                raise SessionError(f"llama.cpp refused the saved KV cells {start}..{end}",
-                                   hint="use --rebuild")
-            llama.llama_memory_seq_cp(self._memory, _SCRATCH, 0, -1, -1)
-        finally:
-            llama.llama_memory_seq_rm(self._memory, _SCRATCH, -1, -1)
+        if not seq_state.load_range(self._ctx, self._memory, data, start, end):
+            raise SessionError(f"llama.cpp refused the saved KV cells {start}..{end}", hint="use --rebuild")
         self._sync_n_past()
         if self.n_past != end:
             raise SessionError(f"the KV cache holds {self.n_past} positions after a restore, expected {end}",
