@@ -197,6 +197,12 @@ def test_no_prompt(kvchat) -> None:
     _assert_one_line_error(kvchat("run"), ExitCode.USAGE, "no prompt")
 
 
+def test_a_model_without_a_prompt_points_to_chat(kvchat, model_path: Path) -> None:
+    # `kvchat run MODEL` as ollama's `ollama run MODEL`: the user wanted a chat (issue 23, item 6)
+    result = kvchat("run", str(model_path))
+    _assert_one_line_error(result, ExitCode.USAGE, "no prompt given", f"kvchat chat {model_path}")
+
+
 def test_debug_shows_the_traceback(kvchat) -> None:
     result = kvchat("--debug", "run", "--model", "no-such-model", "hi")
     assert result.returncode == ExitCode.NOT_FOUND

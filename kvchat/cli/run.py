@@ -28,12 +28,17 @@ def split_model_and_prompt(words: list[str], model: str | None) -> tuple[str | N
     return model, words, False
 
 
-def build_prompt(piped: str, words: list[str]) -> str:
+def build_prompt(piped: str, words: list[str], model: str | None = None) -> str:
     parts = [p for p in (piped.strip("\n"), " ".join(words).strip()) if p.strip()]
     if not parts:
+        if model is not None:  # `kvchat run MODEL` alone: the user wanted a chat
+            raise UsageError(f"no prompt given for {model}",
+                             hint=f'to chat with it, use `kvchat chat {model}`; to ask once: '
+                                  f'kvchat run {model} "Why is the sky blue?"')
         raise UsageError(
             "no prompt given",
-            hint='pass it as arguments (kvchat run "Why is the sky blue?") or pipe it on stdin',
+            hint='pass it as arguments (kvchat run "Why is the sky blue?") or pipe it on stdin; '
+                 'for a conversation, use `kvchat chat`',
         )
     return valid_text("\n\n".join(parts))
 
@@ -99,7 +104,9 @@ def answer_piped(env: Environment, flags: dict[str, Any], *, words: list[str] | 
     all_words = words or []
     model_ref, prompt_words, guessed = split_model_and_prompt(all_words, flags.get("model"))
     piped = env.read_stdin()
-    prompt = build_prompt(piped, prompt_words) if not undo or piped.strip() or prompt_words else None
+    # `kvchat run MODEL` alone (not `chat` with an empty pipe) is told about `kvchat chat`.
+    asked_model = model_ref if words is not None else None
+    prompt = build_prompt(piped, prompt_words, asked_model) if not undo or piped.strip() or prompt_words else None
     # Where the piped part ends: other prompts over the same document share it.
     shared_chars = len(piped.strip("\n")) if piped.strip() else None
     with LoadProgress(env, enabled=not verbose) as progress:
