@@ -4,6 +4,7 @@ the flags leave out), save it, save it under another name, close it."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -42,6 +43,7 @@ class Chat:
     settings: Settings
     resumed_tokens: int = 0
     rebuilt_tokens: int = 0
+    rebuild_s: float = 0.0  # the time re-evaluating `rebuilt_tokens` took, before the first turn
 
     @property
     def model_label(self) -> str:
@@ -56,6 +58,7 @@ class Chat:
     def save_into(self, named: NamedSession) -> int:
         """Write the conversation into `named` (its identity and settings checked)."""
         self.backend.before_save(named)
+        named.rendering = rendering_of(self.settings)
         return named.save(self.session, self.backend.n_ctx)
 
     def save_as(self, name: str, *, replace_existing: bool = False) -> int:
@@ -81,6 +84,17 @@ class Chat:
                 self.named.close()
 
 
+def rendering_of(s: Settings) -> dict[str, Any]:
+    """How the transcript is rendered (named_session.SAVED_RENDERING_KEYS), as a session
+    keeps it: a template file by its absolute path, so that it is found from anywhere."""
+    from pathlib import Path
+
+    template = s.chat_template
+    if template is not None and Path(template).expanduser().is_file():
+        template = str(Path(template).expanduser().resolve())
+    return {"raw": s.raw, "chat_template": template, "think": s.think}
+
+
 def open_conversation(
     flags: Mapping[str, Any],
     warn: Warn,
@@ -99,20 +113,23 @@ def open_conversation(
     named = NamedSession(session_name) if session_name else None
     backend: Backend | None = None
     try:
-        saved = named.saved_values() if named is not None else {}
+        saved = named.saved_values(rebuild=rebuild) if named is not None else {}
         s = settings_mod.resolve(flags, saved)
         for message in s.overridden:
             warn(message)
         if s.server is not None:
             backend = open_server(s, warn)
             if named is not None:
+                rebuild = _moved(named, backend.identity(), backend.label, warn) or rebuild
                 named.check(backend.identity(), backend.context_settings(), rebuild=rebuild)
             return _start(backend, named, s, sampling, warn, rebuild=rebuild)
         request = resolve_load(s, warn)
         speculation = resolve_speculation(s)
         if named is not None:
+            identity = model_identity(request.model_path)
+            rebuild = _moved(named, identity, request.model_path.name, warn) or rebuild
             # The saved flash-attention mode is the one that ran: compare like with like.
-            named.check(model_identity(request.model_path), expected_context(request), rebuild=rebuild)
+            named.check(identity, expected_context(request), rebuild=rebuild)
         probe = hardware.CpuLoadProbe()
         engine = load_engine(request, warn, verbose=verbose)
         local = LocalBackend(engine, request, s)
@@ -129,6 +146,19 @@ def open_conversation(
         raise
 
 
+def _moved(named: NamedSession, identity: dict[str, Any], label: str, warn: Warn) -> bool:
+    """A session made on a server and resumed here, or the other way round, or on
+    another server: its KV state is of no use where it runs now, so its transcript is
+    re-evaluated (said once). Returns whether it moved."""
+    where = named.moved_from(identity)
+    if where is None:
+        return False
+    now = label if identity.get("server") else f"{label} on this machine"
+    back = f" (--server {where} resumes it there)" if where != "this machine" else ""
+    warn(f"session '{named.name}' was made on {where}; its transcript is re-evaluated with {now}{back}")
+    return True
+
+
 def _start(backend: Backend, named: NamedSession | None, s: Settings, sampling: SamplingSettings | None,
            warn: Warn, *, rebuild: bool) -> Chat:
     """The conversation on a loaded backend, the named session's saved conversation
@@ -138,8 +168,11 @@ def _start(backend: Backend, named: NamedSession | None, s: Settings, sampling: 
     if named is not None:
         named.settings = backend.context_settings()
         if named.exists:
+            started = time.perf_counter()
             chat.rebuilt_tokens = named.attach(session, rebuild=rebuild)
             chat.resumed_tokens = session.n_tokens - chat.rebuilt_tokens
+            if chat.rebuilt_tokens:
+                chat.rebuild_s = time.perf_counter() - started
             notice = backend.resume_notice(session.n_tokens)
             if notice:
                 warn(notice)
