@@ -9,7 +9,7 @@ import typer
 
 from kvchat.cli import app
 from kvchat.cli.options import CHAT_OPTIONS, JSON, shared_options
-from kvchat.errors import ExitCode, KvchatError, NetworkError, UsageError
+from kvchat.errors import ExitCode, KvchatError, NetworkError, SessionError, UsageError
 from kvchat.ui.environment import Environment, valid_text
 
 if TYPE_CHECKING:
@@ -43,6 +43,19 @@ def build_prompt(piped: str, words: list[str], model: str | None = None) -> str:
     return valid_text("\n\n".join(parts))
 
 
+def last_conversation(session_name: str | None) -> str:
+    """--continue: the session saved last, named or a recent chat."""
+    from kvchat.session_store import latest_session
+
+    if session_name is not None:
+        raise UsageError("--continue resumes the last conversation; give it or --session NAME, not both")
+    name = latest_session()
+    if name is None:
+        raise SessionError("there is no conversation to continue",
+                           hint="start one with `kvchat chat`, or `kvchat run --session NAME`")
+    return name
+
+
 def _guessed_model_failed(exc: KvchatError, word: str, rest: list[str]) -> KvchatError:
     """A first word taken for a model that then failed: say how to send it as a prompt."""
     prompt = " ".join([word, *rest])
@@ -71,6 +84,10 @@ def run(
     undo: Annotated[bool, typer.Option(
         "--undo", help="With --session: drop its last message and reply first (then answer PROMPT, if any).",
     )] = False,
+    continue_last: Annotated[bool, typer.Option(
+        "--continue", "-C", help="Continue the last conversation (named or a recent chat) and save this "
+        "turn into it.",
+    )] = False,
 ) -> None:
     """Answer one prompt. stdin comes first, then the arguments, a blank line between.
 
@@ -86,7 +103,10 @@ def run(
       kvchat run --session work "Remember: my name is Ada."   (then later)
       kvchat run --session work "What is my name?"
       kvchat run --session work --undo "Forget that; my name is Grace."
+      kvchat run --continue "And in French?"
     """
+    if continue_last:
+        session_name = last_conversation(session_name)
     answer_piped(Environment(), flags, words=list(words or []), stats=stats, as_json=as_json,
                  verbose=verbose, session_name=session_name, rebuild=rebuild, undo=undo)
 
@@ -98,6 +118,7 @@ def answer_piped(env: Environment, flags: dict[str, Any], *, words: list[str] | 
     `undo` first drops the named session's last exchange; the prompt is then optional."""
     from kvchat.app import open_conversation
     from kvchat.ui.progress import LoadProgress
+    from kvchat.ui.resume import opened_text, restored_settings
 
     if undo and not session_name:
         raise UsageError("--undo needs --session NAME", hint="kvchat run --session NAME --undo")
@@ -106,7 +127,8 @@ def answer_piped(env: Environment, flags: dict[str, Any], *, words: list[str] | 
     piped = env.read_stdin()
     # `kvchat run MODEL` alone (not `chat` with an empty pipe) is told about `kvchat chat`.
     asked_model = model_ref if words is not None else None
-    prompt = build_prompt(piped, prompt_words, asked_model) if not undo or piped.strip() or prompt_words else None
+    wanted = not undo or piped.strip() or prompt_words
+    prompt = build_prompt(piped, prompt_words, asked_model) if wanted else None
     # Where the piped part ends: other prompts over the same document share it.
     shared_chars = len(piped.strip("\n")) if piped.strip() else None
     with LoadProgress(env, enabled=not verbose) as progress:
@@ -118,6 +140,10 @@ def answer_piped(env: Environment, flags: dict[str, Any], *, words: list[str] | 
                 raise _guessed_model_failed(exc, all_words[0], prompt_words) from None
             raise
         progress.loaded(conv.model_label)
+        if conv.named is not None:
+            restored = restored_settings(conv.settings)
+            progress.say(f"kvchat: {opened_text(conv)}"
+                         + (f"; settings restored: {', '.join(restored)}" if restored else ""))
         conv.session.on_prefill = progress.prefill
         try:
             if undo:
@@ -178,7 +204,8 @@ def _answer(env: Environment, conv: Chat, prompt: str, progress: LoadProgress, *
         env.stdout.write("\n")
     env.stdout.flush()
     if stats:
-        env.stderr.write(stats_line(figures, conv.backend.load_s, conv.backend.memory(session)) + "\n")
+        env.stderr.write(stats_line(figures, conv.backend.load_s, conv.backend.memory(session),
+                                    rebuilt_tokens=conv.rebuilt_tokens, rebuild_s=conv.rebuild_s) + "\n")
     if figures.prefix_cache_skipped and not as_json:
         env.warn(figures.prefix_cache_skipped)
     if figures.reevaluated_tokens:
