@@ -301,3 +301,12 @@ def test_gpu_fused_flash_attention_pairs() -> None:
 
     assert pair("f16", "f16") and pair("q8_0", "q8_0") and pair("q4_0", "q4_0") and pair("bf16", "bf16")
     assert not pair("q8_0", "q4_0") and not pair("q5_1", "q5_1") and not pair("f32", "f32")
+
+
+def test_the_busy_cores_advice_is_given_once_not_on_every_run(kv_env: dict[str, str]) -> None:
+    from kvchat.app.load import _advised_lately
+
+    assert not _advised_lately("busy cores: --threads 2 -> 1")
+    assert _advised_lately("busy cores: --threads 2 -> 1")  # the same advice again: quiet
+    assert not _advised_lately("busy cores: --threads 4 -> 2")  # something changed: said
+

@@ -103,10 +103,13 @@ def open_conversation(
     rebuild: bool = False,
     verbose: bool = False,
     sampling: SamplingSettings | None = None,
+    answers: bool = True,
 ) -> Chat:
     """Resolve settings once (a named session supplies those the flags leave out),
     load the model, and restore or start the conversation. `sampling` (the REPL's
-    current values when it switches sessions) wins over resolved sampling."""
+    current values when it switches sessions) wins over resolved sampling. `answers`
+    False: nothing will be generated (`run --undo` alone), so how busy the cores are
+    does not matter."""
     from kvchat.named_session import NamedSession
     from kvchat.session_store import model_identity
 
@@ -134,7 +137,8 @@ def open_conversation(
         engine = load_engine(request, warn, verbose=verbose)
         local = LocalBackend(engine, request, s)
         backend = local
-        warn_if_cores_contended(probe, request.n_threads, warn)
+        if answers:
+            warn_if_cores_contended(probe, request.n_threads, warn)
         local.chat_engine = start_speculation(engine, request, speculation, warn, verbose=verbose)
         local.prefix_cache = open_prefix_cache(engine, request, s)
         return _start(local, named, s, sampling, warn, rebuild=rebuild)

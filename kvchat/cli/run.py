@@ -134,7 +134,7 @@ def answer_piped(env: Environment, flags: dict[str, Any], *, words: list[str] | 
     with LoadProgress(env, enabled=not verbose) as progress:
         try:
             conv = open_conversation({**flags, "model": model_ref}, env.warn, session_name=session_name,
-                                     rebuild=rebuild, verbose=verbose)
+                                     rebuild=rebuild, verbose=verbose, answers=prompt is not None)
         except KvchatError as exc:
             if guessed and exc.exit_code in (ExitCode.NOT_FOUND, ExitCode.NETWORK, ExitCode.BAD_MODEL):
                 raise _guessed_model_failed(exc, all_words[0], prompt_words) from None
