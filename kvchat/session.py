@@ -426,7 +426,7 @@ class Session:
                 got = self.prefix_cache.prefill(self.engine, to_eval, cuts, self.on_prefill)
                 stats.prefix_cache_tokens = got.restored_tokens
                 stats.prefix_cache_restore_s = got.restore_s
-                stats.prefix_cache_skipped = got.skipped
+                stats.prefix_cache_skipped, stats.prefix_cache_routine = got.skipped, got.routine
             else:
                 self._prefill(to_eval, history, [history_len, len(history) - 1])
         except BaseException:

@@ -74,7 +74,9 @@ def test_json_schema(kvchat, model_path: Path) -> None:
     assert record["stop_reason"] == "length"
     assert record["cache"] == {"reused_tokens": 0, "evaluated_tokens": usage["prompt_tokens"],
                                "rebuilt_tokens": 0, "reevaluated_tokens": 0, "prefix_cache_tokens": 0,
-                               "prefix_cache_restore_s": 0.0}
+                               "prefix_cache_restore_s": 0.0,
+                               "prefix_cache_skipped": f"the prompt has {usage['prompt_tokens']} tokens; "
+                               "the prefix cache stores prompts of 256 or more"}
     timings = record["timings"]
     assert set(timings) == {"load_s", "ttft_s", "prefill_tok_s", "decode_tok_s"}
     assert all(value > 0 for value in timings.values())

@@ -206,7 +206,7 @@ def _answer(env: Environment, conv: Chat, prompt: str, progress: LoadProgress, *
     if stats:
         env.stderr.write(stats_line(figures, conv.backend.load_s, conv.backend.memory(session),
                                     rebuilt_tokens=conv.rebuilt_tokens, rebuild_s=conv.rebuild_s) + "\n")
-    if figures.prefix_cache_skipped and not as_json:
+    if figures.prefix_cache_skipped and not figures.prefix_cache_routine and not as_json:
         env.warn(figures.prefix_cache_skipped)
     if figures.reevaluated_tokens:
         env.warn(reevaluated_notice(figures))

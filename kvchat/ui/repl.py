@@ -339,7 +339,7 @@ class ChatRepl:
             else:
                 summary = _summary(figures, self.kv_fill(), self.sampler.latest, self.device)
                 self.say(wrap_segments(summary, self.console.width), style="dim")
-            if figures.prefix_cache_skipped:
+            if figures.prefix_cache_skipped and not figures.prefix_cache_routine:
                 self.env.warn(figures.prefix_cache_skipped)
             if figures.reevaluated_tokens:
                 self.env.warn(reevaluated_notice(figures))
