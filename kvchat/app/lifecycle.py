@@ -194,7 +194,9 @@ def open_server(s: Settings, warn: Warn) -> LlamaServerBackend | MessageServerBa
     from kvchat.remote.llama_server import LlamaServerEngine
 
     assert s.server is not None
-    engine = open_server_engine(ServerOptions(s.server, s.api_key, s.server_timeout, s.tls_verify), s.model)
+    # A session made here saved a model file's path: no name a server knows.
+    model = s.model if s.sources.get("model") != "session" else None
+    engine = open_server_engine(ServerOptions(s.server, s.api_key, s.server_timeout, s.tls_verify), model)
     ignored = [settings_mod.SETTINGS[k].flag or k for k in settings_mod.keys_in("local")
                if s.sources.get(k) in ("flag", "env") and k in s.sources]
     if s.sources.get("speculative") in ("flag", "env") and s.speculative != "off":

@@ -48,7 +48,9 @@ def opened_text(chat: Chat) -> str:
         if chat.rebuilt_tokens:
             return (f"rebuilt {kind} '{name}': {turns}, {plural(chat.rebuilt_tokens, 'token')} "
                     f"re-evaluated in {chat.rebuild_s:.2f}s")
-        return f"resumed {kind} '{name}': {turns}, {plural(chat.resumed_tokens, 'token')}"
+        # A server that renders messages keeps no token history here: turns only.
+        tokens = f", {plural(chat.resumed_tokens, 'token')}" if chat.resumed_tokens else ""
+        return f"resumed {kind} '{name}': {turns}{tokens}"
     near = near_names(name)
     if near:
         return (f"new {kind} '{name}' (no saved session by that name; did you mean "
