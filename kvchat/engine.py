@@ -147,6 +147,18 @@ def amx_guard() -> str | None:
             f"({AMX_ENV}=1 allows it)")
 
 
+def schema_grammar(schema: str) -> str:
+    """A JSON Schema (JSON text) as a GBNF grammar, by llama.cpp's own converter (as
+    llama-server's json_schema); a schema it cannot express is a usage error."""
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    try:
+        return str(json_schema_to_gbnf(schema))
+    except Exception as exc:  # the converter asserts, and raises ValueError, KeyError...
+        raise UsageError(f"--schema: llama.cpp cannot express this schema as a grammar: {exc}",
+                         hint="use the JSON Schema subset llama.cpp supports (grammars/README.md)") from None
+
+
 def supports_gpu_offload() -> bool:
     return bool(llama.llama_supports_gpu_offload())
 
@@ -171,6 +183,9 @@ class Engine:
         self._ctx: Any = None
         self._sampler: Any = None
         self._greedy = False  # the chain is plain greedy: sample() takes the argmax itself
+        self._constrained = False  # the chain has a grammar (set_json_schema)
+        self._grammar: str | None = None  # set_json_schema's, as GBNF
+        self._sampling = SamplingSettings()
         self._batch: Any = None  # eval_batch's, kept: a verify step per few tokens reuses it
         self._batch_size = 0
         self.flash_attn = settings.flash_attn
@@ -407,10 +422,25 @@ class Engine:
             self._held_upto += n_tokens
         self.n_past += n_tokens
 
+    def set_json_schema(self, schema: str | None) -> None:
+        """Constrain each reply to a JSON Schema (JSON text; None: free text): a grammar
+        sampler joins the chain. Not with speculative decoding: a grammar accepts each
+        token it sees, and a rejected draft token cannot be taken back out of it."""
+        self._grammar = schema_grammar(schema) if schema is not None else None
+        try:
+            self.set_sampling(self._sampling)
+        except UsageError:  # llama.cpp refused the grammar: back to free text, still usable
+            self._grammar = None
+            self.set_sampling(self._sampling)
+            raise
+
     def set_sampling(self, sampling: SamplingSettings) -> None:
         """Build llama.cpp's sampler chain; sampling then happens in C."""
+        self._sampling = sampling
+        gbnf = self._grammar.encode() if self._grammar is not None else None
         if self._sampler is not None:
             llama.llama_sampler_free(self._sampler)
+            self._sampler = None
         chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
         seed = llama.LLAMA_DEFAULT_SEED if sampling.seed is None else sampling.seed & 0xFFFFFFFF
         if sampling.repeat_penalty != 1.0:
@@ -418,6 +448,14 @@ class Engine:
             llama.llama_sampler_chain_add(
                 chain, llama.llama_sampler_init_penalties(64, sampling.repeat_penalty, 0.0, 0.0)
             )
+        if gbnf is not None:
+            # Before the samplers that choose: only tokens the grammar allows reach them.
+            grammar = llama.llama_sampler_init_grammar(self._vocab, gbnf, b"root")
+            if not grammar:
+                llama.llama_sampler_free(chain)
+                raise UsageError("--schema: llama.cpp cannot build a grammar from this schema",
+                                 hint="simplify the schema (see llama.cpp's grammars/README.md)")
+            llama.llama_sampler_chain_add(chain, grammar)
         if sampling.temperature <= 0:
             llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_greedy())
         else:
@@ -433,7 +471,8 @@ class Engine:
         # the largest logit, which is numpy's argmax: ~30 us where llama_sampler_sample
         # first builds a candidate array of the whole vocabulary (0.5 ms for Gemma 3's
         # 262k tokens, once per token and per verified draft position).
-        self._greedy = sampling.temperature <= 0 and sampling.repeat_penalty == 1.0
+        self._constrained = gbnf is not None
+        self._greedy = sampling.temperature <= 0 and sampling.repeat_penalty == 1.0 and not self._constrained
 
     def sample(self, index: int = -1) -> int:
         """Sample with the native chain at batch index `index` of the last decode (-1:
@@ -455,6 +494,8 @@ class Engine:
         llama-bench's tg test does (benchmarks). `context` is not needed here
         (kvchat.speculative_engine drafts from it).
         """
+        if self._constrained:  # a grammar follows each reply from its start
+            llama.llama_sampler_reset(self._sampler)
         emit = TokenEmitter(self, max_tokens, self.n_ctx - self.n_past, stop_at_eog=stop_at_eog)
         while True:
             token = self.sample(-1)

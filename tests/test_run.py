@@ -312,3 +312,61 @@ def test_the_busy_cores_advice_is_given_once_not_on_every_run(kv_env: dict[str, 
     assert _advised_lately("busy cores: --threads 2 -> 1")  # the same advice again: quiet
     assert not _advised_lately("busy cores: --threads 4 -> 2")  # something changed: said
 
+
+
+def test_files_are_attached_under_their_names(tmp_path: Path) -> None:
+    from kvchat.cli.run import attach_files
+
+    notes = tmp_path / "notes.md"
+    notes.write_text("Buy milk.\n```py\nprint(1)\n```\n")
+    text = attach_files([str(notes), "-"], "piped text\n")
+    # Each under its name, in a fence that no line of the file closes.
+    assert text == (f"{notes}:\n````\nBuy milk.\n```py\nprint(1)\n```\n````\n\n"
+                    "stdin:\n```\npiped text\n```")
+
+
+@pytest.mark.parametrize(("content", "said"), [
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "a binary file, not text"),
+    (b"caf\xe9 au lait", "not UTF-8 text"),
+])
+def test_a_binary_file_is_refused_in_one_line(kvchat, tmp_path: Path, content: bytes, said: str) -> None:
+    path = tmp_path / "blob.bin"
+    path.write_bytes(content)
+    result = kvchat("run", "-f", str(path), "What is this?")
+    _assert_one_line_error(result, ExitCode.USAGE, f"-f {path}: {said}")
+    missing = kvchat("run", "-f", str(tmp_path / "nope.txt"), "What is this?")
+    _assert_one_line_error(missing, ExitCode.USAGE, "No such file")
+
+
+def test_a_file_reaches_the_model(kvchat, tmp_path: Path) -> None:
+    path = tmp_path / "facts.txt"
+    path.write_text("The secret word is PELICAN.\n")
+    result = kvchat("run", "--json", "-n", "8", *GREEDY, "-f", str(path), "What is the secret word?")
+    assert result.returncode == 0, result.stderr
+    alone = json.loads(kvchat("run", "--json", "-n", "8", *GREEDY, "What is the secret word?").stdout)
+    record = json.loads(result.stdout)
+    # The file's tokens are in the prompt (its name and text, fenced).
+    assert record["usage"]["prompt_tokens"] >= alone["usage"]["prompt_tokens"] + 15
+
+
+@pytest.mark.parametrize(("schema", "said"), [
+    ('{"type": "strange"}', "llama.cpp cannot express this schema"),
+    ("not json", "neither a file nor JSON"),
+    ("[1, 2]", "a JSON Schema is an object"),
+])
+def test_a_schema_llama_cpp_cannot_use_is_a_usage_error(kvchat, schema: str, said: str) -> None:
+    _assert_one_line_error(kvchat("run", "--schema", schema, "hi"), ExitCode.USAGE, said)
+
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+          "required": ["name", "age"]}
+
+
+def test_schema_constrains_the_reply_to_json(kvchat, tmp_path: Path) -> None:
+    schema_file = tmp_path / "person.json"
+    schema_file.write_text(json.dumps(PERSON))
+    result = kvchat("run", "--schema", str(schema_file), "-n", "60", *GREEDY, "Invent a person.")
+    assert result.returncode == 0, result.stderr
+    person = json.loads(result.stdout)  # the output parses, whatever the model would have said
+    assert set(person) == {"name", "age"} and isinstance(person["name"], str) and 0 <= person["age"] <= 120

@@ -3,6 +3,7 @@ where it ran, what a mismatch says, and what opening it tells the user."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from kvchat.named_session import ContextSettings, NamedSession, mismatches
 from kvchat.settings import resolve
 from kvchat.ui.render import stats_line
 from kvchat.ui.resume import near_names, opened_text, restored_settings
+from tests.chat_api_server import chat_api_server
 
 LOCAL = {"path": "/models/m.gguf", "size": 1, "sha256": "0"}
 ON_SERVER = {"path": "http://gpu:8080 m", "size": 0, "sha256": "llama-server:1", "server": "http://gpu:8080"}
@@ -144,10 +146,51 @@ def test_stats_never_call_rebuilt_or_restored_tokens_cached() -> None:
     assert "prompt 60 tok (48 cached, 12 evaluated)" in stats_line(rebuilt, 1.0)
 
 
+
+def test_run_on_a_server_says_new_resumed_or_a_near_name_and_continues(kvchat) -> None:  # noqa: ANN001
+    with chat_api_server() as server:
+        first = kvchat("run", "--server", server.url, "-S", "work", "Hello there.")
+        assert first.returncode == 0, first.stderr
+        assert first.stdout == "reply 1 to Hello there.\n"
+        assert "kvchat: new session 'work'\n" in first.stderr
+        typo = kvchat("run", "--server", server.url, "-S", "wrok", "--temperature", "0.3", "Hi.")
+        assert "new session 'wrok' (no saved session by that name; did you mean 'work'?)" in typo.stderr
+        # --continue: the conversation saved last, with the settings it saved.
+        again = kvchat("run", "--server", server.url, "--continue", "And now?")
+        assert again.returncode == 0, again.stderr
+        assert "kvchat: resumed session 'wrok': 1 turn; settings restored: temperature 0.3" \
+            in again.stderr
+        assert [m["content"] for m in server.bodies[-1]["messages"]] == ["Hi.", "reply 2 to Hi.", "And now?"]
+        assert server.bodies[-1]["temperature"] == 0.3
+
+
+def test_a_session_moves_to_another_server_with_its_transcript(kvchat) -> None:  # noqa: ANN001
+    with chat_api_server() as made_on, chat_api_server() as now_on:
+        assert kvchat("run", "--server", made_on.url, "-S", "trip", "Hello.").returncode == 0
+        moved = kvchat("run", "--server", now_on.url, "-S", "trip", "Still there?")
+        assert moved.returncode == 0, moved.stderr
+        assert (f"session 'trip' was made on {made_on.url}; its transcript is re-evaluated with tiny-chat "
+                f"on {now_on.url} (--server {made_on.url} resumes it there)") in moved.stderr
+        assert "was server" not in moved.stderr and "saved with" not in moved.stderr
+        assert [m["content"] for m in now_on.bodies[0]["messages"]] == ["Hello.", "reply 1 to Hello.",
+                                                                        "Still there?"]
+        record = session_store.load(session_store.session_path("trip")).record
+        assert record["model"]["server"] == now_on.url
+
+
+def test_schema_reaches_an_openai_compatible_server_as_response_format(kvchat) -> None:  # noqa: ANN001
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    with chat_api_server() as server:
+        result = kvchat("run", "--server", server.url, "--schema", json.dumps(schema), "Where is the Louvre?")
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout) == {"city": "Paris"}
+        assert server.bodies[0]["response_format"] == {"type": "json_schema",
+                                                       "json_schema": {"name": "reply", "schema": schema}}
+
+
+
 @pytest.mark.slow
 def test_run_session_says_what_it_resumed_and_keeps_how_it_renders(kvchat) -> None:  # noqa: ANN001
-    import json
-
     args = ("--temperature", "0", "--threads", "1", "-n", "4")
     first = kvchat("run", "-S", "work", "--raw", *args, "--json", "The capital of France is")
     assert first.returncode == 0, first.stderr

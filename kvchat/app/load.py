@@ -137,6 +137,35 @@ def _advised_lately(advice: str) -> bool:
     return False
 
 
+def resolve_schema(value: str) -> str:
+    """--schema JSON|FILE: the JSON Schema as compact JSON text, checked to be one that
+    llama.cpp can turn into a grammar (a usage error otherwise, before anything loads)."""
+    import json
+
+    from kvchat.engine import schema_grammar
+    from kvchat.errors import UsageError
+
+    path = Path(value).expanduser()
+    text = value
+    if not value.lstrip().startswith(("{", "[")) and path.is_file():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"--schema {value}: cannot read it: {exc}", hint="check the file") from None
+    try:
+        schema = json.loads(text)
+    except ValueError as exc:
+        where = "the file" if text is not value else "neither a file nor JSON"
+        raise UsageError(f"--schema {value[:60]!r}: {where} ({exc})",
+                         hint='give a JSON Schema or its file: --schema \'{"type": "object"}\'') from None
+    if not isinstance(schema, dict):
+        raise UsageError(f"--schema: a JSON Schema is an object ({{...}}), not {type(schema).__name__}",
+                         hint='e.g. --schema \'{"type": "object", "properties": {"a": {"type": "string"}}}\'')
+    compact = json.dumps(schema, ensure_ascii=False)
+    schema_grammar(compact)
+    return compact
+
+
 def warn_if_cores_contended(probe: hardware.CpuLoadProbe, n_threads: int, warn: Warn) -> None:
     """Say so when other programs kept cores busy that llama.cpp's threads need (once:
     the same advice is not repeated on every run)."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
@@ -56,6 +58,37 @@ def last_conversation(session_name: str | None) -> str:
     return name
 
 
+def read_attachment(path: str, stdin_text: str | None) -> str:
+    """One -f file's text (`-`: `stdin_text`, what was piped); a binary or unreadable
+    file is a usage error, said in one line."""
+    if path == "-":
+        if stdin_text is None:
+            raise UsageError("-f -: nothing is piped on stdin", hint="pipe the file in, or name it: -f PATH")
+        return stdin_text
+    try:
+        data = Path(path).expanduser().read_bytes()
+    except OSError as exc:
+        raise UsageError(f"-f {path}: {exc.strerror or exc}", hint="check the path") from None
+    hint = "-f attaches text files (UTF-8); convert it to text first"
+    if b"\0" in data:  # valid UTF-8 may hold NUL bytes; text never does
+        raise UsageError(f"-f {path}: a binary file, not text", hint=hint)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"-f {path}: not UTF-8 text (a binary file?)", hint=hint) from None
+
+
+def attach_files(paths: list[str], stdin_text: str | None) -> str:
+    """The files of -f, each under its name in a fence longer than any run of
+    backticks in it (so that no file can close it early), one after another."""
+    parts = []
+    for path in paths:
+        text = valid_text(read_attachment(path, stdin_text)).strip("\n")
+        fence = "`" * max(3, 1 + max((len(run) for run in re.findall("`+", text)), default=0))
+        parts.append(f"{'stdin' if path == '-' else path}:\n{fence}\n{text}\n{fence}")
+    return "\n\n".join(parts)
+
+
 def _guessed_model_failed(exc: KvchatError, word: str, rest: list[str]) -> KvchatError:
     """A first word taken for a model that then failed: say how to send it as a prompt."""
     prompt = " ".join([word, *rest])
@@ -88,6 +121,14 @@ def run(
         "--continue", "-C", help="Continue the last conversation (named or a recent chat) and save this "
         "turn into it.",
     )] = False,
+    files: Annotated[Optional[list[str]], typer.Option(
+        "--file", "-f", metavar="PATH",
+        help="Attach a text file to the prompt, under its name (repeatable; - reads stdin).",
+    )] = None,
+    schema: Annotated[Optional[str], typer.Option(
+        "--schema", metavar="JSON|FILE",
+        help="Make the reply JSON that follows this JSON Schema (llama.cpp's grammar sampler).",
+    )] = None,
 ) -> None:
     """Answer one prompt. stdin comes first, then the arguments, a blank line between.
 
@@ -104,27 +145,44 @@ def run(
       kvchat run --session work "What is my name?"
       kvchat run --session work --undo "Forget that; my name is Grace."
       kvchat run --continue "And in French?"
+      kvchat run -f notes.md -f todo.txt "What is left to do?"
+      kvchat run --schema '{"type": "object", "properties": {"city": {"type": "string"}}}' "Paris?"
     """
     if continue_last:
         session_name = last_conversation(session_name)
     answer_piped(Environment(), flags, words=list(words or []), stats=stats, as_json=as_json,
-                 verbose=verbose, session_name=session_name, rebuild=rebuild, undo=undo)
+                 verbose=verbose, session_name=session_name, rebuild=rebuild, undo=undo, files=files or [],
+                 schema=schema)
 
 
 def answer_piped(env: Environment, flags: dict[str, Any], *, words: list[str] | None = None,
                  stats: bool = False, as_json: bool = False, verbose: bool = False,
-                 session_name: str | None = None, rebuild: bool = False, undo: bool = False) -> None:
-    """One prompt (stdin, then `words`) answered on stdout: `run`, and `chat` when piped.
-    `undo` first drops the named session's last exchange; the prompt is then optional."""
+                 session_name: str | None = None, rebuild: bool = False, undo: bool = False,
+                 files: list[str] | None = None, schema: str | None = None) -> None:
+    """One prompt (`files` each under its name, stdin, then `words`) answered on stdout:
+    `run`, and `chat` when piped. `undo` first drops the named session's last exchange;
+    the prompt is then optional. `schema` (--schema) constrains the reply to JSON."""
     from kvchat.app import open_conversation
     from kvchat.ui.progress import LoadProgress
     from kvchat.ui.resume import opened_text, restored_settings
 
     if undo and not session_name:
         raise UsageError("--undo needs --session NAME", hint="kvchat run --session NAME --undo")
+    json_schema = None
+    if schema is not None:
+        from kvchat.app import resolve_schema
+
+        if flags.get("speculative") not in (None, "off"):
+            raise UsageError("--schema and --speculative cannot be combined",
+                             hint="drafts would run past the grammar; drop --speculative")
+        json_schema = resolve_schema(schema)
+        flags = {**flags, "speculative": "off"}
     all_words = words or []
     model_ref, prompt_words, guessed = split_model_and_prompt(all_words, flags.get("model"))
     piped = env.read_stdin()
+    if files:  # attached first: a question after them reads as it would after a document
+        attached = attach_files(files, piped if not env.stdin_isatty else None)
+        piped = attached if "-" in files else "\n\n".join(p for p in (attached, piped.strip("\n")) if p)
     # `kvchat run MODEL` alone (not `chat` with an empty pipe) is told about `kvchat chat`.
     asked_model = model_ref if words is not None else None
     wanted = not undo or piped.strip() or prompt_words
@@ -140,6 +198,8 @@ def answer_piped(env: Environment, flags: dict[str, Any], *, words: list[str] | 
                 raise _guessed_model_failed(exc, all_words[0], prompt_words) from None
             raise
         progress.loaded(conv.model_label)
+        if json_schema is not None:
+            conv.backend.set_json_schema(json_schema)
         if conv.named is not None:
             restored = restored_settings(conv.settings)
             progress.say(f"kvchat: {opened_text(conv)}"
