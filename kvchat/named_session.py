@@ -100,7 +100,7 @@ class NamedSession:
         self.created = self.saved.record.get("created", time.time()) if self.saved else time.time()
         self.model_identity: dict[str, Any] | None = None
         self.settings: ContextSettings | None = None
-        # SAVED_RENDERING_KEYS as the conversation renders now (kvchat.app sets them).
+        # The settings' "rendering" group as the conversation renders now (kvchat.app sets it).
         self.rendering: dict[str, Any] = {}
 
     @property

@@ -54,7 +54,7 @@ def test_raw_template_and_think_come_back_like_sampling() -> None:
     s = resolve({}, _values("r"))
     assert (s.raw, s.chat_template, s.think, s.temperature) == (True, "/t/my.jinja", "off", 0.0)
     assert s.sources["raw"] == "session"
-    assert restored_settings(s) == ["temperature 0", "seed 3", "raw", "chat_template /t/my.jinja",
+    assert restored_settings(s) == ["temperature 0", "seed 3", "chat_template /t/my.jinja", "raw",
                                     "think off"]
     # A flag still wins over the saved value.
     assert resolve({"raw": False}, _values("r")).raw is False

@@ -85,14 +85,15 @@ class Chat:
 
 
 def rendering_of(s: Settings) -> dict[str, Any]:
-    """How the transcript is rendered (named_session.SAVED_RENDERING_KEYS), as a session
+    """How the transcript is rendered (the settings' "rendering" group), as a session
     keeps it: a template file by its absolute path, so that it is found from anywhere."""
     from pathlib import Path
 
-    template = s.chat_template
-    if template is not None and Path(template).expanduser().is_file():
-        template = str(Path(template).expanduser().resolve())
-    return {"raw": s.raw, "chat_template": template, "think": s.think}
+    values = {key: getattr(s, key) for key in settings_mod.keys_in("rendering")}
+    template = values.get("chat_template")
+    if isinstance(template, str) and Path(template).expanduser().is_file():
+        values["chat_template"] = str(Path(template).expanduser().resolve())
+    return values
 
 
 def open_conversation(
