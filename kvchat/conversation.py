@@ -43,6 +43,7 @@ class TurnStats:
     prefix_cache_tokens: int = 0
     prefix_cache_restore_s: float = 0.0
     prefix_cache_skipped: str | None = None
+    prefix_cache_routine: bool = False  # skipped only for a short prompt: reported, not warned about
     reasoning_tokens: int = 0
     # History tokens evaluated again this turn because the cache had lost them, and why.
     reevaluated_tokens: int = 0

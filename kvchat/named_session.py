@@ -38,6 +38,16 @@ class ContextSettings:
                 "flash_attn": self.flash_attn}
 
 
+# The cache types recorded for a session on a server, which decides them itself.
+SERVER_DECIDES = "server"
+
+
+def saved_server(record: dict[str, Any]) -> str | None:
+    """The server a saved session ran on (None: a model loaded here)."""
+    server = record["model"].get("server")
+    return server if isinstance(server, str) else None
+
+
 def saved_settings(saved: SavedSession) -> ContextSettings:
     s = saved.record["settings"]
     return ContextSettings(int(s["n_ctx"]), s["type_k"], s["type_v"], s["flash_attn"])
@@ -53,9 +63,10 @@ def mismatches(
         if was["path"] == model_identity["path"]:
             problems.append(f"the model file {Path(was['path']).name} changed since the session was saved")
         else:
-            problems.append(
-                f"it was saved with {Path(was['path']).name}, not {Path(model_identity['path']).name}"
-            )
+            before, now = Path(was["path"]).name, Path(model_identity["path"]).name
+            if before == now:  # same file name in another folder: the folders tell them apart
+                before, now = was["path"], model_identity["path"]
+            problems.append(f"it was saved with {before}, not {now}")
     old = saved_settings(saved)
     for field_name, label in (("n_ctx", "--ctx"), ("type_k", "--cache-type-k"),
                               ("type_v", "--cache-type-v"), ("flash_attn", "--flash-attn")):
@@ -64,6 +75,8 @@ def mismatches(
             # Files from before kvchat recorded the mode that ran say "auto" (which was
             # off on a CPU); with GPUs, llama.cpp may not say what auto became.
             continue
+        if SERVER_DECIDES in (before, now):
+            continue  # a server's cache types are its own, not a setting of this session
         if before != now:
             problems.append(f"{label} was {before}, now {now}")
     return problems
@@ -87,6 +100,8 @@ class NamedSession:
         self.created = self.saved.record.get("created", time.time()) if self.saved else time.time()
         self.model_identity: dict[str, Any] | None = None
         self.settings: ContextSettings | None = None
+        # The settings' "rendering" group as the conversation renders now (kvchat.app sets it).
+        self.rendering: dict[str, Any] = {}
 
     @property
     def exists(self) -> bool:
@@ -98,25 +113,40 @@ class NamedSession:
     def saved_settings(self) -> ContextSettings | None:
         return saved_settings(self.saved) if self.saved else None
 
-    def saved_values(self) -> dict[str, Any]:
-        """The saved settings, by setting name (kvchat.settings: flag > session > ...)."""
+    def saved_values(self, *, rebuild: bool = False) -> dict[str, Any]:
+        """The saved settings, by setting name (kvchat.settings: flag > session > ...).
+
+        Not the server a session ran on: the user picks the engine each time (a session
+        made on a server and resumed here is re-evaluated here). With `rebuild`, not the
+        flash-attention mode either: the saved one is what ran (auto's choice), and a
+        rebuild decides it again for the settings it is given."""
         saved = self.saved_settings()
         if saved is None:
             return {}
         assert self.saved is not None
-        server = self.saved.record["model"].get("server")
-        if isinstance(server, str):  # a conversation on a server: it decides the rest
-            values: dict[str, Any] = {"server": server}
-        else:
+        values: dict[str, Any] = {}
+        if saved_server(self.saved.record) is None:  # on a server, the server decided these
             values = {"model": str(self.saved_model_path()), "ctx": saved.n_ctx,
                       "cache_type_k": saved.type_k, "cache_type_v": saved.type_v}
-            if saved.flash_attn != "auto":
+            if saved.flash_attn != "auto" and not rebuild:
                 values["flash_attn"] = saved.flash_attn
-        # Sampling and the reply limit as they were at the last save (/set included).
-        sampling = self.saved.record.get("sampling") if self.saved else None
-        if isinstance(sampling, dict):
-            values.update({k: sampling[k] for k in keys_in("saved") if sampling.get(k) is not None})
+        # Sampling and the reply limit as they were at the last save (/set included),
+        # and how the transcript was rendered.
+        for section, keys in (("sampling", keys_in("saved")), ("rendering", keys_in("rendering"))):
+            given = self.saved.record.get(section)
+            if isinstance(given, dict):
+                values.update({k: given[k] for k in keys if given.get(k) is not None})
         return values
+
+    def moved_from(self, identity: dict[str, Any]) -> str | None:
+        """Where the saved session ran, when that is not where `identity` (the model in
+        use) runs: another server, or a server versus this machine. None: same place."""
+        if self.saved is None:
+            return None
+        before, now = saved_server(self.saved.record), identity.get("server")
+        if before == now:
+            return None
+        return before or "this machine"
 
     def check(self, identity: dict[str, Any], settings: ContextSettings, *, rebuild: bool) -> None:
         """Refuse a saved session whose model (`identity`: session_store.model_identity,
@@ -163,6 +193,7 @@ class NamedSession:
             # The cells llama.cpp made (n_ctx rounded up to 256): what n_kv is measured against.
             **({"n_ctx_cells": n_ctx_cells} if n_ctx_cells else {}),
             "sampling": {**dataclasses.asdict(session.sampling), "max_tokens": session.max_tokens},
+            "rendering": self.rendering,
         }
         return session_store.save(self.path, record, saved.tokens, saved.state, saved.checkpoints)
 

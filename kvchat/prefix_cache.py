@@ -426,6 +426,7 @@ class PrefillResult:
     restore_s: float = 0.0
     stored_tokens: int = 0
     skipped: str | None = None  # why the cache was not used at all
+    routine: bool = False  # `skipped` is only that the prompt is short: nothing to warn about
 
 
 class PrefixCache:
@@ -528,8 +529,10 @@ class PrefixCache:
         result = PrefillResult()
         if self.skip_reason is not None or len(tokens) < self.min_tokens:
             engine.eval(tokens, progress)
-            # Said only where the cache would have served: not for every short prompt.
-            result.skipped = self.skip_reason if len(tokens) >= self.min_tokens else None
+            # A short prompt is routine: said in --json, not warned about on every run.
+            result.routine = self.skip_reason is None
+            result.skipped = self.skip_reason or (f"the prompt has {len(tokens)} tokens; the prefix cache "
+                                                  f"stores prompts of {self.min_tokens} or more")
             return result
         keys = prefix_keys(self.fp_digest, tokens)
         started = time.perf_counter()
@@ -628,11 +631,10 @@ class PrefixCache:
         now = time.time()
 
         def mark(entries: dict[str, IndexEntry]) -> None:
-            for key in keys:
+            for key in keys:  # every segment of the chain served this prompt: a hit each
                 if key in entries:
                     entries[key].last_used = now
-            if keys and keys[-1] in entries:
-                entries[keys[-1]].hits += 1
+                    entries[key].hits += 1
 
         self.store.update(mark)
 

@@ -83,6 +83,7 @@ class Session:
         # and why the cache last lost some of them.
         self._evaluated_upto = 0
         self._reeval_reason = ""
+        self._system_changed = False  # by the user: what follows it is evaluated anew, not lost
 
     # -- conversation edits ------------------------------------------------
 
@@ -105,6 +106,7 @@ class Session:
     def set_system(self, text: str) -> None:
         """Set the system prompt; once turns exist, the cache is rebuilt lazily."""
         self._revision += 1
+        self._system_changed = bool(self.tokens)
         if set_system_prompt(self.messages, text):
             for mark in self.turns:
                 mark.message += 1
@@ -119,7 +121,7 @@ class Session:
         self.kv_text = ""
         self.turns = []
         self.checkpoints = []
-        self._evaluated_upto = 0
+        self._evaluated_upto, self._system_changed = 0, False
 
     def set_sampling(self, sampling: SamplingSettings) -> None:
         self.sampling = sampling
@@ -182,13 +184,15 @@ class Session:
             # A reply start stays valid only where the text before it is unchanged.
             reply = (old.reply_token, old.reply_char) if old and 0 <= old.reply_token <= keep else (-1, -1)
             self.turns.append(TurnMark(i, at, c, *reply))
-        reason = "the chat template rewrote earlier turns"
+        asked, self._system_changed = self._system_changed, False
+        reason = "the system prompt changed" if asked else "the chat template rewrote earlier turns"
         if keep < self.engine.n_past:
             self._rollback(keep, reason)
-        # The rest of `full` stands for text already seen: evaluating it is re-evaluation.
-        if self._evaluated_upto and len(full) > keep:
+        # The rest of `full` stands for text already seen: evaluating it is re-evaluation
+        # (unless the user changed the text before it: then it is the work they asked for).
+        if self._evaluated_upto and len(full) > keep and not asked:
             self._note_reeval(reason)
-        self._evaluated_upto = max(keep, len(full) if self._evaluated_upto else 0)
+        self._evaluated_upto = keep if asked else max(keep, len(full) if self._evaluated_upto else 0)
 
     def _plan_tokens(self, messages: list[Message], rendered: str) -> tuple[list[int], list[TurnMark]]:
         """Tokens to append so that the cache holds `rendered`, and the new turn's mark.
@@ -422,7 +426,7 @@ class Session:
                 got = self.prefix_cache.prefill(self.engine, to_eval, cuts, self.on_prefill)
                 stats.prefix_cache_tokens = got.restored_tokens
                 stats.prefix_cache_restore_s = got.restore_s
-                stats.prefix_cache_skipped = got.skipped
+                stats.prefix_cache_skipped, stats.prefix_cache_routine = got.skipped, got.routine
             else:
                 self._prefill(to_eval, history, [history_len, len(history) - 1])
         except BaseException:
@@ -545,8 +549,10 @@ class Session:
         pending = self.tokens[self.engine.n_past :]
         stats.prompt_tokens = len(self.tokens)
         stats.reused_tokens = self.engine.n_past
-        stats.reevaluated_tokens = len(pending)
-        stats.reevaluated_reason = self._reeval_reason or "retry: the last prompt token gives the logits"
+        # The last prompt token is evaluated again by design (its logits start the new
+        # reply): only what the cache lost before it is re-evaluation worth a word.
+        stats.reevaluated_tokens = max(len(pending) - 1, 0)
+        stats.reevaluated_reason = (self._reeval_reason or "retry") if stats.reevaluated_tokens else ""
         started = time.perf_counter()
         try:
             self.engine.eval(pending)

@@ -570,6 +570,26 @@ def latest_recent() -> str | None:
     return paths[-1].stem if paths else None
 
 
+def session_names() -> list[str]:
+    """Every saved session's name, named and recent (no file is read)."""
+    folder = sessions_dir()
+    if not folder.is_dir():
+        return []
+    return sorted(p.stem for p in folder.glob(f"*{SUFFIX}") if _NAME_RE.match(p.stem))
+
+
+def latest_session() -> str | None:
+    """The session saved last, named or recent (by its file's time), or None."""
+    newest: tuple[float, str] | None = None
+    for name in session_names():
+        try:
+            key = (session_path(name).stat().st_mtime, name)
+        except OSError:
+            continue  # removed meanwhile
+        newest = max(newest, key) if newest is not None else key
+    return newest[1] if newest is not None else None
+
+
 def prune_recent(keep: int) -> list[str]:
     """Delete the oldest recent chats beyond `keep`; one in use by a process is skipped.
     Returns the names deleted."""

@@ -37,8 +37,10 @@ Source = Literal["flag", "session", "env", "config", "default"]
 # - saved: recorded with a named session and given back on resume;
 # - repl: changed in a chat with `/set KEY VALUE`;
 # - local: sizes or places a model loaded here: with --server the server decides it;
-# - load: a saved session's own value wins over the flags on /load (its KV state needs it).
-Group = Literal["sampling", "saved", "repl", "local", "load"]
+# - load: a saved session's own value wins over the flags on /load (its KV state needs it);
+# - rendering: how the transcript becomes tokens: saved with a named session (beside its
+#   sampling) and given back on resume, so that its next turn is rendered the same way.
+Group = Literal["sampling", "saved", "repl", "local", "load", "rendering"]
 _SAMPLING: frozenset[Group] = frozenset({"sampling", "saved", "repl"})
 
 # Bounds that stop absurd values before llama.cpp sees them (it would wrap or abort).
@@ -278,10 +280,11 @@ _TABLE: tuple[Setting[Any], ...] = (
             "Prefix cache size limit, like 4G or 500M (default {default}).", metavar="SIZE"),
     Setting("chat_template", _optional(_string), None, ("--chat-template",),
             "A llama.cpp built-in template name (chatml, gemma, llama3, ...) or a Jinja file; "
-            "overrides the model's own."),
-    Setting("raw", _bool, False, ("--raw",), "No chat template: plain text completion (base models)."),
+            "overrides the model's own.", {"rendering"}),
+    Setting("raw", _bool, False, ("--raw",), "No chat template: plain text completion (base models).",
+            {"rendering"}),
     Setting("think", _optional(_choice("on", "off")), None, ("--think",),
-            "Reasoning on or off, where the template has a switch (enable_thinking)."),
+            "Reasoning on or off, where the template has a switch (enable_thinking).", {"rendering"}),
     Setting("checkpoints", lambda raw: _int(raw, 0, 1024), 8, ("--checkpoints",),
             "KV checkpoints kept at turn boundaries on sliding-window, recurrent and hybrid models, "
             "so that undo, retry and an interrupted prefill re-evaluate a turn, not the conversation "

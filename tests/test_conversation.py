@@ -205,6 +205,7 @@ class FakeChat:
         self.backend = backend
         self.session = _server_conversation(ScriptedServer())
         self.rebuilt_tokens = 5
+        self.rebuild_s = 0.25
 
 
 def test_the_turn_report_is_the_json_schema() -> None:
@@ -221,11 +222,15 @@ def test_the_turn_report_is_the_json_schema() -> None:
     assert local["speculative"] == {"mode": "ngram", "drafted_tokens": 4, "accepted_tokens": 2,
                                     "acceptance": 0.5}
     assert local["timings"]["load_s"] == 1.2346 and local["memory"]["kv_bytes"] == 1024
-    remote = turn_report(FakeChat(FakeBackend({"cached_tokens": 7})),  # type: ignore[arg-type]
+    assert local["timings"]["rebuild_s"] == 0.25  # the rebuild's time, apart from the turn's
+    remote_chat = FakeChat(FakeBackend({"cached_tokens": 7}))
+    remote_chat.rebuilt_tokens = 0
+    remote = turn_report(remote_chat,  # type: ignore[arg-type]
                          TurnStats(usage_reported=False, prefix_cache_skipped="too short"), "").to_json()
     assert remote["cache"]["server"] == {"cached_tokens": 7}
     assert remote["cache"]["reused_tokens"] is None and remote["usage"]["prompt_tokens"] is None
     assert remote["cache"]["prefix_cache_skipped"] == "too short"
+    assert "rebuild_s" not in remote["timings"]  # nothing rebuilt: not in the record
     assert isinstance(turn_report(FakeChat(FakeBackend(None)), stats, ""), TurnReport)  # type: ignore[arg-type]
 
 

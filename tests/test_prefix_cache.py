@@ -47,6 +47,16 @@ def test_second_run_restores_the_shared_start_and_evaluates_the_rest(tmp_path: P
     assert engine.evaluated == 4
 
 
+def test_every_segment_a_restore_uses_counts_a_hit(tmp_path: Path) -> None:
+    # Two questions over one document: the document's segments served both.
+    document = doc(200)
+    run_prompt(tmp_path, document + [7, 8, 9], marks=(128, 200))
+    run_prompt(tmp_path, document + [10, 11], marks=(128, 200))
+    run_prompt(tmp_path, document[:150] + [12, 13], marks=(128,))
+    hits = {e.end: e.hits for e in Store(tmp_path).read_index().values()}
+    assert hits[64] == 2 and hits[128] == 2 and hits[200] == 1
+
+
 def test_block_boundaries_find_a_shared_start_without_marks(tmp_path: Path) -> None:
     document = doc(300)
     run_prompt(tmp_path, document[:250] + doc(40, seed=1))
@@ -74,7 +84,10 @@ def test_other_model_or_settings_never_hit(tmp_path: Path) -> None:
 
 def test_prompts_under_the_threshold_are_not_stored(tmp_path: Path) -> None:
     pc = cache(tmp_path, min_tokens=100)
-    pc.prefill(FakeKvEngine(), doc(99), marks=(50,))
+    got = pc.prefill(FakeKvEngine(), doc(99), marks=(50,))
+    # Why it was not stored is said (--json prefix_cache_skipped), as routine: no warning.
+    assert got.skipped == "the prompt has 99 tokens; the prefix cache stores prompts of 100 or more"
+    assert got.routine
     assert pc.commit() == 0
     assert Store(tmp_path).read_index() == {}
     pc.prefill(FakeKvEngine(), doc(150), marks=(120,))
@@ -209,3 +222,20 @@ def test_progress_counts_over_the_whole_prompt(tmp_path: Path) -> None:
     seen: list[tuple[int, int]] = []
     cache(tmp_path).prefill(FakeKvEngine(), tokens + [2], [150], lambda *report: seen.append(report))
     assert seen[0] == (192, 201) and seen[-1] == (201, 201)  # restored to the 192 block, then the rest
+
+
+def test_piped_cache_list_is_tab_separated(kvchat, kv_env: dict[str, str]) -> None:  # noqa: ANN001
+    from kvchat import config
+
+    folder = config.paths().prefix_cache_dir
+    document = doc(200)
+    run_prompt(folder, document + [7], marks=(128,))
+    run_prompt(folder, document + [8], marks=(128,))
+    result = kvchat("cache", "list")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split("\t") == ["key", "model", "tokens", "size", "last use", "hits"]
+    rows = sorted((r[1], r[2], r[5]) for r in (line.split("\t") for line in lines[1:]))
+    # The second prompt restored all three segments: each counts the hit.
+    # The model under the name `kvchat list` gives a file (its stem), as everywhere.
+    assert rows == [("model", "0-64", "1"), ("model", "128-192", "1"), ("model", "64-128", "1")]

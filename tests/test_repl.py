@@ -348,6 +348,7 @@ def test_undo_and_retry(chat, kv_env: dict[str, str]) -> None:
     message(child, "Name a fruit.")
     again = message(child, "/retry")
     assert "prefill 1 tok" in again  # the reply again from the cached prompt: one token re-evaluated
+    assert "re-evaluated" not in again  # by design, so not worth a warning
     undone = command(child, "/undo", "undone")
     assert 'undone: "Name a fruit."' in plain(undone + child.before)
     saved = session_store.load(session_store.session_path("redo"), with_state=False)

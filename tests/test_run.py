@@ -74,7 +74,9 @@ def test_json_schema(kvchat, model_path: Path) -> None:
     assert record["stop_reason"] == "length"
     assert record["cache"] == {"reused_tokens": 0, "evaluated_tokens": usage["prompt_tokens"],
                                "rebuilt_tokens": 0, "reevaluated_tokens": 0, "prefix_cache_tokens": 0,
-                               "prefix_cache_restore_s": 0.0}
+                               "prefix_cache_restore_s": 0.0,
+                               "prefix_cache_skipped": f"the prompt has {usage['prompt_tokens']} tokens; "
+                               "the prefix cache stores prompts of 256 or more"}
     timings = record["timings"]
     assert set(timings) == {"load_s", "ttft_s", "prefill_tok_s", "decode_tok_s"}
     assert all(value > 0 for value in timings.values())
@@ -216,6 +218,12 @@ def test_no_prompt(kvchat) -> None:
     _assert_one_line_error(kvchat("run"), ExitCode.USAGE, "no prompt")
 
 
+def test_a_model_without_a_prompt_points_to_chat(kvchat, model_path: Path) -> None:
+    # `kvchat run MODEL` as ollama's `ollama run MODEL`: the user wanted a chat (issue 23, item 6)
+    result = kvchat("run", str(model_path))
+    _assert_one_line_error(result, ExitCode.USAGE, "no prompt given", f"kvchat chat {model_path}")
+
+
 def test_debug_shows_the_traceback(kvchat) -> None:
     result = kvchat("--debug", "run", "--model", "no-such-model", "hi")
     assert result.returncode == ExitCode.NOT_FOUND
@@ -316,3 +324,70 @@ def test_gpu_fused_flash_attention_pairs() -> None:
 
     assert pair("f16", "f16") and pair("q8_0", "q8_0") and pair("q4_0", "q4_0") and pair("bf16", "bf16")
     assert not pair("q8_0", "q4_0") and not pair("q5_1", "q5_1") and not pair("f32", "f32")
+
+
+def test_the_busy_cores_advice_is_given_once_not_on_every_run(kv_env: dict[str, str]) -> None:
+    from kvchat.app.load import _advised_lately
+
+    assert not _advised_lately("busy cores: --threads 2 -> 1")
+    assert _advised_lately("busy cores: --threads 2 -> 1")  # the same advice again: quiet
+    assert not _advised_lately("busy cores: --threads 4 -> 2")  # something changed: said
+
+
+
+def test_files_are_attached_under_their_names(tmp_path: Path) -> None:
+    from kvchat.cli.run import attach_files
+
+    notes = tmp_path / "notes.md"
+    notes.write_text("Buy milk.\n```py\nprint(1)\n```\n")
+    text = attach_files([str(notes), "-"], "piped text\n")
+    # Each under its name, in a fence that no line of the file closes.
+    assert text == (f"{notes}:\n````\nBuy milk.\n```py\nprint(1)\n```\n````\n\n"
+                    "stdin:\n```\npiped text\n```")
+
+
+@pytest.mark.parametrize(("content", "said"), [
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "a binary file, not text"),
+    (b"caf\xe9 au lait", "not UTF-8 text"),
+])
+def test_a_binary_file_is_refused_in_one_line(kvchat, tmp_path: Path, content: bytes, said: str) -> None:
+    path = tmp_path / "blob.bin"
+    path.write_bytes(content)
+    result = kvchat("run", "-f", str(path), "What is this?")
+    _assert_one_line_error(result, ExitCode.USAGE, f"-f {path}: {said}")
+    missing = kvchat("run", "-f", str(tmp_path / "nope.txt"), "What is this?")
+    _assert_one_line_error(missing, ExitCode.USAGE, "No such file")
+
+
+def test_a_file_reaches_the_model(kvchat, tmp_path: Path) -> None:
+    path = tmp_path / "facts.txt"
+    path.write_text("The secret word is PELICAN.\n")
+    result = kvchat("run", "--json", "-n", "8", *GREEDY, "-f", str(path), "What is the secret word?")
+    assert result.returncode == 0, result.stderr
+    alone = json.loads(kvchat("run", "--json", "-n", "8", *GREEDY, "What is the secret word?").stdout)
+    record = json.loads(result.stdout)
+    # The file's tokens are in the prompt (its name and text, fenced).
+    assert record["usage"]["prompt_tokens"] >= alone["usage"]["prompt_tokens"] + 15
+
+
+@pytest.mark.parametrize(("schema", "said"), [
+    ('{"type": "strange"}', "llama.cpp cannot express this schema"),
+    ("not json", "neither a file nor JSON"),
+    ("[1, 2]", "a JSON Schema is an object"),
+])
+def test_a_schema_llama_cpp_cannot_use_is_a_usage_error(kvchat, schema: str, said: str) -> None:
+    _assert_one_line_error(kvchat("run", "--schema", schema, "hi"), ExitCode.USAGE, said)
+
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+          "required": ["name", "age"]}
+
+
+def test_schema_constrains_the_reply_to_json(kvchat, tmp_path: Path) -> None:
+    schema_file = tmp_path / "person.json"
+    schema_file.write_text(json.dumps(PERSON))
+    result = kvchat("run", "--schema", str(schema_file), "-n", "60", *GREEDY, "Invent a person.")
+    assert result.returncode == 0, result.stderr
+    person = json.loads(result.stdout)  # the output parses, whatever the model would have said
+    assert set(person) == {"name", "age"} and isinstance(person["name"], str) and 0 <= person["age"] <= 120

@@ -290,7 +290,9 @@ def test_kv_undo_and_retry_cost_one_token_without_checkpoints() -> None:
         turn(session, _question(i))
     first, _ = turn(session, "Name a tree.")
     again, stats = turn(session, None)
-    assert again == first and stats.evaluated_tokens == 1 and stats.reevaluated_tokens == 1
+    # The last prompt token is evaluated again by design: not re-evaluation worth a warning.
+    assert again == first and stats.evaluated_tokens == 1 and stats.reevaluated_tokens == 0
+    assert stats.reevaluated_reason == ""
     check_session(session, engine, after_reply=True)
     user = session.undo()
     assert user == {"role": "user", "content": "Name a tree."}
@@ -322,6 +324,27 @@ def test_undo_and_retry_restore_checkpoints(kind: str) -> None:
     check_session(session, engine)
     _reply, stats = turn(session, "another message")
     assert 0 < stats.reevaluated_tokens <= 3 and stats.reevaluated_reason == "undo"
+    check_session(session, engine, after_reply=True)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_system_prompt_the_user_changed_is_not_blamed_on_the_template(kind: str) -> None:
+    # Issue 23, item 13: what follows a changed system prompt is new work the user asked
+    # for, not history the cache lost ("the chat template rewrote earlier turns").
+    engine = FakeEngine(kind, n_ctx=1024)
+    session = _session(engine, max_tokens=8)
+    session.set_system("You are terse.")
+    for i in range(2):
+        turn(session, _question(i))
+    n_history = len(session.tokens)
+    session.set_system("You answer in one word.")
+    _reply, stats = turn(session, "Name a fruit.")
+    if kind == "kv":
+        assert stats.reevaluated_tokens == 0 and stats.reevaluated_reason == ""
+    else:  # rolled back to a checkpoint before the change: those few tokens, and why
+        assert stats.reevaluated_reason in ("", "the system prompt changed")
+    assert stats.reused_tokens < n_history
+    assert stats.evaluated_tokens == stats.prompt_tokens - stats.reused_tokens
     check_session(session, engine, after_reply=True)
 
 

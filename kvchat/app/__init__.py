@@ -47,6 +47,7 @@ if TYPE_CHECKING:  # the names below, for the type checker (`X as X`: re-exporte
     from kvchat.app.load import gpu_offload_supported as gpu_offload_supported
     from kvchat.app.load import load_engine as load_engine
     from kvchat.app.load import resolve_load as resolve_load
+    from kvchat.app.load import resolve_schema as resolve_schema
     from kvchat.app.load import sampling_of as sampling_of
     from kvchat.app.report import TurnReport as TurnReport
     from kvchat.app.report import rebuilt_cache_counts as rebuilt_cache_counts
@@ -63,7 +64,7 @@ _EXPORTS = {
     "estimates": ("Estimate", "draft_estimate", "estimate", "exact_buffers", "read_model_spec"),
     "lifecycle": ("Chat", "open_conversation", "open_prefix_cache", "open_server", "switch_conversation"),
     "load": ("LoadRequest", "Warn", "bench_engine_factory", "chat_template_for", "expected_context",
-             "gpu_offload_supported", "load_engine", "resolve_load", "sampling_of"),
+             "gpu_offload_supported", "load_engine", "resolve_load", "resolve_schema", "sampling_of"),
     "report": ("TurnReport", "rebuilt_cache_counts", "turn_report"),
     "speculation": ("SpeculationRequest", "resolve_speculation", "speculation_counters", "speculative_mode",
                     "start_speculation"),

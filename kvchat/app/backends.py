@@ -118,6 +118,10 @@ class Backend(Protocol):
         """What resuming `n_tokens` of history will cost, where that is not obvious."""
         ...
     def before_save(self, named: NamedSession) -> None: ...
+    def set_json_schema(self, schema: str) -> None:
+        """Constrain every reply to this JSON Schema (JSON text): a grammar here, the
+        server's own constraint on a server."""
+        ...
     def close(self) -> None: ...
 
 
@@ -226,6 +230,13 @@ class LocalBackend:
     def before_save(self, named: NamedSession) -> None:
         return None
 
+    def set_json_schema(self, schema: str) -> None:
+        from kvchat.errors import UsageError
+
+        if self.chat_engine is not self.engine:  # a grammar cannot take back rejected draft tokens
+            raise UsageError("--schema does not go with speculative decoding", hint="add --speculative off")
+        self.engine.set_json_schema(schema)
+
     def close(self) -> None:
         self.chat_engine.close()  # a speculative wrapper closes the engine it wraps
 
@@ -277,6 +288,9 @@ class _ServerBase:
 
     def memory(self, conversation: Conversation) -> MemoryFigures:
         return MemoryFigures(self._server.n_ctx, conversation.n_kv, None, None, None)
+
+    def set_json_schema(self, schema: str) -> None:
+        self._server.set_json_schema(schema)
 
     def close(self) -> None:
         self._server.close()

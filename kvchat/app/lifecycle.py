@@ -4,6 +4,7 @@ the flags leave out), save it, save it under another name, close it."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -42,6 +43,7 @@ class Chat:
     settings: Settings
     resumed_tokens: int = 0
     rebuilt_tokens: int = 0
+    rebuild_s: float = 0.0  # the time re-evaluating `rebuilt_tokens` took, before the first turn
 
     @property
     def model_label(self) -> str:
@@ -56,6 +58,7 @@ class Chat:
     def save_into(self, named: NamedSession) -> int:
         """Write the conversation into `named` (its identity and settings checked)."""
         self.backend.before_save(named)
+        named.rendering = rendering_of(self.settings)
         return named.save(self.session, self.backend.n_ctx)
 
     def save_as(self, name: str, *, replace_existing: bool = False) -> int:
@@ -81,6 +84,18 @@ class Chat:
                 self.named.close()
 
 
+def rendering_of(s: Settings) -> dict[str, Any]:
+    """How the transcript is rendered (the settings' "rendering" group), as a session
+    keeps it: a template file by its absolute path, so that it is found from anywhere."""
+    from pathlib import Path
+
+    values = {key: getattr(s, key) for key in settings_mod.keys_in("rendering")}
+    template = values.get("chat_template")
+    if isinstance(template, str) and Path(template).expanduser().is_file():
+        values["chat_template"] = str(Path(template).expanduser().resolve())
+    return values
+
+
 def open_conversation(
     flags: Mapping[str, Any],
     warn: Warn,
@@ -89,35 +104,42 @@ def open_conversation(
     rebuild: bool = False,
     verbose: bool = False,
     sampling: SamplingSettings | None = None,
+    answers: bool = True,
 ) -> Chat:
     """Resolve settings once (a named session supplies those the flags leave out),
     load the model, and restore or start the conversation. `sampling` (the REPL's
-    current values when it switches sessions) wins over resolved sampling."""
+    current values when it switches sessions) wins over resolved sampling. `answers`
+    False: nothing will be generated (`run --undo` alone), so how busy the cores are
+    does not matter."""
     from kvchat.named_session import NamedSession
     from kvchat.session_store import model_identity
 
     named = NamedSession(session_name) if session_name else None
     backend: Backend | None = None
     try:
-        saved = named.saved_values() if named is not None else {}
+        saved = named.saved_values(rebuild=rebuild) if named is not None else {}
         s = settings_mod.resolve(flags, saved)
         for message in s.overridden:
             warn(message)
         if s.server is not None:
             backend = open_server(s, warn)
             if named is not None:
+                rebuild = _moved(named, backend.identity(), backend.label, warn) or rebuild
                 named.check(backend.identity(), backend.context_settings(), rebuild=rebuild)
             return _start(backend, named, s, sampling, warn, rebuild=rebuild)
         request = resolve_load(s, warn)
         speculation = resolve_speculation(s)
         if named is not None:
+            identity = model_identity(request.model_path)
+            rebuild = _moved(named, identity, request.model_path.name, warn) or rebuild
             # The saved flash-attention mode is the one that ran: compare like with like.
-            named.check(model_identity(request.model_path), expected_context(request), rebuild=rebuild)
+            named.check(identity, expected_context(request), rebuild=rebuild)
         probe = hardware.CpuLoadProbe()
         engine = load_engine(request, warn, verbose=verbose)
         local = LocalBackend(engine, request, s)
         backend = local
-        warn_if_cores_contended(probe, request.n_threads, warn)
+        if answers:
+            warn_if_cores_contended(probe, request.n_threads, warn)
         local.chat_engine = start_speculation(engine, request, speculation, warn, verbose=verbose)
         local.prefix_cache = open_prefix_cache(engine, request, s)
         return _start(local, named, s, sampling, warn, rebuild=rebuild)
@@ -129,6 +151,19 @@ def open_conversation(
         raise
 
 
+def _moved(named: NamedSession, identity: dict[str, Any], label: str, warn: Warn) -> bool:
+    """A session made on a server and resumed here, or the other way round, or on
+    another server: its KV state is of no use where it runs now, so its transcript is
+    re-evaluated (said once). Returns whether it moved."""
+    where = named.moved_from(identity)
+    if where is None:
+        return False
+    now = label if identity.get("server") else f"{label} on this machine"
+    back = f" (--server {where} resumes it there)" if where != "this machine" else ""
+    warn(f"session '{named.name}' was made on {where}; its transcript is re-evaluated with {now}{back}")
+    return True
+
+
 def _start(backend: Backend, named: NamedSession | None, s: Settings, sampling: SamplingSettings | None,
            warn: Warn, *, rebuild: bool) -> Chat:
     """The conversation on a loaded backend, the named session's saved conversation
@@ -138,8 +173,11 @@ def _start(backend: Backend, named: NamedSession | None, s: Settings, sampling: 
     if named is not None:
         named.settings = backend.context_settings()
         if named.exists:
+            started = time.perf_counter()
             chat.rebuilt_tokens = named.attach(session, rebuild=rebuild)
             chat.resumed_tokens = session.n_tokens - chat.rebuilt_tokens
+            if chat.rebuilt_tokens:
+                chat.rebuild_s = time.perf_counter() - started
             notice = backend.resume_notice(session.n_tokens)
             if notice:
                 warn(notice)
@@ -157,7 +195,9 @@ def open_server(s: Settings, warn: Warn) -> LlamaServerBackend | MessageServerBa
     from kvchat.remote.llama_server import LlamaServerEngine
 
     assert s.server is not None
-    engine = open_server_engine(ServerOptions(s.server, s.api_key, s.server_timeout, s.tls_verify), s.model)
+    # A session made here saved a model file's path: no name a server knows.
+    model = s.model if s.sources.get("model") != "session" else None
+    engine = open_server_engine(ServerOptions(s.server, s.api_key, s.server_timeout, s.tls_verify), model)
     ignored = [settings_mod.SETTINGS[k].flag or k for k in settings_mod.keys_in("local")
                if s.sources.get(k) in ("flag", "env") and k in s.sources]
     if s.sources.get("speculative") in ("flag", "env") and s.speculative != "off":

@@ -102,13 +102,81 @@ def threads_for(s: Settings, warn: Warn) -> int:
     return wanted
 
 
+# The same advice again within a day teaches nothing: it is given once, then again
+# only when it changes (other threads, another suggestion) or the day is over.
+_ADVICE_QUIET_S = 24 * 3600.0
+
+
+def _advised_lately(advice: str) -> bool:
+    """Whether `advice` was given in the last `_ADVICE_QUIET_S` (remembered in the data
+    folder; a file that cannot be read or written only means it is given again)."""
+    import json
+    import os
+    import time
+
+    from kvchat import config
+
+    path = config.paths().data_dir / "advice.json"
+    now = time.time()
+    try:
+        given = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        given = {}
+    if not isinstance(given, dict):
+        given = {}
+    at = given.get(advice)
+    if isinstance(at, (int, float)) and 0 <= now - at < _ADVICE_QUIET_S:
+        return True
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        temp.write_text(json.dumps({**given, advice: now}), encoding="utf-8")
+        os.replace(temp, path)
+    except OSError:
+        pass
+    return False
+
+
+def resolve_schema(value: str) -> str:
+    """--schema JSON|FILE: the JSON Schema as compact JSON text, checked to be one that
+    llama.cpp can turn into a grammar (a usage error otherwise, before anything loads)."""
+    import json
+
+    from kvchat.engine import schema_grammar
+    from kvchat.errors import UsageError
+
+    path = Path(value).expanduser()
+    text = value
+    if not value.lstrip().startswith(("{", "[")) and path.is_file():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"--schema {value}: cannot read it: {exc}", hint="check the file") from None
+    try:
+        schema = json.loads(text)
+    except ValueError as exc:
+        where = "the file" if text is not value else "neither a file nor JSON"
+        raise UsageError(f"--schema {value[:60]!r}: {where} ({exc})",
+                         hint='give a JSON Schema or its file: --schema \'{"type": "object"}\'') from None
+    if not isinstance(schema, dict):
+        raise UsageError(f"--schema: a JSON Schema is an object ({{...}}), not {type(schema).__name__}",
+                         hint='e.g. --schema \'{"type": "object", "properties": {"a": {"type": "string"}}}\'')
+    compact = json.dumps(schema, ensure_ascii=False)
+    schema_grammar(compact)
+    return compact
+
+
 def warn_if_cores_contended(probe: hardware.CpuLoadProbe, n_threads: int, warn: Warn) -> None:
-    """Say so when other programs kept cores busy that llama.cpp's threads need."""
+    """Say so when other programs kept cores busy that llama.cpp's threads need (once:
+    the same advice is not repeated on every run)."""
     busy = probe.others_busy_cores()
     cores = hardware.logical_cores()
     if busy >= 0.75 and n_threads + busy > cores + 0.25:
+        threads = max(1, cores - round(busy))
+        if _advised_lately(f"busy cores: --threads {n_threads} -> {threads}"):
+            return
         warn(f"other programs keep about {busy:.1f} core(s) busy: llama.cpp's threads spin while they "
-             f"wait, so decoding may be much slower; try --threads {max(1, cores - round(busy))}")
+             f"wait, so decoding may be much slower; try --threads {threads}")
 
 
 def resolve_load(s: Settings, warn: Warn) -> LoadRequest:

@@ -35,6 +35,9 @@ class CacheFigures:
 @dataclass(frozen=True)
 class Timings:
     load_s: float
+    # Re-evaluating a session before the turn (--rebuild, or a session moved between
+    # engines); None (left out of the record) when nothing was rebuilt.
+    rebuild_s: float | None
     ttft_s: float
     prefill_tok_s: float
     decode_tok_s: float
@@ -68,6 +71,8 @@ class TurnReport:
         cache = record["cache"]
         if cache["prefix_cache_skipped"] is None:
             del cache["prefix_cache_skipped"]
+        if record["timings"]["rebuild_s"] is None:
+            del record["timings"]["rebuild_s"]
         if not self.is_server:
             del cache["server"]
         return record
@@ -106,8 +111,9 @@ def turn_report(chat: Chat, turn: TurnStats, text: str, reasoning: str = "") -> 
         cache=CacheFigures(*counts, turn.prefix_cache_tokens, round(turn.prefix_cache_restore_s, 4),
                            turn.prefix_cache_skipped, turn.reevaluated_tokens, server),
         memory=backend.memory(session),
-        timings=Timings(round(backend.load_s, 4), round(turn.ttft_s, 4), round(turn.prefill_tok_s, 2),
-                        round(turn.decode_tok_s, 2)),
+        timings=Timings(round(backend.load_s, 4), round(chat.rebuild_s, 4) if chat.rebuilt_tokens else None,
+                        round(turn.ttft_s, 4),
+                        round(turn.prefill_tok_s, 2), round(turn.decode_tok_s, 2)),
         speculative=Speculation(backend.speculative_mode, turn.drafted_tokens, turn.accepted_tokens,
                                 round(turn.acceptance, 4)),
         stop_reason=turn.stop_reason,

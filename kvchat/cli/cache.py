@@ -49,13 +49,15 @@ def list_cmd(as_json: JsonOpt = False) -> None:
     if not entries:
         env.stderr.write("the prefix cache is empty — `kvchat run` fills it with prompts of 256+ tokens\n")
         return
-    from rich.table import Table
+    from kvchat.ui.tables import TableData, print_table
 
-    table = Table("key", "model", "tokens", "size", "last use", "hits", box=None)
+    # A hit is counted on every segment a restore used, shared starts (a document that
+    # several prompts begin with) included.
+    table = TableData(("key", "model", "tokens", "size", "last use", "hits"), right=frozenset({"hits"}))
     for e in entries:
         table.add_row(e.key[:12], safe_text(names[e.model]), f"{e.start}-{e.end}", format_bytes(e.bytes),
                       _when(e.last_used), str(e.hits))
-    env.out_console().print(table)
+    print_table(table, env.stdout, env.out_console())
 
 
 @cache_app.command("stats")

@@ -9,7 +9,8 @@ import typer
 
 from kvchat.cli import app
 from kvchat.cli.options import CHAT_OPTIONS, shared_options
-from kvchat.errors import SessionError, UsageError
+from kvchat.cli.run import last_conversation
+from kvchat.errors import UsageError
 from kvchat.ui.environment import Environment
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ def chat(
         Render, typer.Option("--render", help="Replies as plain text or rendered markdown.")
     ] = Render.plain,
     continue_last: Annotated[
-        bool, typer.Option("--continue", "-C", help="Resume the newest recent (unnamed) chat.")
+        bool, typer.Option("--continue", "-C", help="Resume the last conversation, named or a recent chat.")
     ] = False,
 ) -> None:
     """Chat interactively: history, multi-line input, /commands, a live status line.
@@ -47,7 +48,8 @@ def chat(
     /commands · Ctrl-C stops a reply · Ctrl-D or /exit leaves. Type /help inside.
     With stdin not a terminal it answers what was piped, like `kvchat run`.
     An unnamed chat is kept as a recent chat (`auto-…` in `kvchat sessions list`,
-    the newest 20: setting recent_chats); --continue resumes the newest.
+    the newest 20: setting recent_chats); --continue resumes the last conversation,
+    named or not.
 
     \b
     Examples:
@@ -63,7 +65,7 @@ def chat(
     flags = {**flags, "model": model_arg or flags["model"]}
     env = Environment()
     if continue_last:
-        session_name = _last_recent_chat(session_name)
+        session_name = last_conversation(session_name)
     if not env.stdin_isatty:
         from kvchat.cli.run import answer_piped
 
@@ -87,14 +89,3 @@ def chat(
         if nvml is not None:
             nvml.close()
 
-
-def _last_recent_chat(session_name: str | None) -> str:
-    """--continue: the newest recent chat's session name."""
-    from kvchat.session_store import latest_recent
-
-    if session_name is not None:
-        raise UsageError("--continue resumes the newest recent chat; give it or --session NAME, not both")
-    name = latest_recent()
-    if name is None:
-        raise SessionError("there is no recent chat to continue", hint="start one with `kvchat chat`")
-    return name

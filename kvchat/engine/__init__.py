@@ -35,7 +35,7 @@ from kvchat.engine.runtime import (
     supports_gpu_offload,
     system_info,
 )
-from kvchat.engine.sampler import sampler_chain
+from kvchat.engine.sampler import sampler_chain, schema_grammar
 from kvchat.engine_api import Checkpoint, PerfCounters, SamplingSettings, TokenEmitter, TokenEvent
 from kvchat.errors import KvchatError, ModelLoadError, SessionError, UsageError
 from kvchat.gguf import read_model_header_file
@@ -44,7 +44,7 @@ from kvchat.model_spec import check_loadable, spec_from_header
 from kvchat.settings import MIN_CTX
 
 __all__ = ["AMX_ENV", "Engine", "EngineSettings", "amx_guard", "backend_version", "builtin_templates",
-           "supports_gpu_offload", "system_info"]
+           "schema_grammar", "supports_gpu_offload", "system_info"]
 
 # A prefill chunk should take about this long, so Ctrl-C stops it promptly.
 _CHUNK_S = 0.5
@@ -63,6 +63,9 @@ class Engine:
         self._ctx: Any = None
         self._sampler: Any = None
         self._greedy = False  # the chain is plain greedy: sample() takes the argmax itself
+        self._constrained = False  # the chain has a grammar (set_json_schema)
+        self._grammar: str | None = None  # set_json_schema's, as GBNF
+        self._sampling = SamplingSettings()
         self._batch: Any = None  # eval_batch's, kept: a verify step per few tokens reuses it
         self._batch_size = 0
         self.flash_attn = settings.flash_attn
@@ -255,11 +258,26 @@ class Engine:
             self._held_upto += n_tokens
         self.n_past += n_tokens
 
+    def set_json_schema(self, schema: str | None) -> None:
+        """Constrain each reply to a JSON Schema (JSON text; None: free text): a grammar
+        sampler joins the chain. Not with speculative decoding: a grammar accepts each
+        token it sees, and a rejected draft token cannot be taken back out of it."""
+        self._grammar = schema_grammar(schema) if schema is not None else None
+        try:
+            self.set_sampling(self._sampling)
+        except UsageError:  # llama.cpp refused the grammar: back to free text, still usable
+            self._grammar = None
+            self.set_sampling(self._sampling)
+            raise
+
     def set_sampling(self, sampling: SamplingSettings) -> None:
         """Build llama.cpp's sampler chain; sampling then happens in C."""
+        self._sampling = sampling
         if self._sampler is not None:
             llama.llama_sampler_free(self._sampler)
-        self._sampler, self._greedy = sampler_chain(sampling)
+            self._sampler = None
+        self._sampler, self._greedy = sampler_chain(sampling, self._vocab, self._grammar)
+        self._constrained = self._grammar is not None
 
     def sample(self, index: int = -1) -> int:
         """Sample with the native chain at batch index `index` of the last decode (-1:
@@ -281,6 +299,8 @@ class Engine:
         llama-bench's tg test does (benchmarks). `context` is not needed here
         (kvchat.speculative_engine drafts from it).
         """
+        if self._constrained:  # a grammar follows each reply from its start
+            llama.llama_sampler_reset(self._sampler)
         emit = TokenEmitter(self, max_tokens, self.n_ctx - self.n_past, stop_at_eog=stop_at_eog)
         while True:
             token = self.sample(-1)

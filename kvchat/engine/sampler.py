@@ -7,10 +7,24 @@ from typing import Any
 import llama_cpp.llama_cpp as llama
 
 from kvchat.engine_api import SamplingSettings
+from kvchat.errors import UsageError
 
 
-def sampler_chain(sampling: SamplingSettings) -> tuple[Any, bool]:
+def schema_grammar(schema: str) -> str:
+    """A JSON Schema (JSON text) as a GBNF grammar, by llama.cpp's own converter (as
+    llama-server's json_schema); a schema it cannot express is a usage error."""
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    try:
+        return str(json_schema_to_gbnf(schema))
+    except Exception as exc:  # the converter asserts, and raises ValueError, KeyError...
+        raise UsageError(f"--schema: llama.cpp cannot express this schema as a grammar: {exc}",
+                         hint="use the JSON Schema subset llama.cpp supports (grammars/README.md)") from None
+
+
+def sampler_chain(sampling: SamplingSettings, vocab: Any, grammar: str | None = None) -> tuple[Any, bool]:
     """The chain (a ctypes handle; the caller frees it) and whether it is plain greedy.
+    `grammar` (GBNF) constrains what may be sampled; a chain with one is never plain.
 
     A chain of greedy alone keeps no state, and its choice is the first index of the
     largest logit, which is numpy's argmax: ~30 us where llama_sampler_sample first
@@ -24,6 +38,14 @@ def sampler_chain(sampling: SamplingSettings) -> tuple[Any, bool]:
         # llama.cpp's penalties sampler over the last 64 tokens (its CLI default).
         llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_penalties(64, sampling.repeat_penalty,
                                                                                 0.0, 0.0))
+    if grammar is not None:
+        # Before the samplers that choose: only tokens the grammar allows reach them.
+        constrain = llama.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
+        if not constrain:
+            llama.llama_sampler_free(chain)
+            raise UsageError("--schema: llama.cpp cannot build a grammar from this schema",
+                             hint="simplify the schema (see llama.cpp's grammars/README.md)")
+        llama.llama_sampler_chain_add(chain, constrain)
     if sampling.temperature <= 0:
         llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_greedy())
     else:
@@ -34,4 +56,4 @@ def sampler_chain(sampling: SamplingSettings) -> tuple[Any, bool]:
             llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_min_p(sampling.min_p, 1))
         llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_temp(sampling.temperature))
         llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_dist(seed))
-    return chain, sampling.temperature <= 0 and sampling.repeat_penalty == 1.0
+    return chain, sampling.temperature <= 0 and sampling.repeat_penalty == 1.0 and grammar is None

@@ -180,6 +180,7 @@ class LlamaServerEngine:
         self._add_bos = bool(with_bos) and self._bos >= 0 and with_bos[0] == self._bos
         self._history: list[int] = []
         self._sampling = SamplingSettings()
+        self._json_schema: Any = None  # set_json_schema's, parsed
         self._progress: Callable[[int, int], None] | None = None
         self._eog: set[int] = {self._eos} if self._eos >= 0 else set()
         self.id_slot = -1
@@ -311,6 +312,11 @@ class LlamaServerEngine:
     def set_sampling(self, sampling: SamplingSettings) -> None:
         self._sampling = sampling
 
+    def set_json_schema(self, schema: str | None) -> None:
+        """Constrain replies to a JSON Schema (JSON text): llama-server turns it into a
+        grammar with the converter kvchat.engine uses."""
+        self._json_schema = json.loads(schema) if schema is not None else None
+
     def _request(self, max_tokens: int | None, stop_at_eog: bool) -> dict[str, Any]:
         s = self._sampling
         room = self._n_ctx - len(self._history)
@@ -330,6 +336,8 @@ class LlamaServerEngine:
             "repeat_penalty": s.repeat_penalty,
             "seed": -1 if s.seed is None else s.seed,
             "ignore_eos": not stop_at_eog,
+            # llama-server turns it into a grammar with the same converter as kvchat.engine.
+            **({"json_schema": self._json_schema} if self._json_schema is not None else {}),
         }
 
     def generate(self, max_tokens: int | None, *, stop_at_eog: bool = True,

@@ -11,6 +11,7 @@ evaluated again, and `cached_tokens` is the proof where it is reported.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -79,6 +80,7 @@ class OpenAIChatEngine:
         self.model_path = ""
         self._n_ctx = _context_of(entries[model], where)
         self._sampling = SamplingSettings()
+        self._json_schema: Any = None  # set_json_schema's, parsed
         self._usage: ChatUsage | None = None
         self._finish: str | None = None
         self._metrics_available: bool | None = None
@@ -107,6 +109,11 @@ class OpenAIChatEngine:
     def set_sampling(self, sampling: SamplingSettings) -> None:
         self._sampling = sampling
 
+    def set_json_schema(self, schema: str | None) -> None:
+        """Constrain replies to a JSON Schema (JSON text): OpenAI's structured outputs,
+        `response_format` (vLLM, llama.cpp and LM Studio take it)."""
+        self._json_schema = json.loads(schema) if schema is not None else None
+
     def _body(self, messages: Sequence[dict[str, str]], max_tokens: int | None) -> dict[str, Any]:
         s = self._sampling
         body: dict[str, Any] = {
@@ -125,6 +132,9 @@ class OpenAIChatEngine:
             body["repetition_penalty"] = body["repeat_penalty"] = s.repeat_penalty
         if s.seed is not None:
             body["seed"] = s.seed
+        if self._json_schema is not None:
+            body["response_format"] = {"type": "json_schema",
+                                       "json_schema": {"name": "reply", "schema": self._json_schema}}
         if max_tokens is not None:
             body["max_tokens"] = max_tokens
         return body

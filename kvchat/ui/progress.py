@@ -48,6 +48,13 @@ class LoadProgress:
         if total >= _PREFILL_SHOWN_FROM and done < total:
             self._set(f"prefill {done:,}/{total:,} tokens")
 
+    def say(self, line: str) -> None:
+        """Write a line of its own on stderr, above the spinner's line (which is redrawn)."""
+        with self._lock:
+            erase = "\r" + " " * self._width + "\r" if self._active and self._width else ""
+            self._width = 0
+            self._write(f"{erase}{line}\n")
+
     def _set(self, text: str) -> None:
         with self._lock:
             self._text = text

@@ -18,13 +18,26 @@ def prefix_cache_text(turn: TurnStats) -> str:
     return f"{n} tokens from the prefix cache ({turn.prefix_cache_restore_s:.3f}s)" if n else ""
 
 
-def stats_line(turn: TurnStats, load_s: float, memory: MemoryFigures | None = None) -> str:
+def prompt_parts(turn: TurnStats, rebuilt_tokens: int = 0, rebuild_s: float = 0.0) -> list[str]:
+    """Where a prompt's tokens came from: the KV cache in memory, the prefix cache on
+    disk, a --rebuild before the turn (`rebuilt_tokens`, `rebuild_s`: work done in this
+    run, so never "cached"), evaluated by the turn."""
+    from kvchat.app import rebuilt_cache_counts
+
+    reused, _, rebuilt = rebuilt_cache_counts(turn.reused_tokens, turn.evaluated_tokens, rebuilt_tokens)
     from_disk = prefix_cache_text(turn)
+    parts = [f"{reused} cached"] if reused or not (from_disk or rebuilt) else []
+    parts += [from_disk] if from_disk else []
+    parts += [f"{rebuilt} rebuilt in {rebuild_s:.2f}s"] if rebuilt else []
+    return [*parts, f"{turn.evaluated_tokens} evaluated"]
+
+
+def stats_line(turn: TurnStats, load_s: float, memory: MemoryFigures | None = None, *,
+               rebuilt_tokens: int = 0, rebuild_s: float = 0.0) -> str:
     line = (
         f"load {load_s:.2f}s · prompt {turn.prompt_tokens} tok "
-        f"({turn.reused_tokens} cached, {turn.evaluated_tokens} evaluated) · "
-        + (f"{from_disk} · " if from_disk else "")
-        + f"prefill {turn.prefill_tok_s:.1f} tok/s · ttft {turn.ttft_s:.3f}s · "
+        f"({', '.join(prompt_parts(turn, rebuilt_tokens, rebuild_s))}) · "
+        f"prefill {turn.prefill_tok_s:.1f} tok/s · ttft {turn.ttft_s:.3f}s · "
         f"decode {turn.completion_tokens} tok at {turn.decode_tok_s:.1f} tok/s"
         f"{' effective' if turn.drafted_tokens else ''} · "
         f"{draft_text(turn.drafted_tokens, turn.accepted_tokens)}"

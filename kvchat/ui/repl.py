@@ -38,6 +38,7 @@ from kvchat.ui.commands import unescape_message as _unescape
 from kvchat.ui.environment import Environment
 from kvchat.ui.info import local_rows, server_rows, speculative_line
 from kvchat.ui.render import plural, reevaluated_notice, stats_line
+from kvchat.ui.resume import opened_text, restored_settings
 from kvchat.ui.status import (
     DeviceInfo,
     ReplyView,
@@ -226,13 +227,8 @@ class ChatRepl:
             self.say(f"kvchat · {model_name(req.model_path)} · ctx {facts.n_ctx} · KV {req.type_k.name}/"
                      f"{req.type_v.name} · flash attn {facts.flash_attn} · {where}", style="bold")
         if self.session_name:
-            kind = "recent chat" if session_store.is_recent(self.session_name) else "session"
-            turns = plural(self._user_turns(), "turn")
-            what = (f"resumed {kind} '{self.session_name}': {turns}, "
-                    f"{plural(self.setup.resumed_tokens, 'token')}" if self.setup.resumed_tokens
-                    else f"new {kind} '{self.session_name}'")
-            self.say(f"{what} (saved after each reply)", style="dim")
-            restored = self._restored_settings()
+            self.say(f"{opened_text(self.setup)} · saved after each reply", style="dim")
+            restored = restored_settings(self.setup.settings)
             if restored:
                 self.say("settings restored: " + ", ".join(restored), style="dim")
             self._show_last_exchanges()
@@ -240,12 +236,6 @@ class ChatRepl:
             self.say(f"this chat is kept in history (the last {self._recent_keep}); /save NAME names it",
                      style="dim")
         self.say(KEYS_HELP + " · /help", style="dim")
-
-    def _restored_settings(self) -> list[str]:
-        """Sampling settings and reply limit taken from the saved session (not given as flags)."""
-        s = self.setup.settings
-        return [_setting_text(key, getattr(s, key)) for key in keys_in("saved")
-                if s.sources.get(key) == "session"]
 
     def _user_turns(self) -> int:
         return sum(1 for m in self.session.messages if m["role"] == "user")
@@ -349,7 +339,7 @@ class ChatRepl:
             else:
                 summary = _summary(figures, self.kv_fill(), self.sampler.latest, self.device)
                 self.say(wrap_segments(summary, self.console.width), style="dim")
-            if figures.prefix_cache_skipped:
+            if figures.prefix_cache_skipped and not figures.prefix_cache_routine:
                 self.env.warn(figures.prefix_cache_skipped)
             if figures.reevaluated_tokens:
                 self.env.warn(reevaluated_notice(figures))

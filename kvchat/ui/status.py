@@ -118,8 +118,9 @@ def summary_text(turn: Any, kv: KvFill, hw: HardwareSample, device: DeviceInfo) 
     parts = [
         f"{turn.completion_tokens} tok" + (f" ({turn.reasoning_tokens} reasoning)"
                                             if getattr(turn, "reasoning_tokens", 0) else ""),
-        f"prefill {turn.evaluated_tokens} tok at {_rate(turn.prefill_tok_s)} tok/s "
-        f"({turn.reused_tokens} cached)",
+        f"prefill {turn.evaluated_tokens} tok at {_rate(turn.prefill_tok_s)} tok/s"
+        # Tokens restored from disk are not "0 cached": the next segment says where they came from.
+        + (f" ({turn.reused_tokens} cached)" if turn.reused_tokens or not from_disk else ""),
         *([from_disk] if from_disk else []),
         f"ttft {turn.ttft_s:.2f}s",
         f"decode {_rate(turn.decode_tok_s)} tok/s",
