@@ -234,6 +234,8 @@ SETTINGS: dict[str, Setting[Any]] = {
                 "reuse and store prompt starts on disk (kvchat cache)"),
         Setting("prefix_cache_size", parse_size, "4G", "--prefix-cache-size",
                 "size limit of the prefix cache (never more than half the free disk)"),
+        Setting("kv_store_size", _optional(parse_size, "auto"), None, None,
+                "disk budget of saved sessions' and recent chats' KV (auto: half the free disk)"),
         Setting("chat_template", _optional(_string), None, "--chat-template",
                 "a llama.cpp built-in template name or a Jinja file (default: the model's own)"),
         Setting("raw", _bool, False, "--raw", "no chat template: plain text completion"),
@@ -311,6 +313,7 @@ class Settings:
     recent_chats: int = 20
     prefix_cache: bool = True
     prefix_cache_size: int = 4 * 1024**3
+    kv_store_size: int | None = None
     chat_template: str | None = None
     raw: bool = False
     think: str | None = None

@@ -90,7 +90,7 @@ def chat(
 
 def _last_recent_chat(session_name: str | None) -> str:
     """--continue: the newest recent chat's session name."""
-    from kvchat.session_store import latest_recent
+    from kvchat.saved_sessions import latest_recent
 
     if session_name is not None:
         raise UsageError("--continue resumes the newest recent chat; give it or --session NAME, not both")
