@@ -306,3 +306,19 @@ def import_file(path: Path, name: str) -> None:
         n_kv = int(record["n_kv"])
         named.store.save(kind_of(name), name, record, legacy.tokens, WholeState(legacy.state, n_kv),
                          named.fingerprint_of(record), n_kv=n_kv, extra=legacy.checkpoints)
+
+
+def store_figures(configured: int | None) -> dict[str, Any]:
+    """The KV store's use against its budget (`configured`: the kv_store_size setting):
+    what `paths`, `cache stats` and `sessions list` show."""
+    from kvchat.kv_store import effective_budget
+
+    store = KvStore()
+    usage = store.usage() if store.root.is_dir() else None
+    budget = effective_budget(configured, store)
+    named = usage.by_kind.get(SESSION, 0) if usage else 0
+    return {"path": str(store.root), "bytes": usage.total if usage else 0, "budget_bytes": budget,
+            "configured_bytes": configured, "named_bytes": named,
+            "recent_bytes": usage.by_kind.get(RECENT, 0) if usage else 0,
+            "unreferenced_bytes": usage.unreferenced if usage else 0,
+            "named_over_budget": named > budget}

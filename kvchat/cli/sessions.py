@@ -66,16 +66,14 @@ def list_cmd(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 
 def store_line() -> str:
     """The KV store's use against its budget, and what named sessions alone take."""
-    from kvchat.kv_store import KvStore, effective_budget
     from kvchat.settings import resolve
 
-    store = KvStore()
-    usage = store.usage()
-    budget = effective_budget(resolve().kv_store_size, store)
-    named = usage.by_kind.get("session", 0)
-    line = (f"KV store: {format_bytes(usage.total)} of {format_bytes(budget)} "
-            f"(named sessions {format_bytes(named)}, cache {format_bytes(usage.unreferenced)})")
-    return line + (" — named sessions alone exceed the budget" if named > budget else "")
+    f = saved_sessions.store_figures(resolve().kv_store_size)
+    line = (f"KV store: {format_bytes(f['bytes'])} of {format_bytes(f['budget_bytes'])} "
+            f"(named sessions {format_bytes(f['named_bytes'])}, "
+            f"recent chats {format_bytes(f['recent_bytes'])}, cache {format_bytes(f['unreferenced_bytes'])})")
+    return line + (" — named sessions alone exceed the budget (kv_store_size)"
+                   if f["named_over_budget"] else "")
 
 
 def _load(name: str) -> dict[str, Any]:
