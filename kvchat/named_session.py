@@ -246,6 +246,7 @@ class NamedSession:
                            result.manifest.extra, manifest=result.manifest)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()  # moved to the store
+        session_store.remove_stale_temps(self.path)  # a .kvs save killed before the store
         return result
 
     def server_file_name(self) -> str:

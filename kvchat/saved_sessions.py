@@ -206,7 +206,7 @@ def remove(name: str) -> None:
             except OSError as exc:
                 raise SessionError(f"cannot delete {legacy}: {exc.strerror or exc}",
                                    hint="check the sessions folder's permissions") from None
-            session_store.remove_stale_temps(legacy)
+        session_store.remove_stale_temps(legacy)
 
 
 # -- recent chats ------------------------------------------------------------------
