@@ -248,7 +248,7 @@ class Bench:
         from kvchat import saved_sessions, session_store
         from kvchat.kv_store import KvStore
 
-        before = 0
+        before, stored = 0, KvStore().usage().total  # the store holds per_turn's session already
         for i in range(n):
             session = self.session()
             self.grow(session, n_tokens // 4, seed=7)  # the same start in every chat
@@ -259,7 +259,7 @@ class Bench:
             path = folder / "recent.kvs"
             before += session_store.save(path, record, list(session.tokens), self.engine.state_bytes())
             path.unlink()
-        after = KvStore().usage().total
+        after = KvStore().usage().total - stored
         return {"chats": n, "tokens": n_tokens, "before_bytes": before, "after_bytes": after}
 
     def close(self) -> None:
