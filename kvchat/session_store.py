@@ -1,4 +1,6 @@
-"""Named sessions on disk: format, atomic saves, locks, and model identity.
+"""Session files (`.kvs`), locks and model identity. Sessions live in the KV store
+(kvchat.saved_sessions); a `.kvs` file is what kvchat wrote before it, still read,
+and the one portable file `sessions export --format kvs` writes and `import` reads.
 
 A session file holds, in one checksummed container, the conversation record
 (format version, model identity, context settings, messages, turn marks), the
