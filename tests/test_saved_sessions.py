@@ -6,6 +6,7 @@ llama.cpp's state layout; tests/test_session.py runs the real model)."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -205,3 +206,24 @@ def test_the_writer_runs_in_order_says_when_slow_and_reports_errors_once() -> No
     writer.submit(lambda: done.append(2))
     writer.wait(lambda: notices.append("again"))
     assert done == [1, 2] and notices == ["saving…"]  # a quick write says nothing
+
+
+def test_cli_import_export_list_and_rm(kvchat, tmp_path: Path) -> None:  # noqa: ANN001
+    conv = KvConversation(FakeKvEngine(pad=PAD))
+    conv.turn(300, 1)
+    record = {**conv.to_record(), "model": IDENTITY, "settings": SETTINGS.as_record()}
+    exported = tmp_path / "talk.kvs"
+    session_store.save(exported, record, list(conv.engine.cells), conv.engine.state_bytes())
+    assert kvchat("sessions", "import", str(exported)).returncode == 0
+    again = kvchat("sessions", "import", str(exported))
+    assert again.returncode != 0 and "already exists" in again.stderr
+    assert kvchat("sessions", "import", str(exported), "copy").returncode == 0
+    rows = {r["name"]: r for r in json.loads(kvchat("sessions", "list", "--json").stdout)}
+    assert set(rows) == {"talk", "copy"} and rows["talk"]["n_kv"] == 300
+    assert rows["talk"]["bytes"] + rows["talk"]["shared_bytes"] > 300 * PAD
+    out = tmp_path / "out.kvs"
+    assert kvchat("sessions", "export", "copy", "--format", "kvs", "-o", str(out)).returncode == 0
+    assert session_store.load(out).state == conv.engine.state_bytes()
+    assert "KV store:" in kvchat("sessions", "list").stderr
+    assert kvchat("sessions", "rm", "talk", "--yes").returncode == 0
+    assert [r["name"] for r in json.loads(kvchat("sessions", "list", "--json").stdout)] == ["copy"]
