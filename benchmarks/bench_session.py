@@ -104,8 +104,9 @@ def llama_cpp_python_turn_ttfts(model: Path, threads: int, turns: int, rounds: i
 
 def resume_vs_cold(model: Path, threads: int, home: Path) -> dict[str, float]:
     os.environ["KVCHAT_HOME"] = str(home)
-    from kvchat import session_store
+    from kvchat import saved_sessions
     from kvchat.named_session import ContextSettings, NamedSession
+    from kvchat.session_store import model_identity
 
     long_text = " ".join(f"Fact {i}: the river number {i} flows into the sea." for i in range(150))
     settings = ContextSettings(N_CTX, "f16", "f16", "auto")
@@ -113,7 +114,7 @@ def resume_vs_cold(model: Path, threads: int, home: Path) -> dict[str, float]:
         session = Session(engine, chat_template_for(engine), SamplingSettings(temperature=0), REPLY_TOKENS)
         for _ in session.send("Read this and remember it.\n" + long_text):
             pass
-        named.check(model, settings, rebuild=False)
+        named.check(model_identity(model), settings, rebuild=False)
         size = named.save(session, engine.n_ctx)
         n_tokens = len(session.tokens)
         kv_bytes = engine.n_past * (engine.buffers.k + engine.buffers.v) / engine.buffers.kv_cells
@@ -121,7 +122,7 @@ def resume_vs_cold(model: Path, threads: int, home: Path) -> dict[str, float]:
 
     question = "What flows into the sea?"
     # Cold: a new process-like start that has only the transcript's tokens.
-    saved = session_store.load(session_store.session_path("bench"))
+    saved = saved_sessions.load_existing("bench")
     with Engine(model, _settings(threads)) as engine:
         session = Session(engine, chat_template_for(engine), SamplingSettings(temperature=0), 1)
         started = time.perf_counter()
@@ -133,8 +134,9 @@ def resume_vs_cold(model: Path, threads: int, home: Path) -> dict[str, float]:
     with Engine(model, _settings(threads)) as engine:
         session = Session(engine, chat_template_for(engine), SamplingSettings(temperature=0), 1)
         started = time.perf_counter()
-        saved = session_store.load(session_store.session_path("bench"))
-        session.restore(saved.record, saved.tokens, saved.state)
+        with NamedSession("bench") as named:  # the store's streamed restore
+            named.check(model_identity(model), settings, rebuild=False)
+            named.attach(session, rebuild=False)
         for _ in session.send(question):
             pass
         resumed = time.perf_counter() - started

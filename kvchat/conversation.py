@@ -21,6 +21,11 @@ from kvchat.engine_api import SamplingSettings, TokenEvent
 
 if TYPE_CHECKING:
     from kvchat.chat_template import Message
+    from kvchat.kv_store import RangeSink, RangeSource
+
+# Loads a saved KV state into an engine (kvchat.kv_store.KvStore.restore, bound to a
+# manifest) and returns the positions it restored; the conversation evaluates the rest.
+StateLoader = Callable[["RangeSink"], int]
 
 
 @dataclass
@@ -124,11 +129,14 @@ class Turn:
 
 @dataclass(frozen=True)
 class SavedState:
-    """What a saved conversation keeps beside its record: the token history, the
-    KV state and checkpoints (empty for a conversation without a token history)."""
+    """What a saved conversation keeps beside its record: the token history, how
+    many of its tokens the KV cache holds, where a save reads those cells from (None:
+    no KV here, a conversation without a token history) and the checkpoints. Taking
+    it reads nothing: the store reads only the cells its last save did not cover."""
 
     tokens: list[int]
-    state: bytes
+    n_kv: int
+    source: RangeSource | None
     checkpoints: bytes
 
 
@@ -174,9 +182,11 @@ class Conversation(Protocol):
     # -- persistence (kvchat.named_session) ---------------------------------------
     def to_record(self) -> dict[str, Any]: ...
     def saved_state(self) -> SavedState: ...
-    def restore(self, record: dict[str, Any], tokens: list[int], state: bytes | None,
+    def restore(self, record: dict[str, Any], tokens: list[int], state: bytes | StateLoader | None,
                 checkpoints: bytes = b"") -> int:
-        """Load a saved conversation; `state` None re-evaluates it. Returns tokens evaluated."""
+        """Load a saved conversation: `state` is the whole KV state, or a loader that
+        restores as much as it can (the rest is evaluated); None re-evaluates it all.
+        Returns tokens evaluated."""
         ...
     def restore_from_messages(self, record: dict[str, Any]) -> int:
         """Rebuild from the transcript alone. Returns tokens evaluated."""

@@ -113,6 +113,27 @@ class SaveResult:
 
 
 @dataclass
+class PendingSave:
+    """A save whose engine reads are done (KvStore.prepare) and whose files are not
+    yet written (KvStore.commit)."""
+
+    kind: str
+    name: str
+    fingerprint: str  # hex digest
+    record: dict[str, Any]
+    tokens: list[int]
+    extra: bytes
+    previous: Manifest | None
+    created: float
+    kept: list[Link] = field(default_factory=list)  # blocks already on disk, built on
+    new: list[tuple[Link, bytes | bytearray]] = field(default_factory=list)  # cells read
+
+    @property
+    def new_bytes(self) -> int:
+        return sum(len(state) for _, state in self.new)
+
+
+@dataclass
 class Damage:
     """A block a resume could not use, and what that cost."""
 
@@ -254,59 +275,89 @@ class KvStore:
     # -- save and resume ----------------------------------------------------------------
 
     def save(self, kind: str, name: str, record: dict[str, Any], tokens: Sequence[int],
-             source: RangeSource, fingerprint: bytes, *, extra: bytes = b"",
-             previous: Manifest | None = None, base: Manifest | None = None) -> SaveResult:
-        """Save a conversation whose engine holds exactly `tokens`, writing only the
-        blocks not already on disk, then its manifest.
+             source: RangeSource | None, fingerprint: bytes, *, n_kv: int | None = None,
+             extra: bytes = b"", previous: Manifest | None = None,
+             base: Manifest | None = None) -> SaveResult:
+        """Save a conversation whose engine holds `tokens[:n_kv]` (default: all of
+        them), writing only the blocks not already on disk, then its manifest.
 
         `previous` is the manifest last saved under this name (read from disk when
         not given); blocks only it named are deleted afterwards. `base` (default:
         `previous`) is the chain to build on, kept as far as its tokens agree with
         `tokens`: a copy saved under a new name passes the original's manifest and
-        costs one manifest."""
+        costs one manifest. `source` None: a conversation without KV here (the
+        manifest holds its record and tokens only)."""
+        return self.commit(self.prepare(kind, name, record, tokens, source, fingerprint, n_kv=n_kv,
+                                        extra=extra, previous=previous, base=base))
+
+    def prepare(self, kind: str, name: str, record: dict[str, Any], tokens: Sequence[int],
+                source: RangeSource | None, fingerprint: bytes, *, n_kv: int | None = None,
+                extra: bytes = b"", previous: Manifest | None = None,
+                base: Manifest | None = None) -> PendingSave:
+        """The engine's part of a save (see `save`): read the cells not covered by
+        the chain kept, and nothing else. It costs the new cells (a whole state where
+        ranges cannot be read); `commit` writes them later, from any thread, while the
+        engine goes on: what it saves is the state as it was here."""
         fp_hex = fingerprint.hex()
         tokens = list(tokens)
-        now = time.time()
+        n = len(tokens) if n_kv is None else n_kv
+        if not 0 <= n <= len(tokens):
+            raise ValueError(f"n_kv {n} outside the {len(tokens)} tokens")
         path = self.manifest_path(kind, name)
         if previous is None and path.exists():
             with contextlib.suppress(SessionError):
                 previous = self.read_manifest(kind, name)
+        pending = PendingSave(kind, name, fp_hex, record, tokens, extra, previous,
+                              previous.created if previous else time.time())
+        if source is None or n == 0:
+            return pending
+        if source.can_save_ranges:
+            try:
+                kept = self._kept_chain(base or previous, fp_hex, tokens[:n])
+                spans = cut_spans(kept[-1].end if kept else 0, n, self.block_tokens)
+                keys = block_keys(fingerprint, tokens, spans)
+                pending.new = [(Link(key, a, b), source.state_range_bytes(a, b))
+                               for (a, b), key in zip(spans, keys, strict=True)]
+                pending.kept = kept
+                return pending
+            except kv_state.StateFormatError:
+                # Cells out of position order (a context shift moved them): this save is whole.
+                pending.new = []
+        # A sliding window or a recurrent state cannot be cut by position: the state
+        # is saved whole, bounded by the window or the state's size.
+        (key,) = block_keys(fingerprint, tokens, [(0, n)], WHOLE)
+        pending.new = [(Link(key, 0, n, WHOLE), source.state_bytes())]
+        return pending
+
+    def commit(self, pending: PendingSave) -> SaveResult:
+        """Write what `prepare` read: the blocks not on disk, then the manifest (only
+        after every block it names), then delete blocks only the previous manifest
+        named. A kept block removed meanwhile (eviction of the conversation it was
+        shared with) ends the chain there: the tokens after it are evaluated again on
+        resume, never restored from the wrong cells."""
         before = self.bytes_written
         written = shared = 0
+        p = pending
         with self._lock(exclusive=False):
-            chain: list[Link] | None = None
-            if source.can_save_ranges:
-                try:
-                    chain = self._kept_chain(base or previous, fp_hex, tokens)
-                    start = chain[-1].end if chain else 0
-                    spans = cut_spans(start, len(tokens), self.block_tokens)
-                    for (a, b), key in zip(spans, block_keys(fingerprint, tokens, spans), strict=True):
-                        link = Link(key, a, b)
-                        if self.block_path(key).is_file():
-                            shared += 1
-                        else:
-                            self.write_block(link, fp_hex, tokens[a:b], source.state_range_bytes(a, b))
-                            written += 1
-                        chain.append(link)
-                except kv_state.StateFormatError:
-                    # Cells out of position order (a context shift moved them): this save
-                    # is whole; blocks written meanwhile are named by nothing (evictable).
-                    chain = None
-            if chain is None and tokens:
-                # A sliding window or a recurrent state cannot be cut by position: the
-                # state is saved whole, bounded by the window or the state's size.
-                (key,) = block_keys(fingerprint, tokens, [(0, len(tokens))], WHOLE)
-                link = Link(key, 0, len(tokens), WHOLE)
-                self.write_block(link, fp_hex, tokens, source.state_bytes())
-                written += 1
-                chain = [link]
-            chain = chain or []
-            manifest = Manifest(kind, name, fp_hex, record, tokens, chain, extra,
-                                previous.created if previous else now, now)
+            chain: list[Link] = []
+            for link in p.kept:
+                if not self.block_path(link.key).is_file():
+                    break
+                chain.append(link)
+            if len(chain) == len(p.kept):
+                for link, state in p.new:
+                    if self.block_path(link.key).is_file():
+                        shared += 1
+                    else:
+                        self.write_block(link, p.fingerprint, p.tokens[link.start:link.end], state)
+                        written += 1
+                    chain.append(link)
+            manifest = Manifest(p.kind, p.name, p.fingerprint, p.record, p.tokens, chain, p.extra,
+                                p.created, time.time())
             self.write_manifest(manifest)
-        if previous is not None:
-            dropped = {x.key for x in previous.chain} - {x.key for x in chain}
-            self._collect({k for k in dropped if not self._cacheable(previous, k)})
+        if p.previous is not None:
+            dropped = {x.key for x in p.previous.chain} - {x.key for x in chain}
+            self._collect({k for k in dropped if not self._cacheable(p.previous, k)})
         return SaveResult(self.bytes_written - before, written, shared, manifest)
 
     def _kept_chain(self, previous: Manifest | None, fp_hex: str, tokens: list[int]) -> list[Link]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvchat.chat_template import Message
-from kvchat.conversation import SavedState, Turn, TurnStats, assistant_reply, set_system_prompt
+from kvchat.conversation import SavedState, StateLoader, Turn, TurnStats, assistant_reply, set_system_prompt
 from kvchat.engine_api import MessageEngine, SamplingSettings, TokenEvent
 from kvchat.errors import NetworkError, SessionError, UsageError
 from kvchat.settings import OVERFLOW_POLICIES, default_field
@@ -178,9 +178,9 @@ class MessageSession:
         return {"messages": self.messages, "dropped": self.dropped, "kv_text": "", "turns": [], "n_kv": 0}
 
     def saved_state(self) -> SavedState:
-        return SavedState([], b"", b"")
+        return SavedState([], 0, None, b"")
 
-    def restore(self, record: dict[str, Any], tokens: list[int], state: bytes | None,
+    def restore(self, record: dict[str, Any], tokens: list[int], state: bytes | StateLoader | None,
                 checkpoints: bytes = b"") -> int:
         return self.restore_from_messages(record)
 

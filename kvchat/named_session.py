@@ -10,17 +10,22 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
+import json
 import socket
 import time
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvchat import session_store
-from kvchat.conversation import Conversation
+from kvchat import saved_sessions, session_store
+from kvchat.conversation import Conversation, StateLoader
 from kvchat.errors import SessionError
-from kvchat.session_store import SavedSession
+from kvchat.kv_files import Manifest
+from kvchat.kv_store import KvStore, PendingSave, RangeSink, SaveResult
+from kvchat.saved_sessions import Saved
 from kvchat.settings import keys_in
 
 
@@ -48,13 +53,13 @@ def saved_server(record: dict[str, Any]) -> str | None:
     return server if isinstance(server, str) else None
 
 
-def saved_settings(saved: SavedSession) -> ContextSettings:
+def saved_settings(saved: Saved) -> ContextSettings:
     s = saved.record["settings"]
     return ContextSettings(int(s["n_ctx"]), s["type_k"], s["type_v"], s["flash_attn"])
 
 
 def mismatches(
-    saved: SavedSession, model_identity: dict[str, Any], settings: ContextSettings
+    saved: Saved, model_identity: dict[str, Any], settings: ContextSettings
 ) -> list[str]:
     """Human-readable differences that make the saved KV state unusable."""
     problems = []
@@ -83,20 +88,25 @@ def mismatches(
 
 
 class NamedSession:
-    """Holds the session's lock from open to close; saves after every turn."""
+    """Holds the session's lock from open to close; saves after every turn (a manifest
+    in the KV store: each save writes the cells its last one did not cover)."""
 
     def __init__(self, name: str) -> None:
         self.name = session_store.check_name(name)
-        self.path = session_store.session_path(name)
+        self.path = session_store.session_path(name)  # a .kvs file from before the store
+        self.store = KvStore()
         self._lock = contextlib.ExitStack()
         self._lock.enter_context(session_store.locked(name))
-        self.saved: SavedSession | None = None
-        if self.path.exists():
-            try:
-                self.saved = session_store.load(self.path)
-            except BaseException:
-                self._lock.close()
-                raise
+        self.saved: Saved | None = None
+        try:
+            self.saved = saved_sessions.load(name, store=self.store)
+        except BaseException:
+            self._lock.close()
+            raise
+        # The manifest as last read or written: what the next save builds on.
+        self.manifest: Manifest | None = self.saved.manifest if self.saved else None
+        # Set by attach when a damaged block cost some of the KV: what to tell the user.
+        self.damage_notice: str | None = None
         self.created = self.saved.record.get("created", time.time()) if self.saved else time.time()
         self.model_identity: dict[str, Any] | None = None
         self.settings: ContextSettings | None = None
@@ -171,16 +181,49 @@ class NamedSession:
             and self.saved.record["model"]["sha256"] == self.model_identity["sha256"]
         )
         if not rebuild:
-            return session.restore(self.saved.record, self.saved.tokens, self.saved.state,
-                                   self.saved.checkpoints)
+            state: bytes | StateLoader = self._loader() if self.saved.legacy is None \
+                else self.saved.legacy.state
+            return session.restore(self.saved.record, self.saved.tokens, state, self.saved.checkpoints)
         if same_model:
             return session.restore(self.saved.record, self.saved.tokens, None)
         return session.restore_from_messages(self.saved.record)
 
+    def fingerprint_of(self, record: dict[str, Any]) -> bytes:
+        # A server's slot file is this session's own: its record is not another's.
+        salt = self.server_file_name() if "server" in record["model"] else ""
+        return saved_sessions.fingerprint(record, salt)
+
+    def _loader(self) -> StateLoader:
+        """Restore the manifest's chain block by block; a damaged block ends it there
+        (the conversation evaluates the rest) and is reported in `damage_notice`."""
+        assert self.saved is not None and self.saved.manifest is not None
+        manifest = self.saved.manifest
+
+        def load(sink: RangeSink) -> int:
+            restored = self.store.restore(manifest, sink, self.fingerprint_of(manifest.record))
+            damage = restored.damage
+            if damage is not None:
+                others = [n for _, n in damage.affected if n != self.name]
+                self.damage_notice = (
+                    f"session '{self.name}': the saved KV from token {damage.start} could not be used "
+                    f"({damage.reason}); re-evaluating {int(manifest.record['n_kv']) - restored.n_tokens} "
+                    "tokens" + (f" (also affects: {', '.join(others)})" if others else ""))
+            return restored.n_tokens
+
+        return load
+
     def save(self, session: Conversation, n_ctx_cells: int) -> int:
-        """Write transcript + tokens + KV state atomically; returns bytes written (a
-        server that renders messages itself keeps no state here: the transcript).
-        `n_ctx_cells`: the cells the context has (0 where a server does not say)."""
+        """Save now (prepare_save, then finish_save); returns bytes written."""
+        return self.finish_save(self.prepare_save(session, n_ctx_cells)).bytes_written
+
+    def prepare_save(self, session: Conversation, n_ctx_cells: int, *,
+                     base: Manifest | None = None) -> PendingSave:
+        """The part of a save that reads the conversation and its engine: the record,
+        the tokens, the cells the last save (or `base`, another conversation's manifest
+        this one may share blocks with) did not cover. A server that renders messages
+        itself keeps no state here: the transcript. `n_ctx_cells`: the cells the
+        context has (0 where a server does not say). The files are written by
+        `finish_save`, from any thread."""
         assert self.model_identity is not None and self.settings is not None
         saved = session.saved_state()
         record = {
@@ -195,7 +238,44 @@ class NamedSession:
             "sampling": {**dataclasses.asdict(session.sampling), "max_tokens": session.max_tokens},
             "rendering": self.rendering,
         }
-        return session_store.save(self.path, record, saved.tokens, saved.state, saved.checkpoints)
+        record = {**record, "format_version": session_store.FORMAT_VERSION}
+        try:
+            array("i", saved.tokens)
+        except (OverflowError, TypeError):
+            problem: str | None = "a token id is not a 32-bit integer"
+        else:
+            problem = session_store.record_problem(json.loads(json.dumps(record)), saved.tokens)
+        if problem:
+            raise SessionError(
+                f"did not save session '{self.name}': its record is invalid ({problem})"
+                + (", the previously saved copy is intact" if self.saved else ""),
+                hint="a kvchat bug or a misbehaving server; rerun with --debug for details")
+        if base is not None and self.manifest is not None and len(self.manifest.chain) >= len(base.chain):
+            base = None  # its own chain goes at least as far
+        return self.store.prepare(saved_sessions.kind_of(self.name), self.name, record, saved.tokens,
+                                  saved.source, self.fingerprint_of(record), n_kv=saved.n_kv,
+                                  extra=saved.checkpoints, previous=self.manifest, base=base)
+
+    def finish_save(self, pending: PendingSave) -> SaveResult:
+        """Write a prepared save: blocks, then the manifest; a .kvs file of this name
+        (from before the store) is removed once the manifest is durable."""
+        try:
+            result = self.store.commit(pending)
+        except OSError as exc:
+            reason = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else (
+                exc.strerror or str(exc))
+            raise SessionError(
+                f"could not save session '{self.name}': {reason}"
+                + (" (the previously saved copy is intact)" if self.saved else ""),
+                hint=f"free space or fix permissions in {self.store.root}, then send another message "
+                     "to save again") from exc
+        self.manifest = result.manifest
+        self.saved = Saved(self.name, result.manifest.record, result.manifest.tokens,
+                           result.manifest.extra, manifest=result.manifest)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()  # moved to the store
+        session_store.remove_stale_temps(self.path)  # a .kvs save killed before the store
+        return result
 
     def server_file_name(self) -> str:
         """The file on a llama-server this session's slot is saved to: one per session
@@ -207,7 +287,7 @@ class NamedSession:
         """Release the lock; a name that was never saved leaves no .lock file behind
         (removed while still held, so no other process holds it)."""
         try:
-            if not self.path.exists():
+            if not saved_sessions.exists(self.name):
                 with contextlib.suppress(OSError):
                     self.path.with_suffix(".lock").unlink()
         finally:

@@ -268,20 +268,28 @@ class Store:
         return self.folder / INDEX_NAME
 
     def read_index(self) -> dict[str, IndexEntry]:
-        """The index as last written; rebuilt from entry headers if missing or damaged."""
+        """The index as last written; rebuilt from entry headers if missing or damaged
+        (any shape of JSON, wrong types, a folder in its place, unreadable)."""
         try:
             raw = json.loads(self.index_path.read_text(encoding="utf-8"))
             if raw.get("format_version") != FORMAT_VERSION:
                 raise ValueError("format")
-            return {k: IndexEntry(**v) for k, v in raw["entries"].items()}
+            entries = {k: IndexEntry(**v) for k, v in raw["entries"].items()}
+            if not all(isinstance(k, str) and _well_typed(e) for k, e in entries.items()):
+                raise TypeError("entry fields")
+            return entries
         except FileNotFoundError:
             return {} if not self.folder.is_dir() else self._scan()
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError, OSError):
             return self._scan()
 
     def _scan(self) -> dict[str, IndexEntry]:
         entries: dict[str, IndexEntry] = {}
-        for path in self.folder.glob(f"*{SUFFIX}"):
+        try:
+            paths = list(self.folder.glob(f"*{SUFFIX}"))
+        except OSError:  # an unreadable folder: an empty cache
+            return entries
+        for path in paths:
             try:
                 seg = read_segment(path, header_only=True)
                 stat = path.stat()
@@ -321,14 +329,19 @@ class Store:
             os.close(fd)
 
     def update(self, change: Any) -> bool:
-        """Apply `change(entries)` to the index under the lock; False if the lock was busy."""
-        with self._locked() as got:
-            if not got:
-                return False
-            entries = self.read_index()
-            change(entries)
-            self._write_index(entries)
-            return True
+        """Apply `change(entries)` to the index under the lock; False if the lock was busy
+        or the index cannot be written (a read-only folder, a folder named index.json):
+        the cache is optional, it never stops an answer."""
+        try:
+            with self._locked() as got:
+                if not got:
+                    return False
+                entries = self.read_index()
+                change(entries)
+                self._write_index(entries)
+                return True
+        except OSError:
+            return False
 
     def remove_entries(self, keys: set[str]) -> None:
         def drop(entries: dict[str, IndexEntry]) -> None:
@@ -384,12 +397,24 @@ class Store:
                     _entry_path(self.folder, key).unlink()
             entries.clear()
 
+        if self.index_path.is_dir() and not self.index_path.is_symlink():
+            shutil.rmtree(self.index_path, ignore_errors=True)  # repaired: written anew below
         if self.folder.is_dir():
             self.update(empty)
         return freed
 
     def used_bytes(self) -> int:
         return sum(e.bytes for e in self.read_index().values())
+
+
+def _well_typed(e: IndexEntry) -> bool:
+    def number(v: object) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    return (all(isinstance(v, str) for v in (e.key, e.parent, e.fingerprint, e.model))
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                    for v in (e.start, e.end, e.bytes, e.hits))
+            and number(e.created) and number(e.last_used) and isinstance(e.resumable, bool))
 
 
 def _with_descendants(entries: dict[str, IndexEntry], keys: set[str]) -> set[str]:
@@ -482,9 +507,13 @@ class PrefixCache:
     def _read_chain(self, chain: list[IndexEntry], tokens: Sequence[int]) -> list[Segment] | None:
         segments = []
         for entry in chain:
+            path = _entry_path(self.store.folder, entry.key)
             try:
-                seg = read_segment(_entry_path(self.store.folder, entry.key))
-            except EntryError:
+                # The size the index recorded, checked before the file is read at all.
+                if path.stat().st_size != entry.bytes:
+                    raise EntryError(f"{path.name} is not the size its index records")
+                seg = read_segment(path)
+            except (EntryError, OSError):
                 self.store.remove_entries({entry.key})
                 return None
             if seg.tokens != list(tokens[seg.start : seg.end]) or seg.key != entry.key:

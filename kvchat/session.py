@@ -38,8 +38,9 @@ from kvchat.checkpoints import (
     encode_checkpoints,
     history_digest,
 )
-from kvchat.conversation import SavedState, Turn, TurnStats, assistant_reply, set_system_prompt
+from kvchat.conversation import SavedState, StateLoader, Turn, TurnStats, assistant_reply, set_system_prompt
 from kvchat.engine_api import ChatEngine, CheckpointingEngine, SamplingSettings, ShiftingEngine, TokenEvent
+from kvchat.engine_state import EngineState
 from kvchat.errors import NetworkError, SessionError, UsageError
 from kvchat.prefix_cache import PrefixCache
 from kvchat.reasoning import ReasoningSplitter, opens_in_prompt, prefilled_reply, template_has_reasoning
@@ -577,16 +578,17 @@ class Session:
         }
 
     def saved_state(self) -> SavedState:
-        """The token history, the KV state and the checkpoints an undo of the last
-        exchange needs."""
-        return SavedState(list(self.tokens), self.engine.state_bytes(),
+        """The token history, the engine to read its cells from, and the checkpoints
+        an undo of the last exchange needs."""
+        return SavedState(list(self.tokens), self.engine.n_past, EngineState(self.engine),
                           encode_checkpoints(self.checkpoints[-PERSISTED_CHECKPOINTS:]))
 
-    def restore(self, record: dict[str, Any], tokens: list[int], state: bytes | None,
+    def restore(self, record: dict[str, Any], tokens: list[int], state: bytes | StateLoader | None,
                 checkpoints: bytes = b"") -> int:
-        """Load a saved conversation. With `state`, the KV cache is restored as saved
-        (and the saved checkpoints with it); without it (rebuild), the history is
-        re-evaluated. Returns tokens evaluated."""
+        """Load a saved conversation. With `state` (the whole KV state, or a loader
+        that restores what it can), the KV cache is restored as saved, tokens it could
+        not restore evaluated, and the saved checkpoints kept; without it (rebuild),
+        the history is re-evaluated. Returns tokens evaluated."""
         self.messages = list(record["messages"])
         self.dropped = list(record.get("dropped", []))
         self._revision += 1
@@ -597,10 +599,16 @@ class Session:
         if state is not None:
             self.tokens = list(tokens)
             self.kv_text = record["kv_text"]
-            self.engine.load_state_bytes(state, n_kv)
+            if callable(state):
+                done = state(EngineState(self.engine))
+                if done < n_kv:  # what a damaged block lost
+                    self.engine.eval(self.tokens[done:n_kv])
+            else:
+                done = n_kv
+                self.engine.load_state_bytes(state, n_kv)
             if self.engine.needs_checkpoints and self._checkpointer is not None:
                 self.checkpoints = decode_checkpoints(checkpoints)
-            return 0
+            return n_kv - done
         # Rebuild: evaluate the transcript's tokens (exactly as they were in the
         # cache, generated tokens included) from scratch.
         self.engine.kv_clear()

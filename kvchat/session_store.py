@@ -1,4 +1,6 @@
-"""Named sessions on disk: format, atomic saves, locks, and model identity.
+"""Session files (`.kvs`), locks and model identity. Sessions live in the KV store
+(kvchat.saved_sessions); a `.kvs` file is what kvchat wrote before it, still read,
+and the one portable file `sessions export --format kvs` writes and `import` reads.
 
 A session file holds, in one checksummed container, the conversation record
 (format version, model identity, context settings, messages, turn marks), the
@@ -444,25 +446,7 @@ def _acquire(name: str, lock_path: Path) -> int:
     raise SessionError(f"could not lock session '{name}'", hint="try again")
 
 
-# -- listing -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SessionInfo:
-    name: str
-    path: Path
-    size: int
-    updated: float
-    model: str
-    n_ctx: int
-    n_kv: int
-    turns: int
-
-
-def context_cells(record: dict[str, Any]) -> int:
-    """The context a record's n_kv is measured against: the cells llama.cpp made (older
-    records only have the n_ctx that was asked for)."""
-    return int(record.get("n_ctx_cells") or record["settings"]["n_ctx"])
+# -- names and cells ---------------------------------------------------------------
 
 
 def model_display_name(model: dict[str, Any]) -> str:
@@ -475,130 +459,18 @@ def model_display_name(model: dict[str, Any]) -> str:
         return f"{model_name_for(path[len(server) + 1:])} on {server}"
     return model_name_for(path)
 
-
-def list_sessions() -> list[SessionInfo]:
-    infos = []
-    folder = sessions_dir()
-    if not folder.is_dir():
-        return []
-    names: dict[str, str] = {}
-    for path in sorted(folder.glob(f"*{SUFFIX}")):
-        try:
-            st = path.stat()
-        except OSError:
-            continue  # removed meanwhile
-        try:
-            saved = load(path, with_state=False, verify=False)
-        except SessionError:
-            # one bad file is listed as damaged, never hides the others
-            infos.append(SessionInfo(path.stem, path, st.st_size, st.st_mtime, "(damaged)", 0, 0, 0))
-            continue
-        rec = saved.record
-        model_path = rec["model"]["path"]
-        if model_path not in names:
-            names[model_path] = model_display_name(rec["model"])
-        infos.append(
-            SessionInfo(
-                name=path.stem,
-                path=path,
-                size=st.st_size,
-                updated=rec.get("updated", st.st_mtime),
-                model=names[model_path],
-                n_ctx=context_cells(rec),
-                n_kv=rec["n_kv"],
-                turns=sum(1 for m in rec["messages"] + rec.get("dropped", []) if m["role"] == "user"),
-            )
-        )
-    return infos
-
-
-def remove(name: str) -> None:
-    path = session_path(name)
-    if not path.exists():
-        raise SessionError(f"no session named '{name}'", hint="see `kvchat sessions list`")
-    with locked(name):
-        try:
-            if path.is_dir() and not path.is_symlink():
-                raise SessionError(f"{path} is a directory, not a session file",
-                                   hint="remove or move it by hand")
-            path.unlink()
-        except OSError as exc:
-            raise SessionError(f"cannot delete {path}: {exc.strerror or exc}",
-                               hint="check the sessions folder's permissions") from None
-        remove_stale_temps(path)
-
-
-# -- recent chats ------------------------------------------------------------------
 #
-# An unnamed chat is kept as a session named `auto-YYYYMMDD-HHMMSS` (saved after each
-# reply like a named one), so that no conversation is lost quietly; only the newest
-# `recent_chats` of them are kept. They are ordinary sessions: `sessions list`,
-# `/load`, `export` and `rm` work on them, and `chat --continue` resumes the newest.
+# An unnamed chat is kept as a session named `auto-YYYYMMDD-HHMMSS` (a recent chat;
+# listing, pruning and the KV store's manifests: kvchat.saved_sessions).
 
 RECENT_PREFIX = "auto-"
-
-
-def recent_name(now: float, taken: Iterable[str] = ()) -> str:
-    """A new recent chat's name from the local time; '-2', '-3'… if that second is taken."""
-    import time as _time
-
-    base = RECENT_PREFIX + _time.strftime("%Y%m%d-%H%M%S", _time.localtime(now))
-    used = set(taken) | {p.stem for p in _recent_paths()}
-    name, n = base, 1
-    while name in used:
-        n += 1
-        name = f"{base}-{n}"
-    return name
 
 
 def is_recent(name: str | None) -> bool:
     return bool(name) and str(name).startswith(RECENT_PREFIX)
 
 
-def _recent_paths() -> list[Path]:
-    """Recent chats' files, oldest first (by the time they were last saved)."""
-    folder = sessions_dir()
-    if not folder.is_dir():
-        return []
-    paths = [p for p in folder.glob(f"{RECENT_PREFIX}*{SUFFIX}") if p.is_file()]
-    return sorted(paths, key=lambda p: (p.stat().st_mtime, p.name))
-
-
-def latest_recent() -> str | None:
-    """The name of the recent chat saved last, or None."""
-    paths = _recent_paths()
-    return paths[-1].stem if paths else None
-
-
-def session_names() -> list[str]:
-    """Every saved session's name, named and recent (no file is read)."""
-    folder = sessions_dir()
-    if not folder.is_dir():
-        return []
-    return sorted(p.stem for p in folder.glob(f"*{SUFFIX}") if _NAME_RE.match(p.stem))
-
-
-def latest_session() -> str | None:
-    """The session saved last, named or recent (by its file's time), or None."""
-    newest: tuple[float, str] | None = None
-    for name in session_names():
-        try:
-            key = (session_path(name).stat().st_mtime, name)
-        except OSError:
-            continue  # removed meanwhile
-        newest = max(newest, key) if newest is not None else key
-    return newest[1] if newest is not None else None
-
-
-def prune_recent(keep: int) -> list[str]:
-    """Delete the oldest recent chats beyond `keep`; one in use by a process is skipped.
-    Returns the names deleted."""
-    paths = _recent_paths()
-    removed = []
-    for path in paths[: max(len(paths) - max(keep, 0), 0)]:
-        try:
-            remove(path.stem)
-        except SessionError:  # in use, or gone meanwhile
-            continue
-        removed.append(path.stem)
-    return removed
+def context_cells(record: dict[str, Any]) -> int:
+    """The context a record's n_kv is measured against: the cells llama.cpp made (older
+    records only have the n_ctx that was asked for)."""
+    return int(record.get("n_ctx_cells") or record["settings"]["n_ctx"])

@@ -278,6 +278,8 @@ _TABLE: tuple[Setting[Any], ...] = (
             "Reuse and store prompt starts on disk (default {default}; see `kvchat cache`).", {"local"}),
     Setting("prefix_cache_size", parse_size, "4G", ("--prefix-cache-size",),
             "Prefix cache size limit, like 4G or 500M (default {default}).", metavar="SIZE"),
+    Setting("kv_store_size", _optional(parse_size, "auto"), None, (),
+            "disk budget of saved sessions' and recent chats' KV (auto: half the free disk)"),
     Setting("chat_template", _optional(_string), None, ("--chat-template",),
             "A llama.cpp built-in template name (chatml, gemma, llama3, ...) or a Jinja file; "
             "overrides the model's own.", {"rendering"}),
@@ -398,6 +400,7 @@ class Settings:
     recent_chats: int = default_field("recent_chats")
     prefix_cache: bool = default_field("prefix_cache")
     prefix_cache_size: int = default_field("prefix_cache_size")
+    kv_store_size: int | None = default_field("kv_store_size")
     chat_template: str | None = default_field("chat_template")
     raw: bool = default_field("raw")
     think: str | None = default_field("think")

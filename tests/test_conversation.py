@@ -136,7 +136,7 @@ def test_message_conversation_saves_its_transcript_only() -> None:
     session = _server_conversation(ScriptedServer())
     session.send("keep me").text()
     saved = session.saved_state()
-    assert saved.tokens == [] and saved.state == b"" and session.n_tokens == 0
+    assert saved.tokens == [] and saved.source is None and session.n_tokens == 0
     other = _server_conversation(ScriptedServer())
     assert other.restore(session.to_record(), [], None) == 0
     assert other.messages == session.messages and other.checkpoint_usage is None

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvchat import session_store
+from kvchat import saved_sessions, session_store
 from kvchat.errors import SessionError
 from tests.conftest import REPO
 
@@ -146,6 +146,6 @@ def test_list_survives_any_record(kv_env: dict[str, str]) -> None:
         session_store.write_container(path, change(saved.record), saved.tokens, saved.state)
         path.rename(folder / f"bad{i}.kvs")
     (folder / "dir.kvs").mkdir()
-    infos = {i.name: i for i in session_store.list_sessions()}
+    infos = {i.name: i for i in saved_sessions.list_sessions()}
     assert infos["good"].model == "model"
     assert {n for n, i in infos.items() if i.model == "(damaged)"} == {"bad0", "bad1", "bad2", "bad3", "dir"}

@@ -75,7 +75,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tupl
             assert good.returncode == 0, good.stderr
             # run --session says it started the session, and nothing else.
             assert good.stdout == REPLY + "\n" and good.stderr == "kvchat: new session 's'\n"
-            saved[server.mode] = (server, (home / "sessions" / "s.kvs").read_bytes())
+            saved[server.mode] = (server, _exported(home, env))
         yield saved
 
 
@@ -319,7 +319,8 @@ def test_a_misbehaving_server_is_a_network_error(name: str, servers, tmp_path: P
         assert session_file.read_bytes() == saved_bytes
         return
     before = session_store.load(_copy(saved_bytes, tmp_path))
-    after = session_store.load(session_file)  # the loader's own checks: the file is not poisoned
+    # The loader's own checks: the saved session is not poisoned.
+    after = session_store.load(_copy(_exported(home, _env(home)), tmp_path, "after"))
     assert after.record["messages"][: len(before.record["messages"])] == before.record["messages"]
     user, reply = after.record["messages"][len(before.record["messages"]):]
     assert user == {"role": "user", "content": SECOND}
@@ -329,8 +330,18 @@ def test_a_misbehaving_server_is_a_network_error(name: str, servers, tmp_path: P
     assert after.tokens[: len(before.tokens)] == before.tokens
 
 
-def _copy(data: bytes, tmp_path: Path) -> Path:
-    path = tmp_path / "before" / "s.kvs"
+def _exported(home: Path, env: dict[str, str]) -> bytes:
+    """Session 's' of `home` as one .kvs file (`sessions export --format kvs`)."""
+    out = home / "exported.kvs"
+    result = run_kvchat(["sessions", "export", "s", "--format", "kvs", "-o", str(out)], env)
+    assert result.returncode == 0, result.stderr
+    data = out.read_bytes()
+    out.unlink()
+    return data
+
+
+def _copy(data: bytes, tmp_path: Path, folder: str = "before") -> Path:
+    path = tmp_path / folder / "s.kvs"
     path.parent.mkdir()
     path.write_bytes(data)
     return path

@@ -15,7 +15,7 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from kvchat import session_store
+from kvchat import saved_sessions
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = ">>>"
@@ -136,9 +136,9 @@ def test_a_conversation_with_slash_commands(chat, kv_env: dict[str, str]) -> Non
     child.close()
     assert child.exitstatus == 0
 
-    first = session_store.load(session_store.session_path("first"), with_state=False).record
+    first = saved_sessions.load_existing("first", with_state=False).record
     assert [m["role"] for m in first["messages"]] == ["system"]  # /clear kept the system prompt
-    second = session_store.load(session_store.session_path("second"), with_state=False).record
+    second = saved_sessions.load_existing("second", with_state=False).record
     user = [m["content"] for m in second["messages"] if m["role"] == "user"]
     assert user == ["Name a colour.", "Say one word.\nThen stop."]
     history = Path(kv_env["KVCHAT_HOME"], "history").read_text()
@@ -169,7 +169,7 @@ def test_ctrl_c_stops_a_reply_and_keeps_it(chat) -> None:
     child.close()
     assert child.exitstatus == 0
 
-    saved = session_store.load(session_store.session_path("talk"), with_state=False)
+    saved = saved_sessions.load_existing("talk", with_state=False)
     reply = [m for m in saved.record["messages"] if m["role"] == "assistant"][0]["content"]
     assert reply.count("hello") >= 3
     assert saved.record["n_kv"] <= len(saved.tokens)
@@ -249,7 +249,7 @@ def test_resize_mid_reply_leaves_no_cut_status_line_and_no_duplicates(kv_env: di
     screen.feed(stream[before_resize:end])
     rows = [row for row in screen.lines() if row]
 
-    saved = session_store.load(session_store.session_path("resize"), with_state=False).record
+    saved = saved_sessions.load_existing("resize", with_state=False).record
     reply = [m for m in saved["messages"] if m["role"] == "assistant"][-1]["content"]
     summary_at = next(i for i, row in enumerate(rows) if re.match(r"\d+ tok · ", row))
     shown = rows[:summary_at]
@@ -308,7 +308,7 @@ def test_leaving_or_loading_asks_first_when_history_is_off(chat, kv_env: dict[st
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
-    assert [i.name for i in session_store.list_sessions()] == ["kept"]
+    assert [i.name for i in saved_sessions.list_sessions()] == ["kept"]
 
 
 def test_resuming_a_session_restores_its_sampling_and_shows_the_last_exchange(chat) -> None:
@@ -338,7 +338,7 @@ def test_sessions_list_counts_cells_against_the_context_llama_cpp_made(kvchat, m
     assert row["n_ctx"] == 256 and 0 < row["n_kv"] <= 256  # llama.cpp rounds 160 up to 256 cells
     assert row["model"] == "smollm2-135m"
     lines = kvchat("sessions", "list").stdout.splitlines()  # piped: tab-separated
-    assert lines[0].split("\t") == ["name", "turns", "KV cells", "size", "model", "updated"]
+    assert lines[0].split("\t") == ["name", "turns", "KV cells", "size", "shared", "model", "updated"]
     assert lines[1].split("\t")[:3] == ["small", "1", f"{row['n_kv']}/256"]
 
 
@@ -351,7 +351,7 @@ def test_undo_and_retry(chat, kv_env: dict[str, str]) -> None:
     assert "re-evaluated" not in again  # by design, so not worth a warning
     undone = command(child, "/undo", "undone")
     assert 'undone: "Name a fruit."' in plain(undone + child.before)
-    saved = session_store.load(session_store.session_path("redo"), with_state=False)
+    saved = saved_sessions.load_existing("redo", with_state=False)
     assert [m["content"] for m in saved.record["messages"] if m["role"] == "user"] == ["Name a colour."]
     out = command(child, "/undo", "undone")
     assert "undone" in out

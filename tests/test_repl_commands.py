@@ -46,8 +46,11 @@ class _Chat:
     named: Any = None
     saves: list[tuple[str, bool]] = field(default_factory=list)
 
-    def save(self) -> None:
+    def save(self, *, background: bool = False) -> None:
         pass
+
+    def wait_saved(self) -> None:
+        pass  # no write in flight: saves here are synchronous
 
     def save_as(self, name: str, *, replace_existing: bool = False) -> int:
         path = session_store.session_path(name)

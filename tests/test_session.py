@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kvchat import session_store
+from kvchat import saved_sessions, session_store
 from kvchat.app import chat_template_for
 from kvchat.cache_types import parse_cache_type
 from kvchat.chat_template import ChatTemplate, preamble_length
@@ -150,8 +150,7 @@ def _run_json(kvchat, *args: str):  # noqa: ANN001,ANN202
 @pytest.mark.slow
 def test_named_session_resumes_without_reevaluating(kvchat, kv_env: dict[str, str]) -> None:
     first = _run_json(kvchat, "--session", "work", "My name is Ada.")
-    path = Path(kv_env["KVCHAT_HOME"]) / "sessions" / "work.kvs"
-    saved = session_store.load(path)
+    saved = saved_sessions.load_existing("work")
     n_tokens = first["usage"]["prompt_tokens"] + first["usage"]["completion_tokens"]
     assert len(saved.tokens) == n_tokens
     assert saved.record["format_version"] == session_store.FORMAT_VERSION
@@ -161,18 +160,18 @@ def test_named_session_resumes_without_reevaluating(kvchat, kv_env: dict[str, st
     # Everything cached came from the file: only the new turn was evaluated.
     assert second["cache"]["reused_tokens"] == n_tokens - 1
     assert second["cache"]["evaluated_tokens"] == second["usage"]["prompt_tokens"] - n_tokens + 1
-    record = session_store.load(path).record
+    record = saved_sessions.load_existing("work").record
     assert [m["role"] for m in record["messages"]] == ["user", "assistant", "user", "assistant"]
 
 
 def test_session_file_is_about_the_size_of_its_kv(kvchat, kv_env: dict[str, str]) -> None:
     _run_json(kvchat, "--session", "sized", "Write two sentences about rivers.")
-    path = Path(kv_env["KVCHAT_HOME"]) / "sessions" / "sized.kvs"
-    saved = session_store.load(path)
+    saved = saved_sessions.load_existing("sized")
     n_kv = saved.record["n_kv"]
     kv_bytes = n_kv * 30 * 2 * (3 * 64) * 2  # layers x (K, V) x (kv heads x head dim) x f16
     transcript = len(json.dumps(saved.record["messages"]).encode())
-    assert path.stat().st_size <= 1.1 * kv_bytes + 2 * transcript + 4096
+    (info,) = saved_sessions.list_sessions()  # its manifest and blocks
+    assert info.size + info.shared <= 1.1 * kv_bytes + 2 * transcript + 4096
 
 
 @pytest.mark.slow
@@ -202,7 +201,8 @@ def test_a_session_in_use_is_locked(kvchat, kv_env: dict[str, str]) -> None:
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
 def test_damaged_session_files_are_reported_not_loaded(kvchat, kv_env: dict[str, str], damage: str) -> None:
     _run_json(kvchat, "--session", "hurt", "Hello.")
-    path = Path(kv_env["KVCHAT_HOME"]) / "sessions" / "hurt.kvs"
+    path = saved_sessions.load_existing("hurt").path
+    assert path is not None
     data = bytearray(path.read_bytes())
     if damage == "flip":
         data[len(data) // 2] ^= 0xFF

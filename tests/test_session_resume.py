@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from kvchat import config, session_store
+from kvchat import config, saved_sessions, session_store
 from kvchat.conversation import TurnStats
 from kvchat.named_session import ContextSettings, NamedSession, mismatches
 from kvchat.settings import resolve
@@ -124,13 +124,13 @@ def test_opening_says_new_or_resumed_and_catches_a_typo() -> None:
 
 
 def test_continue_takes_the_last_conversation_named_or_not() -> None:
-    assert session_store.latest_session() is None
+    assert saved_sessions.latest_session() is None
     _save("auto-20260101-000000", mtime=1_000)
     _save("named", mtime=2_000)
-    assert session_store.latest_session() == "named"
-    assert session_store.latest_recent() == "auto-20260101-000000"
+    assert saved_sessions.latest_session() == "named"
+    assert saved_sessions.latest_recent() == "auto-20260101-000000"
     _save("auto-20260102-000000", mtime=3_000)
-    assert session_store.latest_session() == "auto-20260102-000000"
+    assert saved_sessions.latest_session() == "auto-20260102-000000"
 
 
 def test_stats_never_call_rebuilt_or_restored_tokens_cached() -> None:
@@ -174,7 +174,7 @@ def test_a_session_moves_to_another_server_with_its_transcript(kvchat) -> None: 
         assert "was server" not in moved.stderr and "saved with" not in moved.stderr
         assert [m["content"] for m in now_on.bodies[0]["messages"]] == ["Hello.", "reply 1 to Hello.",
                                                                         "Still there?"]
-        record = session_store.load(session_store.session_path("trip")).record
+        record = saved_sessions.load_existing("trip").record
         assert record["model"]["server"] == now_on.url
 
 

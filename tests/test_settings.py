@@ -135,6 +135,7 @@ def test_every_config_key_is_used(home: Path) -> None:
               "max_tokens": "9", "temperature": "0.1", "top_k": "5", "top_p": "0.5", "min_p": "0.2",
               "repeat_penalty": "1.1", "seed": "3", "system": "'terse'", "overflow": "'stop'",
               "recent_chats": "5", "prefix_cache": "false", "prefix_cache_size": "'500M'",
+              "kv_store_size": "'2G'",
               "chat_template": "'gemma'", "raw": "true", "think": "'off'", "checkpoints": "3",
               "checkpoint_mib": "64", "speculative": "'off'", "draft": "'d.gguf'",
               "server": "'http://gpu-box:8080/'", "api_key": "'k'", "server_timeout": "30",
@@ -146,6 +147,7 @@ def test_every_config_key_is_used(home: Path) -> None:
     assert (got.batch, got.ngl, got.threads, got.ctx_max, got.repeat_penalty) == (64, 0, 1, 4096, 1.1)
     assert got.recent_chats == 5
     assert (got.prefix_cache, got.prefix_cache_size) == (False, 500 * 1024**2)
+    assert got.kv_store_size == 2 * 1024**3
     assert (got.chat_template, got.raw, got.think, got.checkpoints, got.checkpoint_mib) == \
         ("gemma", True, "off", 3, 64.0)
     assert (got.speculative, got.draft) == ("off", "d.gguf")

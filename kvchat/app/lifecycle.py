@@ -5,8 +5,8 @@ the flags leave out), save it, save it under another name, close it."""
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kvchat import hardware
@@ -20,6 +20,7 @@ from kvchat.app.load import (
     sampling_of,
     warn_if_cores_contended,
 )
+from kvchat.app.saving import SaveWriter
 from kvchat.app.speculation import resolve_speculation, start_speculation
 from kvchat.conversation import Conversation
 from kvchat.engine_api import SamplingSettings
@@ -28,6 +29,8 @@ from kvchat.settings import Settings
 if TYPE_CHECKING:
     from kvchat.app.load import LoadRequest
     from kvchat.engine import Engine
+    from kvchat.kv_files import Manifest
+    from kvchat.kv_store import KvStore
     from kvchat.named_session import NamedSession
     from kvchat.prefix_cache import PrefixCache
 
@@ -49,34 +52,108 @@ class Chat:
     def model_label(self) -> str:
         return self.backend.label
 
-    def save(self) -> int | None:
-        """Save a named conversation (no-op for an unnamed one); returns bytes written."""
+    # Notices of the store's own (over budget, a damaged block): None drops them.
+    warn: Warn | None = None
+    # Called once when a wait for a background write takes a while (the REPL's line).
+    on_wait: Callable[[], None] | None = None
+    writer: SaveWriter = field(default_factory=SaveWriter)
+    # The last manifest this conversation was saved as, under any name: a save under
+    # another name (/save NAME, a recent chat) shares its blocks.
+    last_manifest: Manifest | None = None
+    # What a background write had to say, told on the main thread by the next wait.
+    _notices: list[str] = field(default_factory=list)
+
+    def save(self, *, background: bool = False) -> int | None:
+        """Save a named conversation (no-op for an unnamed one); returns bytes written
+        (None: written in the background, see `save_into`)."""
         if self.named is None:
             return None
-        return self.save_into(self.named)
+        return self.save_into(self.named, background=background)
 
-    def save_into(self, named: NamedSession) -> int:
-        """Write the conversation into `named` (its identity and settings checked)."""
+    def save_into(self, named: NamedSession, *, background: bool = False,
+                  then: Callable[[], None] | None = None) -> int | None:
+        """Write the conversation into `named` (its identity and settings checked).
+
+        The conversation's state is read now; with `background` the files are written
+        on a thread (returns None; `wait_saved` waits, and an error is reported by the
+        next save or wait), else before returning (returns bytes written). `then` runs
+        after the write, on the same thread."""
+        self._settle()
         self.backend.before_save(named)
         named.rendering = rendering_of(self.settings)
-        return named.save(self.session, self.backend.n_ctx)
+        pending = named.prepare_save(self.session, self.backend.n_ctx, base=self.last_manifest)
+        written = 0
+
+        def write() -> None:
+            nonlocal written
+            result = named.finish_save(pending)
+            self.last_manifest = result.manifest
+            written = result.bytes_written
+            self._evict(named.store)
+            if then is not None:
+                then()
+
+        if background:
+            self.writer.submit(write)
+            return None
+        write()
+        self.wait_saved()  # its notices
+        return written
+
+    def _evict(self, store: KvStore) -> None:
+        """Keep the store under its budget; say so when named sessions alone exceed it."""
+        from kvchat.kv_store import effective_budget
+
+        report = store.evict(effective_budget(self.settings.kv_store_size, store))
+        notice = report.warning()
+        if notice:
+            self._notices.append(notice + " — remove some with `kvchat sessions rm NAME`, or raise "
+                                 "kv_store_size")
+
+    def wait_saved(self) -> None:
+        """Until a background save is durable (its error raised, its notices told)."""
+        try:
+            self.writer.wait(self.on_wait)
+        finally:
+            notices, self._notices = self._notices, []
+            for notice in notices:
+                if self.warn is not None:
+                    self.warn(notice)
+
+    def _settle(self) -> None:
+        """Wait for the write in flight; its error becomes a warning (this save goes on)."""
+        from kvchat.errors import KvchatError
+
+        try:
+            self.wait_saved()
+        except KvchatError as exc:
+            if self.warn is None:
+                raise
+            self.warn(str(exc))
 
     def save_as(self, name: str, *, replace_existing: bool = False) -> int:
         """Save under another name without switching to it; returns bytes written."""
         from kvchat.errors import SessionError
         from kvchat.named_session import NamedSession
 
+        self._settle()
         target = NamedSession(name)
         try:
             if target.exists and not replace_existing:
                 raise SessionError(f"session '{name}' already exists",
                                    hint=f"pick another name, /load {name}, or `kvchat sessions rm {name}`")
             target.check(self.backend.identity(), self.backend.context_settings(), rebuild=True)
-            return self.save_into(target)
+            return self.save_into(target) or 0
         finally:
             target.close()
 
     def close(self) -> None:
+        try:
+            self._settle()
+        finally:
+            self._close()
+
+    def _close(self) -> None:
         try:
             self.backend.close()
         finally:
@@ -168,7 +245,7 @@ def _start(backend: Backend, named: NamedSession | None, s: Settings, sampling: 
            warn: Warn, *, rebuild: bool) -> Chat:
     """The conversation on a loaded backend, the named session's saved conversation
     put into it, the system prompt."""
-    chat = Chat(backend, backend.conversation(s, sampling or sampling_of(s), warn), named, s)
+    chat = Chat(backend, backend.conversation(s, sampling or sampling_of(s), warn), named, s, warn=warn)
     session = chat.session
     if named is not None:
         named.settings = backend.context_settings()
@@ -178,6 +255,9 @@ def _start(backend: Backend, named: NamedSession | None, s: Settings, sampling: 
             chat.resumed_tokens = session.n_tokens - chat.rebuilt_tokens
             if chat.rebuilt_tokens:
                 chat.rebuild_s = time.perf_counter() - started
+            chat.last_manifest = named.manifest
+            if named.damage_notice:
+                warn(named.damage_notice)
             notice = backend.resume_notice(session.n_tokens)
             if notice:
                 warn(notice)

@@ -63,6 +63,8 @@ def list_cmd(as_json: JsonOpt = False) -> None:
 @cache_app.command("stats")
 def stats_cmd(as_json: JsonOpt = False) -> None:
     """Entries, bytes used, the size limit in force, hits, and where the cache lives."""
+    from kvchat import saved_sessions
+    from kvchat.cli.sessions import store_line
     from kvchat.prefix_cache import Store, effective_limit
     from kvchat.settings import resolve
 
@@ -81,6 +83,7 @@ def stats_cmd(as_json: JsonOpt = False) -> None:
         "effective_limit_bytes": effective_limit(configured, store),
         "hits": sum(e.hits for e in entries),
         "models": sorted(set(_model_names(e.model for e in entries).values())),
+        "kv_store": saved_sessions.store_figures(s.kv_store_size),
     }
     if as_json:
         env.stdout.write(json.dumps(figures, indent=2) + "\n")
@@ -93,6 +96,7 @@ def stats_cmd(as_json: JsonOpt = False) -> None:
         f" (limit {format_bytes(configured)}, at most half the free disk)\n"
         f"models   {', '.join(figures['models']) or '-'}\n"
     )
+    env.stdout.write(store_line() + "\n")
 
 
 @cache_app.command("clear")

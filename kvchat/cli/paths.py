@@ -13,6 +13,16 @@ from kvchat.cli import app
 from kvchat.ui.environment import Environment
 
 
+def _store_text() -> str:
+    """Where saved sessions' KV lives, its use and budget (kv_store_size)."""
+    from kvchat import saved_sessions
+    from kvchat.settings import resolve
+    from kvchat.units import format_bytes
+
+    f = saved_sessions.store_figures(resolve().kv_store_size)
+    return f"{f['path']} ({format_bytes(f['bytes'])} of {format_bytes(f['budget_bytes'])})"
+
+
 @app.command()
 def paths(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Show where config, sessions, history and models live.
@@ -32,6 +42,7 @@ def paths(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
         ("user_models", "user models.toml"): str(p.user_models_file),
         ("sessions", "sessions"): str(p.sessions_dir),
         ("prefix_cache", "prefix cache"): str(p.prefix_cache_dir),
+        ("kv_store", "KV store"): _store_text(),
         ("history", "history"): str(p.history_file),
         ("models", "models (Hugging Face cache)"): os.path.join(hf_home, "hub"),
         ("default_model", "default model"): str(default) if default is not None else None,

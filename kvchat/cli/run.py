@@ -47,7 +47,7 @@ def build_prompt(piped: str, words: list[str], model: str | None = None) -> str:
 
 def last_conversation(session_name: str | None) -> str:
     """--continue: the session saved last, named or a recent chat."""
-    from kvchat.session_store import latest_session
+    from kvchat.saved_sessions import latest_session
 
     if session_name is not None:
         raise UsageError("--continue resumes the last conversation; give it or --session NAME, not both")

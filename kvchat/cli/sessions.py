@@ -1,4 +1,4 @@
-"""`kvchat sessions list|show|rm|export`: named conversations saved on disk."""
+"""`kvchat sessions list|show|rm|export|import`: named conversations saved on disk."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from kvchat import session_store
+from kvchat import saved_sessions, session_store
 from kvchat.cli import app
 from kvchat.errors import KvchatError, UsageError
 from kvchat.ui.environment import Environment
@@ -29,6 +29,7 @@ NameArg = Annotated[str, typer.Argument(help="Session name.")]
 class ExportFormat(str, Enum):
     markdown = "markdown"
     json = "json"
+    kvs = "kvs"  # one portable file: transcript, tokens and KV state (`sessions import` reads it)
 
 
 def _when(ts: float) -> str:
@@ -40,27 +41,42 @@ def _when(ts: float) -> str:
 
 @sessions_app.command("list")
 def list_cmd(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """List saved sessions: turns, KV cells in use, context, size, model."""
+    """List saved sessions: turns, KV cells in use, context, the bytes only it holds and
+    those it shares with other conversations, model; then the KV store's use and budget."""
     env = Environment()
-    infos = session_store.list_sessions()
+    infos = saved_sessions.list_sessions()
     if as_json:
         rows = [{"name": i.name, "turns": i.turns, "n_kv": i.n_kv, "n_ctx": i.n_ctx, "bytes": i.size,
-                 "model": i.model, "updated": i.updated, "path": str(i.path)} for i in infos]
+                 "shared_bytes": i.shared, "model": i.model, "updated": i.updated, "path": str(i.path)}
+                for i in infos]
         env.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
     if not infos:
         env.stderr.write("no saved sessions yet — start one with `kvchat chat --session NAME`\n")
         return
-    table = TableData(("name", "turns", "KV cells", "size", "model", "updated"),
-                      right=frozenset({"turns", "KV cells", "size"}))
+    table = TableData(("name", "turns", "KV cells", "size", "shared", "model", "updated"),
+                      right=frozenset({"turns", "KV cells", "size", "shared"}))
     for i in infos:  # names come from files: escaped
         table.add_row(safe_text(i.name), str(i.turns), f"{i.n_kv}/{i.n_ctx}", format_bytes(i.size),
-                      safe_text(i.model), _when(i.updated))
+                      format_bytes(i.shared) if i.shared else "", safe_text(i.model), _when(i.updated))
     print_table(table, env.stdout, env.out_console())
+    env.stderr.write(store_line() + "\n")
+
+
+def store_line() -> str:
+    """The KV store's use against its budget, and what named sessions alone take."""
+    from kvchat.settings import resolve
+
+    f = saved_sessions.store_figures(resolve().kv_store_size)
+    line = (f"KV store: {format_bytes(f['bytes'])} of {format_bytes(f['budget_bytes'])} "
+            f"(named sessions {format_bytes(f['named_bytes'])}, "
+            f"recent chats {format_bytes(f['recent_bytes'])}, cache {format_bytes(f['unreferenced_bytes'])})")
+    return line + (" — named sessions alone exceed the budget (kv_store_size)"
+                   if f["named_over_budget"] else "")
 
 
 def _load(name: str) -> dict[str, Any]:
-    return session_store.load(session_store.session_path(name), with_state=False).record
+    return saved_sessions.load_existing(name, with_state=False).record
 
 
 @sessions_app.command("show")
@@ -119,7 +135,12 @@ def export_cmd(
     fmt: Annotated[ExportFormat, typer.Option("--format", "-f")] = ExportFormat.markdown,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="File (default stdout).")] = None,
 ) -> None:
-    """Export a transcript as Markdown or JSON (every message, dropped ones included)."""
+    """Export a transcript as Markdown or JSON (every message, dropped ones included), or
+    the whole session as one portable .kvs file (`--format kvs -o FILE`; `sessions
+    import` reads it)."""
+    if fmt is ExportFormat.kvs:
+        _export_kvs(name, output)
+        return
     record = _load(name)
     if fmt is ExportFormat.json:
         text = json.dumps(_export_record(name, record), indent=2, ensure_ascii=False) + "\n"
@@ -154,7 +175,7 @@ def rm_cmd(
     env = Environment()
     names = list(dict.fromkeys(names))
     for name in names:
-        if not session_store.session_path(name).exists():
+        if not saved_sessions.exists(name):
             _load(name)  # raises the not-found error
     listed = ", ".join(f"'{name}'" for name in names)
     if not yes:
@@ -166,5 +187,32 @@ def rm_cmd(
             typer.echo("kvchat: nothing deleted", err=True)
             return  # declining is an answer, not an error: `kvchat rm` does the same
     for name in names:
-        session_store.remove(name)
+        saved_sessions.remove(name)
         env.stderr.write(f"deleted session '{name}'\n")
+
+
+def _export_kvs(name: str, output: Path | None) -> None:
+    """The session in the .kvs container (kvchat.session_store): its blocks joined."""
+    if output is None:
+        raise UsageError("--format kvs writes a binary file", hint=f"add -o {name}.kvs")
+    saved = saved_sessions.load_existing(name)
+    record = {k: v for k, v in saved.record.items() if k != "format_version"}
+    with session_store.locked(name):
+        state = saved_sessions.whole_state(saved)
+    if output.is_dir():
+        raise UsageError(f"{output} is a directory", hint=f"give a file name, e.g. -o {name}.kvs")
+    session_store.save(output, record, saved.tokens, state, saved.checkpoints)
+
+
+@sessions_app.command("import")
+def import_cmd(
+    file: Annotated[Path, typer.Argument(help="A .kvs file (`sessions export NAME -f kvs -o FILE`).")],
+    name: Annotated[Optional[str], typer.Argument(help="Session name (default: the file's).")] = None,
+) -> None:
+    """Import a session exported as a .kvs file (or one from an older kvchat)."""
+    from kvchat.saved_sessions import import_file
+
+    target = session_store.check_name(name or file.stem)
+    import_file(file, target)
+    Environment().stderr.write(f"imported session '{target}' — resume with "
+                               f"`kvchat chat --session {target}`\n")

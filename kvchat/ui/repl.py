@@ -25,7 +25,7 @@ from prompt_toolkit.history import FileHistory
 from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
 from rich.table import Table
 
-from kvchat import config, session_store
+from kvchat import config, saved_sessions, session_store
 from kvchat.app import LocalFacts
 from kvchat.engine_api import SamplingSettings
 from kvchat.errors import KvchatError, NetworkError, SessionError
@@ -190,6 +190,8 @@ class ChatRepl:
 
     def _use(self, setup: Chat) -> None:
         self.setup = setup
+        # A save is written in the background; a wait for it that takes a while says so.
+        setup.on_wait = lambda: self.say("saving…", style="dim")
         self.backend, self.session = setup.backend, setup.session
         self._last: TurnStats | None = None  # the last reply's figures
         facts = self.backend.facts()
@@ -346,7 +348,8 @@ class ChatRepl:
             if figures.dropped_turns:
                 self.env.warn(f"context full: dropped the {figures.dropped_turns} oldest turn(s) "
                               f"({figures.dropped_tokens} tokens) to make room")
-            self.setup.save()
+            # The new cells are read now; the files are written while the next prompt is up.
+            self.setup.save(background=True)
             self._keep_recent()
         if dropped is not None:
             raise dropped
@@ -364,6 +367,7 @@ class ChatRepl:
             self._confirm = "leave"
             self.env.warn(f"this chat is not saved — /save NAME keeps it; {how} again leaves without it")
             return False
+        self._wait_saved()
         if self._recent is not None:
             self.say(f"(kept in history as '{self._recent.name}' — `kvchat chat --continue` resumes it)",
                      style="dim")
@@ -376,28 +380,42 @@ class ChatRepl:
             return
         from kvchat.named_session import NamedSession
 
+        keep = self._recent_keep
+
+        def prune() -> None:  # after the first write: the new chat counts among the kept
+            saved_sessions.prune_recent(keep)
+
         try:
             if self._recent is None:
-                recent = NamedSession(session_store.recent_name(time.time()))
+                recent = NamedSession(saved_sessions.recent_name(time.time()))
                 try:
                     recent.check(self.backend.identity(), self.backend.context_settings(), rebuild=True)
-                    self.setup.save_into(recent)
+                    self.setup.save_into(recent, background=True, then=prune)
                 except BaseException:
                     recent.close()
                     raise
                 self._recent = recent
-                session_store.prune_recent(self._recent_keep)
             else:
-                self.setup.save_into(self._recent)
+                self.setup.save_into(self._recent, background=True)
         except (KvchatError, OSError) as exc:
             self.env.warn(f"could not keep this chat in history: {exc}")
+
+    def _wait_saved(self) -> None:
+        """Until the save in flight is durable; its failure is said, not raised."""
+        try:
+            self.setup.wait_saved()
+        except KvchatError as exc:
+            self.error(exc)
 
     def _drop_recent(self) -> str | None:
         """Stop saving into the current recent chat (it stays on disk); its name."""
         recent, self._recent = self._recent, None
         if recent is None:
             return None
-        recent.close()
+        try:
+            self._wait_saved()  # its lock is held until its last write is durable
+        finally:
+            recent.close()
         return recent.name
 
     # -- commands ----------------------------------------------------------------
@@ -456,7 +474,7 @@ class ChatRepl:
         self._show(self.session.retry())
 
     def _cmd_sessions(self, command: Command) -> None:
-        infos = session_store.list_sessions()
+        infos = saved_sessions.list_sessions()
         if not infos:
             self.say("no saved sessions yet — /save NAME keeps this one")
             return
@@ -560,7 +578,7 @@ class ChatRepl:
         if name == self.session_name:
             self.say(f"'{name}' is already open", style="dim")
             return
-        if not session_store.session_path(name).exists():
+        if not saved_sessions.exists(name):
             raise SessionError(f"no session named '{name}'", hint="/sessions lists them")
         if self._unsaved() and self._confirm != f"/load {name}":
             self._confirm = f"/load {name}"

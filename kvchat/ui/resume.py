@@ -7,7 +7,7 @@ from __future__ import annotations
 import difflib
 from typing import TYPE_CHECKING
 
-from kvchat import session_store
+from kvchat import saved_sessions, session_store
 from kvchat.ui.render import plural
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ def restored_settings(s: Settings) -> list[str]:
 
 def near_names(name: str) -> list[str]:
     """Saved sessions whose names are close to `name` (a typo), closest first."""
-    names = [n for n in session_store.session_names() if n != name]
+    names = [n for n in saved_sessions.session_names() if n != name]
     return difflib.get_close_matches(name, names, n=3, cutoff=0.6)
 
 
@@ -55,6 +55,6 @@ def opened_text(chat: Chat) -> str:
     if near:
         return (f"new {kind} '{name}' (no saved session by that name; did you mean "
                 + " or ".join(f"'{n}'" for n in near) + "?)")
-    if not session_store.session_names():
+    if not saved_sessions.session_names():
         return f"new {kind} '{name}'"
     return f"new {kind} '{name}' (no saved session by that name; `kvchat sessions list` shows them)"
