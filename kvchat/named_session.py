@@ -298,3 +298,24 @@ class NamedSession:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def import_file(path: Path, name: str) -> None:
+    """Put a .kvs file (`sessions export NAME -f kvs`, or a session file of an older
+    kvchat) into the store as `name`; an existing session of that name is refused."""
+    try:
+        if not path.is_file():
+            raise SessionError(f"{path} is not a file", hint="give the path of a .kvs file")
+    except OSError as exc:
+        raise SessionError(f"cannot read {path}: {exc.strerror or exc}",
+                           hint="check its permissions") from None
+    legacy = session_store.load(path)
+    with NamedSession(name) as named:
+        if named.exists:
+            raise SessionError(f"session '{name}' already exists",
+                               hint=f"give another name: `kvchat sessions import {path} NEWNAME`")
+        record = {**legacy.record, "name": name}
+        n_kv = int(record["n_kv"])
+        whole = saved_sessions.WholeState(legacy.state, n_kv)
+        named.store.save(saved_sessions.kind_of(name), name, record, legacy.tokens, whole,
+                         named.fingerprint_of(record), n_kv=n_kv, extra=legacy.checkpoints)

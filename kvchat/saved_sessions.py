@@ -301,28 +301,6 @@ class WholeState:
         return self.state
 
 
-def import_file(path: Path, name: str) -> None:
-    """Put a .kvs file (`sessions export NAME -f kvs`, or a session file of an older
-    kvchat) into the store as `name`; an existing session of that name is refused."""
-    from kvchat.named_session import NamedSession
-
-    try:
-        if not path.is_file():
-            raise SessionError(f"{path} is not a file", hint="give the path of a .kvs file")
-    except OSError as exc:
-        raise SessionError(f"cannot read {path}: {exc.strerror or exc}",
-                           hint="check its permissions") from None
-    legacy = session_store.load(path)
-    with NamedSession(name) as named:
-        if named.exists:
-            raise SessionError(f"session '{name}' already exists",
-                               hint=f"give another name: `kvchat sessions import {path} NEWNAME`")
-        record = {**legacy.record, "name": name}
-        n_kv = int(record["n_kv"])
-        named.store.save(kind_of(name), name, record, legacy.tokens, WholeState(legacy.state, n_kv),
-                         named.fingerprint_of(record), n_kv=n_kv, extra=legacy.checkpoints)
-
-
 def store_figures(configured: int | None) -> dict[str, Any]:
     """The KV store's use against its budget (`configured`: the kv_store_size setting):
     what `paths`, `cache stats` and `sessions list` show."""

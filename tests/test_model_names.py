@@ -86,7 +86,7 @@ def test_sessions_list_and_show_use_the_name(tiny: Path) -> None:
 
 
 def test_cache_list_and_stats_use_the_name(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from kvchat.prefix_cache import IndexEntry, Store
+    from kvchat.prefix_store import IndexEntry, Store
 
     now = time.time()
     entries = {key: IndexEntry(key=key, parent="", start=0, end=256, fingerprint="f", model=model, bytes=100,

@@ -11,7 +11,7 @@ import pytest
 from fake_kv_engine import FakeKvEngine
 from test_prefix_cache import cache, doc, run_prompt
 
-from kvchat.prefix_cache import INDEX_NAME, SUFFIX, Store
+from kvchat.prefix_store import INDEX_NAME, SUFFIX, Store
 
 BROKEN = {
     "a list": "[]",
@@ -53,7 +53,7 @@ def test_a_read_only_cache_folder_answers_without_the_cache(tmp_path: Path,
     def refused(*args: object, **kwargs: object) -> None:  # as a read-only folder answers (even root's)
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr("kvchat.prefix_cache.atomic_write", refused)
+    monkeypatch.setattr("kvchat.prefix_store.atomic_write", refused)
     pc = cache(tmp_path)
     engine = FakeKvEngine()
     got = pc.prefill(engine, tokens + [2], (200,))  # lookups, hits and their bookkeeping: no error

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from fake_kv_engine import FakeKvEngine
 
-from kvchat import saved_sessions, session_store
+from kvchat import named_session, saved_sessions, session_store
 from kvchat.app.saving import SaveWriter
 from kvchat.conversation import SavedState, StateLoader
 from kvchat.engine_api import SamplingSettings
@@ -160,11 +160,11 @@ def test_export_and_import_round_trip(tmp_path: Path) -> None:
     record = {k: v for k, v in saved.record.items() if k != "format_version"}
     session_store.save(exported, record, saved.tokens, saved_sessions.whole_state(saved))
     assert saved_sessions.whole_state(saved) == conv.engine.state_bytes()
-    saved_sessions.import_file(exported, "back")
+    named_session.import_file(exported, "back")
     back, evaluated, _ = _resume("back")
     assert back.engine.cells == conv.engine.cells and evaluated == 0
     with pytest.raises(SessionError, match="already exists"):
-        saved_sessions.import_file(exported, "back")
+        named_session.import_file(exported, "back")
 
 
 def test_rm_removes_the_manifest_and_leaves_aligned_blocks_as_cache() -> None:

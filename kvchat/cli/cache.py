@@ -36,7 +36,7 @@ def _when(ts: float) -> str:
 @cache_app.command("list")
 def list_cmd(as_json: JsonOpt = False) -> None:
     """One row per stored prefix: model, tokens, size, last use, hits (most recent first)."""
-    from kvchat.prefix_cache import Store
+    from kvchat.prefix_store import Store
 
     env = Environment()
     entries = sorted(Store().read_index().values(), key=lambda e: e.last_used, reverse=True)
@@ -65,7 +65,7 @@ def stats_cmd(as_json: JsonOpt = False) -> None:
     """Entries, bytes used, the size limit in force, hits, and where the cache lives."""
     from kvchat import saved_sessions
     from kvchat.cli.sessions import store_line
-    from kvchat.prefix_cache import Store, effective_limit
+    from kvchat.prefix_store import Store, effective_limit
     from kvchat.settings import resolve
 
     env = Environment()
@@ -102,7 +102,7 @@ def stats_cmd(as_json: JsonOpt = False) -> None:
 @cache_app.command("clear")
 def clear_cmd(yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False) -> None:
     """Delete every stored prefix."""
-    from kvchat.prefix_cache import Store
+    from kvchat.prefix_store import Store
 
     env = Environment()
     if not yes:

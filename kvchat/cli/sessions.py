@@ -210,7 +210,7 @@ def import_cmd(
     name: Annotated[Optional[str], typer.Argument(help="Session name (default: the file's).")] = None,
 ) -> None:
     """Import a session exported as a .kvs file (or one from an older kvchat)."""
-    from kvchat.saved_sessions import import_file
+    from kvchat.named_session import import_file
 
     target = session_store.check_name(name or file.stem)
     import_file(file, target)
