@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from kvchat.chat_template import TemplateModel
     from kvchat.engine import Engine
     from kvchat.engine_api import CheckpointingEngine, MessageEngine, ShiftingEngine
+    from kvchat.engine_state import RangeEngine
     from kvchat.named_session import ContextSettings, NamedSession
     from kvchat.prefix_cache import PrefixCache
     from kvchat.remote.llama_server import LlamaServerEngine
@@ -385,6 +386,7 @@ if TYPE_CHECKING:
         capabilities: tuple[ShiftingEngine, CheckpointingEngine, ShiftingEngine, CheckpointingEngine] = (
             local, local, speculative, speculative)
         message: MessageEngine = api
+        ranges: tuple[RangeEngine, RangeEngine] = (local, speculative)
         backends: tuple[Backend, Backend, Backend] = (LocalBackend(local, request, s),
                                                       LlamaServerBackend(server), MessageServerBackend(api))
-        del chat, capabilities, message, backends
+        del chat, capabilities, message, ranges, backends

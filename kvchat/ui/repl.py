@@ -10,19 +10,13 @@ twice in a row, it exits, as Ctrl-D does.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import signal
 import time
-from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from prompt_toolkit import PromptSession
-from prompt_toolkit.completion import CompleteEvent, Completer, Completion
-from prompt_toolkit.document import Document
 from prompt_toolkit.history import FileHistory
-from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
 from rich.table import Table
 
 from kvchat import config, saved_sessions, session_store
@@ -33,10 +27,11 @@ from kvchat.hardware import NvmlReader
 from kvchat.monitor import HardwareSampler, KvFill, TokenMeter
 from kvchat.registry import model_name
 from kvchat.settings import keys_in
-from kvchat.ui.commands import COMMANDS, SET_KEYS, Command, completions, is_command, parse_command
+from kvchat.ui.commands import COMMANDS, SET_KEYS, Command, is_command, parse_command
 from kvchat.ui.commands import unescape_message as _unescape
 from kvchat.ui.environment import Environment
 from kvchat.ui.info import local_rows, server_rows, speculative_line
+from kvchat.ui.prompt import SlashCompleter, echo_off, key_bindings, private_file, sigint_ignored
 from kvchat.ui.render import plural, reevaluated_notice, stats_line
 from kvchat.ui.resume import opened_text, restored_settings
 from kvchat.ui.status import (
@@ -66,95 +61,11 @@ KEYS_HELP = (
 Opener = Callable[[str | None, SamplingSettings, int | None], "Chat"]
 
 
-def _session_names() -> Iterator[str]:
-    """Saved session names, read only when a completion asks for them."""
-    folder = session_store.sessions_dir()
-    if folder.is_dir():
-        yield from (p.stem for p in folder.glob(f"*{session_store.SUFFIX}"))
-
-
-class SlashCompleter(Completer):
-    """Completes /commands, then /set keys and /load or /save session names."""
-
-    def get_completions(self, document: Document, complete_event: CompleteEvent) -> Iterable[Completion]:
-        text = document.text_before_cursor
-        word = text.split(" ")[-1]
-        for candidate in completions(text, _session_names()):
-            yield Completion(candidate, start_position=-len(word))
-
-
-def _key_bindings() -> KeyBindings:
-    kb = KeyBindings()
-
-    @kb.add("enter")
-    @kb.add("c-j")  # a bare line feed sends too, as in readline
-    def _send(event: KeyPressEvent) -> None:
-        event.current_buffer.validate_and_handle()
-
-    @kb.add("escape", "enter")
-    def _newline(event: KeyPressEvent) -> None:
-        event.current_buffer.insert_text("\n")
-
-    @kb.add("c-c")
-    def _interrupt(event: KeyPressEvent) -> None:
-        buffer = event.current_buffer
-        if buffer.text:
-            buffer.reset()  # like a shell: drop the line, stay at the prompt
-        else:
-            event.app.exit(exception=KeyboardInterrupt())
-
-    return kb
-
-
-@contextlib.contextmanager
-def _sigint_ignored() -> Iterator[None]:
-    """Let cleanup after an interrupted reply (closing the stream, saving) finish."""
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-@contextlib.contextmanager
-def _echo_off(stream: Any) -> Iterator[None]:
-    """Keys typed while a reply streams are not echoed (they would break the live area's
-    line count); they stay queued for the next prompt. Ctrl-C still interrupts."""
-    try:
-        import termios
-    except ImportError:  # Windows
-        yield
-        return
-    try:
-        fd = stream.fileno()
-        saved = termios.tcgetattr(fd)
-    except (termios.error, OSError, ValueError, AttributeError):  # not a terminal
-        yield
-        return
-    quiet = list(saved)
-    quiet[3] &= ~termios.ECHO  # lflag
-    termios.tcsetattr(fd, termios.TCSADRAIN, quiet)
-    try:
-        yield
-    finally:
-        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
-
-
 def _setting_text(key: str, value: Any) -> str:
     """'temperature 0.8', 'seed random' (unset: a new seed each reply), 'max_tokens none'."""
     if value is None:
         return f"{key} {'random' if key == 'seed' else 'none'}"
     return f"{key} {value:g}" if isinstance(value, float) else f"{key} {value}"
-
-
-def private_file(path: Path) -> None:
-    """Create `path` readable by its owner only (0600, like session files), or make it so:
-    the input history holds everything typed into every chat."""
-    import os
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
-    os.chmod(path, 0o600)
 
 
 class ChatRepl:
@@ -257,7 +168,7 @@ class ChatRepl:
             completer=SlashCompleter(),
             complete_while_typing=False,
             multiline=True,
-            key_bindings=_key_bindings(),
+            key_bindings=key_bindings(),
             prompt_continuation="... ",
             enable_suspend=True,
         )
@@ -311,7 +222,7 @@ class ChatRepl:
             prefill = max(figures.prompt_tokens - figures.reused_tokens, 0)
             return status_text(meter, prefill, self.kv_fill(), self.sampler.latest, self.device)
 
-        with _echo_off(self.env.stdin), self.sampler, \
+        with echo_off(self.env.stdin), self.sampler, \
                 ReplyView(self.console, markdown=self.markdown, status=status) as view:
             try:
                 meter.start()
@@ -322,7 +233,7 @@ class ChatRepl:
                     if event.text:
                         view.feed(event.text)
             except KeyboardInterrupt:
-                with _sigint_ignored():
+                with sigint_ignored():
                     turn.close()  # the partial reply stays in the transcript and the KV cache
                     view.finish()
             except NetworkError as exc:
@@ -332,7 +243,7 @@ class ChatRepl:
                 view.finish()
             finally:
                 turn.close()
-        with _sigint_ignored():
+        with sigint_ignored():
             if not turn.begun:
                 return
             self._last = figures
