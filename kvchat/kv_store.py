@@ -211,9 +211,9 @@ class KvStore:
     # -- locking ------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _lock(self, exclusive: bool, *, wait: bool = True) -> Iterator[bool]:
+    def _lock(self, exclusive: bool, *, wait: bool = True, within: float = _LOCK_TIMEOUT_S) -> Iterator[bool]:
         """Saves share the lock; collection takes it alone. Without `wait`, yields
-        False when it is not free within a moment (collection tries again later)."""
+        False when it is not free `within` seconds (collection tries again later)."""
         self.root.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -221,7 +221,7 @@ class KvStore:
             if wait:
                 fcntl.flock(fd, mode)
             else:
-                deadline = time.monotonic() + _LOCK_TIMEOUT_S
+                deadline = time.monotonic() + within
                 while True:
                     try:
                         fcntl.flock(fd, mode | fcntl.LOCK_NB)
@@ -529,7 +529,7 @@ class KvStore:
         """Bring the store under `budget` bytes: blocks no manifest names and prefix-cache
         segments (least recently used first), then recent chats (oldest first). Named sessions
         stay. Without `wait` (the prefix cache never holds an answer) a busy store is left."""
-        with self._lock(exclusive=True, wait=wait) as got:
+        with self._lock(exclusive=True, wait=wait, within=0.0) as got:
             if not got:
                 return EvictionReport(budget, 0)
             if self.prefix.folder.is_dir():  # at its own size: only broken chains and stray files go

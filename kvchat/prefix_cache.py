@@ -24,14 +24,15 @@ WINDOW_EVERY blocks; other segments there serve only as parents ("resumable"
 false). Recurrent and hybrid models are skipped with a reason, as is any state
 kv_state cannot cut.
 
-On disk (`<data dir>/prefix-cache/`): one file per segment (`<key>.kvp`: magic,
+On disk (`<data dir>/kv-store/prefix/`, inside the KV store): one file per segment (`<key>.kvp`: magic,
 format version, JSON header, tokens, parts, SHA-256), written to a temp file,
 fsynced and renamed; `index.json` (written the same way) lists the entries with
 size, last use and hits, and is changed only under an exclusive `flock` on
 `index.lock` taken with a timeout, so two processes never corrupt it and never
 wait on each other for long. A file that fails its checksum, a foreign format
 or a broken chain is dropped and removed. Least-recently used segments (and
-their descendants, useless without them) are evicted past the size limit.
+their descendants, useless without them) are evicted past the KV store's one
+budget, together with its unreferenced blocks (kvchat.kv_store.KvStore.evict).
 """
 
 from __future__ import annotations

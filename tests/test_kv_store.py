@@ -403,6 +403,11 @@ def test_prefix_cache_segments_share_the_one_budget_least_recently_used_first(tm
     assert usage.prefix == sum(e.bytes for e in segments.values()) > 0
     assert usage.total == usage.blocks + usage.manifests + usage.prefix
 
+    with store._lock(exclusive=False):  # a save in progress: the cache's eviction never waits on it
+        started = time.monotonic()
+        assert store.evict(1, wait=False).freed == 0 and time.monotonic() - started < 1.0
+    assert store.usage().total == usage.total
+
     now = time.time()
     os.utime(unused[0], (now - 100, now - 100))  # least recently used of all
     os.utime(unused[1], (now - 10, now - 10))  # more recently used than any segment
