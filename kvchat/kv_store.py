@@ -525,10 +525,10 @@ class KvStore:
                 u.by_kind[kind] = u.by_kind.get(kind, 0) + size
         return u
 
-    def evict(self, budget: int, *, wait: bool = True) -> EvictionReport:
-        """Bring the store under `budget` bytes: blocks no manifest names and prefix-cache
-        segments (least recently used first), then recent chats (oldest first). Named sessions
-        stay. Without `wait` (the prefix cache never holds an answer) a busy store is left."""
+    def evict(self, budget: int, *, wait: bool = True, cache_only: bool = False) -> EvictionReport:
+        """Bring the store under `budget` bytes: blocks no manifest names and prefix-cache segments
+        (least recently used first), then recent chats (oldest first; not with `cache_only`). Named
+        sessions stay. Without `wait` (the prefix cache never holds an answer) a busy store is left."""
         with self._lock(exclusive=True, wait=wait, within=0.0) as got:
             if not got:
                 return EvictionReport(budget, 0)
@@ -547,7 +547,8 @@ class KvStore:
             report = EvictionReport(budget, used)
             free = sorted([(mtime, key, False) for key, (_, mtime) in blocks.items() if key not in users]
                           + [(e.last_used, e.key, True) for e in segments.values()])
-            recent = sorted((updated, owner) for owner, (updated, _) in refs.items() if owner[0] == RECENT)
+            recent = [] if cache_only else sorted((updated, owner) for owner, (updated, _) in refs.items()
+                                                  if owner[0] == RECENT)
             doomed: set[str] = set()  # prefix-cache segments, removed together under its lock
             while report.used > budget and free:
                 _, key, segment = free.pop(0)

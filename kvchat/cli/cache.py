@@ -103,7 +103,9 @@ def stats_cmd(as_json: JsonOpt = False) -> None:
 
 @cache_app.command("clear")
 def clear_cmd(yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False) -> None:
-    """Delete every stored prefix."""
+    """Delete every stored prefix, and the KV store's blocks no session names (the cache
+    both make up in the store's one budget)."""
+    from kvchat.kv_store import KvStore
     from kvchat.prefix_store import Store
 
     env = Environment()
@@ -113,4 +115,7 @@ def clear_cmd(yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.
         if not typer.confirm("Delete every entry of the prefix cache?", default=False, err=True):
             raise typer.Exit(1)
     freed = Store().clear()
+    store = KvStore()
+    if store.root.is_dir():
+        freed += store.evict(0, cache_only=True).freed
     env.stderr.write(f"prefix cache cleared ({format_bytes(freed)} freed)\n")
