@@ -47,7 +47,8 @@ class Paths:
 
     @property
     def prefix_cache_dir(self) -> Path:
-        return self.data_dir / "prefix-cache"
+        # Inside the KV store (kvchat.kv_store): one folder, one disk budget.
+        return self.data_dir / "kv-store" / "prefix"
 
     @property
     def history_file(self) -> Path:

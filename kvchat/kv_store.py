@@ -33,14 +33,16 @@ SIGKILL at any moment leaves the previous manifest and all its blocks whole.
 Saves hold `store.lock` shared; collection (deleting blocks) holds it
 exclusively, so a block a save is about to name is never deleted under it.
 
-Eviction (one disk budget): blocks no manifest names (a dropped conversation's
-aligned blocks: a prefix cache, last use recorded as the file's mtime) go first,
-least recently used first; then recent chats, oldest first. Named sessions are
-never evicted; when they alone exceed the budget, the report says so.
+Eviction (one disk budget, the prefix cache's segments included): blocks no
+manifest names (a dropped conversation's aligned blocks, last use recorded as the
+file's mtime) and prefix-cache segments (last use in its index) go first, least
+recently used first; then recent chats, oldest first. Named sessions are never
+evicted; when they alone exceed the budget, the report says so.
 
 Layout under `<data dir>/kv-store/` (file formats: kvchat.kv_files):
     blocks/<2 hex>/<key>.kvb       one block
     manifests/<kind>/<name>.kvm    one conversation (kind: session or recent)
+    prefix/                        the prefix cache (kvchat.prefix_store)
     store.lock
 """
 
@@ -56,13 +58,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from kvchat import config, kv_files, kv_state
+from kvchat import config, kv_files, kv_state, prefix_store
 from kvchat.errors import KvchatError, SessionError
 from kvchat.kv_files import RANGE, WHOLE, BlockError, Link, Manifest, block_keys
 
 BLOCK_SUFFIX = ".kvb"
 MANIFEST_SUFFIX = ".kvm"
 LOCK_NAME = "store.lock"
+PREFIX_DIR = "prefix"
 # Spans aligned to multiples of this are the blocks conversations share.
 BLOCK_TOKENS = 256
 SESSION, RECENT = "session", "recent"
@@ -155,6 +158,7 @@ class Usage:
     blocks: int = 0
     manifests: int = 0
     unreferenced: int = 0  # blocks no manifest names (the evictable cache)
+    prefix: int = 0  # the prefix cache's segments (evictable too)
     by_kind: dict[str, int] = field(default_factory=dict)  # bytes of blocks each kind names
     own: dict[tuple[str, str], int] = field(default_factory=dict)  # only this manifest names them
     shared: dict[tuple[str, str], int] = field(default_factory=dict)  # others name them too
@@ -190,6 +194,7 @@ class KvStore:
 
     def __init__(self, root: Path | None = None, *, block_tokens: int = BLOCK_TOKENS) -> None:
         self.root = root or store_dir()
+        self.prefix = prefix_store.Store(self.root / PREFIX_DIR)
         self.block_tokens = block_tokens
         self.bytes_written = 0  # over the store object's life: what the tests measure
 
@@ -206,9 +211,9 @@ class KvStore:
     # -- locking ------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _lock(self, exclusive: bool, *, wait: bool = True) -> Iterator[bool]:
+    def _lock(self, exclusive: bool, *, wait: bool = True, within: float = _LOCK_TIMEOUT_S) -> Iterator[bool]:
         """Saves share the lock; collection takes it alone. Without `wait`, yields
-        False when it is not free within a moment (collection tries again later)."""
+        False when it is not free `within` seconds (collection tries again later)."""
         self.root.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -216,7 +221,7 @@ class KvStore:
             if wait:
                 fcntl.flock(fd, mode)
             else:
-                deadline = time.monotonic() + _LOCK_TIMEOUT_S
+                deadline = time.monotonic() + within
                 while True:
                     try:
                         fcntl.flock(fd, mode | fcntl.LOCK_NB)
@@ -503,7 +508,8 @@ class KvStore:
         u = Usage(damaged=damaged)
         u.blocks = sum(size for size, _ in blocks.values())
         u.manifests = sum(self._manifest_size(*owner) for owner in [*refs, *damaged])
-        u.total = u.blocks + u.manifests
+        u.prefix = self.prefix.used_bytes()
+        u.total = u.blocks + u.manifests + u.prefix
         u.unreferenced = sum(size for key, (size, _) in blocks.items() if key not in users)
         for owner in refs:
             u.own[owner] = self._manifest_size(*owner)
@@ -519,29 +525,46 @@ class KvStore:
                 u.by_kind[kind] = u.by_kind.get(kind, 0) + size
         return u
 
-    def evict(self, budget: int) -> EvictionReport:
-        """Bring the store under `budget` bytes: blocks no manifest names (least
-        recently used first), then recent chats (oldest first). Named sessions stay."""
-        with self._lock(exclusive=True) as _:
+    def evict(self, budget: int, *, wait: bool = True, cache_only: bool = False) -> EvictionReport:
+        """Bring the store under `budget` bytes: blocks no manifest names and prefix-cache segments
+        (least recently used first), then recent chats (oldest first; not with `cache_only`). Named
+        sessions stay. Without `wait` (the prefix cache never holds an answer) a busy store is left."""
+        with self._lock(exclusive=True, wait=wait, within=0.0) as got:
+            if not got:
+                return EvictionReport(budget, 0)
+            if self.prefix.folder.is_dir():  # at its own size: only broken chains and stray files go
+                self.prefix.evict(self.prefix.used_bytes())
             refs, damaged = self._refs()
             blocks = self._blocks()
+            segments = self.prefix.read_index()
             users: dict[str, set[tuple[str, str]]] = {}
             for owner, (_, chain) in refs.items():
                 for link in chain:
                     if link.key in blocks:
                         users.setdefault(link.key, set()).add(owner)
-            used = sum(s for s, _ in blocks.values()) + sum(
+            used = sum(s for s, _ in blocks.values()) + sum(e.bytes for e in segments.values()) + sum(
                 self._manifest_size(*o) for o in [*refs, *damaged])
             report = EvictionReport(budget, used)
-            free = sorted((mtime, key) for key, (_, mtime) in blocks.items() if key not in users)
-            recent = sorted((updated, owner) for owner, (updated, _) in refs.items() if owner[0] == RECENT)
+            free = sorted([(mtime, key, False) for key, (_, mtime) in blocks.items() if key not in users]
+                          + [(e.last_used, e.key, True) for e in segments.values()])
+            recent = [] if cache_only else sorted((updated, owner) for owner, (updated, _) in refs.items()
+                                                  if owner[0] == RECENT)
+            doomed: set[str] = set()  # prefix-cache segments, removed together under its lock
             while report.used > budget and free:
-                _, key = free.pop(0)
-                self._unlink_block(key, blocks[key][0], report)
+                _, key, segment = free.pop(0)
+                if not segment:
+                    self._unlink_block(key, blocks[key][0], report)
+                elif key not in doomed:
+                    # A segment's descendants are useless without it: they go with it.
+                    doomed |= (gone := prefix_store.with_descendants(segments, {key}) - doomed)
+                    size = sum(segments[k].bytes for k in gone)
+                    report.used, report.freed = report.used - size, report.freed + size
+            if doomed and not self.prefix.remove_entries(doomed):  # its index busy: not freed now
+                size = sum(segments[k].bytes for k in doomed)
+                report.used, report.freed = report.used + size, report.freed - size
             while report.used > budget and recent:
                 _, owner = recent.pop(0)
-                report.used -= self._manifest_size(*owner)
-                report.freed += self._manifest_size(*owner)
+                report.used, report.freed = report.used - (m := self._manifest_size(*owner)), report.freed + m
                 with contextlib.suppress(OSError):
                     self.manifest_path(*owner).unlink()
                 report.recent_removed.append(owner[1])
@@ -561,9 +584,8 @@ class KvStore:
     def _unlink_block(self, key: str, size: int, report: EvictionReport) -> None:
         with contextlib.suppress(OSError):
             self.block_path(key).unlink()
-        report.used -= size
-        report.freed += size
-        report.blocks_removed += 1
+        report.used, report.freed, report.blocks_removed = report.used - size, report.freed + size, \
+            report.blocks_removed + 1
 
 
 def effective_budget(configured: int | None, store: KvStore) -> int:

@@ -24,14 +24,15 @@ WINDOW_EVERY blocks; other segments there serve only as parents ("resumable"
 false). Recurrent and hybrid models are skipped with a reason, as is any state
 kv_state cannot cut.
 
-On disk (`<data dir>/prefix-cache/`): one file per segment (`<key>.kvp`: magic,
+On disk (`<data dir>/kv-store/prefix/`, inside the KV store): one file per segment (`<key>.kvp`: magic,
 format version, JSON header, tokens, parts, SHA-256), written to a temp file,
 fsynced and renamed; `index.json` (written the same way) lists the entries with
 size, last use and hits, and is changed only under an exclusive `flock` on
 `index.lock` taken with a timeout, so two processes never corrupt it and never
 wait on each other for long. A file that fails its checksum, a foreign format
 or a broken chain is dropped and removed. Least-recently used segments (and
-their descendants, useless without them) are evicted past the size limit.
+their descendants, useless without them) are evicted past the KV store's one
+budget, together with its unreferenced blocks (kvchat.kv_store.KvStore.evict).
 """
 
 from __future__ import annotations
@@ -73,6 +74,9 @@ BLOCK_TOKENS = 512
 # Shorter prompts are not stored: restoring is cheap, but an entry under this
 # costs more in files and index churn than its prefill (see README: measured).
 MIN_PREFIX_TOKENS = 256
+# The cache's own limit where it stands alone, outside the KV store and its budget
+# (prefix_cache_size's table default, when one is set, wins).
+DEFAULT_LIMIT = 4 * 1024**3
 # Sliding-window models: a window costs as much as n_swa tokens of every window
 # layer, so it is kept only where a prompt is likely to resume: at marks (system
 # prompt, piped stdin), the prompt's last cut, and every WINDOW_EVERY blocks.
@@ -144,12 +148,19 @@ class PrefixCache:
 
     def __init__(self, fingerprint: Fingerprint, *, limit_bytes: int | None = None,
                  store: Store | None = None, memory_kind: str = "kv",
-                 min_tokens: int = MIN_PREFIX_TOKENS, block_tokens: int = BLOCK_TOKENS) -> None:
+                 min_tokens: int = MIN_PREFIX_TOKENS, block_tokens: int = BLOCK_TOKENS,
+                 evict: Callable[[], object] | None = None) -> None:
         self.fingerprint = fingerprint
         self.fp_digest = fingerprint.digest()
         self.fp_hex = self.fp_digest.hex()
         self.store = store or Store()
-        self.limit_bytes: int = settings.default("prefix_cache_size") if limit_bytes is None else limit_bytes
+        if limit_bytes is None:
+            limit_bytes = settings.default("prefix_cache_size") or DEFAULT_LIMIT
+        self.limit_bytes: int = limit_bytes
+        # What keeps the disk bounded after a store: kvchat's own cache lives in the KV
+        # store and evicts with its one budget (kvchat.kv_store.KvStore.evict); without
+        # `evict`, the cache alone is held to `limit_bytes`.
+        self.evict = evict or (lambda: self.store.evict(effective_limit(self.limit_bytes, self.store)))
         self.min_tokens = min_tokens
         self.block_tokens = block_tokens
         self.skip_reason = _skip_reason(memory_kind)
@@ -338,7 +349,7 @@ class PrefixCache:
 
         if written:
             self.store.update(add)
-        self.store.evict(effective_limit(self.limit_bytes, self.store))
+        self.evict()
         return sum(e.bytes for e in written.values())
 
     def _touch(self, keys: list[str]) -> None:

@@ -48,7 +48,13 @@ def token_bytes(tokens: Sequence[int]) -> bytes:
 
 
 def cache_dir() -> Path:
-    return config.paths().prefix_cache_dir
+    p = config.paths()
+    legacy = p.data_dir / "prefix-cache"  # where it was before it joined the KV store's budget
+    if legacy.is_dir() and not p.prefix_cache_dir.exists():
+        with contextlib.suppress(OSError):  # a cache: if it cannot move, it is simply not found
+            p.prefix_cache_dir.parent.mkdir(parents=True, exist_ok=True)
+            legacy.rename(p.prefix_cache_dir)
+    return p.prefix_cache_dir
 
 
 # -- entry files ---------------------------------------------------------------------
@@ -253,14 +259,16 @@ class Store:
         except OSError:
             return False
 
-    def remove_entries(self, keys: set[str]) -> None:
+    def remove_entries(self, keys: set[str]) -> bool:
+        """Remove those entries and their descendants; False if the index was busy."""
+
         def drop(entries: dict[str, IndexEntry]) -> None:
-            for key in _with_descendants(entries, keys):
+            for key in with_descendants(entries, keys):
                 entries.pop(key, None)
                 with contextlib.suppress(OSError):
                     entry_path(self.folder, key).unlink()
 
-        self.update(drop)
+        return self.update(drop)
 
     def evict(self, limit_bytes: int) -> int:
         """Drop least-recently used entries (and their descendants) past the limit;
@@ -270,14 +278,14 @@ class Store:
         def shrink(entries: dict[str, IndexEntry]) -> None:
             nonlocal freed
             broken = {k for k, e in entries.items() if e.start > 0 and e.parent not in entries}
-            doomed = _with_descendants(entries, broken)
+            doomed = with_descendants(entries, broken)
             total = sum(e.bytes for k, e in entries.items() if k not in doomed)
             for entry in sorted(entries.values(), key=lambda e: (e.last_used, -e.end)):
                 if total <= limit_bytes:
                     break
                 if entry.key in doomed:
                     continue
-                for key in _with_descendants(entries, {entry.key}) - doomed:
+                for key in with_descendants(entries, {entry.key}) - doomed:
                     total -= entries[key].bytes
                     doomed.add(key)
             for key in doomed:
@@ -327,7 +335,7 @@ def _well_typed(e: IndexEntry) -> bool:
             and number(e.created) and number(e.last_used) and isinstance(e.resumable, bool))
 
 
-def _with_descendants(entries: dict[str, IndexEntry], keys: set[str]) -> set[str]:
+def with_descendants(entries: dict[str, IndexEntry], keys: set[str]) -> set[str]:
     children: dict[str, list[str]] = {}
     for key, entry in entries.items():
         children.setdefault(entry.parent, []).append(key)

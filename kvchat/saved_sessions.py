@@ -302,8 +302,8 @@ class WholeState:
 
 
 def store_figures(configured: int | None) -> dict[str, Any]:
-    """The KV store's use against its budget (`configured`: the kv_store_size setting):
-    what `paths`, `cache stats` and `sessions list` show."""
+    """The KV store's use against its budget (`configured`: Settings.store_budget), the
+    prefix cache's segments included: what `paths`, `cache stats` and `sessions list` show."""
     from kvchat.kv_store import effective_budget
 
     store = KvStore()
@@ -314,4 +314,5 @@ def store_figures(configured: int | None) -> dict[str, Any]:
             "configured_bytes": configured, "named_bytes": named,
             "recent_bytes": usage.by_kind.get(RECENT, 0) if usage else 0,
             "unreferenced_bytes": usage.unreferenced if usage else 0,
+            "prefix_cache_bytes": usage.prefix if usage else 0,
             "named_over_budget": named > budget}

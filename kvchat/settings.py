@@ -276,10 +276,12 @@ _TABLE: tuple[Setting[Any], ...] = (
             "unnamed chats kept as auto-* sessions (0: none)"),
     Setting("prefix_cache", _bool, True, ("--prefix-cache",),
             "Reuse and store prompt starts on disk (default {default}; see `kvchat cache`).", {"local"}),
-    Setting("prefix_cache_size", parse_size, "4G", ("--prefix-cache-size",),
-            "Prefix cache size limit, like 4G or 500M (default {default}).", metavar="SIZE"),
+    Setting("prefix_cache_size", _optional(parse_size, "auto"), None, ("--prefix-cache-size",),
+            "Deprecated: another name for kv_store_size, the one disk budget the prefix cache "
+            "shares (0 still turns the cache off).", metavar="SIZE"),
     Setting("kv_store_size", _optional(parse_size, "auto"), None, (),
-            "disk budget of saved sessions' and recent chats' KV (auto: half the free disk)"),
+            "disk budget of all KV on disk: saved sessions, recent chats and the prefix cache "
+            "(auto: half the free disk)"),
     Setting("chat_template", _optional(_string), None, ("--chat-template",),
             "A llama.cpp built-in template name (chatml, gemma, llama3, ...) or a Jinja file; "
             "overrides the model's own.", {"rendering"}),
@@ -399,7 +401,7 @@ class Settings:
     overflow: str = default_field("overflow")
     recent_chats: int = default_field("recent_chats")
     prefix_cache: bool = default_field("prefix_cache")
-    prefix_cache_size: int = default_field("prefix_cache_size")
+    prefix_cache_size: int | None = default_field("prefix_cache_size")  # deprecated: store_budget
     kv_store_size: int | None = default_field("kv_store_size")
     chat_template: str | None = default_field("chat_template")
     raw: bool = default_field("raw")
@@ -415,6 +417,12 @@ class Settings:
     sources: Mapping[str, Source] = field(default_factory=dict)
     # Values from the environment or config file that a saved session overrode.
     overridden: tuple[str, ...] = ()
+
+    @property
+    def store_budget(self) -> int | None:
+        """The KV store's one budget (None: auto); prefix_cache_size, the prefix cache's
+        own limit before it joined the store, stands in for it when it alone is set."""
+        return self.kv_store_size if self.kv_store_size is not None else (self.prefix_cache_size or None)
 
 
 def resolve(flags: Mapping[str, Any] | None = None, saved: Mapping[str, Any] | None = None) -> Settings:

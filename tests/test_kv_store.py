@@ -380,3 +380,66 @@ def test_the_default_budget_is_a_share_of_the_disk(tmp_path: Path) -> None:
     budget = effective_budget(None, store)
     assert 0 < budget <= shutil.disk_usage(tmp_path).free
     assert effective_budget(1000, store) == 1000
+
+
+def test_prefix_cache_segments_share_the_one_budget_least_recently_used_first(tmp_path: Path) -> None:
+    from kvchat.prefix_cache import Fingerprint, PrefixCache
+
+    store = KvStore(tmp_path)
+    named = _fill(store, "keep", SESSION, 512, seed=1)
+    _fill(store, "auto", RECENT, 512, seed=2)
+    dropped = _fill(store, "dropped", RECENT, 512, seed=3)
+    store.remove(RECENT, "dropped")  # its aligned blocks stay, named by nobody
+    unused = [store.block_path(k) for k in kv_files.block_keys(FP, dropped.cells, [(0, 256), (256, 512)])]
+    fp = Fingerprint("ab" * 32, "model.gguf", "f16", "f16", "off", False, 0, 512, 512, "0")
+    budget = [10**12]
+    pc = PrefixCache(fp, store=store.prefix, min_tokens=32, block_tokens=64,
+                     evict=lambda: store.evict(budget[0], wait=False))
+    pc.prefill(FakeKvEngine(), words(200, seed=5), ())
+    pc.commit()
+    segments = store.prefix.read_index()
+    assert len(segments) >= 2
+    usage = store.usage()
+    assert usage.prefix == sum(e.bytes for e in segments.values()) > 0
+    assert usage.total == usage.blocks + usage.manifests + usage.prefix
+
+    with store._lock(exclusive=False):  # a save in progress: the cache's eviction never waits on it
+        started = time.monotonic()
+        assert store.evict(1, wait=False).freed == 0 and time.monotonic() - started < 1.0
+    assert store.usage().total == usage.total
+
+    now = time.time()
+    os.utime(unused[0], (now - 100, now - 100))  # least recently used of all
+    os.utime(unused[1], (now - 10, now - 10))  # more recently used than any segment
+
+    def age(entries: dict[str, Any]) -> None:
+        for e in entries.values():
+            e.last_used = now - (50 if e.start == 0 else 40)
+
+    assert store.prefix.update(age)
+    report = store.evict(store.usage().total - 1)
+    assert report.blocks_removed == 1 and not unused[0].exists() and unused[1].exists()
+    assert set(store.prefix.read_index()) == set(segments)
+    report = store.evict(store.usage().total - 1)  # the oldest segment: the chain's root, and all after it
+    assert store.prefix.read_index() == {} and unused[1].exists() and report.recent_removed == []
+    assert not any(store.prefix.folder.glob("*.kvp"))
+    report = store.evict(store.usage().total - 1)
+    assert not unused[1].exists() and report.recent_removed == []
+
+    # The prefix cache's own store evicts through the one budget: with no room left, what
+    # it stored goes again (the cache before recent chats), never past the budget.
+    before = store.usage().total
+    budget[0] = before
+    pc = PrefixCache(fp, store=store.prefix, min_tokens=32, block_tokens=64,
+                     evict=lambda: store.evict(budget[0], wait=False))
+    pc.prefill(FakeKvEngine(), words(200, seed=6), ())
+    pc.commit()
+    assert store.usage().total <= before and store.manifest_names(RECENT) == ["auto"]
+    assert store.prefix.read_index() == {}
+    budget[0] = before + 10**6  # room: the entries stay
+    pc = PrefixCache(fp, store=store.prefix, min_tokens=32, block_tokens=64,
+                     evict=lambda: store.evict(budget[0], wait=False))
+    pc.prefill(FakeKvEngine(), words(200, seed=6), ())
+    pc.commit()
+    assert store.prefix.read_index() and before < store.usage().total <= budget[0]
+    assert restored(store, "keep")[0].cells == named.cells

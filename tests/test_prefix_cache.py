@@ -239,3 +239,40 @@ def test_piped_cache_list_is_tab_separated(kvchat, kv_env: dict[str, str]) -> No
     # The second prompt restored all three segments: each counts the hit.
     # The model under the name `kvchat list` gives a file (its stem), as everywhere.
     assert rows == [("model", "0-64", "1"), ("model", "128-192", "1"), ("model", "64-128", "1")]
+
+
+def test_cache_stats_paths_and_sessions_list_show_one_store_with_the_cache_in_it(kvchat, kv_env) -> None:  # noqa: ANN001
+    from kvchat import config
+    from kvchat.kv_store import RECENT, SESSION, KvStore
+    from kvchat.units import format_bytes
+
+    old = Path(kv_env["KVCHAT_HOME"]) / "prefix-cache"  # where the cache was before it joined the store
+    run_prompt(old, doc(200) + [7], marks=(128,))
+    stats = json.loads(kvchat("cache", "stats", "--json").stdout)
+    assert not old.exists() and stats["path"] == str(config.paths().prefix_cache_dir)
+    assert stats["entries"] == 3 and stats["bytes"] > 0
+    assert stats["kv_store"]["prefix_cache_bytes"] == stats["bytes"] == stats["kv_store"]["bytes"]
+    assert stats["effective_limit_bytes"] == stats["kv_store"]["budget_bytes"]
+    assert json.loads(kvchat("paths", "--json").stdout)["kv_store"].startswith(stats["kv_store"]["path"])
+    line = kvchat("cache", "stats").stdout.splitlines()[-1]  # the line `sessions list` ends with too
+    assert line.startswith(f"KV store: {format_bytes(stats['kv_store']['bytes'])} of ")
+    assert line.endswith(f"cache {format_bytes(stats['bytes'])})")
+    kv_env["KVCHAT_PREFIX_CACHE_SIZE"] = "1M"  # the budget's deprecated name still works
+    stats = json.loads(kvchat("cache", "stats", "--json").stdout)
+    assert stats["limit_bytes"] == stats["kv_store"]["configured_bytes"] == 1024**2
+    assert stats["effective_limit_bytes"] <= 1024**2
+
+    # `cache clear` empties the whole cache of the store: segments and blocks no session names.
+    store = KvStore()
+    dropped, kept = FakeKvEngine(), FakeKvEngine()
+    dropped.eval(doc(512, seed=9))
+    kept.eval(doc(300, seed=10))
+    store.save(RECENT, "gone", {}, dropped.cells, dropped, b"\x01" * 32)
+    store.remove(RECENT, "gone")  # its aligned blocks stay, named by nobody
+    store.save(SESSION, "keep", {}, kept.cells, kept, b"\x01" * 32)
+    before = store.usage()
+    assert before.unreferenced > 0 and before.prefix > 0
+    assert kvchat("cache", "clear", "--yes").returncode == 0
+    after = store.usage()
+    assert (after.unreferenced, after.prefix) == (0, 0)
+    assert after.by_kind[SESSION] == before.by_kind[SESSION] > 0

@@ -188,7 +188,7 @@ def test_run_restores_the_piped_document_from_disk(kvchat, kv_env: dict[str, str
     assert listed and all(e["model"] == "smollm2-135m" and e["file"].endswith(".gguf") for e in listed)
     assert sum(e["hits"] for e in listed) >= 2
     paths = kvchat("paths").stdout
-    assert "prefix cache" in paths and str(Path(kv_env["KVCHAT_HOME"]) / "prefix-cache") in paths
+    assert "prefix cache" in paths and str(Path(kv_env["KVCHAT_HOME"]) / "kv-store" / "prefix") in paths
     assert json.loads(kvchat("cache", "stats", "--json").stdout)["entries"] == len(listed)
     assert kvchat("cache", "clear").returncode == 2  # piped stdin: no confirmation, no deletion
     assert kvchat("cache", "clear", "--yes").returncode == 0

@@ -294,7 +294,7 @@ def test_paths_shows_where_files_live(kvchat, kv_env: dict[str, str], model_path
     rows = json.loads(result.stdout)
     assert all(key.isidentifier() for key in rows)  # snake_case keys, for `jq .prefix_cache`
     assert rows["sessions"] == str(Path(kv_env["KVCHAT_HOME"]) / "sessions")
-    assert rows["prefix_cache"] == str(Path(kv_env["KVCHAT_HOME"]) / "prefix-cache")
+    assert rows["prefix_cache"] == str(Path(kv_env["KVCHAT_HOME"]) / "kv-store" / "prefix")
     assert rows["models"] == str(Path(kv_env["HF_HOME"]) / "hub")
     assert rows["default_model"] == str(model_path)
     assert "prefix cache  " in kvchat("paths").stdout  # the table keeps its labels

@@ -160,6 +160,14 @@ def test_every_config_key_is_used(home: Path) -> None:
 def test_prefix_cache_sizes(home: Path, raw: object, size: int) -> None:
     assert resolve({"prefix_cache_size": raw}).prefix_cache_size == size
 
+def test_prefix_cache_size_is_a_deprecated_name_of_the_one_kv_store_budget(home: Path) -> None:
+    assert (resolve().prefix_cache_size, resolve().store_budget) == (None, None)  # auto: half the free disk
+    assert resolve({"prefix_cache_size": "1G"}).store_budget == 1024**3
+    assert resolve({"prefix_cache_size": "1G", "kv_store_size": "2G"}).store_budget == 2 * 1024**3
+    assert resolve({"prefix_cache_size": "0"}).store_budget is None  # 0: the cache off, not the store
+    assert "kv_store_size" in SETTINGS["prefix_cache_size"].help
+
+
 @pytest.mark.parametrize(("name", "raw"), [("prefix_cache_size", "lots"), ("prefix_cache_size", "-1G"),
                                            ("prefix_cache", "maybe")])
 def test_bad_prefix_cache_values_are_refused(home: Path, monkeypatch: pytest.MonkeyPatch, name: str,

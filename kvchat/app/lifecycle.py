@@ -104,7 +104,7 @@ class Chat:
         """Keep the store under its budget; say so when named sessions alone exceed it."""
         from kvchat.kv_store import effective_budget
 
-        report = store.evict(effective_budget(self.settings.kv_store_size, store))
+        report = store.evict(effective_budget(self.settings.store_budget, store))
         notice = report.warning()
         if notice:
             self._notices.append(notice + " — remove some with `kvchat sessions rm NAME`, or raise "
@@ -298,6 +298,7 @@ def open_prefix_cache(engine: Engine, request: LoadRequest, s: Settings) -> Pref
     """The persistent prefix cache for this engine (None when turned off): its key
     from the model file's hash and the settings the context was really created with."""
     from kvchat.engine import backend_version, supports_gpu_offload
+    from kvchat.kv_store import KvStore, effective_budget
     from kvchat.prefix_cache import Fingerprint, PrefixCache
     from kvchat.session_store import model_identity
 
@@ -316,7 +317,12 @@ def open_prefix_cache(engine: Engine, request: LoadRequest, s: Settings) -> Pref
         n_ubatch=e.n_ubatch,
         backend=backend_version(),
     )
-    return PrefixCache(fingerprint, limit_bytes=s.prefix_cache_size, memory_kind=engine.memory_kind)
+    store = KvStore()
+    # The cache's segments live in the KV store and count against its one budget: a
+    # store evicts there (least recently used segments and unreferenced blocks first),
+    # never waiting on a save in progress.
+    return PrefixCache(fingerprint, memory_kind=engine.memory_kind,
+                       evict=lambda: store.evict(effective_budget(s.store_budget, store), wait=False))
 
 
 def switch_conversation(flags: Mapping[str, Any], warn: Warn, name: str | None, sampling: SamplingSettings,

@@ -62,28 +62,30 @@ def list_cmd(as_json: JsonOpt = False) -> None:
 
 @cache_app.command("stats")
 def stats_cmd(as_json: JsonOpt = False) -> None:
-    """Entries, bytes used, the size limit in force, hits, and where the cache lives."""
+    """Entries, bytes used, hits, where the cache lives, and the KV store whose one
+    budget it shares (kv_store_size)."""
     from kvchat import saved_sessions
     from kvchat.cli.sessions import store_line
-    from kvchat.prefix_store import Store, effective_limit
+    from kvchat.prefix_store import Store
     from kvchat.settings import resolve
 
     env = Environment()
     store = Store()
     entries = list(store.read_index().values())
     s = resolve()
-    configured = s.prefix_cache_size
+    kv_store = saved_sessions.store_figures(s.store_budget)
     figures: dict[str, Any] = {
         "path": str(store.folder),
         "enabled": s.prefix_cache,
         "entries": len(entries),
         "tokens": sum(e.end - e.start for e in entries),
         "bytes": sum(e.bytes for e in entries),
-        "limit_bytes": configured,
-        "effective_limit_bytes": effective_limit(configured, store),
+        # The one budget of the KV store the cache lives in (no limit of its own).
+        "limit_bytes": kv_store["configured_bytes"],
+        "effective_limit_bytes": kv_store["budget_bytes"],
         "hits": sum(e.hits for e in entries),
         "models": sorted(set(_model_names(e.model for e in entries).values())),
-        "kv_store": saved_sessions.store_figures(s.kv_store_size),
+        "kv_store": kv_store,
     }
     if as_json:
         env.stdout.write(json.dumps(figures, indent=2) + "\n")
@@ -92,8 +94,8 @@ def stats_cmd(as_json: JsonOpt = False) -> None:
         f"path     {figures['path']}\n"
         f"enabled  {'yes' if figures['enabled'] else 'no (prefix_cache setting)'}\n"
         f"entries  {figures['entries']} ({figures['tokens']} tokens, {figures['hits']} hits)\n"
-        f"size     {format_bytes(figures['bytes'])} of {format_bytes(figures['effective_limit_bytes'])}"
-        f" (limit {format_bytes(configured)}, at most half the free disk)\n"
+        f"size     {format_bytes(figures['bytes'])}, in the KV store's budget of "
+        f"{format_bytes(figures['effective_limit_bytes'])} (kv_store_size)\n"
         f"models   {', '.join(figures['models']) or '-'}\n"
     )
     env.stdout.write(store_line() + "\n")
@@ -101,7 +103,9 @@ def stats_cmd(as_json: JsonOpt = False) -> None:
 
 @cache_app.command("clear")
 def clear_cmd(yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False) -> None:
-    """Delete every stored prefix."""
+    """Delete every stored prefix, and the KV store's blocks no session names (the cache
+    both make up in the store's one budget)."""
+    from kvchat.kv_store import KvStore
     from kvchat.prefix_store import Store
 
     env = Environment()
@@ -111,4 +115,7 @@ def clear_cmd(yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.
         if not typer.confirm("Delete every entry of the prefix cache?", default=False, err=True):
             raise typer.Exit(1)
     freed = Store().clear()
+    store = KvStore()
+    if store.root.is_dir():
+        freed += store.evict(0, cache_only=True).freed
     env.stderr.write(f"prefix cache cleared ({format_bytes(freed)} freed)\n")

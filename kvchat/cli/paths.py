@@ -19,7 +19,7 @@ def _store_text() -> str:
     from kvchat.settings import resolve
     from kvchat.units import format_bytes
 
-    f = saved_sessions.store_figures(resolve().kv_store_size)
+    f = saved_sessions.store_figures(resolve().store_budget)
     return f"{f['path']} ({format_bytes(f['bytes'])} of {format_bytes(f['budget_bytes'])})"
 
 

@@ -67,10 +67,11 @@ def store_line() -> str:
     """The KV store's use against its budget, and what named sessions alone take."""
     from kvchat.settings import resolve
 
-    f = saved_sessions.store_figures(resolve().kv_store_size)
+    f = saved_sessions.store_figures(resolve().store_budget)
     line = (f"KV store: {format_bytes(f['bytes'])} of {format_bytes(f['budget_bytes'])} "
             f"(named sessions {format_bytes(f['named_bytes'])}, "
-            f"recent chats {format_bytes(f['recent_bytes'])}, cache {format_bytes(f['unreferenced_bytes'])})")
+            f"recent chats {format_bytes(f['recent_bytes'])}, "
+            f"cache {format_bytes(f['unreferenced_bytes'] + f['prefix_cache_bytes'])})")
     return line + (" — named sessions alone exceed the budget (kv_store_size)"
                    if f["named_over_budget"] else "")
 
