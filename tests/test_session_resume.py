@@ -211,13 +211,16 @@ def test_run_session_says_what_it_resumed_and_keeps_how_it_renders(kvchat) -> No
     assert "kvchat: rebuilt session 'work': 2 turns," in rebuilt.stderr
     assert " rebuilt in " in rebuilt.stderr and " cached, " not in rebuilt.stderr
     # Made on a server, resumed here without --server: re-evaluated here, with a notice.
-    path = session_store.session_path("work")
-    saved = session_store.load(path)
+    # (the session rewritten as a server's, as a .kvs file of the same name: those still load)
+    saved = saved_sessions.load_existing("work")
+    state = saved_sessions.whole_state(saved)
+    saved_sessions.remove("work")
     on_server = {**saved.record["settings"], "type_k": "server", "type_v": "server"}
-    session_store.save(path, {**saved.record, "model": ON_SERVER, "settings": on_server},
-                       saved.tokens, saved.state, saved.checkpoints)
+    record = {k: v for k, v in saved.record.items() if k != "format_version"}
+    record.update(model=ON_SERVER, settings=on_server)
+    session_store.save(session_store.session_path("work"), record, saved.tokens, state, saved.checkpoints)
     moved = kvchat("run", "-S", "work", *args, "Paris")
     assert moved.returncode == 0, moved.stderr
     assert "session 'work' was made on http://gpu:8080; its transcript is re-evaluated with " in moved.stderr
     assert "was server" not in moved.stderr and "http://gpu:8080" not in json.dumps(
-        session_store.load(path).record["model"])
+        saved_sessions.load_existing("work").record["model"])
