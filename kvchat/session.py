@@ -24,7 +24,6 @@ the turn reports it (`TurnStats.reevaluated_tokens`).
 from __future__ import annotations
 
 import codecs
-import os
 import time
 from collections.abc import Callable, Generator
 from dataclasses import asdict, dataclass, field, replace
@@ -135,56 +134,15 @@ class Session:
 
     # -- tokens for a turn -----------------------------------------------
 
-    def _token_ends(self) -> list[tuple[int, bool]]:
-        """For each j in 0..len(tokens): the characters of `kv_text` that tokens[:j]
-        stand for, and whether j is a character boundary (no partial UTF-8 pending).
-        A BOS token the model added stands for no text (the cached text lacks it)."""
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        bos_text = self.engine.token_text(self.engine.bos_token)
-        model_bos = self.tokens[:1] == [self.engine.bos_token] and \
-            not (bos_text and self.kv_text.startswith(bos_text))
-        ends, n = [(0, True)], 0
-        for j, token in enumerate(self.tokens):
-            if not (j == 0 and model_bos):
-                n += len(decoder.decode(self.engine.token_piece(token, special=True)))
-            ends.append((n, decoder.getstate()[0] == b""))
-        return ends
-
     def _resync(self, text: str, messages: list[Message]) -> None:
         """Make the history stand for `text` when the cached text is not its prefix
         (a template that rewrites earlier turns): keep the history's tokens, as they
         were generated, for the longest start of `text` they stand for, and tokenize
         only the rest at turn boundaries; it becomes pending and is evaluated with
         the next turn."""
-        common = len(os.path.commonprefix([self.kv_text, text]))
-        ends = self._token_ends()
-        keep = max(j for j, (end, clean) in enumerate(ends) if clean and end <= common)
-        marks = self._split.turn_marks(messages, text)
-        kept_at: list[int] = []
-        for _i, c in marks:
-            if c >= ends[keep][0]:
-                break
-            # A turn that starts in the kept text starts on one of its token boundaries
-            # (the last, after a BOS the model added); else keep less.
-            boundaries = [j for j in range(keep + 1) if ends[j] == (c, True)]
-            if not boundaries:
-                keep = max(j for j in range(keep + 1) if ends[j][1] and ends[j][0] <= c)
-                break
-            kept_at.append(boundaries[-1])
-        start = ends[keep][0]
-        rest_marks = marks[len(kept_at):]
-        rest, landed = self._split.tokenize_at(text[start:], [c - start for _, c in rest_marks],
-                                               at_start=keep == 0)
-        full = self.tokens[:keep] + rest
-        replies = {m.message: m for m in self.turns}
+        keep, full, self.turns = self._split.resync(self.tokens, self.kv_text, self.turns, text, messages)
         self.tokens = full
         self.kv_text = text
-        self.turns = []
-        for (i, c), at in zip(marks, kept_at + [keep + at for at in landed], strict=True):
-            old = replies.get(i)
-            # A reply start stays valid only where the text before it is unchanged.
-            reply = (old.reply_token, old.reply_char) if old and 0 <= old.reply_token <= keep else (-1, -1)
-            self.turns.append(TurnMark(i, at, c, *reply))
         asked, self._system_changed = self._system_changed, False
         reason = "the system prompt changed" if asked else "the chat template rewrote earlier turns"
         if keep < self.engine.n_past:

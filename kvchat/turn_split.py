@@ -7,6 +7,8 @@ exactly its tokens) and the tokenizer never merges across a turn boundary.
 
 from __future__ import annotations
 
+import codecs
+import os
 from dataclasses import dataclass
 
 from kvchat.chat_template import ChatTemplate, Message, preamble_length
@@ -94,3 +96,51 @@ class TurnSplitter:
                     cuts.append(i - 1)
                     break
         return cuts
+
+    def resync(self, tokens: list[int], kv_text: str, turns: list[TurnMark], text: str,
+               messages: list[Message]) -> tuple[int, list[int], list[TurnMark]]:
+        """The history made to stand for `text`, where the cached text `kv_text` (the
+        text of `tokens`) is not its prefix (a template that rewrote earlier turns):
+        the history's tokens, as they were generated, for the longest start of `text`
+        they stand for, then the rest tokenized at turn boundaries. Returns how many
+        tokens were kept, the new tokens and the turn marks."""
+        common = len(os.path.commonprefix([kv_text, text]))
+        ends = self._token_ends(tokens, kv_text)
+        keep = max(j for j, (end, clean) in enumerate(ends) if clean and end <= common)
+        marks = self.turn_marks(messages, text)
+        kept_at: list[int] = []
+        for _i, c in marks:
+            if c >= ends[keep][0]:
+                break
+            # A turn that starts in the kept text starts on one of its token boundaries
+            # (the last, after a BOS the model added); else keep less.
+            boundaries = [j for j in range(keep + 1) if ends[j] == (c, True)]
+            if not boundaries:
+                keep = max(j for j in range(keep + 1) if ends[j][1] and ends[j][0] <= c)
+                break
+            kept_at.append(boundaries[-1])
+        start = ends[keep][0]
+        rest_marks = marks[len(kept_at):]
+        rest, landed = self.tokenize_at(text[start:], [c - start for _, c in rest_marks], at_start=keep == 0)
+        replies = {m.message: m for m in turns}
+        new_turns = []
+        for (i, c), at in zip(marks, kept_at + [keep + at for at in landed], strict=True):
+            old = replies.get(i)
+            # A reply start stays valid only where the text before it is unchanged.
+            reply = (old.reply_token, old.reply_char) if old and 0 <= old.reply_token <= keep else (-1, -1)
+            new_turns.append(TurnMark(i, at, c, *reply))
+        return keep, tokens[:keep] + rest, new_turns
+
+    def _token_ends(self, tokens: list[int], kv_text: str) -> list[tuple[int, bool]]:
+        """For each j in 0..len(tokens): the characters of `kv_text` that tokens[:j]
+        stand for, and whether j is a character boundary (no partial UTF-8 pending).
+        A BOS token the model added stands for no text (the cached text lacks it)."""
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        bos_text = self.engine.token_text(self.engine.bos_token)
+        model_bos = tokens[:1] == [self.engine.bos_token] and not (bos_text and kv_text.startswith(bos_text))
+        ends, n = [(0, True)], 0
+        for j, token in enumerate(tokens):
+            if not (j == 0 and model_bos):
+                n += len(decoder.decode(self.engine.token_piece(token, special=True)))
+            ends.append((n, decoder.getstate()[0] == b""))
+        return ends
