@@ -11,7 +11,6 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from kvchat import saved_sessions, session_store
 from kvchat.cli import app
 from kvchat.errors import KvchatError, UsageError
 from kvchat.ui.environment import Environment
@@ -43,6 +42,7 @@ def _when(ts: float) -> str:
 def list_cmd(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List saved sessions: turns, KV cells in use, context, the bytes only it holds and
     those it shares with other conversations, model; then the KV store's use and budget."""
+    from kvchat import saved_sessions
     env = Environment()
     infos = saved_sessions.list_sessions()
     if as_json:
@@ -65,6 +65,7 @@ def list_cmd(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 
 def store_line() -> str:
     """The KV store's use against its budget, and what named sessions alone take."""
+    from kvchat import saved_sessions
     from kvchat.settings import resolve
 
     f = saved_sessions.store_figures(resolve().store_budget)
@@ -77,12 +78,14 @@ def store_line() -> str:
 
 
 def _load(name: str) -> dict[str, Any]:
+    from kvchat import saved_sessions
     return saved_sessions.load_existing(name, with_state=False).record
 
 
 @sessions_app.command("show")
 def show_cmd(name: NameArg, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Show a session's settings and transcript."""
+    from kvchat import session_store
     env = Environment()
     record = _load(name)
     if as_json:
@@ -121,6 +124,7 @@ def _export_record(name: str, record: dict[str, Any]) -> dict[str, Any]:
 
 
 def to_markdown(name: str, record: dict[str, Any]) -> str:
+    from kvchat import session_store
     lines = [f"# Session {name}", "",
              f"Model: `{session_store.model_display_name(record['model'])}` · "
              f"n_ctx {session_store.context_cells(record)}", ""]
@@ -173,6 +177,7 @@ def rm_cmd(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
 ) -> None:
     """Delete saved sessions: every one named, or none when one of them does not exist."""
+    from kvchat import saved_sessions
     env = Environment()
     names = list(dict.fromkeys(names))
     for name in names:
@@ -194,6 +199,7 @@ def rm_cmd(
 
 def _export_kvs(name: str, output: Path | None) -> None:
     """The session in the .kvs container (kvchat.session_store): its blocks joined."""
+    from kvchat import saved_sessions, session_store
     if output is None:
         raise UsageError("--format kvs writes a binary file", hint=f"add -o {name}.kvs")
     saved = saved_sessions.load_existing(name)
@@ -211,6 +217,7 @@ def import_cmd(
     name: Annotated[Optional[str], typer.Argument(help="Session name (default: the file's).")] = None,
 ) -> None:
     """Import a session exported as a .kvs file (or one from an older kvchat)."""
+    from kvchat import session_store
     from kvchat.named_session import import_file
 
     target = session_store.check_name(name or file.stem)
