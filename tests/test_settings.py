@@ -16,7 +16,7 @@ import pexpect
 import pytest
 import typer
 
-from kvchat import config, settings
+from kvchat import config, setting_table
 from kvchat.engine_api import SamplingSettings
 from kvchat.errors import ExitCode, UsageError
 from kvchat.prefix_cache import Fingerprint, PrefixCache, Store
@@ -281,8 +281,8 @@ def test_help_texts_show_the_table_defaults() -> None:
     assert "(default on;" in SETTINGS["prefix_cache"].help
     assert "KVCHAT_API_KEY" in SETTINGS["api_key"].help
     changed = tuple(replace(s, default={"temperature": 0.3, "ctx_max": 8192}.get(s.name, s.default))
-                    for s in settings._TABLE)
-    helps = settings._with_help(changed)
+                    for s in setting_table._TABLE)
+    helps = setting_table._with_help(changed)
     assert "(default 0.3)" in helps["temperature"].help and "ctx_max (8192)" in helps["ctx"].help
     assert not any("{" in s.help for s in SETTINGS.values())
 

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 
-from kvchat.settings import SETTINGS, keys_in
+from kvchat.setting_table import SETTINGS, keys_in
 
 F = TypeVar("F", bound=Callable[..., Any])
 

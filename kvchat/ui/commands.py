@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvchat.errors import UsageError
-from kvchat.settings import SETTINGS, keys_in, parse_value
+from kvchat.setting_table import SETTINGS, keys_in, parse_value
 
 
 @dataclass(frozen=True)
