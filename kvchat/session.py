@@ -358,12 +358,29 @@ class Session:
         the end of the turn or was closed early (Ctrl-C): a partial reply is kept in
         both the transcript and the token history.
         """
-        return Turn(lambda stats: self._send(stats, text, shared_chars))
+        return Turn(lambda stats: self._send(stats, {"role": "user", "content": text}, shared_chars))
 
-    def _send(self, stats: TurnStats, text: str,
+    def answer(self, messages: list[Message]) -> Turn:
+        """Reply to a conversation sent whole (a server's clients resend it every call):
+        the last message (a user's, or a tool's result) is answered, the others become the
+        transcript, and the cache is matched by content (a resync keeps the tokens for the
+        longest start of the new rendering), so only what is new is evaluated."""
+        if not messages:
+            raise UsageError("there is no message to answer", hint="send at least one message")
+        *history, last = messages
+
+        def run(stats: TurnStats) -> Generator[TokenEvent, None, None]:
+            if history != self.messages:
+                self._revision += 1
+                self.messages, self.dropped = list(history), []
+            yield from self._send(stats, last, None)
+
+        return Turn(run)
+
+    def _send(self, stats: TurnStats, user: Message,
               shared_chars: int | None) -> Generator[TokenEvent, None, None]:
         self._revision += 1
-        user: Message = {"role": "user", "content": text}
+        text = user["content"]
         n_ctx = self.engine.n_ctx
         while True:
             messages = [*self.messages, user]
@@ -605,6 +622,18 @@ class Session:
         self.kv_text = record["kv_text"]
         self.engine.eval(self.tokens[:n_kv])
         return n_kv
+
+    def adopt(self, record: dict[str, Any], tokens: list[int]) -> None:
+        """Take a conversation (`to_record`'s record) whose first `engine.n_past` tokens the
+        engine holds already (restored from the KV store); the rest comes with the next turn."""
+        self.messages = list(record["messages"])
+        self.dropped = list(record.get("dropped", []))
+        self._revision += 1
+        self.turns = [TurnMark(**m) for m in record.get("turns", [])]
+        self.tokens = list(tokens)
+        self.kv_text = record["kv_text"]
+        self.checkpoints = []
+        self._evaluated_upto = self.engine.n_past
 
     def restore_from_messages(self, record: dict[str, Any]) -> int:
         """Rebuild from the transcript alone (another model: tokens do not carry over).

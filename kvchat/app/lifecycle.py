@@ -4,7 +4,7 @@ the flags leave out), save it, save it under another name, close it."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from kvchat.app.load import LoadRequest
     from kvchat.engine import Engine
     from kvchat.named_session import NamedSession
-    from kvchat.prefix_cache import PrefixCache
+    from kvchat.prefix_cache import Fingerprint, PrefixCache
 
 
 @dataclass
@@ -108,25 +108,41 @@ def open_conversation(
             if named is not None:
                 named.check(backend.identity(), backend.context_settings(), rebuild=rebuild)
             return _start(backend, named, s, sampling, warn, rebuild=rebuild)
-        request = resolve_load(s, warn)
-        speculation = resolve_speculation(s)
-        if named is not None:
-            # The saved flash-attention mode is the one that ran: compare like with like.
-            named.check(model_identity(request.model_path), expected_context(request), rebuild=rebuild)
-        probe = hardware.CpuLoadProbe()
-        engine = load_engine(request, warn, verbose=verbose)
-        local = LocalBackend(engine, request, s)
-        backend = local
-        warn_if_cores_contended(probe, request.n_threads, warn)
-        start_speculation(engine, request, speculation, warn, verbose=verbose)
-        local.prefix_cache = open_prefix_cache(engine, request, s)
-        return _start(local, named, s, sampling, warn, rebuild=rebuild)
+
+        def check(request: LoadRequest) -> None:
+            if named is not None:
+                # The saved flash-attention mode is the one that ran: compare like with like.
+                named.check(model_identity(request.model_path), expected_context(request), rebuild=rebuild)
+
+        backend = load_local(s, warn, verbose=verbose, check=check)
+        return _start(backend, named, s, sampling, warn, rebuild=rebuild)
     except BaseException:
         if backend is not None:
             backend.close()
         if named is not None:
             named.close()
         raise
+
+
+def load_local(s: Settings, warn: Warn, *, verbose: bool = False,
+               check: Callable[[LoadRequest], None] | None = None) -> LocalBackend:
+    """Load the model here: every check first (`check` adds the caller's, before
+    llama.cpp is touched), then the engine, its speculator and its prefix cache."""
+    request = resolve_load(s, warn)
+    speculation = resolve_speculation(s)
+    if check is not None:
+        check(request)
+    probe = hardware.CpuLoadProbe()
+    engine = load_engine(request, warn, verbose=verbose)
+    local = LocalBackend(engine, request, s)
+    try:
+        warn_if_cores_contended(probe, request.n_threads, warn)
+        start_speculation(engine, request, speculation, warn, verbose=verbose)
+        local.prefix_cache = open_prefix_cache(engine, request, s)
+    except BaseException:
+        local.close()
+        raise
+    return local
 
 
 def _start(backend: Backend, named: NamedSession | None, s: Settings, sampling: SamplingSettings | None,
@@ -182,14 +198,23 @@ def open_server(s: Settings, warn: Warn) -> LlamaServerBackend | MessageServerBa
 def open_prefix_cache(engine: Engine, request: LoadRequest, s: Settings) -> PrefixCache | None:
     """The persistent prefix cache for this engine (None when turned off): its key
     from the model file's hash and the settings the context was really created with."""
-    from kvchat.engine import backend_version, supports_gpu_offload
-    from kvchat.prefix_cache import Fingerprint, PrefixCache
-    from kvchat.session_store import model_identity
+    from kvchat.prefix_cache import PrefixCache
 
     if not s.prefix_cache or s.prefix_cache_size == 0:
         return None
+    return PrefixCache(kv_fingerprint(engine, request), limit_bytes=s.prefix_cache_size,
+                       memory_kind=engine.memory_kind)
+
+
+def kv_fingerprint(engine: Engine, request: LoadRequest) -> Fingerprint:
+    """Everything that changes the KV bytes of a prefix for this engine: the model
+    file's hash and the settings the context was really created with."""
+    from kvchat.engine import backend_version, supports_gpu_offload
+    from kvchat.prefix_cache import Fingerprint
+    from kvchat.session_store import model_identity
+
     e = engine.settings
-    fingerprint = Fingerprint(
+    return Fingerprint(
         model_sha256=model_identity(request.model_path)["sha256"],
         model_name=request.model_path.name,
         type_k=e.type_k.name,
@@ -201,7 +226,6 @@ def open_prefix_cache(engine: Engine, request: LoadRequest, s: Settings) -> Pref
         n_ubatch=e.n_ubatch,
         backend=backend_version(),
     )
-    return PrefixCache(fingerprint, limit_bytes=s.prefix_cache_size, memory_kind=engine.memory_kind)
 
 
 def switch_conversation(flags: Mapping[str, Any], warn: Warn, name: str | None, sampling: SamplingSettings,
