@@ -136,7 +136,8 @@ def test_failures_before_a_reply_map_to_client_or_server_errors() -> None:
 
 def test_hermes_tool_calls_after_text() -> None:
     text = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n'
-            '</tool_call>\n<tool_call>{"name": "get_weather", "arguments": "{\\"city\\": \\"Rome\\"}"}</tool_call>')
+            '</tool_call>\n<tool_call>{"name": "get_weather", '
+            '"arguments": "{\\"city\\": \\"Rome\\"}"}</tool_call>')
     content, calls = parse_tool_calls(text, {"get_weather"})
     assert content == "Let me check."
     assert [(c.name, json.loads(c.arguments)) for c in calls] == [
