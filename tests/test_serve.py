@@ -338,3 +338,43 @@ def test_other_machines_need_a_key_and_a_key_is_checked(kvchat, model_path: Path
         assert http(server.url + "/health", None, method="GET")[0] == 200  # health needs no key
     finally:
         server.stop()
+
+
+# A ChatML template that takes tools (Hermes style), for a model whose own does not.
+TOOLS_TEMPLATE = """\
+{%- if tools %}<|im_start|>system
+You can call these functions:
+{% for tool in tools %}{{ tool | tojson }}
+{% endfor %}Call one as <tool_call>{"name": ..., "arguments": ...}</tool_call><|im_end|>
+{% endif %}
+{%- for message in messages %}<|im_start|>{{ message['role'] }}
+{% if message.tool_calls %}{% for call in message.tool_calls %}<tool_call>\
+{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}</tool_call>\
+{% endfor %}{% else %}{{ message['content'] }}{% endif %}<|im_end|>
+{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
+
+def test_tools_are_rendered_through_a_template_that_takes_them(model_path: Path, tmp_path: Path) -> None:
+    template = tmp_path / "tools.jinja"
+    template.write_text(TOOLS_TEMPLATE)
+    server = Server(model_path, tmp_path / "home", "--chat-template", str(template))
+    try:
+        client = server.client()
+        tool = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                                 "parameters": {"type": "object",
+                                                                "properties": {"city": {"type": "string"}}}}}
+        question = [{"role": "user", "content": "Weather in Oslo?"}]
+        plain = ask(client, question, max_tokens=4)
+        with_tools = ask(client, question, max_tokens=4, tools=[tool])
+        assert with_tools.usage.prompt_tokens > plain.usage.prompt_tokens + 20  # the tool list is in it
+        # A whole round trip: the model's call and the tool's result go back through the template.
+        answered = ask(client, [*question, {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "12 C and rain"}],
+            tools=[tool], max_tokens=8)
+        assert answered.choices[0].finish_reason in ("stop", "length", "tool_calls")
+        assert answered.usage.prompt_tokens_details.cached_tokens > 20  # the tool list was kept
+    finally:
+        server.stop()

@@ -302,7 +302,8 @@ class ServedModel:
             self._live, self._live_head = session, None
         if session.tokens and rendered.startswith(session.kv_text):
             return 0  # the conversation grew: nothing can do better
-        live = common_chars(session.kv_text, rendered) * _tokens_per_char(session.tokens, session.kv_text)
+        ratio = _tokens_per_char(session.tokens, session.kv_text) or 0.25
+        live = common_chars(session.kv_text, rendered) * ratio
         best, best_tokens = None, 0.0
         for head in self._heads:
             if head.kind == kind:
@@ -312,8 +313,12 @@ class ServedModel:
                     best, best_tokens = head, tokens
         if best is not None and (best_tokens - live) * RESTORE_SPEEDUP > best.manifest.covered:
             return self._restore(session, best)
-        if self._min_prefix is not None and live < self._min_prefix:
-            session.clear()  # too little to keep: let the prefix cache serve the prompt's start
+        wanted = len(rendered) * ratio
+        if self._min_prefix is not None and wanted >= self._min_prefix and live < min(self._min_prefix,
+                                                                                     wanted / 2):
+            # Little of it is live (another client's prompt): from an empty cache the prefix
+            # cache can serve the prompt's start, a long system prompt seen before.
+            session.clear()
         return 0
 
     def _restore(self, session: Session, head: _Head) -> int:
