@@ -378,3 +378,41 @@ def test_tools_are_rendered_through_a_template_that_takes_them(model_path: Path,
         assert answered.usage.prompt_tokens_details.cached_tokens > 20  # the tool list was kept
     finally:
         server.stop()
+
+
+# A thinking template in ChatML: the reply opens inside a reasoning block, and earlier
+# replies are rendered without their reasoning (as Qwen3's template does).
+THINKING_TEMPLATE = """\
+{%- for message in messages %}<|im_start|>{{ message['role'] }}
+{% if message['role'] == 'assistant' and '</think>' in message['content'] %}\
+{{ message['content'].split('</think>')[-1].lstrip() }}{% else %}{{ message['content'] }}{% endif %}<|im_end|>
+{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant
+<think>
+{% endif %}"""
+
+
+def test_reasoning_comes_apart_and_the_rendered_history_is_what_is_cached(model_path: Path,
+                                                                           tmp_path: Path) -> None:
+    template = tmp_path / "thinking.jinja"
+    template.write_text(THINKING_TEMPLATE)
+    server = Server(model_path, tmp_path / "home", "--chat-template", str(template))
+    try:
+        client = server.client()
+        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "What is topic 2?"}]
+        whole = ask(client, messages, max_tokens=10)
+        message = whole.choices[0].message
+        reasoning = (message.model_extra or {}).get("reasoning_content")
+        # SmolLM2 never closes the block: all it wrote is reasoning, none of it the answer.
+        assert reasoning and message.content == ""
+        chunks = list(ask(client, messages, max_tokens=10, stream=True))
+        streamed = "".join((c.choices[0].delta.model_extra or {}).get("reasoning_content") or ""
+                           for c in chunks if c.choices)
+        assert streamed == reasoning and not any(c.choices[0].delta.content for c in chunks if c.choices)
+        # The client sends the reply back as the template renders it (no reasoning): what
+        # the cache held up to the reply is kept, the reply is evaluated as rendered.
+        messages += [{"role": "assistant", "content": "Topic 2 is about rules."},
+                     {"role": "user", "content": "And topic 3?"}]
+        again = ask(client, messages, max_tokens=4)
+        assert again.usage.prompt_tokens_details.cached_tokens > 600 and evaluated(again) < 40
+    finally:
+        server.stop()
