@@ -324,10 +324,18 @@ def test_two_clients_taking_turns_each_evaluate_only_their_new_tokens(model_path
         server.stop()
 
 
-def test_other_machines_need_a_key_and_a_key_is_checked(kvchat, model_path: Path, tmp_path: Path) -> None:  # noqa: ANN001
+def test_refused_before_loading(kvchat) -> None:  # noqa: ANN001
     refused = kvchat("serve", "--host", "0.0.0.0", "--port", "0", timeout=60)
     assert refused.returncode == ExitCode.USAGE and "--api-key" in refused.stderr
-    assert "Traceback" not in refused.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        busy = kvchat("serve", "--port", str(taken.getsockname()[1]), timeout=60)
+    assert busy.returncode == ExitCode.USAGE and "cannot listen on 127.0.0.1" in busy.stderr
+    assert "loading" not in busy.stderr and "Traceback" not in refused.stderr + busy.stderr
+
+
+def test_a_key_is_checked(model_path: Path, tmp_path: Path) -> None:
     server = Server(model_path, tmp_path / "home", "--api-key", "s3cret")
     try:
         status, reply = http(server.url + "/v1/models", None, method="GET")

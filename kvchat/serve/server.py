@@ -108,8 +108,9 @@ def api_error(exc: BaseException) -> ApiError:
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, (UsageError, SessionError)):  # the context cannot hold it
-        return ApiError(400, f"the conversation does not fit the model's context: {exc}",
-                        code="context_length_exceeded", param="messages")
+        return ApiError(400, f"the conversation does not fit the model's context: {exc.message} (send less, "
+                        "or start kvchat serve with a larger --ctx)", code="context_length_exceeded",
+                        param="messages")
     if isinstance(exc, ModelFormatError):  # the chat template refused the messages
         return ApiError(400, str(exc), param="messages", code="invalid_messages")
     what = str(exc) if isinstance(exc, KvchatError) else f"{type(exc).__name__}: {exc}"
