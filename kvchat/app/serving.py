@@ -13,11 +13,13 @@ restored first. That one mechanism is how a conversation survives a restart of
 the server, and how two clients taking turns (an editor and an agent, each with
 its own long prompt) each evaluate only their new tokens: the outgoing client's
 cells are on disk already, the incoming one's are read back (from the page cache,
-mostly), never evaluated again. Keeping a state per client in memory instead
-would cost a copy of its whole KV per switch and RAM per client, for a gain only
-where reading the blocks is slower than copying them; the blocks are written
-anyway, for restarts. A request that matches neither starts on an empty cache,
-where the prefix cache (a known long system prompt) applies.
+mostly), never evaluated again. Measured with two clients of ~3,460 tokens each
+(SmolLM2, 2 busy cores): a switch restores in 0.33-0.44 s where evaluating took
+25 s; keeping each client's state in memory instead (state copy and load) takes
+0.18 s but holds 81 MB of RAM per client, and is lost on restart, while the
+blocks are written anyway. So: the store, one mechanism. A request that matches
+neither starts on an empty cache, where the prefix cache (a known long system
+prompt) applies.
 
 The seam to the store is `_restore` and `_save`; everything else is the session's.
 One model, one context: the caller runs one request at a time.
@@ -47,9 +49,9 @@ HEAD_PREFIX = "serve-"
 # Conversations kept on disk per model; the oldest is dropped past this (its aligned
 # blocks stay as cache until the store evicts them).
 MAX_HEADS = 16
-# Restoring a token's cells from the store is this many times cheaper than evaluating
-# it (SmolLM2 on 2 cores; bigger models gain more): a head is restored when the tokens
-# it spares are worth more than reading all of it.
+# Restoring a token's cells from the store is at least this many times cheaper than
+# evaluating it (measured ~60x: see above; bigger models gain more): a head is restored
+# when the tokens it spares are worth more than reading all of it.
 RESTORE_SPEEDUP = 20
 
 
