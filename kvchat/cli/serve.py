@@ -85,7 +85,8 @@ def serve(
     Clients (editors, agents, the openai SDK) are told the base URL
     http://HOST:PORT/v1 and, with --api-key, the key. A conversation resent with
     each call evaluates only what is new, also after a restart: each reply's
-    new KV cells are kept on disk (`kvchat cache`; --no-prefix-cache: none).
+    new KV cells are kept on disk (kv-store/, beside the prefix cache that
+    `kvchat paths` shows; --no-prefix-cache: nothing kept).
     Requests run one at a time; GET /metrics shows the queue and the cache.
 
     \b
