@@ -320,6 +320,8 @@ def test_two_clients_taking_turns_each_evaluate_only_their_new_tokens(model_path
                 costs[name].append(evaluated(reply))
         assert all(c[0] > 600 for c in costs.values()), costs
         assert all(cost < 40 for c in costs.values() for cost in c[1:]), costs
+        # Every switch after the first round read the incoming client's cells back from disk.
+        assert server.metrics()["kvchat_kv_store_restores_total"] == 4
     finally:
         server.stop()
 
