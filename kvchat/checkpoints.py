@@ -60,3 +60,15 @@ def decode_checkpoints(blob: bytes) -> list[SavedCheckpoint]:
         out.append(SavedCheckpoint(Checkpoint(n_tokens, blob[at : at + size], bool(partial)), digest))
         at += size
     return out
+
+
+def with_checkpoint(checkpoints: list[SavedCheckpoint], taken: SavedCheckpoint, max_count: int,
+                    max_mib: float) -> list[SavedCheckpoint]:
+    """`checkpoints` with `taken` in its place (by position; one at the same position
+    goes), oldest dropped first past `max_count` or `max_mib` MiB in all."""
+    kept = [c for c in checkpoints if c.n_tokens != taken.n_tokens] + [taken]
+    kept.sort(key=lambda c: c.n_tokens)
+    budget = max_mib * 1024 * 1024
+    while kept and (len(kept) > max_count or sum(c.checkpoint.size for c in kept) > budget):
+        kept.pop(0)
+    return kept

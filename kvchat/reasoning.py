@@ -64,6 +64,17 @@ class ReasoningSplitter:
         held, self._held = self._held, ""
         return (held, "") if self.inside else ("", held)
 
+    def split(self, text: str, *, last: bool) -> tuple[str, str, bool]:
+        """One token's text as (reasoning, answer), and whether the token counts as
+        reasoning (it wrote some, or fell inside a block); `last`: the reply ends with
+        it, so what was held back is given out too."""
+        was_inside = self.inside
+        reasoning, answer = self.feed(text)
+        if last:
+            more_reasoning, more_answer = self.flush()
+            reasoning, answer = reasoning + more_reasoning, answer + more_answer
+        return reasoning, answer, bool(reasoning) or (was_inside and self.inside)
+
 
 def _partial_suffix(text: str, tag: str) -> int:
     """Length of the longest suffix of `text` that is a proper prefix of `tag`."""

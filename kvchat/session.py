@@ -1,7 +1,5 @@
-"""A token-exact conversation: messages, the exact token history in the KV cache,
-and a `ChatEngine` (llama.cpp here, or llama-server). It implements
-`kvchat.conversation.Conversation`; servers that render messages themselves have
-their own kind (`kvchat.message_session`).
+"""A token-exact conversation (`kvchat.conversation.Conversation`): messages, the
+exact token history in the KV cache, and a `ChatEngine` (llama.cpp, llama-server).
 
 The token history here is the single truth of what the KV cache holds. Each turn
 renders the conversation with the chat template, keeps the part already in the
@@ -36,6 +34,7 @@ from kvchat.checkpoints import (
     decode_checkpoints,
     encode_checkpoints,
     history_digest,
+    with_checkpoint,
 )
 from kvchat.conversation import SavedState, StateLoader, Turn, TurnStats, assistant_reply, set_system_prompt
 from kvchat.engine_api import ChatEngine, CheckpointingEngine, SamplingSettings, ShiftingEngine, TokenEvent
@@ -176,22 +175,16 @@ class Session:
     # -- checkpoints and rollback ---------------------------------------------
 
     def _checkpoint(self, history: list[int], n_tokens: int) -> None:
-        """Snapshot the cache now (it holds history[:n_tokens]) where the memory
-        cannot roll back; oldest checkpoints go first past the count or size bound."""
+        """Snapshot the cache now (it holds history[:n_tokens]) where the memory cannot
+        roll back, within the count and size bounds."""
         engine = self._checkpointer
         if engine is None or not self.engine.needs_checkpoints or self.checkpoint_max <= 0 or n_tokens <= 0:
             return
         digest = history_digest(history[:n_tokens])
-        if any(c.n_tokens == n_tokens and c.digest == digest for c in self.checkpoints):
-            return
-        saved = SavedCheckpoint(engine.checkpoint(n_tokens), digest)
-        self.checkpoints = [c for c in self.checkpoints if c.n_tokens != n_tokens]
-        self.checkpoints.append(saved)
-        self.checkpoints.sort(key=lambda c: c.n_tokens)
-        budget = self.checkpoint_mib * 1024 * 1024
-        while self.checkpoints and (len(self.checkpoints) > self.checkpoint_max
-                                    or self.checkpoint_bytes > budget):
-            self.checkpoints.pop(0)
+        if not any(c.n_tokens == n_tokens and c.digest == digest for c in self.checkpoints):
+            taken = SavedCheckpoint(engine.checkpoint(n_tokens), digest)
+            self.checkpoints = with_checkpoint(self.checkpoints, taken, self.checkpoint_max,
+                                               self.checkpoint_mib)
 
     @property
     def checkpoint_bytes(self) -> int:
@@ -318,12 +311,29 @@ class Session:
         the end of the turn or was closed early (Ctrl-C): a partial reply is kept in
         both the transcript and the token history.
         """
-        return Turn(lambda stats: self._send(stats, text, shared_chars))
+        return Turn(lambda stats: self._send(stats, {"role": "user", "content": text}, shared_chars))
 
-    def _send(self, stats: TurnStats, text: str,
+    def answer(self, messages: list[Message]) -> Turn:
+        """Reply to a conversation sent whole (a server's clients resend it every call):
+        the last message (a user's, or a tool's result) is answered, the others become the
+        transcript, and the cache is matched by content (a resync keeps the tokens for the
+        longest start of the new rendering), so only what is new is evaluated."""
+        if not messages:
+            raise UsageError("there is no message to answer", hint="send at least one message")
+        *history, last = messages
+
+        def run(stats: TurnStats) -> Generator[TokenEvent, None, None]:
+            if history != self.messages:
+                self._revision += 1
+                self.messages, self.dropped = list(history), []
+            yield from self._send(stats, last, None)
+
+        return Turn(run)
+
+    def _send(self, stats: TurnStats, user: Message,
               shared_chars: int | None) -> Generator[TokenEvent, None, None]:
         self._revision += 1
-        user: Message = {"role": "user", "content": text}
+        text = user["content"]
         n_ctx = self.engine.n_ctx
         while True:
             messages = [*self.messages, user]
@@ -433,7 +443,11 @@ class Session:
                 else:
                     stats.stop_reason = "length"
                 if splitter is not None:
-                    event = self._split_reasoning(splitter, event, stats)
+                    last = (event.is_eog or stats.stop_reason == "ctx"
+                            or (self.max_tokens is not None and stats.completion_tokens >= self.max_tokens))
+                    reasoning, answer, thinking = splitter.split(event.text, last=last)
+                    stats.reasoning_tokens += thinking
+                    event = replace(event, text=answer, reasoning_text=reasoning)
                 yield event
         except (GeneratorExit, KeyboardInterrupt):
             stats.stop_reason = "interrupted"
@@ -450,19 +464,6 @@ class Session:
             self.messages.append(assistant_reply(prefilled + "".join(reply_pieces), cut))
             # Every generated token but the last is in the cache.
             self._evaluated_upto = max(self.engine.n_past, len(self.tokens) - 1)
-
-    def _split_reasoning(self, splitter: ReasoningSplitter, event: TokenEvent,
-                         stats: TurnStats) -> TokenEvent:
-        was_inside = splitter.inside
-        reasoning, answer = splitter.feed(event.text)
-        last = (event.is_eog or stats.stop_reason == "ctx"
-                or (self.max_tokens is not None and stats.completion_tokens >= self.max_tokens))
-        if last:
-            more_reasoning, more_answer = splitter.flush()
-            reasoning, answer = reasoning + more_reasoning, answer + more_answer
-        if reasoning or (was_inside and splitter.inside):
-            stats.reasoning_tokens += 1
-        return replace(event, text=answer, reasoning_text=reasoning)
 
     # -- undo and retry -------------------------------------------------------
 
@@ -541,39 +542,47 @@ class Session:
         return SavedState(list(self.tokens), self.engine.n_past, EngineState(self.engine),
                           encode_checkpoints(self.checkpoints[-PERSISTED_CHECKPOINTS:]))
 
+    def _take(self, record: dict[str, Any], tokens: list[int], n_kv: int) -> None:
+        """The transcript, history and turn marks of `record` (`to_record`'s), the
+        engine holding (or about to hold) its first `n_kv` tokens."""
+        self.messages = list(record["messages"])
+        self.dropped = list(record.get("dropped", []))
+        self._revision += 1
+        self.turns = [TurnMark(**m) for m in record.get("turns", [])]
+        self.tokens = list(tokens)
+        self.kv_text = record["kv_text"]
+        self.checkpoints = []
+        self._evaluated_upto = n_kv
+
     def restore(self, record: dict[str, Any], tokens: list[int], state: bytes | StateLoader | None,
                 checkpoints: bytes = b"") -> int:
         """Load a saved conversation. With `state` (the whole KV state, or a loader
         that restores what it can), the KV cache is restored as saved, tokens it could
         not restore evaluated, and the saved checkpoints kept; without it (rebuild),
         the history is re-evaluated. Returns tokens evaluated."""
-        self.messages = list(record["messages"])
-        self.dropped = list(record.get("dropped", []))
-        self._revision += 1
-        self.turns = [TurnMark(**m) for m in record.get("turns", [])]
         n_kv = int(record["n_kv"])
-        self.checkpoints = []
-        self._evaluated_upto = n_kv
-        if state is not None:
-            self.tokens = list(tokens)
-            self.kv_text = record["kv_text"]
-            if callable(state):
-                done = state(EngineState(self.engine))
-                if done < n_kv:  # what a damaged block lost
-                    self.engine.eval(self.tokens[done:n_kv])
-            else:
-                done = n_kv
-                self.engine.load_state_bytes(state, n_kv)
-            if self.engine.needs_checkpoints and self._checkpointer is not None:
-                self.checkpoints = decode_checkpoints(checkpoints)
-            return n_kv - done
-        # Rebuild: evaluate the transcript's tokens (exactly as they were in the
-        # cache, generated tokens included) from scratch.
-        self.engine.kv_clear()
-        self.tokens = list(tokens)
-        self.kv_text = record["kv_text"]
-        self.engine.eval(self.tokens[:n_kv])
-        return n_kv
+        self._take(record, tokens, n_kv)
+        if state is None:
+            # Rebuild: evaluate the transcript's tokens (exactly as they were in the
+            # cache, generated tokens included) from scratch.
+            self.engine.kv_clear()
+            self.engine.eval(self.tokens[:n_kv])
+            return n_kv
+        if callable(state):
+            done = state(EngineState(self.engine))
+            if done < n_kv:  # what a damaged block lost
+                self.engine.eval(self.tokens[done:n_kv])
+        else:
+            done = n_kv
+            self.engine.load_state_bytes(state, n_kv)
+        if self.engine.needs_checkpoints and self._checkpointer is not None:
+            self.checkpoints = decode_checkpoints(checkpoints)
+        return n_kv - done
+
+    def adopt(self, record: dict[str, Any], tokens: list[int]) -> None:
+        """Take a conversation (`to_record`'s record) whose first `engine.n_past` tokens the
+        engine holds already (restored from the KV store); the rest comes with the next turn."""
+        self._take(record, tokens, self.engine.n_past)
 
     def restore_from_messages(self, record: dict[str, Any]) -> int:
         """Rebuild from the transcript alone (another model: tokens do not carry over).

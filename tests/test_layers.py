@@ -10,7 +10,10 @@
 - only the kvchat.engine package imports llama_cpp;
 - hardware is probed in one module (psutil for the machine, pynvml for GPUs);
 - llama.cpp's log is parsed in one module (kvchat.llama_log);
-- every third-party module kvchat imports is a declared dependency.
+- every third-party module kvchat imports is a declared dependency (an extra's
+  only where that extra's command imports it);
+- the server (kvchat.serve) reaches engines only through kvchat.app, and only the
+  CLI imports it.
 """
 
 from __future__ import annotations
@@ -235,12 +238,20 @@ def test_llama_log_is_parsed_in_one_module() -> None:
 # --- dependencies tell the truth ---------------------------------------------------------
 
 
-def _declared() -> set[str]:
+def _requirement_names(requirements: list[str]) -> set[str]:
+    return {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].strip().lower().replace("_", "-")
+            for r in requirements}
+
+
+def _declared(extra: str | None = None) -> set[str]:
+    """The core dependencies, or those of one extra."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
-    names = set()
-    for requirement in project["dependencies"]:
-        names.add(re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0].strip().lower().replace("_", "-"))
-    return names
+    return _requirement_names(project["optional-dependencies"][extra] if extra else project["dependencies"])
+
+
+# Extras and the modules allowed to import them, only inside functions where they are
+# CLI modules (so that `kvchat --help` never imports them).
+_EXTRA_IMPORTERS = {"serve": {"kvchat.serve.server", "kvchat.cli.serve"}}
 
 
 def _third_party_imports() -> dict[str, set[str]]:
@@ -267,6 +278,35 @@ def test_every_third_party_import_is_a_declared_dependency() -> None:
         if module == "tomli":
             continue
         dists = {d.lower().replace("_", "-") for d in distributions.get(module, [])}
-        if not dists & declared:
+        if dists & declared:
+            continue
+        extras = [e for e, allowed in _EXTRA_IMPORTERS.items()
+                  if dists & _declared(e) and importers <= allowed]
+        if not extras:
             undeclared[module] = (sorted(dists), sorted(importers))
     assert undeclared == {}, f"imported but not declared in pyproject dependencies: {undeclared}"
+
+
+def test_extras_are_imported_by_their_command_only_when_it_runs() -> None:
+    """`kvchat --help` stays fast: a CLI module imports an extra inside its command."""
+    for extra, allowed in _EXTRA_IMPORTERS.items():
+        roots = {d.replace("-", "_") for d in _declared(extra)}
+        for module in (m for m in allowed if m.startswith("kvchat.cli")):
+            tree = ast.parse(_modules()[module].read_text(encoding="utf-8"))
+            top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+            names = {a.name.split(".")[0] for n in top if isinstance(n, ast.Import) for a in n.names}
+            names |= {(n.module or "").split(".")[0] for n in top if isinstance(n, ast.ImportFrom)}
+            names |= {(n.module or "") for n in top if isinstance(n, ast.ImportFrom)}
+            assert not names & (roots | {"kvchat.serve", "kvchat.serve.server"}), (extra, module)
+
+
+def test_the_server_reaches_engines_only_through_the_application_layer() -> None:
+    for name, path in _modules().items():
+        imported = _imports(path, name)
+        if name.startswith("kvchat.serve"):
+            bad = sorted(i for i in imported if i.split(".")[:2] in (
+                ["kvchat", "engine"], ["kvchat", "speculative"], ["kvchat", "remote"], ["kvchat", "cli"],
+                ["kvchat", "ui"]) or i.startswith("llama_cpp"))
+            assert bad == [], f"{name} imports {bad}"
+        elif not name.startswith("kvchat.cli"):
+            assert not any(i.startswith("kvchat.serve") for i in imported), f"{name} imports kvchat.serve"

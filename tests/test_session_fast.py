@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 from fake_engine import FakeEngine, check_session, turn
 
+from kvchat.conversation import TurnStats
 from kvchat.engine_api import SamplingSettings
 from kvchat.errors import SessionError, UsageError
 from kvchat.session import Session
@@ -486,3 +487,67 @@ def test_check_session_catches_a_window_with_holes(monkeypatch: pytest.MonkeyPat
     monkeypatch.undo()
     with pytest.raises(AssertionError, match="another context|other tokens"):
         check_session(session, engine)
+
+
+# -- a conversation sent whole (kvchat serve) ------------------------------------------------
+
+
+def _answer(session: Session, messages: list[dict[str, str]]) -> tuple[str, TurnStats]:
+    stream = session.answer(messages)
+    text = "".join(event.text for event in stream)
+    stream.close()
+    return text, stream.stats
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_conversation_sent_whole_evaluates_only_what_is_new(kind: str) -> None:
+    engine = FakeEngine(kind, n_ctx=2048)
+    session = _session(engine, max_tokens=12, overflow="stop")
+    messages = [{"role": "system", "content": "You are terse. " * 20}]
+    for i in range(6):
+        messages.append({"role": "user", "content": _question(i)})
+        before = len(session.tokens)
+        reply, stats = _answer(session, messages)
+        messages.append({"role": "assistant", "content": reply})
+        assert stats.reevaluated_tokens == 0
+        if i:
+            # The last reply's final token, and the new message with the template around it.
+            assert stats.reused_tokens == before - 1
+            assert stats.evaluated_tokens < 40
+        check_session(session, engine, after_reply=True)
+    assert session.messages == messages
+
+
+def test_another_conversation_sent_whole_keeps_the_common_start_only() -> None:
+    engine = FakeEngine("kv", n_ctx=2048)
+    session = _session(engine, max_tokens=8, overflow="stop")
+    system = {"role": "system", "content": "You are terse. " * 20}
+    _answer(session, [system, {"role": "user", "content": _question(1)}])
+    kept = len(engine.tokenize(session.template.render([system], add_generation_prompt=False),
+                               add_special=True))
+    fresh_engine = FakeEngine("kv", n_ctx=2048)
+    fresh = _session(fresh_engine, max_tokens=8, overflow="stop")
+    other = [system, {"role": "user", "content": _question(2)}]
+    reply, stats = _answer(session, other)
+    assert stats.reused_tokens >= kept - 2
+    assert reply == _answer(fresh, other)[0]  # as if the first conversation had never been
+    check_session(session, engine, after_reply=True)
+    assert session.messages == [*other, {"role": "assistant", "content": reply}]
+
+
+def test_adopt_takes_a_history_whose_cells_the_engine_holds() -> None:
+    engine = FakeEngine("kv", n_ctx=2048)
+    session = _session(engine, max_tokens=8, overflow="stop")
+    messages = [{"role": "user", "content": _question(1)}]
+    reply, _ = _answer(session, messages)
+    record, tokens, n = session.to_record(), list(session.tokens), engine.n_past
+    state = engine.state_bytes()
+    other_engine = FakeEngine("kv", n_ctx=2048)
+    other_engine.load_state_bytes(state, n)
+    adopted = _session(other_engine, max_tokens=8, overflow="stop")
+    adopted.adopt(record, tokens)
+    check_session(adopted, other_engine, after_reply=True)
+    follow = [*messages, {"role": "assistant", "content": reply}, {"role": "user", "content": _question(2)}]
+    _, stats = _answer(adopted, follow)
+    assert stats.reused_tokens == n and stats.evaluated_tokens < 30
+    assert _answer(session, follow)[0] == adopted.messages[-1]["content"]  # the same cache, the same reply

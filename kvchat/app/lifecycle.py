@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from kvchat.kv_files import Manifest
     from kvchat.kv_store import KvStore
     from kvchat.named_session import NamedSession
-    from kvchat.prefix_cache import PrefixCache
+    from kvchat.prefix_cache import Fingerprint, PrefixCache
 
 
 @dataclass
@@ -204,22 +204,18 @@ def open_conversation(
                 rebuild = _moved(named, backend.identity(), backend.label, warn) or rebuild
                 named.check(backend.identity(), backend.context_settings(), rebuild=rebuild)
             return _start(backend, named, s, sampling, warn, rebuild=rebuild)
-        request = resolve_load(s, warn)
-        speculation = resolve_speculation(s)
-        if named is not None:
-            identity = model_identity(request.model_path)
-            rebuild = _moved(named, identity, request.model_path.name, warn) or rebuild
-            # The saved flash-attention mode is the one that ran: compare like with like.
-            named.check(identity, expected_context(request), rebuild=rebuild)
-        probe = hardware.CpuLoadProbe()
-        engine = load_engine(request, warn, verbose=verbose)
-        local = LocalBackend(engine, request, s)
-        backend = local
-        if answers:
-            warn_if_cores_contended(probe, request.n_threads, warn)
-        local.chat_engine = start_speculation(engine, request, speculation, warn, verbose=verbose)
-        local.prefix_cache = open_prefix_cache(engine, request, s)
-        return _start(local, named, s, sampling, warn, rebuild=rebuild)
+        rebuild_here = rebuild
+
+        def check(request: LoadRequest) -> None:
+            nonlocal rebuild_here
+            if named is not None:
+                identity = model_identity(request.model_path)
+                rebuild_here = _moved(named, identity, request.model_path.name, warn) or rebuild_here
+                # The saved flash-attention mode is the one that ran: compare like with like.
+                named.check(identity, expected_context(request), rebuild=rebuild_here)
+
+        backend = load_local(s, warn, verbose=verbose, check=check, answers=answers)
+        return _start(backend, named, s, sampling, warn, rebuild=rebuild_here)
     except BaseException:
         if backend is not None:
             backend.close()
@@ -239,6 +235,30 @@ def _moved(named: NamedSession, identity: dict[str, Any], label: str, warn: Warn
     back = f" (--server {where} resumes it there)" if where != "this machine" else ""
     warn(f"session '{named.name}' was made on {where}; its transcript is re-evaluated with {now}{back}")
     return True
+
+
+def load_local(s: Settings, warn: Warn, *, verbose: bool = False,
+               check: Callable[[LoadRequest], None] | None = None, answers: bool = True) -> LocalBackend:
+    """Load the model here: every check first (`check` adds the caller's, before
+    llama.cpp is touched), then the engine, its speculator and its prefix cache.
+    `answers`: the model will answer (not only, say, undo a turn): a warning about
+    busy cores is worth giving."""
+    request = resolve_load(s, warn)
+    speculation = resolve_speculation(s)
+    if check is not None:
+        check(request)
+    probe = hardware.CpuLoadProbe()
+    engine = load_engine(request, warn, verbose=verbose)
+    local = LocalBackend(engine, request, s)
+    try:
+        if answers:
+            warn_if_cores_contended(probe, request.n_threads, warn)
+        local.chat_engine = start_speculation(engine, request, speculation, warn, verbose=verbose)
+        local.prefix_cache = open_prefix_cache(engine, request, s)
+    except BaseException:
+        local.close()
+        raise
+    return local
 
 
 def _start(backend: Backend, named: NamedSession | None, s: Settings, sampling: SamplingSettings | None,
@@ -297,15 +317,28 @@ def open_server(s: Settings, warn: Warn) -> LlamaServerBackend | MessageServerBa
 def open_prefix_cache(engine: Engine, request: LoadRequest, s: Settings) -> PrefixCache | None:
     """The persistent prefix cache for this engine (None when turned off): its key
     from the model file's hash and the settings the context was really created with."""
-    from kvchat.engine import backend_version, supports_gpu_offload
     from kvchat.kv_store import KvStore, effective_budget
-    from kvchat.prefix_cache import Fingerprint, PrefixCache
-    from kvchat.session_store import model_identity
+    from kvchat.prefix_cache import PrefixCache
 
     if not s.prefix_cache or s.prefix_cache_size == 0:
         return None
+    store = KvStore()
+    # The cache's segments live in the KV store and count against its one budget: a
+    # store evicts there (least recently used segments and unreferenced blocks first),
+    # never waiting on a save in progress.
+    return PrefixCache(kv_fingerprint(engine, request), memory_kind=engine.memory_kind,
+                       evict=lambda: store.evict(effective_budget(s.store_budget, store), wait=False))
+
+
+def kv_fingerprint(engine: Engine, request: LoadRequest) -> Fingerprint:
+    """Everything that changes the KV bytes of a prefix for this engine: the model
+    file's hash and the settings the context was really created with."""
+    from kvchat.engine import backend_version, supports_gpu_offload
+    from kvchat.prefix_cache import Fingerprint
+    from kvchat.session_store import model_identity
+
     e = engine.settings
-    fingerprint = Fingerprint(
+    return Fingerprint(
         model_sha256=model_identity(request.model_path)["sha256"],
         model_name=request.model_path.name,
         type_k=e.type_k.name,
@@ -317,12 +350,6 @@ def open_prefix_cache(engine: Engine, request: LoadRequest, s: Settings) -> Pref
         n_ubatch=e.n_ubatch,
         backend=backend_version(),
     )
-    store = KvStore()
-    # The cache's segments live in the KV store and count against its one budget: a
-    # store evicts there (least recently used segments and unreferenced blocks first),
-    # never waiting on a save in progress.
-    return PrefixCache(fingerprint, memory_kind=engine.memory_kind,
-                       evict=lambda: store.evict(effective_budget(s.store_budget, store), wait=False))
 
 
 def switch_conversation(flags: Mapping[str, Any], warn: Warn, name: str | None, sampling: SamplingSettings,

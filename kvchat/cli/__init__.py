@@ -85,6 +85,7 @@ from kvchat.cli import estimate as _estimate  # noqa: E402,F401
 from kvchat.cli import models as _models  # noqa: E402,F401
 from kvchat.cli import paths as _paths  # noqa: E402,F401
 from kvchat.cli import run as _run  # noqa: E402,F401  (registers its command)
+from kvchat.cli import serve as _serve  # noqa: E402,F401
 from kvchat.cli import sessions as _sessions  # noqa: E402,F401
 
 
