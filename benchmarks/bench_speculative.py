@@ -102,7 +102,7 @@ def run_kvchat(engine: Engine, prompt: str, speculator: Speculator | None, max_t
     engine.kv_clear()
     # Not closed here: the caller owns the engine and the speculator (and its draft engine).
     chat: ChatEngine = engine if speculator is None else SpeculativeEngine(engine, speculator)
-    session = Session(chat, chat_template_for(chat), GREEDY, max_tokens)
+    session = Session(chat, chat_template_for(engine), GREEDY, max_tokens)
     sent = session.send(prompt)
     tokens = [e.token for e in sent]
     turn = sent.stats

@@ -63,7 +63,7 @@ def _reply(engine: Engine, prompt: str, *, speculator: Speculator | None, max_to
            sampling: SamplingSettings = GREEDY) -> tuple[list[int], Session, TurnStats]:
     engine.kv_clear()
     chat = _with(engine, speculator)
-    session = Session(chat, chat_template_for(chat), sampling, max_tokens)
+    session = Session(chat, chat_template_for(engine), sampling, max_tokens)
     turn = session.send(prompt)
     tokens = [e.token for e in turn]
     return tokens, session, turn.stats
@@ -216,7 +216,7 @@ def test_at_temperature_a_draft_token_is_kept_only_where_the_target_sampled_it(e
     speculator = Speculator(drafter, DraftPolicy(n_draft=4, t_plain_s=0.01, min_gain=0.0))
     engine.kv_clear()
     chat = SpeculativeEngine(engine, speculator)
-    session = Session(chat, chat_template_for(chat), warm, 64)
+    session = Session(chat, chat_template_for(engine), warm, 64)
     events = list(session.send(PROMPTS[0]))
     steps = [j for j, e in enumerate(events) if e.drafted]
     assert len(steps) == len(drafter.drafts) > 0
@@ -242,7 +242,7 @@ def test_sessions_across_turns_keep_the_same_tokens(engine: Engine) -> None:
         engine.kv_clear()
         chat = _with(engine, speculator)
         replies = []
-        session = Session(chat, chat_template_for(chat), GREEDY, 40)
+        session = Session(chat, chat_template_for(engine), GREEDY, 40)
         for text in turns:
             reply = [e.token for e in session.send(text)]
             _cache_matches(engine, len(session.tokens) - 1)
