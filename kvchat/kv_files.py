@@ -17,13 +17,13 @@ import json
 import os
 import struct
 import sys
-import tempfile
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvchat.atomic_file import Chunk, atomic_write
 from kvchat.errors import KvchatError, SessionError
 
 BLOCK_MAGIC = b"KVCHATBLOCK\n"
@@ -37,7 +37,6 @@ _HASH = 32
 _rename = os.replace
 
 
-Chunk = bytes | bytearray | memoryview
 
 
 class BlockError(KvchatError):
@@ -99,25 +98,7 @@ class Manifest:
 
 def write_file(path: Path, chunks: Sequence[Chunk]) -> int:
     """Write `chunks` to `path` atomically (temp, fsync, rename, fsync folder)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            for chunk in chunks:
-                fh.write(chunk)
-            fh.flush()
-            os.fsync(fh.fileno())
-        _rename(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return sum(len(c) for c in chunks)
+    return atomic_write(path, chunks, publish=lambda tmp, target: _rename(tmp, target))
 
 
 def _sealed(magic: bytes, sections: Sequence[Chunk]) -> list[Chunk]:

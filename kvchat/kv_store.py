@@ -49,8 +49,6 @@ Layout under `<data dir>/kv-store/` (file formats: kvchat.kv_files):
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import os
 import shutil
 import time
 from collections.abc import Iterator, Sequence
@@ -59,6 +57,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from kvchat import config, kv_files, kv_state, prefix_store
+from kvchat.atomic_file import flocked
 from kvchat.errors import KvchatError, SessionError
 from kvchat.kv_files import RANGE, WHOLE, BlockError, Link, Manifest, block_keys
 
@@ -215,25 +214,8 @@ class KvStore:
         """Saves share the lock; collection takes it alone. Without `wait`, yields
         False when it is not free `within` seconds (collection tries again later)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
-            if wait:
-                fcntl.flock(fd, mode)
-            else:
-                deadline = time.monotonic() + within
-                while True:
-                    try:
-                        fcntl.flock(fd, mode | fcntl.LOCK_NB)
-                        break
-                    except BlockingIOError:
-                        if time.monotonic() > deadline:
-                            yield False
-                            return
-                        time.sleep(0.01)
-            yield True
-        finally:
-            os.close(fd)
+        with flocked(self.root / LOCK_NAME, exclusive=exclusive, within=None if wait else within) as held:
+            yield held
 
     # -- blocks -------------------------------------------------------------------------
 

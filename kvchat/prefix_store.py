@@ -6,10 +6,8 @@ Anything on disk that cannot be read as written is dropped, never trusted."""
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
-import os
 import shutil
 import struct
 import sys
@@ -21,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from kvchat import config
+from kvchat.atomic_file import atomic_write, flocked
 from kvchat.errors import KvchatError
-from kvchat.session_store import atomic_write
 
 MAGIC = b"KVCHATPREFIX\n"
 FORMAT_VERSION = 1
@@ -228,21 +226,8 @@ class Store:
     def _locked(self) -> Iterator[bool]:
         """Exclusive index lock; yields False (do nothing) if it is not free within the timeout."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            deadline = time.monotonic() + _LOCK_TIMEOUT_S
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        yield False
-                        return
-                    time.sleep(0.01)
-            yield True
-        finally:
-            os.close(fd)
+        with flocked(self.folder / LOCK_NAME, within=_LOCK_TIMEOUT_S) as held:
+            yield held
 
     def update(self, change: Any) -> bool:
         """Apply `change(entries)` to the index under the lock; False if the lock was busy

@@ -34,14 +34,14 @@ import re
 import stat
 import struct
 import sys
-import tempfile
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeGuard
 
 from kvchat import config
+from kvchat.atomic_file import atomic_write
 from kvchat.errors import SessionError, UsageError
 
 MAGIC = b"KVCHATSESSION\n"
@@ -72,28 +72,6 @@ def session_path(name: str) -> Path:
 
 
 # -- atomic files ---------------------------------------------------------------
-
-
-def atomic_write(path: Path, chunks: Iterable[bytes]) -> None:
-    """Write `chunks` to `path` via a temp file in the same folder + rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            for chunk in chunks:
-                fh.write(chunk)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 # -- model identity -------------------------------------------------------------
