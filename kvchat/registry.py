@@ -15,8 +15,6 @@ A model already in the Hugging Face cache is used without any network access.
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.resources
 import os
 import re
 from collections.abc import Callable
@@ -59,6 +57,8 @@ def default_model_path() -> Path | None:
 
     The package itself is never imported: its `__init__` imports `llm`.
     """
+    import importlib.metadata  # here, not at the top: it costs every command's start-up ~10 ms
+
     try:
         dist = importlib.metadata.distribution(DEFAULT_MODEL_DIST)
     except importlib.metadata.PackageNotFoundError:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kvchat.cli.estimate import compare_contexts, parse_ctx_list
+from kvchat.cli.estimate_report import compare_contexts, parse_ctx_list
 from kvchat.errors import ExitCode, UsageError
 from kvchat.memory import MiB
 

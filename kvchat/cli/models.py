@@ -18,7 +18,6 @@ from kvchat import registry
 from kvchat.catalogue import catalogue
 from kvchat.cli import app
 from kvchat.errors import ModelFormatError, ModelNotFoundError, UsageError
-from kvchat.memory import PlanSettings
 from kvchat.ui.environment import Environment
 from kvchat.ui.render import safe_text
 from kvchat.ui.tables import TableData, print_table
@@ -169,6 +168,8 @@ def _template_text(info: dict[str, Any]) -> str:
 
 
 def _memory_text(info: dict[str, Any]) -> str:
+    from kvchat.memory import PlanSettings
+
     kind = info.get("memory_type")
     if kind is None:
         return "-"
@@ -249,7 +250,7 @@ def _kv_growth(header: Any) -> dict[str, Any]:
     not grow (sliding-window layers), as `kvchat estimate` plans them (kvchat.memory)."""
     from kvchat.cache_types import CACHE_TYPES
     from kvchat.errors import KvchatError
-    from kvchat.memory import kv_growth
+    from kvchat.memory import PlanSettings, kv_growth
     from kvchat.model_spec import spec_from_header
 
     try:
