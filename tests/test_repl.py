@@ -359,3 +359,40 @@ def test_undo_and_retry(chat, kv_env: dict[str, str]) -> None:
     assert "no exchange to undo" in err
     child.sendline("/exit")
     child.expect(pexpect.EOF)
+
+
+def test_the_prompt_comes_back_while_the_save_is_still_writing(chat, kv_env: dict[str, str]) -> None:
+    """The next prompt does not wait for the save: with the KV store's lock held here
+    (a save takes it shared and waits for it without limit), a turn's reply still
+    ends in a prompt. /exit then waits for the write, says so, and exits once the
+    lock is released, with the turn saved."""
+    import fcntl
+    import time
+
+    child = chat("--max-tokens", "6")
+    message(child, "Name a fruit.")
+    # The first save's manifest is its last file: once it is there, the store and its
+    # lock exist and that write no longer needs the lock (its eviction pass gives up on
+    # a lock held elsewhere).
+    home = Path(kv_env["KVCHAT_HOME"])
+    deadline = time.monotonic() + 120
+    while not list(home.rglob("*.kvm")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (lock_path,) = home.rglob("store.lock")
+    with open(lock_path, "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        # A save that held the prompt would block here for as long as the lock is held.
+        out = message(child, "Name a colour.")
+        assert "Name a colour." in out
+        child.sendline("/exit")
+        child.expect("saving")  # /exit waits for the write in flight, and says so
+        assert child.isalive()
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    child.expect(r"kept in history as '(auto-\d{8}-\d{6})'")
+    name = child.match.group(1)
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    saved = saved_sessions.load_existing(name, with_state=False)
+    assert [m["content"] for m in saved.record["messages"] if m["role"] == "user"] == [
+        "Name a fruit.", "Name a colour."]
