@@ -217,6 +217,7 @@ class Bench:
             session.send(text_of(8, size + 1)).text()  # one short turn
             with measured() as sync:
                 pending = named.prepare_save(session, self.engine.n_ctx)  # reply end -> prompt
+            new_cells = pending.new_bytes  # the turn's cells as llama.cpp serialises them
             with measured() as write:
                 writer = threading.Thread(target=named.finish_save, args=(pending,))
                 writer.start()
@@ -239,7 +240,8 @@ class Bench:
                 named = self.named("bench")
                 named.attach(resumed, rebuild=False)
             assert resumed.tokens == session.tokens and self.engine.n_past == n_kv
-            rows.append({"history": n_kv, "before_bytes": before["bytes"], "before_s": before["s"],
+            rows.append({"history": n_kv, "new_cells_bytes": new_cells,
+                         "before_bytes": before["bytes"], "before_s": before["s"],
                          "before_rss": before["rss"], "after_bytes": write["bytes"],
                          "after_s": sync["s"] + write["s"], "after_rss": max(sync["rss"], write["rss"]),
                          "next_prompt_before_s": before["s"], "next_prompt_after_s": sync["s"],
@@ -294,6 +296,11 @@ def report(name: str, rows: list[dict[str, Any]], recent: dict[str, int]) -> Non
           f" (goal <= 1.5), before {ratio(last['before_s'], first['before_s'])}")
     print(f"next prompt at {last['history']}: {last['next_prompt_after_s'] * 1000:.1f} ms (goal <= 50), "
           f"before {last['next_prompt_before_s'] * 1000:.1f} ms")
+    worst = max(rows, key=lambda r: r["after_bytes"] - 1.1 * r["new_cells_bytes"])
+    print("bytes written / the turn's new cells: "
+          + ", ".join(f"{r['after_bytes'] / r['new_cells_bytes']:.2f} at {r['history']}" for r in rows)
+          + f" (goal: <= 1.1 x + a small constant; the rest at {worst['history']}: "
+          f"{(worst['after_bytes'] - 1.1 * worst['new_cells_bytes']) / 1024:.0f} KiB)")
     mid = next(r for r in rows if r["cold_prefill_s"] == r["cold_prefill_s"])  # the row timed cold
     print(f"resume / cold prefill at {mid['history']}: {ratio(mid['resume_s'], mid['cold_prefill_s'])} "
           "(goal <= 0.1)")

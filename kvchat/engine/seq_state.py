@@ -17,13 +17,16 @@ SCRATCH = 1
 
 def read(ctx: Any, seq: int, *, partial: bool = False) -> bytes:
     """The state of `seq` (partial: only what cannot roll back, the SWA window or the
-    recurrent state: LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY)."""
+    recurrent state: LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY).
+
+    Copied out through a memoryview, not ctypes.string_at: string_at takes a C int,
+    so a state over 2 GiB (16k tokens of an 8B model's KV) failed there."""
     flags = llama.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY if partial else 0
     size = llama.llama_state_seq_get_size_ext(ctx, seq, flags)
     buf = (ctypes.c_uint8 * size)()
     written = llama.llama_state_seq_get_data_ext(ctx, buf, size, seq, flags)
-    # string_at copies once in C; bytes(buf[:n]) would build a list of n ints first.
-    return ctypes.string_at(buf, written)
+    with memoryview(buf) as view:
+        return view[:written].tobytes()
 
 
 def write(ctx: Any, data: bytes, seq: int, *, partial: bool = False) -> bool:
