@@ -60,6 +60,7 @@ from kvchat import config, kv_files, kv_state, prefix_store
 from kvchat.atomic_file import flocked
 from kvchat.errors import KvchatError, SessionError
 from kvchat.kv_files import RANGE, WHOLE, BlockError, Link, Manifest, block_keys
+from kvchat.sequences import common_prefix
 
 BLOCK_SUFFIX = ".kvb"
 MANIFEST_SUFFIX = ".kvm"
@@ -350,10 +351,7 @@ class KvStore:
     def _kept_chain(self, previous: Manifest | None, fp_hex: str, tokens: list[int]) -> list[Link]:
         if previous is None or previous.fingerprint != fp_hex:
             return []
-        same = 0
-        limit = min(len(previous.tokens), len(tokens))
-        while same < limit and previous.tokens[same] == tokens[same]:
-            same += 1
+        same = common_prefix(previous.tokens, tokens)
         kept = []
         for link in previous.chain:
             if link.kind != RANGE or link.end > same or not self.block_path(link.key).is_file():

@@ -365,7 +365,7 @@ def record_problem(record: Any, tokens: list[int]) -> str | None:
         return "'n_ctx_cells' is not a cell count"
     if n_kv > (cells or settings["n_ctx"]):
         return f"n_kv {n_kv} is more than its context ({cells or settings['n_ctx']})"
-    if any(t < 0 for t in tokens):
+    if tokens and min(tokens) < 0:  # min runs in C: a save checks every token
         return "a token id is negative"
     for key in ("created", "updated"):
         if key in record and not isinstance(record[key], (int, float)):

@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 
-from kvchat.app.serving import StopFilter, common_chars
+from kvchat.app.serving import StopFilter
 from kvchat.engine_api import SamplingSettings
 from kvchat.errors import ModelFormatError, NetworkError, SessionError, UsageError
+from kvchat.sequences import common_prefix
 from kvchat.serve import protocol
 from kvchat.serve.protocol import ApiError
 from kvchat.serve.server import api_error
@@ -204,9 +205,12 @@ def test_stop_strings_cut_the_reply_even_across_pieces() -> None:
 
 
 @pytest.mark.parametrize(("a", "b"), [("", ""), ("abc", "abd"), ("abc", "abc"), ("abc", "abcdef"),
-                                      ("x" * 1000 + "y", "x" * 1000 + "z"), ("q", "r")])
-def test_common_chars(a: str, b: str) -> None:
+                                      ("x" * 1000 + "y", "x" * 1000 + "z"), ("q", "r"),
+                                      ([1, 2, 3], [1, 2, 4]), ([], [5]),
+                                      (list(range(9000)), list(range(9000)) + [1]),
+                                      (list(range(5000)) + [7] * 3000, list(range(5000)) + [8])])
+def test_common_prefix(a: str | list[int], b: str | list[int]) -> None:
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
-    assert common_chars(a, b) == n == common_chars(b, a)
+    assert common_prefix(a, b) == n == common_prefix(b, a)

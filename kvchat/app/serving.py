@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from kvchat.app.load import Warn, sampling_of
 from kvchat.engine_api import SamplingSettings
 from kvchat.errors import KvchatError, SessionError
+from kvchat.sequences import common_prefix
 from kvchat.settings import Settings
 
 if TYPE_CHECKING:
@@ -131,20 +132,6 @@ def _head_of(manifest: Manifest) -> _Head | None:
         return None
     reply_at = turns[-1].reply_char if turns and turns[-1].reply_char >= 0 else len(kv_text)
     return _Head(manifest, kind, kv_text, kv_text[:reply_at], list(pending))
-
-
-def common_chars(a: str, b: str) -> int:
-    """Length of the common start of two texts (slice compares: C speed)."""
-    lo, hi = 0, min(len(a), len(b))
-    if a[:hi] == b[:hi]:
-        return hi
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
 
 
 def _partial_suffix(text: str, tag: str) -> int:
@@ -305,11 +292,11 @@ class ServedModel:
         if session.tokens and rendered.startswith(session.kv_text):
             return 0  # the conversation grew: nothing can do better
         ratio = _tokens_per_char(session.tokens, session.kv_text) or 0.25
-        live = common_chars(session.kv_text, rendered) * ratio
+        live = common_prefix(session.kv_text, rendered) * ratio
         best, best_tokens = None, 0.0
         for head in self._heads:
             if head.kind == kind:
-                tokens = common_chars(head.kv_text, rendered) * _tokens_per_char(head.manifest.tokens,
+                tokens = common_prefix(head.kv_text, rendered) * _tokens_per_char(head.manifest.tokens,
                                                                                    head.kv_text)
                 if tokens > best_tokens:
                     best, best_tokens = head, tokens
