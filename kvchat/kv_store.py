@@ -141,6 +141,7 @@ class PendingSave:
     previous: Manifest | None
     created: float
     kept: list[Link] = field(default_factory=list)  # blocks already on disk, built on
+    found: int = 0  # of them, blocks that continued the kept chain (shared, not read)
     new: list[tuple[Link, bytes | bytearray]] = field(default_factory=list)  # cells read
 
     @property
@@ -280,8 +281,9 @@ class KvStore:
             return pending
         if source.can_save_ranges:
             try:
-                kept = self._extended(self._kept_chain(base or previous, fp_hex, tokens[:n]),
-                                      fingerprint, tokens, n)
+                own = self._kept_chain(base or previous, fp_hex, tokens[:n])
+                kept = self._extended(own, fingerprint, tokens, n)
+                pending.found = len(kept) - len(own)
                 spans = cut_spans(kept[-1].end if kept else 0, n, self.block_tokens)
                 keys = block_keys(fingerprint, tokens, spans)
                 pending.new = [(Link(key, a, b), source.state_range_bytes(a, b))
@@ -325,8 +327,8 @@ class KvStore:
             self.write_manifest(manifest)
         if p.previous is not None:
             dropped = {x.key for x in p.previous.chain} - {x.key for x in chain}
-            self.collect({k for k in dropped if not self._cacheable(p.previous, k)})
-        return SaveResult(self.bytes_written - before, written, shared, manifest)
+            self._collect({k for k in dropped if not self._cacheable(p.previous, k)})
+        return SaveResult(self.bytes_written - before, written, shared + p.found, manifest)
 
     def _kept_chain(self, previous: Manifest | None, fp_hex: str, tokens: list[int]) -> list[Link]:
         if previous is None or previous.fingerprint != fp_hex:
@@ -446,9 +448,9 @@ class KvStore:
         with contextlib.suppress(FileNotFoundError):
             self.manifest_path(kind, name).unlink()
         if manifest is not None:
-            self.collect({x.key for x in manifest.chain if not self._cacheable(manifest, x.key)})
+            self._collect({x.key for x in manifest.chain if not self._cacheable(manifest, x.key)})
 
-    def collect(self, keys: set[str]) -> None:
+    def _collect(self, keys: set[str]) -> None:
         """Delete those of `keys` no manifest and no prefix-cache entry names (under the
         exclusive lock)."""
         if not keys:

@@ -192,7 +192,6 @@ class Store:
             if raw.get("format_version") != FORMAT_VERSION:
                 if raw.get("format_version") == 1:  # the cache before it used blocks: the
                     self._drop_legacy()  # next update writes this format over it
-                    return {}
                 raise ValueError("format")
             entries = {k: IndexEntry(**v) for k, v in raw["entries"].items()}
             if not all(isinstance(k, str) and _well_typed(e) for k, e in entries.items()):
@@ -307,7 +306,7 @@ class Store:
     def _collect(self, blocks: set[str]) -> None:
         from kvchat.kv_store import KvStore  # the store builds on this module
 
-        KvStore(self.root).collect(blocks)
+        KvStore(self.root)._collect(blocks)
 
     def repair(self) -> dict[str, IndexEntry]:
         """Drop broken chains (an entry whose parent is gone, and all after it);

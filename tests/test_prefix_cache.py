@@ -156,6 +156,7 @@ def test_truncated_and_foreign_files_are_ignored(tmp_path: Path) -> None:
     for entry in store.read_index().values():
         path = store.block_path(entry.block)
         path.write_bytes(path.read_bytes()[:100])
+    store.block_path("0" * 64).parent.mkdir(parents=True, exist_ok=True)
     store.block_path("0" * 64).write_bytes(b"not ours")
     restored, _ = run_prompt(tmp_path, tokens + [2], marks=(150,))
     assert restored == 0
@@ -256,7 +257,7 @@ def test_cache_stats_paths_and_sessions_list_show_one_store_with_the_cache_in_it
     # The cache before its segments were store blocks: `.kvp` files, in its folder
     # from before it joined the store and in the store's; removed on first use.
     old = Path(kv_env["KVCHAT_HOME"]) / "prefix-cache"
-    old.mkdir()
+    old.mkdir(parents=True)
     (old / f"{'a' * 64}.kvp").write_bytes(b"KVCHATPREFIX\n old")
     folder = config.paths().prefix_cache_dir
     folder.mkdir(parents=True)
