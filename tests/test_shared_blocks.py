@@ -73,7 +73,8 @@ def test_a_session_started_from_a_cached_prompt_writes_only_its_own_cells(tmp_pa
     own = len(engine.cells) - 1000
     # Only the cells past the cached document were read from the engine and written.
     assert engine.range_reads - reads_before == own
-    assert result.blocks_shared == len(store.prefix.read_index()) and result.blocks_written == len(cut_spans(1000, len(engine.cells)))
+    assert result.blocks_shared == len(store.prefix.read_index())
+    assert result.blocks_written == len(cut_spans(1000, len(engine.cells)))
     assert result.manifest.chain[0].key in {e.block for e in store.prefix.read_index().values()}
     usage = store.usage()
     cell = cached.blocks / 1000  # a cell's bytes, as stored
