@@ -5,6 +5,8 @@ all before) and written atomically: temp file, fsync, rename, fsync of the folde
 
     block     MAGIC, version, JSON header (key, start, end, kind, fingerprint),
               tokens [start, end) (int32), the sequence state of those cells
+              (kind "range"; "whole": a state not cut by position; "parts": a
+              prefix-cache segment of a sliding-window model, kvchat.prefix_store)
     manifest  MAGIC, version, JSON header (kind, name, fingerprint, chain, times,
               n_tokens), record JSON, all tokens (int32), extra (checkpoints)
 """
@@ -30,6 +32,11 @@ BLOCK_MAGIC = b"KVCHATBLOCK\n"
 MANIFEST_MAGIC = b"KVCHATMANIFEST\n"
 FORMAT_VERSION = 1
 RANGE, WHOLE = "range", "whole"
+# Manifest kinds: named sessions (never evicted) and recent chats.
+SESSION, RECENT = "session", "recent"
+BLOCK_SUFFIX = ".kvb"
+# Saves hold it shared, collection (deleting blocks) exclusively: kvchat.kv_store.
+STORE_LOCK = "store.lock"
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _HASH = 32
@@ -37,10 +44,13 @@ _HASH = 32
 _rename = os.replace
 
 
-
-
 class BlockError(KvchatError):
     """A block that is damaged, missing or not the one asked for."""
+
+
+def block_path(root: Path, key: str) -> Path:
+    """Where the store under `root` keeps the block `key`."""
+    return root / "blocks" / key[:2] / f"{key}{BLOCK_SUFFIX}"
 
 
 def token_bytes(tokens: Sequence[int]) -> bytes:
@@ -149,9 +159,10 @@ def write_block(path: Path, link: Link, fingerprint: str, tokens: Sequence[int],
     return write_file(path, _sealed(BLOCK_MAGIC, [header, token_bytes(tokens), state]))
 
 
-def read_block(path: Path, link: Link, tokens: Sequence[int]) -> bytes:
-    """The state a block holds, verified: checksum, span, and its tokens equal to
-    tokens[start:end] (the caller's whole token list). Marks the block used."""
+def read_block(path: Path, link: Link, tokens: Sequence[int], fingerprint: str | None = None) -> bytes:
+    """The state a block holds, verified: checksum, span, its tokens equal to
+    tokens[start:end] (the caller's whole token list) and, when given, the
+    fingerprint it was written under. Marks the block used."""
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -160,10 +171,13 @@ def read_block(path: Path, link: Link, tokens: Sequence[int]) -> bytes:
     try:
         header = json.loads(bytes(header_raw))
         span = (header["key"], int(header["start"]), int(header["end"]), header["kind"])
+        written_under = header["fingerprint"]
     except (ValueError, KeyError, TypeError):
         raise BlockError(f"block {link.key[:12]} has an unreadable header") from None
     if span != (link.key, link.start, link.end, link.kind):
         raise BlockError(f"block {link.key[:12]} holds another span")
+    if fingerprint is not None and written_under != fingerprint:
+        raise BlockError(f"block {link.key[:12]} was written under another fingerprint")
     if tokens_from(token_raw) != list(tokens[link.start : link.end]):
         raise BlockError(f"block {link.key[:12]} holds other tokens")
     with contextlib.suppress(OSError):
@@ -217,3 +231,43 @@ def chained(chain: Sequence[Link]) -> bool:
             return False
         at = link.end
     return True
+
+
+@dataclass
+class BlockHead:
+    """What a block says about itself, read without its state (not verified)."""
+
+    key: str
+    start: int
+    end: int
+    kind: str
+    fingerprint: str
+    tokens: list[int]
+    size: int
+    mtime: float
+
+
+def read_block_head(path: Path) -> BlockHead:
+    """A block's header and tokens, its state not read: for rebuilding an index
+    (kvchat.prefix_store); whatever it names is verified again when read."""
+    with path.open("rb") as fh:
+        st = os.fstat(fh.fileno())
+        head = fh.read(len(BLOCK_MAGIC) + 4 + 8)
+        if len(head) < len(BLOCK_MAGIC) + 12 or head[: len(BLOCK_MAGIC)] != BLOCK_MAGIC:
+            raise BlockError(f"{path.name} is not a kvchat block")
+        (n_header,) = _U64.unpack(head[-8:])
+        if n_header > 1 << 16:
+            raise BlockError(f"{path.name} has an implausible header")
+        try:
+            header = json.loads(fh.read(n_header))
+            (n_tokens,) = _U64.unpack(fh.read(8))
+            if n_tokens > 1 << 28:
+                raise ValueError("implausible")
+            tokens = tokens_from(fh.read(n_tokens))
+            got = BlockHead(str(header["key"]), int(header["start"]), int(header["end"]), str(header["kind"]),
+                            str(header["fingerprint"]), tokens, st.st_size, st.st_mtime)
+        except (ValueError, KeyError, TypeError, struct.error):
+            raise BlockError(f"{path.name} has an unreadable header") from None
+    if len(got.tokens) != got.end - got.start:
+        raise BlockError(f"{path.name} is inconsistent")
+    return got

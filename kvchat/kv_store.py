@@ -33,49 +33,62 @@ SIGKILL at any moment leaves the previous manifest and all its blocks whole.
 Saves hold `store.lock` shared; collection (deleting blocks) holds it
 exclusively, so a block a save is about to name is never deleted under it.
 
-Eviction (one disk budget, the prefix cache's segments included): blocks no
-manifest names (a dropped conversation's aligned blocks, last use recorded as the
-file's mtime) and prefix-cache segments (last use in its index) go first, least
-recently used first; then recent chats, oldest first. Named sessions are never
-evicted; when they alone exceed the budget, the report says so.
+A save first extends the chain it keeps with blocks already on disk that continue
+it exactly from its end (same fingerprint, same tokens: the key says so): the
+prefix cache's segments of a plain KV model are such blocks (kvchat.prefix_store),
+and so are other conversations' aligned blocks. They cost no bytes and no engine
+read, so a session started from a cached prompt shares the cache's cells.
+
+Eviction and usage (one disk budget for conversations and the prefix cache, a
+block counted once however many name it): kvchat.kv_evict.
 
 Layout under `<data dir>/kv-store/` (file formats: kvchat.kv_files):
     blocks/<2 hex>/<key>.kvb       one block
     manifests/<kind>/<name>.kvm    one conversation (kind: session or recent)
-    prefix/                        the prefix cache (kvchat.prefix_store)
+    prefix/index.json              the prefix cache's index (its segments are blocks)
     store.lock
 """
 
 from __future__ import annotations
 
 import contextlib
-import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from kvchat import config, kv_files, kv_state, prefix_store
+from kvchat import config, kv_evict, kv_files, kv_state, prefix_store
 from kvchat.atomic_file import flocked
 from kvchat.errors import KvchatError, SessionError
-from kvchat.kv_files import RANGE, WHOLE, BlockError, Link, Manifest, block_keys
+from kvchat.kv_evict import MAX_DISK_FRACTION, EvictionReport, Usage, effective_budget
+from kvchat.kv_files import (
+    BLOCK_SUFFIX,
+    RANGE,
+    RECENT,
+    SESSION,
+    STORE_LOCK,
+    WHOLE,
+    BlockError,
+    Link,
+    Manifest,
+    block_keys,
+)
 from kvchat.sequences import common_prefix
 
-BLOCK_SUFFIX = ".kvb"
+# Names the rest of kvchat and the tests take from here.
+__all__ = ["BLOCK_SUFFIX", "BLOCK_TOKENS", "KINDS", "MAX_DISK_FRACTION", "RECENT", "SESSION", "Damage",
+           "EvictionReport", "KvStore", "Manifest", "PendingSave", "RangeSink", "RangeSource", "Restored",
+           "SaveResult", "Usage", "cut_spans", "effective_budget", "store_dir"]
+
 MANIFEST_SUFFIX = ".kvm"
-LOCK_NAME = "store.lock"
-PREFIX_DIR = "prefix"
+LOCK_NAME = STORE_LOCK
 # Spans aligned to multiples of this are the blocks conversations share.
 BLOCK_TOKENS = 256
-SESSION, RECENT = "session", "recent"
 KINDS = (SESSION, RECENT)
-# The default budget is at most this share of (free disk + the store's own size).
-MAX_DISK_FRACTION = 0.5
 # Resume joins consecutive blocks up to this many bytes before handing them to
 # the engine: fewer calls into llama.cpp, memory still bounded.
 _GROUP_BYTES = 32 * 1024 * 1024
-_STALE_TEMP_S = 120.0
 _LOCK_TIMEOUT_S = 3.0
 
 
@@ -129,6 +142,7 @@ class PendingSave:
     previous: Manifest | None
     created: float
     kept: list[Link] = field(default_factory=list)  # blocks already on disk, built on
+    found: int = 0  # of them, blocks that continued the kept chain (shared, not read)
     new: list[tuple[Link, bytes | bytearray]] = field(default_factory=list)  # cells read
 
     @property
@@ -152,40 +166,6 @@ class Restored:
     damage: Damage | None = None
 
 
-@dataclass
-class Usage:
-    total: int = 0
-    blocks: int = 0
-    manifests: int = 0
-    unreferenced: int = 0  # blocks no manifest names (the evictable cache)
-    prefix: int = 0  # the prefix cache's segments (evictable too)
-    by_kind: dict[str, int] = field(default_factory=dict)  # bytes of blocks each kind names
-    own: dict[tuple[str, str], int] = field(default_factory=dict)  # only this manifest names them
-    shared: dict[tuple[str, str], int] = field(default_factory=dict)  # others name them too
-    damaged: list[tuple[str, str]] = field(default_factory=list)  # manifests that cannot be read
-
-
-@dataclass
-class EvictionReport:
-    budget: int
-    used: int  # after eviction
-    freed: int = 0
-    blocks_removed: int = 0
-    recent_removed: list[str] = field(default_factory=list)
-    named_bytes: int = 0  # what named sessions need, never evicted
-
-    @property
-    def over_budget(self) -> bool:
-        return self.used > self.budget
-
-    def warning(self) -> str | None:
-        """A line for the user when named sessions alone do not fit the budget."""
-        if not self.over_budget:
-            return None
-        return (f"named sessions take {self.named_bytes} bytes of KV, over the store's budget of "
-                f"{self.budget} bytes")
-
-
 # -- the store ------------------------------------------------------------------------------
 
 
@@ -194,14 +174,14 @@ class KvStore:
 
     def __init__(self, root: Path | None = None, *, block_tokens: int = BLOCK_TOKENS) -> None:
         self.root = root or store_dir()
-        self.prefix = prefix_store.Store(self.root / PREFIX_DIR)
+        self.prefix = prefix_store.Store(self.root)
         self.block_tokens = block_tokens
         self.bytes_written = 0  # over the store object's life: what the tests measure
 
     # -- paths ------------------------------------------------------------------------
 
     def block_path(self, key: str) -> Path:
-        return self.root / "blocks" / key[:2] / f"{key}{BLOCK_SUFFIX}"
+        return kv_files.block_path(self.root, key)
 
     def manifest_path(self, kind: str, name: str) -> Path:
         if kind not in KINDS:
@@ -226,9 +206,10 @@ class KvStore:
         self.bytes_written += n
         return n
 
-    def read_block(self, link: Link, tokens: Sequence[int]) -> bytes:
-        """A block's verified state (tokens: the conversation's); marks it used."""
-        return kv_files.read_block(self.block_path(link.key), link, tokens)
+    def read_block(self, link: Link, tokens: Sequence[int], fingerprint: str | None = None) -> bytes:
+        """A block's verified state (tokens: the conversation's; `fingerprint`: the hex
+        digest it must have been written under); marks it used."""
+        return kv_files.read_block(self.block_path(link.key), link, tokens, fingerprint)
 
     # -- manifests ----------------------------------------------------------------------
 
@@ -301,7 +282,9 @@ class KvStore:
             return pending
         if source.can_save_ranges:
             try:
-                kept = self._kept_chain(base or previous, fp_hex, tokens[:n])
+                own = self._kept_chain(base or previous, fp_hex, tokens[:n])
+                kept = self._extended(own, fingerprint, tokens, n)
+                pending.found = len(kept) - len(own)
                 spans = cut_spans(kept[-1].end if kept else 0, n, self.block_tokens)
                 keys = block_keys(fingerprint, tokens, spans)
                 pending.new = [(Link(key, a, b), source.state_range_bytes(a, b))
@@ -346,7 +329,7 @@ class KvStore:
         if p.previous is not None:
             dropped = {x.key for x in p.previous.chain} - {x.key for x in chain}
             self._collect({k for k in dropped if not self._cacheable(p.previous, k)})
-        return SaveResult(self.bytes_written - before, written, shared, manifest)
+        return SaveResult(self.bytes_written - before, written, shared + p.found, manifest)
 
     def _kept_chain(self, previous: Manifest | None, fp_hex: str, tokens: list[int]) -> list[Link]:
         if previous is None or previous.fingerprint != fp_hex:
@@ -359,24 +342,52 @@ class KvStore:
             kept.append(link)
         return kept
 
+    def _extended(self, kept: list[Link], fingerprint: bytes, tokens: list[int], n: int) -> list[Link]:
+        """`kept` and then blocks on disk that continue it exactly from its end: the
+        prefix cache's range segments starting there, and the aligned span from there
+        (another conversation's). The key holds the fingerprint, the tokens up to the
+        block's end and the span: an existing file of that key holds those cells."""
+        fp_hex = fingerprint.hex()
+        ends: dict[int, set[int]] = {}
+        for entry in self.prefix.read_index().values():
+            if entry.kind == RANGE and entry.fingerprint == fp_hex and entry.end <= n:
+                ends.setdefault(entry.start, set()).add(entry.end)
+        kept = list(kept)
+        at = kept[-1].end if kept else 0
+        while at < n:
+            aligned = cut_spans(at, n, self.block_tokens)[0][1]
+            spans = [(at, end) for end in sorted(ends.get(at, set()) | {aligned})]
+            keys = block_keys(fingerprint, tokens, spans)
+            found = [Link(key, a, b) for (a, b), key in zip(spans, keys, strict=True)
+                     if self.block_path(key).is_file()]
+            if not found:
+                break
+            kept.append(found[-1])
+            at = found[-1].end
+        return kept
+
     def _cacheable(self, manifest: Manifest, key: str) -> bool:
         """An aligned range block: worth keeping for another conversation (the LRU cache)."""
         link = next(x for x in manifest.chain if x.key == key)
         return link.kind == RANGE and link.start % self.block_tokens == 0 \
             and link.end - link.start == self.block_tokens
 
-    def restore(self, manifest: Manifest, sink: RangeSink, fingerprint: bytes) -> Restored:
+    def restore(self, manifest: Manifest, sink: RangeSink, fingerprint: bytes | None = None) -> Restored:
         """Load the manifest's chain into an empty engine, block by block (each read,
-        verified and handed over before the next is read). A damaged or missing block
-        ends the restore there: it is removed (the next save writes it again) and the
-        result says where; the caller evaluates the tokens after `n_tokens`."""
+        verified against the manifest's own fingerprint and handed over before the next
+        is read). A damaged or missing block ends the restore there: it is removed (the
+        next save writes it again) and the result says where; the caller evaluates the
+        tokens after `n_tokens`. `fingerprint` given: nothing is restored unless the
+        manifest was saved under it (a session checks its model and settings instead:
+        one saved under an older definition of the digest still restores)."""
         sink.kv_clear()
-        if manifest.fingerprint != fingerprint.hex() or not manifest.chain:
+        if (fingerprint is not None and manifest.fingerprint != fingerprint.hex()) or not manifest.chain:
             return Restored(0)
+        fp = manifest.fingerprint
         if manifest.chain[0].kind == WHOLE:
             link = manifest.chain[0]
             try:
-                sink.load_state_bytes(self.read_block(link, manifest.tokens), link.end)
+                sink.load_state_bytes(self.read_block(link, manifest.tokens, fp), link.end)
             except (BlockError, KvchatError) as exc:
                 sink.kv_clear()
                 return Restored(0, self._damage(link, exc))
@@ -386,7 +397,7 @@ class KvStore:
         header = b""
         for link in manifest.chain:
             try:
-                state = kv_state.parse(self.read_block(link, manifest.tokens))
+                state = kv_state.parse(self.read_block(link, manifest.tokens, fp))
                 (part,) = state.parts
                 if part.positions != tuple(range(link.start, link.end)):
                     raise BlockError(f"block {link.key[:12]} holds other positions")
@@ -438,7 +449,8 @@ class KvStore:
             self._collect({x.key for x in manifest.chain if not self._cacheable(manifest, x.key)})
 
     def _collect(self, keys: set[str]) -> None:
-        """Delete those of `keys` no manifest names (under the exclusive lock)."""
+        """Delete those of `keys` no manifest and no prefix-cache entry names (under the
+        exclusive lock)."""
         if not keys:
             return
         with self._lock(exclusive=True, wait=False) as got:
@@ -446,31 +458,10 @@ class KvStore:
                 return  # a save is running: eviction collects them later
             refs, _ = self._refs()
             named = {x.key for _, chain in refs.values() for x in chain}
+            named |= {e.block for e in self.prefix.read_index().values()}
             for key in keys - named:
                 with contextlib.suppress(OSError):
                     self.block_path(key).unlink()
-
-    def _blocks(self) -> dict[str, tuple[int, float]]:
-        """Every block file: key -> (size, last use); stale temp files are removed."""
-        out: dict[str, tuple[int, float]] = {}
-        folder = self.root / "blocks"
-        if not folder.is_dir():
-            return out
-        now = time.time()
-        for sub in folder.iterdir():
-            for path in sub.iterdir() if sub.is_dir() else ():
-                try:
-                    st = path.stat()
-                except OSError:
-                    continue
-                if path.name.endswith(".tmp"):
-                    if now - st.st_mtime > _STALE_TEMP_S:
-                        with contextlib.suppress(OSError):
-                            path.unlink()
-                    continue
-                if path.suffix == BLOCK_SUFFIX:
-                    out[path.stem] = (st.st_size, st.st_mtime)
-        return out
 
     def _manifest_size(self, kind: str, name: str) -> int:
         try:
@@ -479,102 +470,12 @@ class KvStore:
             return 0
 
     def usage(self) -> Usage:
-        refs, damaged = self._refs()
-        blocks = self._blocks()
-        users: dict[str, set[tuple[str, str]]] = {}
-        for owner, (_, chain) in refs.items():
-            for link in chain:
-                users.setdefault(link.key, set()).add(owner)
-        u = Usage(damaged=damaged)
-        u.blocks = sum(size for size, _ in blocks.values())
-        u.manifests = sum(self._manifest_size(*owner) for owner in [*refs, *damaged])
-        u.prefix = self.prefix.used_bytes()
-        u.total = u.blocks + u.manifests + u.prefix
-        u.unreferenced = sum(size for key, (size, _) in blocks.items() if key not in users)
-        for owner in refs:
-            u.own[owner] = self._manifest_size(*owner)
-            u.shared[owner] = 0
-        for key, owners in users.items():
-            size = blocks.get(key, (0, 0.0))[0]
-            for owner in owners:
-                if len(owners) == 1:
-                    u.own[owner] += size
-                else:
-                    u.shared[owner] += size
-            for kind in {k for k, _ in owners}:
-                u.by_kind[kind] = u.by_kind.get(kind, 0) + size
-        return u
+        """Bytes on disk, every block once; who owns and who shares what (kvchat.kv_evict)."""
+        return kv_evict.usage(self)
 
     def evict(self, budget: int, *, wait: bool = True, cache_only: bool = False) -> EvictionReport:
-        """Bring the store under `budget` bytes: blocks no manifest names and prefix-cache segments
-        (least recently used first), then recent chats (oldest first; not with `cache_only`). Named
-        sessions stay. Without `wait` (the prefix cache never holds an answer) a busy store is left."""
-        with self._lock(exclusive=True, wait=wait, within=0.0) as got:
-            if not got:
-                return EvictionReport(budget, 0)
-            if self.prefix.folder.is_dir():  # at its own size: only broken chains and stray files go
-                self.prefix.evict(self.prefix.used_bytes())
-            refs, damaged = self._refs()
-            blocks = self._blocks()
-            segments = self.prefix.read_index()
-            users: dict[str, set[tuple[str, str]]] = {}
-            for owner, (_, chain) in refs.items():
-                for link in chain:
-                    if link.key in blocks:
-                        users.setdefault(link.key, set()).add(owner)
-            used = sum(s for s, _ in blocks.values()) + sum(e.bytes for e in segments.values()) + sum(
-                self._manifest_size(*o) for o in [*refs, *damaged])
-            report = EvictionReport(budget, used)
-            free = sorted([(mtime, key, False) for key, (_, mtime) in blocks.items() if key not in users]
-                          + [(e.last_used, e.key, True) for e in segments.values()])
-            recent = [] if cache_only else sorted((updated, owner) for owner, (updated, _) in refs.items()
-                                                  if owner[0] == RECENT)
-            doomed: set[str] = set()  # prefix-cache segments, removed together under its lock
-            while report.used > budget and free:
-                _, key, segment = free.pop(0)
-                if not segment:
-                    self._unlink_block(key, blocks[key][0], report)
-                elif key not in doomed:
-                    # A segment's descendants are useless without it: they go with it.
-                    doomed |= (gone := prefix_store.with_descendants(segments, {key}) - doomed)
-                    size = sum(segments[k].bytes for k in gone)
-                    report.used, report.freed = report.used - size, report.freed + size
-            if doomed and not self.prefix.remove_entries(doomed):  # its index busy: not freed now
-                size = sum(segments[k].bytes for k in doomed)
-                report.used, report.freed = report.used + size, report.freed - size
-            while report.used > budget and recent:
-                _, owner = recent.pop(0)
-                report.used, report.freed = report.used - (m := self._manifest_size(*owner)), report.freed + m
-                with contextlib.suppress(OSError):
-                    self.manifest_path(*owner).unlink()
-                report.recent_removed.append(owner[1])
-                for link in refs[owner][1]:
-                    owners = users.get(link.key)
-                    if owners is None:
-                        continue
-                    owners.discard(owner)
-                    if not owners:
-                        del users[link.key]
-                        self._unlink_block(link.key, blocks[link.key][0], report)
-            named = [k for k, owners in users.items() if any(kind == SESSION for kind, _ in owners)]
-            report.named_bytes = sum(blocks[k][0] for k in named)
-            report.named_bytes += sum(self._manifest_size(*o) for o in refs if o[0] == SESSION)
-        return report
-
-    def _unlink_block(self, key: str, size: int, report: EvictionReport) -> None:
-        with contextlib.suppress(OSError):
-            self.block_path(key).unlink()
-        report.used, report.freed, report.blocks_removed = report.used - size, report.freed + size, \
-            report.blocks_removed + 1
-
-
-def effective_budget(configured: int | None, store: KvStore) -> int:
-    """The configured budget (None: no setting), capped to MAX_DISK_FRACTION of (free
-    disk + what the store already holds)."""
-    probe = store.root
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    used = store.usage().total if store.root.is_dir() else 0
-    cap = int((free + used) * MAX_DISK_FRACTION)
-    return cap if configured is None else min(configured, cap)
+        """Bring the store under `budget` bytes: blocks nothing names and prefix-cache entries
+        (least recently used first; an entry's block stays while a manifest names it), then
+        recent chats (oldest first; not with `cache_only`). Named sessions stay. Without
+        `wait` (the prefix cache never holds an answer) a busy store is left."""
+        return kv_evict.evict(self, budget, wait=wait, cache_only=cache_only)

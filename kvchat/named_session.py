@@ -112,6 +112,10 @@ class NamedSession:
         self.settings: ContextSettings | None = None
         # The settings' "rendering" group as the conversation renders now (kvchat.app sets it).
         self.rendering: dict[str, Any] = {}
+        # The digest of what changes the KV bytes (kvchat.prefix_cache.Fingerprint) of the
+        # model loaded here, set by its backend before a save: the key the prefix cache's
+        # blocks have too. None: a server's session, or no model (an import).
+        self.kv_digest: bytes | None = None
 
     @property
     def exists(self) -> bool:
@@ -189,18 +193,23 @@ class NamedSession:
         return session.restore_from_messages(self.saved.record)
 
     def fingerprint_of(self, record: dict[str, Any]) -> bytes:
-        # A server's slot file is this session's own: its record is not another's.
-        salt = self.server_file_name() if "server" in record["model"] else ""
-        return saved_sessions.fingerprint(record, salt)
+        """The digest a save keys its blocks by: the loaded model's KV fingerprint, shared
+        with the prefix cache; a server's slot file is this session's own (salted)."""
+        if "server" in record["model"]:
+            return saved_sessions.fingerprint(record, self.server_file_name())
+        return self.kv_digest if self.kv_digest is not None else saved_sessions.fingerprint(record)
 
     def _loader(self) -> StateLoader:
-        """Restore the manifest's chain block by block; a damaged block ends it there
-        (the conversation evaluates the rest) and is reported in `damage_notice`."""
+        """Restore the manifest's chain block by block, each checked against the
+        manifest's own fingerprint (`check` compared the model and settings: a session
+        saved under an older digest still restores; its next save writes its blocks
+        under the current one); a damaged block ends it there (the conversation
+        evaluates the rest) and is reported in `damage_notice`."""
         assert self.saved is not None and self.saved.manifest is not None
         manifest = self.saved.manifest
 
         def load(sink: RangeSink) -> int:
-            restored = self.store.restore(manifest, sink, self.fingerprint_of(manifest.record))
+            restored = self.store.restore(manifest, sink)
             damage = restored.damage
             if damage is not None:
                 others = [n for _, n in damage.affected if n != self.name]

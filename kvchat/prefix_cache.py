@@ -24,15 +24,18 @@ WINDOW_EVERY blocks; other segments there serve only as parents ("resumable"
 false). Recurrent and hybrid models are skipped with a reason, as is any state
 kv_state cannot cut.
 
-On disk (`<data dir>/kv-store/prefix/`, inside the KV store): one file per segment (`<key>.kvp`: magic,
-format version, JSON header, tokens, parts, SHA-256), written to a temp file,
-fsynced and renamed; `index.json` (written the same way) lists the entries with
-size, last use and hits, and is changed only under an exclusive `flock` on
-`index.lock` taken with a timeout, so two processes never corrupt it and never
-wait on each other for long. A file that fails its checksum, a foreign format
-or a broken chain is dropped and removed. Least-recently used segments (and
-their descendants, useless without them) are evicted past the KV store's one
-budget, together with its unreferenced blocks (kvchat.kv_store.KvStore.evict).
+On disk, in the KV store (`<data dir>/kv-store/`, kvchat.prefix_store): each
+segment is one of the store's blocks (`blocks/<2 hex>/<key>.kvb`): a plain KV
+model's is the very block a session save writes for those cells, keyed by
+kvchat.kv_files.block_keys over the same fingerprint digest, so a session that
+starts with a cached prompt shares it. `prefix/index.json` lists the entries
+(key, parent, span, block, size, last use, hits), changed only under an exclusive
+`flock` on `prefix/index.lock` taken with a timeout, so two processes never corrupt
+it and never wait on each other for long. A block that fails its checks or a
+broken chain is dropped. Least-recently used entries (and their descendants,
+useless without them) leave the index past the KV store's one budget; their
+blocks go with them unless a conversation's manifest names them
+(kvchat.kv_store.KvStore.evict).
 """
 
 from __future__ import annotations
@@ -46,27 +49,24 @@ from typing import Protocol
 
 from kvchat import kv_state, settings
 from kvchat.errors import KvchatError
+from kvchat.kv_files import RANGE, block_keys
+from kvchat.kv_store import KvStore, effective_budget
 from kvchat.prefix_store import (
     PART_DELTA,
     PART_NONE,
     PART_WHOLE,
-    SUFFIX,
+    PARTS,
+    PARTS_BARE,
     EntryError,
     IndexEntry,
     Segment,
     Store,
-    cache_dir,
-    effective_limit,
-    entry_path,
-    read_segment,
-    token_bytes,
-    write_segment,
+    prefix_keys,
 )
 
 # Names tests and the CLI read from here (the files themselves: kvchat.prefix_store).
-__all__ = ["BLOCK_TOKENS", "MIN_PREFIX_TOKENS", "SUFFIX", "WINDOW_EVERY", "EntryError", "Fingerprint",
-           "IndexEntry", "PrefillResult", "PrefixCache", "Segment", "Store", "cache_dir", "prefix_keys",
-           "read_segment", "write_segment"]
+__all__ = ["BLOCK_TOKENS", "MIN_PREFIX_TOKENS", "WINDOW_EVERY", "EntryError", "Fingerprint",
+           "IndexEntry", "PrefillResult", "PrefixCache", "Segment", "Store", "prefix_keys"]
 
 # Every BLOCK_TOKENS positions a prompt gets a boundary, so prompts that share a
 # start but differ later still find the blocks before they diverge.
@@ -74,8 +74,8 @@ BLOCK_TOKENS = 512
 # Shorter prompts are not stored: restoring is cheap, but an entry under this
 # costs more in files and index churn than its prefill (see README: measured).
 MIN_PREFIX_TOKENS = 256
-# The cache's own limit where it stands alone, outside the KV store and its budget
-# (prefix_cache_size's table default, when one is set, wins).
+# The store's budget when the cache evicts on its own (no `evict` given: tests and
+# benchmarks; prefix_cache_size's table default, when one is set, wins).
 DEFAULT_LIMIT = 4 * 1024**3
 # Sliding-window models: a window costs as much as n_swa tokens of every window
 # layer, so it is kept only where a prompt is likely to resume: at marks (system
@@ -100,11 +100,14 @@ class PrefixEngine(Protocol):
 
 @dataclass(frozen=True)
 class Fingerprint:
-    """Everything that changes the KV bytes of a prefix (not what merely bounds them).
+    """Everything that changes the KV bytes of a prefix or a conversation (not what
+    merely bounds them): the one fingerprint the KV store keys blocks by, for the
+    prefix cache and sessions alike (kvchat.named_session).
 
     n_ctx is not here: a state holds cells, not the context size, and loads into any
-    context with room for it. The llama-cpp-python version pins the vendored
-    llama.cpp, whose state format and kernels both matter.
+    context with room for it. Nor is the model's file name (shown, not hashed): a
+    file moved or renamed holds the same weights. The llama-cpp-python version pins
+    the vendored llama.cpp, whose state format and kernels both matter.
     """
 
     model_sha256: str
@@ -119,17 +122,8 @@ class Fingerprint:
     backend: str
 
     def digest(self) -> bytes:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).digest()
-
-
-def prefix_keys(fp_digest: bytes, tokens: Sequence[int]) -> list[str]:
-    """keys[i] names the prefix tokens[:i] (keys[0] is the empty prefix)."""
-    sha = hashlib.sha256(fp_digest)
-    keys = [sha.hexdigest()]
-    for token in tokens:
-        sha.update(token_bytes([token]))
-        keys.append(sha.copy().hexdigest())
-    return keys
+        fields = {k: v for k, v in asdict(self).items() if k != "model_name"}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).digest()
 
 
 @dataclass
@@ -157,10 +151,10 @@ class PrefixCache:
         if limit_bytes is None:
             limit_bytes = settings.default("prefix_cache_size") or DEFAULT_LIMIT
         self.limit_bytes: int = limit_bytes
-        # What keeps the disk bounded after a store: kvchat's own cache lives in the KV
-        # store and evicts with its one budget (kvchat.kv_store.KvStore.evict); without
-        # `evict`, the cache alone is held to `limit_bytes`.
-        self.evict = evict or (lambda: self.store.evict(effective_limit(self.limit_bytes, self.store)))
+        # What keeps the disk bounded after a store: the cache lives in the KV store and
+        # evicts with its one budget (kvchat.kv_store.KvStore.evict); without `evict`,
+        # the store is held to `limit_bytes`.
+        self.evict = evict or self._evict
         self.min_tokens = min_tokens
         self.block_tokens = block_tokens
         self.skip_reason = _skip_reason(memory_kind)
@@ -168,6 +162,10 @@ class PrefixCache:
         # (llama-kv-cache-iswa.cpp): that one is kept whole or not at all, never cut.
         self.window_part = 1 if memory_kind == "swa" else None
         self._pending: list[Segment] = []
+
+    def _evict(self) -> object:
+        store = KvStore(self.store.root)
+        return store.evict(effective_budget(self.limit_bytes, store), wait=False)
 
     # -- lookup --------------------------------------------------------------------------
 
@@ -203,26 +201,17 @@ class PrefixCache:
     def _read_chain(self, chain: list[IndexEntry], tokens: Sequence[int]) -> list[Segment] | None:
         segments = []
         for entry in chain:
-            path = entry_path(self.store.folder, entry.key)
-            try:
-                # The size the index recorded, checked before the file is read at all.
-                if path.stat().st_size != entry.bytes:
-                    raise EntryError(f"{path.name} is not the size its index records")
-                seg = read_segment(path)
-            except (EntryError, OSError):
-                self.store.remove_entries({entry.key})
+            try:  # its size, key, span, tokens and fingerprint checked (the size first)
+                segments.append(self.store.read_segment(entry, tokens))
+            except EntryError as exc:
+                self.store.remove_entries({entry.key}, damaged=exc.damaged)
                 return None
-            if seg.tokens != list(tokens[seg.start : seg.end]) or seg.key != entry.key:
-                self.store.remove_entries({entry.key})
-                return None
-            segments.append(seg)
         return segments
 
     def assemble(self, segments: list[Segment]) -> bytes:
         """The sequence state at the end of the last segment, joined from the chain."""
         last = segments[-1]
-        header = bytes.fromhex(last.header["state_header"])
-        out = [header]
+        out = [last.state_header]
         for i, (kind, data) in enumerate(last.parts):
             if kind == PART_WHOLE:
                 out.append(data)
@@ -291,9 +280,21 @@ class PrefixCache:
                 break
             parent = keys[point]
         engine.eval(tokens[done:], _offset(progress, done, len(tokens)))
+        self._name_blocks([s for s in self._pending if not s.block], tokens)
         result.stored_tokens = sum(s.end - s.start for s in self._pending)
         result.skipped = self.skip_reason
         return result
+
+    def _name_blocks(self, segments: list[Segment], tokens: Sequence[int]) -> None:
+        """Each segment's block kind and key. A window model's segment without its window
+        is another kind than one with it: the same span, other bytes, another key."""
+        for seg in segments:
+            seg.kind = RANGE if self.window_part is None else PARTS if seg.resumable else PARTS_BARE
+        for kind in {seg.kind for seg in segments}:
+            group = [seg for seg in segments if seg.kind == kind]
+            spans = [(seg.start, seg.end) for seg in group]
+            for seg, block in zip(group, block_keys(self.fp_digest, tokens, spans, kind), strict=True):
+                seg.block = block
 
     def _snapshot(self, engine: PrefixEngine, tokens: Sequence[int], keys: list[str], parent: str,
                   start: int, end: int, keep_window: bool) -> bool:
@@ -315,42 +316,49 @@ class PrefixCache:
         except kv_state.StateFormatError as exc:
             self.skip_reason = f"cannot cut this model's KV state ({exc})"
             return False
-        resumable = all(kind != PART_NONE for kind, _ in parts)
-        header = {"fingerprint": self.fp_hex, "model": self.fingerprint.model_name,
-                  "state_header": state.header.hex(), "created": time.time(), "resumable": resumable}
-        self._pending.append(Segment(keys[end], parent, start, end, list(tokens[start:end]), parts, header))
+        self._pending.append(Segment(keys[end], parent, start, end, list(tokens[start:end]), parts,
+                                     state.header))
         return True
 
     def commit(self) -> int:
-        """Write the snapshots taken by `prefill` and evict past the limit; returns bytes
-        written. Call after the answer, so that writing never delays the first token."""
+        """Write the snapshots taken by `prefill` and evict past the budget; returns bytes
+        written. Call after the answer, so that writing never delays the first token.
+        A block already in the store (this cache's, or a session's with the same cells)
+        is not written again: the index names it."""
         pending, self._pending = self._pending, []
         if not pending:
             return 0
-        folder = self.store.folder
-        folder.mkdir(parents=True, exist_ok=True)
-        known = self.store.read_index()
-        written: dict[str, IndexEntry] = {}
-        for seg in pending:
-            old = known.get(seg.key)
-            if old is not None and (old.resumable or not seg.header["resumable"]) \
-                    and entry_path(folder, seg.key).exists():
-                continue  # content-addressed: stored already (by this or another process)
-            size = write_segment(folder, seg)
-            now = time.time()
-            written[seg.key] = IndexEntry(seg.key, seg.parent, seg.start, seg.end, self.fp_hex,
-                                          self.fingerprint.model_name, size, now, now,
-                                          resumable=bool(seg.header["resumable"]))
+        written = 0
+        added: dict[str, IndexEntry] = {}
+        with self.store.store_lock() as held:
+            if not held:  # the store is being collected: this prompt is not cached
+                return 0
+            known = self.store.read_index()
+            for seg in pending:
+                old = known.get(seg.key)
+                path = self.store.block_path(seg.block)
+                if old is not None and old.block == seg.block and (old.resumable or not seg.resumable) \
+                        and path.exists():
+                    continue  # content-addressed: stored already (by this or another process)
+                if path.is_file():
+                    size = path.stat().st_size
+                else:
+                    size = self.store.write_segment(seg, self.fp_hex)
+                    written += size
+                now = time.time()
+                added[seg.key] = IndexEntry(seg.key, seg.parent, seg.start, seg.end, self.fp_hex,
+                                            self.fingerprint.model_name, size, now, now,
+                                            resumable=seg.resumable, block=seg.block, kind=seg.kind)
 
-        def add(entries: dict[str, IndexEntry]) -> None:
-            for key, entry in written.items():
-                if key not in entries or (entry.resumable and not entries[key].resumable):
-                    entries[key] = entry
+            def add(entries: dict[str, IndexEntry]) -> None:
+                for key, entry in added.items():
+                    if key not in entries or (entry.resumable and not entries[key].resumable):
+                        entries[key] = entry
 
-        if written:
-            self.store.update(add)
+            if added:
+                self.store.update(add)
         self.evict()
-        return sum(e.bytes for e in written.values())
+        return written
 
     def _touch(self, keys: list[str]) -> None:
         now = time.time()

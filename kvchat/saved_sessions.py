@@ -31,8 +31,10 @@ def kind_of(name: str) -> str:
 
 
 def fingerprint(record: dict[str, Any], salt: str = "") -> bytes:
-    """What a conversation's KV bytes depend on: the model file and the context
-    settings (`salt`: anything else, such as a server's slot file)."""
+    """A conversation's digest from its record alone: the model file and the context
+    settings (`salt`: anything else, such as a server's slot file). For sessions on a
+    server and imports; a model loaded here keys by its KV fingerprint instead
+    (kvchat.named_session.NamedSession.fingerprint_of)."""
     model = record["model"]
     key = json.dumps([model["sha256"], model["size"], record["settings"], salt], sort_keys=True)
     return hashlib.sha256(key.encode()).digest()

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from fake_kv_engine import FakeKvEngine
 
-from kvchat.prefix_cache import SUFFIX, Fingerprint, PrefixCache, Store
+from kvchat.prefix_cache import Fingerprint, PrefixCache, Store
+from kvchat.prefix_store import FORMAT_VERSION
 
 FP = Fingerprint("ab" * 32, "model.gguf", "f16", "f16", "off", False, 0, 512, 512, "0.3.36")
 
@@ -36,6 +37,11 @@ def run_prompt(folder: Path, tokens: list[int], marks: tuple[int, ...] = (),
 def doc(n: int, seed: int = 0) -> list[int]:
     rng = random.Random(seed)
     return [rng.randrange(1, 50000) for _ in range(n)]
+
+
+def block_files(root: Path) -> set[str]:
+    """The keys of the block files in the KV store at `root` (the cache's segments)."""
+    return {p.stem for p in (root / "blocks").glob("*/*.kvb")}
 
 
 def test_second_run_restores_the_shared_start_and_evaluates_the_rest(tmp_path: Path) -> None:
@@ -115,7 +121,7 @@ def test_lru_eviction_keeps_the_cache_under_its_limit(tmp_path: Path) -> None:
     assert run_prompt(tmp_path, doc(100, seed=1), marks=(90,))[0] == 90
     assert run_prompt(tmp_path, doc(100, seed=3), marks=(90,))[0] == 90
     assert run_prompt(tmp_path, doc(100, seed=2), marks=(90,), limit_bytes=1)[0] == 0
-    assert len(list(tmp_path.glob(f"*{SUFFIX}"))) == len(store.read_index())
+    assert block_files(tmp_path) == {e.block for e in store.read_index().values()}
 
 
 def test_evicting_a_block_drops_the_blocks_after_it(tmp_path: Path) -> None:
@@ -125,7 +131,7 @@ def test_evicting_a_block_drops_the_blocks_after_it(tmp_path: Path) -> None:
     root = next(k for k, e in entries.items() if e.start == 0)
     store.remove_entries({root})
     assert store.read_index() == {}
-    assert not list(tmp_path.glob(f"*{SUFFIX}"))
+    assert not block_files(tmp_path)
 
 
 def test_a_corrupt_entry_is_removed_and_the_prompt_evaluated(tmp_path: Path) -> None:
@@ -133,7 +139,7 @@ def test_a_corrupt_entry_is_removed_and_the_prompt_evaluated(tmp_path: Path) -> 
     run_prompt(tmp_path, tokens + [1], marks=(150,))
     store = Store(tmp_path)
     last = max(store.read_index().values(), key=lambda e: e.end)
-    path = tmp_path / f"{last.key}{SUFFIX}"
+    path = store.block_path(last.block)
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
@@ -148,9 +154,10 @@ def test_truncated_and_foreign_files_are_ignored(tmp_path: Path) -> None:
     run_prompt(tmp_path, tokens + [1], marks=(150,))
     store = Store(tmp_path)
     for entry in store.read_index().values():
-        path = tmp_path / f"{entry.key}{SUFFIX}"
+        path = store.block_path(entry.block)
         path.write_bytes(path.read_bytes()[:100])
-    (tmp_path / f"{'0' * 64}{SUFFIX}").write_bytes(b"not ours")
+    store.block_path("0" * 64).parent.mkdir(parents=True, exist_ok=True)
+    store.block_path("0" * 64).write_bytes(b"not ours")
     restored, _ = run_prompt(tmp_path, tokens + [2], marks=(150,))
     assert restored == 0
     assert run_prompt(tmp_path, tokens + [3], marks=(150,))[0] == 150
@@ -159,9 +166,10 @@ def test_truncated_and_foreign_files_are_ignored(tmp_path: Path) -> None:
 def test_a_damaged_index_is_rebuilt_from_the_entries(tmp_path: Path) -> None:
     tokens = doc(150)
     run_prompt(tmp_path, tokens + [1], marks=(150,))
-    (tmp_path / "index.json").write_text("{ broken")
+    index = Store(tmp_path).index_path
+    index.write_text("{ broken")
     assert run_prompt(tmp_path, tokens + [2], marks=(150,))[0] == 150
-    assert json.loads((tmp_path / "index.json").read_text())["format_version"] == 1
+    assert json.loads(index.read_text())["format_version"] == FORMAT_VERSION
 
 
 def _worker(folder: str, seed: int, rounds: int) -> int:
@@ -184,8 +192,8 @@ def test_two_processes_storing_and_reading_at_once(tmp_path: Path) -> None:
     assert sum(results) > 0
     store = Store(tmp_path)
     index = store.read_index()
-    files = {p.stem for p in tmp_path.glob(f"*{SUFFIX}")}
-    assert set(index) <= files  # every indexed entry exists (strays are cleaned later)
+    files = block_files(tmp_path)
+    assert {e.block for e in index.values()} <= files  # every indexed entry exists (strays are cleaned later)
     assert store.used_bytes() <= 60_000
 
 
@@ -227,7 +235,7 @@ def test_progress_counts_over_the_whole_prompt(tmp_path: Path) -> None:
 def test_piped_cache_list_is_tab_separated(kvchat, kv_env: dict[str, str]) -> None:  # noqa: ANN001
     from kvchat import config
 
-    folder = config.paths().prefix_cache_dir
+    folder = config.paths().data_dir / "kv-store"
     document = doc(200)
     run_prompt(folder, document + [7], marks=(128,))
     run_prompt(folder, document + [8], marks=(128,))
@@ -246,10 +254,18 @@ def test_cache_stats_paths_and_sessions_list_show_one_store_with_the_cache_in_it
     from kvchat.kv_store import RECENT, SESSION, KvStore
     from kvchat.units import format_bytes
 
-    old = Path(kv_env["KVCHAT_HOME"]) / "prefix-cache"  # where the cache was before it joined the store
-    run_prompt(old, doc(200) + [7], marks=(128,))
+    # The cache before its segments were store blocks: `.kvp` files, in its folder
+    # from before it joined the store and in the store's; removed on first use.
+    old = Path(kv_env["KVCHAT_HOME"]) / "prefix-cache"
+    old.mkdir(parents=True)
+    (old / f"{'a' * 64}.kvp").write_bytes(b"KVCHATPREFIX\n old")
+    folder = config.paths().prefix_cache_dir
+    folder.mkdir(parents=True)
+    (folder / f"{'b' * 64}.kvp").write_bytes(b"KVCHATPREFIX\n old")
+    (folder / "index.json").write_text(json.dumps({"format_version": 1, "entries": {}}))
+    run_prompt(folder.parent, doc(200) + [7], marks=(128,))
     stats = json.loads(kvchat("cache", "stats", "--json").stdout)
-    assert not old.exists() and stats["path"] == str(config.paths().prefix_cache_dir)
+    assert not old.exists() and not list(folder.glob("*.kvp")) and stats["path"] == str(folder)
     assert stats["entries"] == 3 and stats["bytes"] > 0
     assert stats["kv_store"]["prefix_cache_bytes"] == stats["bytes"] == stats["kv_store"]["bytes"]
     assert stats["effective_limit_bytes"] == stats["kv_store"]["budget_bytes"]

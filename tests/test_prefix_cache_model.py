@@ -17,7 +17,8 @@ from kvchat.cache_types import parse_cache_type
 from kvchat.conversation import TurnStats
 from kvchat.engine import Engine, EngineSettings
 from kvchat.engine_api import SamplingSettings
-from kvchat.prefix_cache import SUFFIX, Fingerprint, PrefixCache, Store, read_segment
+from kvchat.kv_files import read_block_head
+from kvchat.prefix_cache import Fingerprint, PrefixCache, Store
 from kvchat.session import Session
 
 F16 = parse_cache_type("f16")
@@ -144,8 +145,10 @@ def test_gemma_sliding_window_resumes_exactly(gemma_path: Path, tmp_path: Path) 
             assert cached == plain, question
             results.append(stats.prefix_cache_tokens)
         assert results[0] == 0 and results[1] > 512
-        entries = Store(tmp_path).read_index().values()
-        kinds = {kind for e in entries for kind, _ in read_segment(tmp_path / f"{e.key}{SUFFIX}").parts}
+        store = Store(tmp_path)
+        entries = store.read_index().values()
+        own = {e.key: read_block_head(store.block_path(e.block)).tokens for e in entries}
+        kinds = {kind for e in entries for kind, _ in store.read_segment(e, [0] * e.start + own[e.key]).parts}
         # Full-attention cells cut into segments; the window kept whole at the piped
         # document's end, and not at the block boundary (768) just before it.
         assert kinds == {0, 1, 2}

@@ -11,7 +11,7 @@ import pytest
 from fake_kv_engine import FakeKvEngine
 from test_prefix_cache import cache, doc, run_prompt
 
-from kvchat.prefix_store import INDEX_NAME, SUFFIX, Store
+from kvchat.prefix_store import Store
 
 BROKEN = {
     "a list": "[]",
@@ -28,19 +28,19 @@ BROKEN = {
 def test_any_broken_index_is_rebuilt_from_the_entries(tmp_path: Path, content: str) -> None:
     tokens = doc(200)
     run_prompt(tmp_path, tokens + [1], marks=(200,))
-    (tmp_path / INDEX_NAME).write_text(content)
+    Store(tmp_path).index_path.write_text(content)
     restored, engine = run_prompt(tmp_path, tokens + [2], marks=(200,))
     assert restored == 200 and engine.cells == tokens + [2]
     assert Store(tmp_path).clear() > 0 and Store(tmp_path).read_index() == {}
 
 
 def test_an_index_that_is_a_folder_costs_the_cache_and_clear_repairs_it(tmp_path: Path) -> None:
-    (tmp_path / INDEX_NAME).mkdir()
+    Store(tmp_path).index_path.mkdir(parents=True)
     tokens = doc(200)
     run_prompt(tmp_path, tokens + [1], marks=(200,))  # answered; the index could not be written
     run_prompt(tmp_path, tokens + [2], marks=(200,))
     Store(tmp_path).clear()
-    assert (tmp_path / INDEX_NAME).is_file()
+    assert Store(tmp_path).index_path.is_file()
     run_prompt(tmp_path, tokens + [1], marks=(200,))
     assert run_prompt(tmp_path, tokens + [3], marks=(200,))[0] == 200  # works again
 
@@ -54,6 +54,7 @@ def test_a_read_only_cache_folder_answers_without_the_cache(tmp_path: Path,
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr("kvchat.prefix_store.atomic_write", refused)
+    monkeypatch.setattr("kvchat.kv_files.atomic_write", refused)  # its segments are store blocks
     pc = cache(tmp_path)
     engine = FakeKvEngine()
     got = pc.prefill(engine, tokens + [2], (200,))  # lookups, hits and their bookkeeping: no error
@@ -70,7 +71,7 @@ def test_a_segment_of_another_size_than_recorded_is_never_read(tmp_path: Path) -
     run_prompt(tmp_path, tokens + [1], marks=(200,))
     entries = Store(tmp_path).read_index()
     first = next(e for e in entries.values() if e.start == 0)
-    segment = tmp_path / f"{first.key}{SUFFIX}"
+    segment = Store(tmp_path).block_path(first.block)
     with segment.open("ab") as fh:
         fh.truncate(segment.stat().st_size + 64 * 1024 * 1024)  # sparse: a huge file
     restored, engine = run_prompt(tmp_path, tokens + [2], marks=(200,))

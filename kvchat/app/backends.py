@@ -160,6 +160,7 @@ class LocalBackend:
         self.request = request
         self._settings = s
         self.prefix_cache: PrefixCache | None = None
+        self._kv_digest: bytes | None = None
 
     @property
     def label(self) -> str:
@@ -229,7 +230,13 @@ class LocalBackend:
         return None  # the KV state is restored here, or --rebuild said what it re-evaluates
 
     def before_save(self, named: NamedSession) -> None:
-        return None
+        # Blocks keyed as the prefix cache keys them: a session that starts with a
+        # cached prompt names the cache's blocks instead of writing them again.
+        if self._kv_digest is None:
+            from kvchat.app.lifecycle import kv_fingerprint
+
+            self._kv_digest = kv_fingerprint(self.engine, self.request).digest()
+        named.kv_digest = self._kv_digest
 
     def set_json_schema(self, schema: str) -> None:
         from kvchat.errors import UsageError

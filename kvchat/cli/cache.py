@@ -79,7 +79,7 @@ def stats_cmd(as_json: JsonOpt = False) -> None:
         "enabled": s.prefix_cache,
         "entries": len(entries),
         "tokens": sum(e.end - e.start for e in entries),
-        "bytes": sum(e.bytes for e in entries),
+        "bytes": store.used_bytes(),  # each block once (a session may share some: `sessions list`)
         # The one budget of the KV store the cache lives in (no limit of its own).
         "limit_bytes": kv_store["configured_bytes"],
         "effective_limit_bytes": kv_store["budget_bytes"],
@@ -104,7 +104,7 @@ def stats_cmd(as_json: JsonOpt = False) -> None:
 @cache_app.command("clear")
 def clear_cmd(yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False) -> None:
     """Delete every stored prefix, and the KV store's blocks no session names (the cache
-    both make up in the store's one budget)."""
+    both make up in the store's one budget). A block a session names stays its own."""
     from kvchat.kv_store import KvStore
     from kvchat.prefix_store import Store
 
@@ -114,8 +114,10 @@ def clear_cmd(yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.
             raise UsageError("not clearing the prefix cache without confirmation", hint="add --yes")
         if not typer.confirm("Delete every entry of the prefix cache?", default=False, err=True):
             raise typer.Exit(1)
-    freed = Store().clear()
     store = KvStore()
+    before = store.usage().total if store.root.is_dir() else 0
+    Store().clear()
     if store.root.is_dir():
-        freed += store.evict(0, cache_only=True).freed
+        store.evict(0, cache_only=True)
+    freed = before - (store.usage().total if store.root.is_dir() else 0)
     env.stderr.write(f"prefix cache cleared ({format_bytes(freed)} freed)\n")
