@@ -19,15 +19,30 @@ from __future__ import annotations
 import contextlib
 import shutil
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from kvchat.kv_files import BLOCK_SUFFIX, RECENT, SESSION, Link
-from kvchat.prefix_store import IndexEntry, with_descendants
+from kvchat.prefix_store import IndexEntry, Store, with_descendants
 
-if TYPE_CHECKING:
-    from kvchat.kv_store import KvStore
+
+class KvStore(Protocol):
+    """What usage and eviction read and delete in the KV store (kvchat.kv_store.KvStore,
+    which calls them with itself: a protocol, so that this module needs no import of it)."""
+
+    root: Path
+    prefix: Store
+
+    def block_path(self, key: str) -> Path: ...
+    def manifest_path(self, kind: str, name: str) -> Path: ...
+    def usage(self) -> Usage: ...
+    def _lock(self, exclusive: bool, *, wait: bool = ...,
+              within: float = ...) -> AbstractContextManager[bool]: ...
+    def _refs(self) -> tuple[dict[tuple[str, str], tuple[float, list[Link]]], list[tuple[str, str]]]: ...
+    def _manifest_size(self, kind: str, name: str) -> int: ...
+
 
 # The default budget is at most this share of (free disk + the store's own size).
 MAX_DISK_FRACTION = 0.5

@@ -174,7 +174,7 @@ class KvStore:
 
     def __init__(self, root: Path | None = None, *, block_tokens: int = BLOCK_TOKENS) -> None:
         self.root = root or store_dir()
-        self.prefix = prefix_store.Store(self.root)
+        self.prefix = prefix_store.Store(self.root, collect=self._collect)
         self.block_tokens = block_tokens
         self.bytes_written = 0  # over the store object's life: what the tests measure
 

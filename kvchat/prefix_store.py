@@ -146,9 +146,14 @@ class Store:
     """The prefix cache's index in the KV store at `root`, and its blocks there,
     shared safely between processes."""
 
-    def __init__(self, root: Path | None = None) -> None:
+    def __init__(self, root: Path | None = None, *,
+                 collect: Callable[[set[str]], None] | None = None) -> None:
+        """`collect` deletes those of the given blocks that nothing names any more (the
+        KV store passes its own, kvchat.kv_store.KvStore.prefix); without it, blocks
+        this store lets go of wait for the store's next eviction."""
         self.root = root or store_root()
         self.folder = self.root / PREFIX_DIR
+        self._collect_blocks = collect
 
     @property
     def index_path(self) -> Path:
@@ -304,9 +309,8 @@ class Store:
         return True
 
     def _collect(self, blocks: set[str]) -> None:
-        from kvchat.kv_store import KvStore  # the store builds on this module
-
-        KvStore(self.root)._collect(blocks)
+        if self._collect_blocks is not None:
+            self._collect_blocks(blocks)
 
     def repair(self) -> dict[str, IndexEntry]:
         """Drop broken chains (an entry whose parent is gone, and all after it);

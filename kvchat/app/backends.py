@@ -233,7 +233,7 @@ class LocalBackend:
         # Blocks keyed as the prefix cache keys them: a session that starts with a
         # cached prompt names the cache's blocks instead of writing them again.
         if self._kv_digest is None:
-            from kvchat.app.lifecycle import kv_fingerprint
+            from kvchat.app.load import kv_fingerprint
 
             self._kv_digest = kv_fingerprint(self.engine, self.request).digest()
         named.kv_digest = self._kv_digest

@@ -15,6 +15,7 @@ from kvchat.app.backends import Backend, LlamaServerBackend, LocalBackend, Messa
 from kvchat.app.load import (
     Warn,
     expected_context,
+    kv_fingerprint,
     load_engine,
     resolve_load,
     sampling_of,
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from kvchat.kv_files import Manifest
     from kvchat.kv_store import KvStore
     from kvchat.named_session import NamedSession
-    from kvchat.prefix_cache import Fingerprint, PrefixCache
+    from kvchat.prefix_cache import PrefixCache
 
 
 @dataclass
@@ -326,30 +327,8 @@ def open_prefix_cache(engine: Engine, request: LoadRequest, s: Settings) -> Pref
     # The cache's segments live in the KV store and count against its one budget: a
     # store evicts there (least recently used segments and unreferenced blocks first),
     # never waiting on a save in progress.
-    return PrefixCache(kv_fingerprint(engine, request), memory_kind=engine.memory_kind,
+    return PrefixCache(kv_fingerprint(engine, request), memory_kind=engine.memory_kind, store=store.prefix,
                        evict=lambda: store.evict(effective_budget(s.store_budget, store), wait=False))
-
-
-def kv_fingerprint(engine: Engine, request: LoadRequest) -> Fingerprint:
-    """Everything that changes the KV bytes of a prefix for this engine: the model
-    file's hash and the settings the context was really created with."""
-    from kvchat.engine import backend_version, supports_gpu_offload
-    from kvchat.prefix_cache import Fingerprint
-    from kvchat.session_store import model_identity
-
-    e = engine.settings
-    return Fingerprint(
-        model_sha256=model_identity(request.model_path)["sha256"],
-        model_name=request.model_path.name,
-        type_k=e.type_k.name,
-        type_v=e.type_v.name,
-        flash_attn=engine.flash_attn,
-        swa_full=e.swa_full,
-        n_gpu_layers=e.n_gpu_layers if supports_gpu_offload() else 0,
-        n_batch=e.n_batch,
-        n_ubatch=e.n_ubatch,
-        backend=backend_version(),
-    )
 
 
 def switch_conversation(flags: Mapping[str, Any], warn: Warn, name: str | None, sampling: SamplingSettings,

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from kvchat.memory import Budget, PlanSettings
     from kvchat.model_spec import ModelSpec
     from kvchat.named_session import ContextSettings
+    from kvchat.prefix_cache import Fingerprint
 
 Warn = Callable[[str], None]
 
@@ -279,3 +280,25 @@ def bench_engine_factory(request: LoadRequest, flash_attn: Mapping[CachePair, st
         return load_engine(asked, warn, verbose=verbose)
 
     return load
+
+
+def kv_fingerprint(engine: Engine, request: LoadRequest) -> Fingerprint:
+    """Everything that changes the KV bytes of a prefix for this engine: the model
+    file's hash and the settings the context was really created with."""
+    from kvchat.engine import backend_version, supports_gpu_offload
+    from kvchat.prefix_cache import Fingerprint
+    from kvchat.session_store import model_identity
+
+    e = engine.settings
+    return Fingerprint(
+        model_sha256=model_identity(request.model_path)["sha256"],
+        model_name=request.model_path.name,
+        type_k=e.type_k.name,
+        type_v=e.type_v.name,
+        flash_attn=engine.flash_attn,
+        swa_full=e.swa_full,
+        n_gpu_layers=e.n_gpu_layers if supports_gpu_offload() else 0,
+        n_batch=e.n_batch,
+        n_ubatch=e.n_ubatch,
+        backend=backend_version(),
+    )

@@ -172,7 +172,7 @@ class ServedModel:
     they share the one KV cache, so using one clears the other's) and the store."""
 
     def __init__(self, backend: LocalBackend, s: Settings, warn: Warn) -> None:
-        from kvchat.app.lifecycle import kv_fingerprint
+        from kvchat.app.load import kv_fingerprint
         from kvchat.session import Session
 
         self.backend = backend

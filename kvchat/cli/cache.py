@@ -106,7 +106,6 @@ def clear_cmd(yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.
     """Delete every stored prefix, and the KV store's blocks no session names (the cache
     both make up in the store's one budget). A block a session names stays its own."""
     from kvchat.kv_store import KvStore
-    from kvchat.prefix_store import Store
 
     env = Environment()
     if not yes:
@@ -116,7 +115,7 @@ def clear_cmd(yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.
             raise typer.Exit(1)
     store = KvStore()
     before = store.usage().total if store.root.is_dir() else 0
-    Store().clear()
+    store.prefix.clear()
     if store.root.is_dir():
         store.evict(0, cache_only=True)
     freed = before - (store.usage().total if store.root.is_dir() else 0)
