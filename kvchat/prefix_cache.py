@@ -147,7 +147,7 @@ class PrefixCache:
         self.fingerprint = fingerprint
         self.fp_digest = fingerprint.digest()
         self.fp_hex = self.fp_digest.hex()
-        self.store = store or Store()
+        self.store = store or KvStore().prefix
         if limit_bytes is None:
             limit_bytes = settings.default("prefix_cache_size") or DEFAULT_LIMIT
         self.limit_bytes: int = limit_bytes

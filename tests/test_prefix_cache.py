@@ -12,6 +12,7 @@ from pathlib import Path
 
 from fake_kv_engine import FakeKvEngine
 
+from kvchat.kv_store import KvStore
 from kvchat.prefix_cache import Fingerprint, PrefixCache, Store
 from kvchat.prefix_store import FORMAT_VERSION
 
@@ -21,7 +22,7 @@ FP = Fingerprint("ab" * 32, "model.gguf", "f16", "f16", "off", False, 0, 512, 51
 def cache(folder: Path, fp: Fingerprint = FP, **kw: int) -> PrefixCache:
     kw.setdefault("min_tokens", 32)
     kw.setdefault("block_tokens", 64)
-    return PrefixCache(fp, store=Store(folder), **kw)
+    return PrefixCache(fp, store=KvStore(folder).prefix, **kw)  # as the app makes it
 
 
 def run_prompt(folder: Path, tokens: list[int], marks: tuple[int, ...] = (),
@@ -126,7 +127,7 @@ def test_lru_eviction_keeps_the_cache_under_its_limit(tmp_path: Path) -> None:
 
 def test_evicting_a_block_drops_the_blocks_after_it(tmp_path: Path) -> None:
     run_prompt(tmp_path, doc(200), marks=(150,))
-    store = Store(tmp_path)
+    store = KvStore(tmp_path).prefix
     entries = store.read_index()
     root = next(k for k, e in entries.items() if e.start == 0)
     store.remove_entries({root})
