@@ -35,8 +35,10 @@ checks that it runs.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
+import pstats
 import tempfile
 import threading
 import time
@@ -204,7 +206,8 @@ class Bench:
             words = max(16, min(1000, n_tokens - len(session.tokens)) // 5)
             session.send(text_of(words, seed + len(session.tokens))).text()
 
-    def per_turn(self, sizes: list[int], folder: Path, cold_at: int) -> list[dict[str, Any]]:
+    def per_turn(self, sizes: list[int], folder: Path, cold_at: int,
+                 profile: bool = False) -> list[dict[str, Any]]:
         from kvchat import session_store
 
         rows = []
@@ -215,13 +218,20 @@ class Bench:
             self.grow(session, size, seed=size)
             named.save(session, self.engine.n_ctx)  # the history saved as of the last turn
             session.send(text_of(8, size + 1)).text()  # one short turn
+            profiler = cProfile.Profile() if profile and size == sizes[-1] else None
             with measured() as sync:
+                if profiler is not None:
+                    profiler.enable()
                 pending = named.prepare_save(session, self.engine.n_ctx)  # reply end -> prompt
+                if profiler is not None:
+                    profiler.disable()
             new_cells = pending.new_bytes  # the turn's cells as llama.cpp serialises them
             with measured() as write:
                 writer = threading.Thread(target=named.finish_save, args=(pending,))
                 writer.start()
                 writer.join()
+            if profiler is not None:  # where the reply-end-to-prompt time goes at the longest history
+                pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
             record = {**session.to_record(), "model": self.identity, "settings": self.settings.as_record()}
             with measured() as before:
                 state = self.engine.state_bytes()
@@ -322,6 +332,7 @@ def main() -> None:
     parser.add_argument("--recent", type=int, default=20)
     parser.add_argument("--recent-tokens", type=int, default=4096)
     parser.add_argument("--cold-at", type=int, default=8192, help="time a cold prefill at this history only")
+    parser.add_argument("--profile", action="store_true", help="profile the save's read at the last size")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -341,7 +352,7 @@ def main() -> None:
             n_ctx = ((max(max(sizes), args.recent_tokens) + 1024) // 256 + 1) * 256
             bench = Bench(model, args.threads, n_ctx)
             try:
-                rows = bench.per_turn(sizes, Path(home), args.cold_at)
+                rows = bench.per_turn(sizes, Path(home), args.cold_at, args.profile)
                 recent = bench.recent_chats(args.recent, args.recent_tokens, Path(home))
             finally:
                 bench.close()

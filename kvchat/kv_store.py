@@ -52,6 +52,7 @@ Layout under `<data dir>/kv-store/` (file formats: kvchat.kv_files):
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -176,12 +177,20 @@ class KvStore:
         self.root = root or store_dir()
         self.prefix = prefix_store.Store(self.root, collect=self._collect)
         self.block_tokens = block_tokens
+        self._blocks_dir = str(kv_files.block_path(self.root, "00").parent.parent)
+        self._hashed = kv_files.PrefixHash()  # the token prefix hashed at the last save
         self.bytes_written = 0  # over the store object's life: what the tests measure
 
     # -- paths ------------------------------------------------------------------------
 
     def block_path(self, key: str) -> Path:
         return kv_files.block_path(self.root, key)
+
+    def has_block(self, key: str) -> bool:
+        """Whether the block `key` is on disk. A save asks this of every block its
+        chain keeps (history / 256 of them): one stat of a path built as a string,
+        not through pathlib (3 us a block instead of 50; at 16k tokens, milliseconds)."""
+        return os.path.isfile(f"{self._blocks_dir}/{key[:2]}/{key}{BLOCK_SUFFIX}")
 
     def manifest_path(self, kind: str, name: str) -> Path:
         if kind not in KINDS:
@@ -286,7 +295,7 @@ class KvStore:
                 kept = self._extended(own, fingerprint, tokens, n)
                 pending.found = len(kept) - len(own)
                 spans = cut_spans(kept[-1].end if kept else 0, n, self.block_tokens)
-                keys = block_keys(fingerprint, tokens, spans)
+                keys = block_keys(fingerprint, tokens, spans, memo=self._hashed)
                 pending.new = [(Link(key, a, b), source.state_range_bytes(a, b))
                                for (a, b), key in zip(spans, keys, strict=True)]
                 pending.kept = kept
@@ -312,12 +321,12 @@ class KvStore:
         with self._lock(exclusive=False):
             chain: list[Link] = []
             for link in p.kept:
-                if not self.block_path(link.key).is_file():
+                if not self.has_block(link.key):
                     break
                 chain.append(link)
             if len(chain) == len(p.kept):
                 for link, state in p.new:
-                    if self.block_path(link.key).is_file():
+                    if self.has_block(link.key):
                         shared += 1
                     else:
                         self.write_block(link, p.fingerprint, p.tokens[link.start:link.end], state)
@@ -337,7 +346,7 @@ class KvStore:
         same = common_prefix(previous.tokens, tokens)
         kept = []
         for link in previous.chain:
-            if link.kind != RANGE or link.end > same or not self.block_path(link.key).is_file():
+            if link.kind != RANGE or link.end > same or not self.has_block(link.key):
                 break
             kept.append(link)
         return kept
@@ -357,9 +366,9 @@ class KvStore:
         while at < n:
             aligned = cut_spans(at, n, self.block_tokens)[0][1]
             spans = [(at, end) for end in sorted(ends.get(at, set()) | {aligned})]
-            keys = block_keys(fingerprint, tokens, spans)
+            keys = block_keys(fingerprint, tokens, spans, memo=self._hashed)
             found = [Link(key, a, b) for (a, b), key in zip(spans, keys, strict=True)
-                     if self.block_path(key).is_file()]
+                     if self.has_block(key)]
             if not found:
                 break
             kept.append(found[-1])

@@ -444,3 +444,18 @@ def test_prefix_cache_segments_share_the_one_budget_least_recently_used_first(tm
     pc.commit()
     assert store.prefix.read_index() and before < store.usage().total <= budget[0]
     assert restored(store, "keep")[0].cells == named.cells
+
+
+def test_block_keys_with_a_memo_equal_the_keys_hashed_from_the_start() -> None:
+    """A save resumes the token prefix's hash where the last one stopped; after an undo,
+    an edit or another fingerprint it must hash from the start again."""
+    from kvchat.kv_files import PrefixHash, block_keys
+
+    memo = PrefixHash()
+    history = list(range(1000))
+    edited = history[:300] + [7] * 500
+    for fp, tokens, spans in ((b"a", history, [(0, 256), (256, 512)]), (b"a", history, [(512, 700)]),
+                              (b"a", history, [(700, 1000)]), (b"a", edited, [(300, 512), (512, 800)]),
+                              (b"b", edited, [(512, 800)]), (b"b", edited, [(0, 800)]),
+                              (b"b", history[:200], [(100, 200)])):
+        assert block_keys(fp, tokens, spans, memo=memo) == block_keys(fp, tokens, spans)
