@@ -2,7 +2,8 @@
 one .kvs file, as kvchat wrote it up to issue 22) and after (the KV store: the turn's
 new cells, read when the reply ends, written on a thread).
 
-For each history length (default 1k / 4k / 8k / 16k tokens), one short turn, then:
+For each history length (default 1k / 4k / 8k / 16k tokens), --turns short turns
+(5; their medians: one save is milliseconds), then:
 
 - bytes written by the save, from the kernel's counter (/proc/self/io write_bytes:
   every thread of the process, fsyncs included), not file sizes;
@@ -39,6 +40,7 @@ import cProfile
 import json
 import os
 import pstats
+import statistics
 import tempfile
 import threading
 import time
@@ -206,7 +208,7 @@ class Bench:
             words = max(16, min(1000, n_tokens - len(session.tokens)) // 5)
             session.send(text_of(words, seed + len(session.tokens))).text()
 
-    def per_turn(self, sizes: list[int], folder: Path, cold_at: int,
+    def per_turn(self, sizes: list[int], folder: Path, cold_at: int, n_turns: int = 5,
                  profile: bool = False) -> list[dict[str, Any]]:
         from kvchat import session_store
 
@@ -217,21 +219,27 @@ class Bench:
         for size in sizes:
             self.grow(session, size, seed=size)
             named.save(session, self.engine.n_ctx)  # the history saved as of the last turn
-            session.send(text_of(8, size + 1)).text()  # one short turn
-            profiler = cProfile.Profile() if profile and size == sizes[-1] else None
-            with measured() as sync:
-                if profiler is not None:
-                    profiler.enable()
-                pending = named.prepare_save(session, self.engine.n_ctx)  # reply end -> prompt
-                if profiler is not None:
-                    profiler.disable()
-            new_cells = pending.new_bytes  # the turn's cells as llama.cpp serialises them
-            with measured() as write:
-                writer = threading.Thread(target=named.finish_save, args=(pending,))
-                writer.start()
-                writer.join()
-            if profiler is not None:  # where the reply-end-to-prompt time goes at the longest history
-                pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
+            turns = []
+            for turn in range(n_turns):  # short turns; the figures are their medians
+                session.send(text_of(8, size + 1 + turn)).text()
+                profiler = cProfile.Profile() if profile and size == sizes[-1] and turn == 0 else None
+                with measured() as sync:
+                    if profiler is not None:
+                        profiler.enable()
+                    pending = named.prepare_save(session, self.engine.n_ctx)  # reply end -> prompt
+                    if profiler is not None:
+                        profiler.disable()
+                with measured() as write:
+                    writer = threading.Thread(target=named.finish_save, args=(pending,))
+                    writer.start()
+                    writer.join()
+                if profiler is not None:  # where the reply-end-to-prompt time goes at the longest history
+                    pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
+                # the turn's cells as llama.cpp serialises them
+                turns.append({"new": pending.new_bytes, "sync_s": sync["s"], "write_s": write["s"],
+                              "bytes": write["bytes"], "rss": max(sync["rss"], write["rss"])})
+            median = {k: statistics.median(t[k] for t in turns) for k in turns[0]}
+            median["s"] = statistics.median(t["sync_s"] + t["write_s"] for t in turns)
             record = {**session.to_record(), "model": self.identity, "settings": self.settings.as_record()}
             with measured() as before:
                 state = self.engine.state_bytes()
@@ -250,11 +258,11 @@ class Bench:
                 named = self.named("bench")
                 named.attach(resumed, rebuild=False)
             assert resumed.tokens == session.tokens and self.engine.n_past == n_kv
-            rows.append({"history": n_kv, "new_cells_bytes": new_cells,
+            rows.append({"history": n_kv, "new_cells_bytes": median["new"],
                          "before_bytes": before["bytes"], "before_s": before["s"],
-                         "before_rss": before["rss"], "after_bytes": write["bytes"],
-                         "after_s": sync["s"] + write["s"], "after_rss": max(sync["rss"], write["rss"]),
-                         "next_prompt_before_s": before["s"], "next_prompt_after_s": sync["s"],
+                         "before_rss": before["rss"], "after_bytes": median["bytes"],
+                         "after_s": median["s"], "after_rss": median["rss"],
+                         "next_prompt_before_s": before["s"], "next_prompt_after_s": median["sync_s"],
                          "resume_s": resume["s"], "cold_prefill_s": cold["s"]})
             session = resumed
         named.close()
@@ -332,6 +340,7 @@ def main() -> None:
     parser.add_argument("--recent", type=int, default=20)
     parser.add_argument("--recent-tokens", type=int, default=4096)
     parser.add_argument("--cold-at", type=int, default=8192, help="time a cold prefill at this history only")
+    parser.add_argument("--turns", type=int, default=5, help="short turns saved per history length (medians)")
     parser.add_argument("--profile", action="store_true", help="profile the save's read at the last size")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -352,7 +361,7 @@ def main() -> None:
             n_ctx = ((max(max(sizes), args.recent_tokens) + 1024) // 256 + 1) * 256
             bench = Bench(model, args.threads, n_ctx)
             try:
-                rows = bench.per_turn(sizes, Path(home), args.cold_at, args.profile)
+                rows = bench.per_turn(sizes, Path(home), args.cold_at, args.turns, args.profile)
                 recent = bench.recent_chats(args.recent, args.recent_tokens, Path(home))
             finally:
                 bench.close()

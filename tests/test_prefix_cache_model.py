@@ -218,3 +218,45 @@ def test_a_prefix_stored_at_one_context_size_serves_another(engine: Engine, mode
             shared_chars=len(doc))
     assert stats.prefix_cache_tokens > 64
     assert cached == plain
+
+
+class _WholeStateOnly:
+    """The engine seen without its range reads: the prefix cache cuts whole states."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    @property
+    def n_past(self) -> int:
+        return self._engine.n_past
+
+    def eval(self, tokens: list[int], progress: object = None) -> None:
+        self._engine.eval(tokens)
+
+    def state_bytes(self) -> bytes:
+        return self._engine.state_bytes()
+
+    def load_state_bytes(self, data: bytes, n_tokens: int) -> None:
+        self._engine.load_state_bytes(data, n_tokens)
+
+    def kv_clear(self) -> None:
+        self._engine.kv_clear()
+
+
+@pytest.mark.slow
+def test_segments_read_by_range_are_the_cuts_of_the_whole_state(engine: Engine, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain KV cache's segments are read cell range by cell range (never the whole
+    history at each boundary); the files are byte for byte what cutting whole states gave."""
+    tokens = engine.tokenize(document(400), add_special=True)[:300]
+    stored = {}
+    for name, seen in (("ranges", engine), ("whole", _WholeStateOnly(engine))):
+        engine.kv_clear()
+        cache = PrefixCache(fingerprint(engine), store=Store(tmp_path / name), min_tokens=32, block_tokens=64)
+        with monkeypatch.context() as m:
+            if name == "ranges":
+                m.setattr(engine, "state_bytes", lambda: pytest.fail("the whole state was read"))
+            cache.prefill(seen, tokens, marks=(100,))  # type: ignore[arg-type]
+        assert cache.commit() > 0
+        stored[name] = {p.name: p.read_bytes() for p in (tmp_path / name / "blocks").glob("*/*.kvb")}
+    assert len(stored["ranges"]) == 5 and stored["ranges"] == stored["whole"]  # 64 100 128 192 256
