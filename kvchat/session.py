@@ -24,7 +24,7 @@ from __future__ import annotations
 import codecs
 import time
 from collections.abc import Callable, Generator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kvchat.chat_template import ChatTemplate, Message
@@ -532,7 +532,7 @@ class Session:
             "messages": self.messages,
             "dropped": self.dropped,
             "kv_text": self.kv_text,
-            "turns": [asdict(m) for m in self.turns],
+            "turns": [dict(vars(m)) for m in self.turns],  # flat ints: asdict's deep copy cost a save 1 ms
             "n_kv": self.engine.n_past,
         }
 
