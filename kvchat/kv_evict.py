@@ -227,3 +227,30 @@ def effective_budget(configured: int | None, store: KvStore) -> int:
     used = store.usage().total if store.root.is_dir() else 0
     cap = int((free + used) * MAX_DISK_FRACTION)
     return cap if configured is None else min(configured, cap)
+
+
+class Keeper:
+    """Keeps a store under its budget as one process writes to it, without a full
+    eviction pass (every manifest read, every block listed: the size of the whole
+    store) at every save: a pass runs at the first write and again only once this
+    process's writes since have used up the headroom the last pass left. Another
+    process's writes are counted by that process: together they can overshoot the
+    budget by what the others wrote since this one's last pass, until the next pass."""
+
+    def __init__(self, store: KvStore, configured: int | None) -> None:
+        self.store = store
+        self.configured = configured
+        self.headroom: int | None = None  # None: no pass yet
+        self.passes = 0
+
+    def wrote(self, n_bytes: int) -> EvictionReport | None:
+        """After a save that wrote `n_bytes`: the report of the pass it took (None: no
+        pass was needed)."""
+        if self.headroom is not None and n_bytes < self.headroom:
+            self.headroom -= n_bytes
+            return None
+        report = evict(self.store, effective_budget(self.configured, self.store))
+        self.passes += 1
+        self.headroom = max(report.budget - report.used, 0)
+        return report
+

@@ -459,3 +459,27 @@ def test_block_keys_with_a_memo_equal_the_keys_hashed_from_the_start() -> None:
                               (b"b", edited, [(512, 800)]), (b"b", edited, [(0, 800)]),
                               (b"b", history[:200], [(100, 200)])):
         assert block_keys(fp, tokens, spans, memo=memo) == block_keys(fp, tokens, spans)
+
+
+def test_the_keeper_passes_over_the_store_only_when_its_writes_may_have_filled_it(tmp_path: Path) -> None:
+    """A chat's saves do not each read every manifest and list every block: a full
+    eviction pass runs at the first save and then only once the headroom it left is
+    used up; the store stays under its budget all the same."""
+    from kvchat.kv_evict import Keeper
+
+    store = KvStore(tmp_path)
+    _fill(store, "keep", SESSION, 256, seed=1)
+    per_token = store.usage().total / 256
+    _fill(store, "auto-0", RECENT, 512, seed=3)  # an older recent chat: evicted first
+    budget = int(store.usage().total + 700 * per_token)
+    keeper = Keeper(store, budget)
+    engine = FakeKvEngine()
+    cells = words(1024, seed=2)
+    turns = 0
+    for end in range(64, 1025, 64):  # one chat's turns, 1,024 tokens in all: over the budget on the way
+        engine.eval(cells[end - 64:end])
+        keeper.wrote(save(store, "auto-1", engine, RECENT))
+        turns += 1
+        assert store.usage().total <= budget
+    assert store.manifest_names(RECENT) == ["auto-1"]  # the older chat made room
+    assert 2 <= keeper.passes <= turns // 2  # the first save's, then only when the headroom ran out

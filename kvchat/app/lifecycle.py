@@ -30,6 +30,7 @@ from kvchat.settings import Settings
 if TYPE_CHECKING:
     from kvchat.app.load import LoadRequest
     from kvchat.engine import Engine
+    from kvchat.kv_evict import Keeper
     from kvchat.kv_files import Manifest
     from kvchat.kv_store import KvStore
     from kvchat.named_session import NamedSession
@@ -63,6 +64,7 @@ class Chat:
     last_manifest: Manifest | None = None
     # What a background write had to say, told on the main thread by the next wait.
     _notices: list[str] = field(default_factory=list)
+    _keeper: Keeper | None = None  # the store's budget, kept across this chat's saves
 
     def save(self, *, background: bool = False) -> int | None:
         """Save a named conversation (no-op for an unnamed one); returns bytes written
@@ -90,7 +92,7 @@ class Chat:
             result = named.finish_save(pending)
             self.last_manifest = result.manifest
             written = result.bytes_written
-            self._evict(named.store)
+            self._evict(named.store, written)
             if then is not None:
                 then()
 
@@ -101,12 +103,16 @@ class Chat:
         self.wait_saved()  # its notices
         return written
 
-    def _evict(self, store: KvStore) -> None:
-        """Keep the store under its budget; say so when named sessions alone exceed it."""
-        from kvchat.kv_store import effective_budget
+    def _evict(self, store: KvStore, written: int) -> None:
+        """Keep the store under its budget (a full pass only when this process's writes
+        may have filled it: kvchat.kv_evict.Keeper); say so when named sessions alone
+        exceed it."""
+        from kvchat.kv_evict import Keeper
 
-        report = store.evict(effective_budget(self.settings.store_budget, store))
-        notice = report.warning()
+        if self._keeper is None or self._keeper.store.root != store.root:
+            self._keeper = Keeper(store, self.settings.store_budget)
+        report = self._keeper.wrote(written)
+        notice = report.warning() if report is not None else None
         if notice:
             self._notices.append(notice + " — remove some with `kvchat sessions rm NAME`, or raise "
                                  "kv_store_size")

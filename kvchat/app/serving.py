@@ -326,7 +326,8 @@ class ServedModel:
     # -- the store -----------------------------------------------------------------------
 
     def _open_store(self, budget: int | None) -> None:
-        from kvchat.kv_store import RECENT, KvStore, effective_budget
+        from kvchat.kv_evict import Keeper
+        from kvchat.kv_store import RECENT, KvStore
 
         store = KvStore()
         heads = []
@@ -344,8 +345,10 @@ class ServedModel:
         self._store, self._heads = store, heads[:MAX_HEADS]
         for head in heads[MAX_HEADS:]:
             store.remove(RECENT, head.manifest.name)
-        self._budget = effective_budget(budget, store)
-        store.evict(self._budget)
+        # The store's budget across this server's saves: a full eviction pass now, then
+        # only once the server's writes have used up the headroom it left.
+        self._keeper = Keeper(store, budget)
+        self._keeper.wrote(0)
 
     def _save(self, session: Session, kind: str) -> None:
         """Write the turn's new cells and the conversation's manifest: under its head's
@@ -377,7 +380,7 @@ class ServedModel:
             for old in self._heads[MAX_HEADS:]:
                 self._store.remove(RECENT, old.manifest.name)
             self._heads = self._heads[:MAX_HEADS]
-            self._store.evict(self._budget)
+        self._keeper.wrote(result.bytes_written)
 
     def close(self) -> None:
         self.backend.close()
