@@ -199,7 +199,11 @@ def test_two_processes_storing_and_reading_at_once(tmp_path: Path) -> None:
 
 
 class _OpaqueStateEngine(FakeKvEngine):
-    """A state kv_state cannot read (as a recurrent model's would be)."""
+    """A state kv_state cannot read (as a recurrent model's would be: such an engine
+    reads no ranges either, so the cache cuts its whole state)."""
+
+    def __init__(self) -> None:
+        super().__init__(ranges=False)
 
     def state_bytes(self) -> bytes:
         return b"\x01\x02\x03\x04\x00\x00\x00\x00\x07"
