@@ -50,7 +50,12 @@ class BlockError(KvchatError):
 
 def block_path(root: Path, key: str) -> Path:
     """Where the store under `root` keeps the block `key`."""
-    return root / "blocks" / key[:2] / f"{key}{BLOCK_SUFFIX}"
+    return Path(block_file(str(root), key))
+
+
+def block_file(root: str, key: str) -> str:
+    """block_path as a string, built without pathlib (a save checks every kept block)."""
+    return f"{root}/blocks/{key[:2]}/{key}{BLOCK_SUFFIX}"
 
 
 def token_bytes(tokens: Sequence[int]) -> bytes:

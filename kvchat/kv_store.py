@@ -177,7 +177,7 @@ class KvStore:
         self.root = root or store_dir()
         self.prefix = prefix_store.Store(self.root, collect=self._collect)
         self.block_tokens = block_tokens
-        self._blocks_dir = str(kv_files.block_path(self.root, "00").parent.parent)
+        self._root = str(self.root)
         self._hashed = kv_files.PrefixHash()  # the token prefix hashed at the last save
         self.bytes_written = 0  # over the store object's life: what the tests measure
 
@@ -190,7 +190,7 @@ class KvStore:
         """Whether the block `key` is on disk. A save asks this of every block its
         chain keeps (history / 256 of them): one stat of a path built as a string,
         not through pathlib (3 us a block instead of 50; at 16k tokens, milliseconds)."""
-        return os.path.isfile(f"{self._blocks_dir}/{key[:2]}/{key}{BLOCK_SUFFIX}")
+        return os.path.isfile(kv_files.block_file(self._root, key))
 
     def manifest_path(self, kind: str, name: str) -> Path:
         if kind not in KINDS:
