@@ -7,8 +7,10 @@ all before) and written atomically: temp file, fsync, rename, fsync of the folde
               tokens [start, end) (int32), the sequence state of those cells
               (kind "range"; "whole": a state not cut by position; "parts": a
               prefix-cache segment of a sliding-window model, kvchat.prefix_store)
-    manifest  MAGIC, version, JSON header (kind, name, fingerprint, chain, times,
-              n_tokens), record JSON, all tokens (int32), extra (checkpoints)
+    manifest  version 2: a log of frames, each what changed since the one before
+              (kvchat.manifest_log); version 1 (still read): MAGIC, version, JSON
+              header (kind, name, fingerprint, chain, times, n_tokens), record JSON,
+              all tokens (int32), extra (checkpoints)
 """
 
 from __future__ import annotations
@@ -21,12 +23,12 @@ import struct
 import sys
 from array import array
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kvchat.atomic_file import Chunk, atomic_write
-from kvchat.errors import KvchatError, SessionError
+from kvchat.errors import KvchatError
 
 BLOCK_MAGIC = b"KVCHATBLOCK\n"
 MANIFEST_MAGIC = b"KVCHATMANIFEST\n"
@@ -102,12 +104,17 @@ class PrefixHash:
         """A hash of the fingerprint and tokens[:done] for the largest `done` <= limit
         known, and `done` (a fresh hash and 0 when the kept prefix is not theirs)."""
         n = len(self._tokens)
-        if fp_digest == self._fp and n <= limit and list(tokens[:n]) == self._tokens:
+        if fp_digest == self._fp and n <= limit and _listed(tokens[:n]) == self._tokens:
             return self._sha.copy(), n
         return hashlib.sha256(fp_digest), 0
 
     def keep(self, fp_digest: bytes, tokens: Sequence[int], n: int, sha: Any) -> None:
-        self._fp, self._tokens, self._sha = fp_digest, list(tokens[:n]), sha.copy()
+        self._fp, self._tokens, self._sha = fp_digest, _listed(tokens[:n]), sha.copy()
+
+
+def _listed(tokens: Sequence[int]) -> list[int]:
+    """A list's slice as it is (already a copy), anything else as a list."""
+    return tokens if isinstance(tokens, list) else list(tokens)
 
 
 @dataclass(frozen=True)
@@ -118,6 +125,19 @@ class Link:
     start: int
     end: int
     kind: str = RANGE
+
+
+@dataclass(frozen=True)
+class LogState:
+    """Where a manifest's log ended when it was last read or written: what the next
+    save appends to (kvchat.manifest_log), when the file is still that one."""
+
+    inode: int
+    size: int  # bytes of whole frames
+    seen: int  # the file's size then (more than `size`: a torn append after them)
+    digest: bytes  # the last frame's chained digest
+    frames: int
+    snapshot: int  # bytes of the file's first frame (a whole manifest), magic included
 
 
 @dataclass
@@ -131,6 +151,7 @@ class Manifest:
     extra: bytes = b""
     created: float = 0.0
     updated: float = 0.0
+    log: LogState | None = field(default=None, compare=False, repr=False)
 
     @property
     def covered(self) -> int:
@@ -143,10 +164,32 @@ def write_file(path: Path, chunks: Sequence[Chunk]) -> int:
     return atomic_write(path, chunks, publish=lambda tmp, target: _rename(tmp, target))
 
 
-def _sealed(magic: bytes, sections: Sequence[Chunk]) -> list[Chunk]:
-    chunks: list[Chunk] = [magic, _U32.pack(FORMAT_VERSION)]
+def framed(sections: Sequence[Chunk]) -> list[Chunk]:
+    """Each section preceded by its length (u64)."""
+    chunks: list[Chunk] = []
     for section in sections:
         chunks += [_U64.pack(len(section)), section]
+    return chunks
+
+
+def split_sections(view: memoryview, at: int, stop: int, n_sections: int, what: str) -> list[memoryview]:
+    """The `n_sections` length-prefixed sections filling view[at:stop] exactly."""
+    out = []
+    for _ in range(n_sections):
+        if at + 8 > stop:
+            raise BlockError(f"{what} is inconsistent")
+        (n,) = _U64.unpack(view[at : at + 8])
+        if at + 8 + n > stop:
+            raise BlockError(f"{what} is inconsistent")
+        out.append(view[at + 8 : at + 8 + n])
+        at += 8 + n
+    if at != stop:
+        raise BlockError(f"{what} is inconsistent")
+    return out
+
+
+def _sealed(magic: bytes, sections: Sequence[Chunk]) -> list[Chunk]:
+    chunks: list[Chunk] = [magic, _U32.pack(FORMAT_VERSION), *framed(sections)]
     sha = hashlib.sha256()
     for chunk in chunks:
         sha.update(chunk)
@@ -163,16 +206,7 @@ def _unseal(data: bytes, magic: bytes, n_sections: int, what: str) -> list[memor
     (version,) = _U32.unpack(view[len(magic) : len(magic) + 4])
     if version != FORMAT_VERSION:
         raise BlockError(f"{what} has format version {version}, not {FORMAT_VERSION}")
-    at, out = len(magic) + 4, []
-    for _ in range(n_sections):
-        if at + 8 > len(view) - _HASH:
-            raise BlockError(f"{what} is inconsistent")
-        (n,) = _U64.unpack(view[at : at + 8])
-        out.append(view[at + 8 : at + 8 + n])
-        at += 8 + n
-    if at != len(view) - _HASH:
-        raise BlockError(f"{what} is inconsistent")
-    return out
+    return split_sections(view, len(magic) + 4, len(view) - _HASH, n_sections, what)
 
 
 def tokens_from(raw: memoryview | bytes) -> list[int]:
@@ -217,42 +251,18 @@ def read_block(path: Path, link: Link, tokens: Sequence[int], fingerprint: str |
     return bytes(state)
 
 
-def write_manifest(path: Path, manifest: Manifest) -> int:
-    header = json.dumps({
-        "kind": manifest.kind, "name": manifest.name, "fingerprint": manifest.fingerprint,
-        "chain": [[x.key, x.start, x.end, x.kind] for x in manifest.chain],
-        "n_tokens": len(manifest.tokens), "created": manifest.created, "updated": manifest.updated,
-    }).encode()
-    record = json.dumps(manifest.record, ensure_ascii=False).encode()
-    return write_file(path, _sealed(MANIFEST_MAGIC, [header, record, token_bytes(manifest.tokens),
-                                                     manifest.extra]))
-
-
-def read_manifest(path: Path, kind: str, name: str) -> Manifest:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise SessionError(f"no saved conversation '{name}'", hint="see `kvchat sessions list`") from None
-    except OSError as exc:
-        raise SessionError(f"cannot read {path}: {exc.strerror or exc}",
-                           hint="check the folder's permissions") from None
-    try:
-        header_raw, record_raw, token_raw, extra = _unseal(data, MANIFEST_MAGIC, 4, f"'{name}'")
-        header = json.loads(bytes(header_raw))
-        chain = [Link(str(k), int(a), int(b), str(t)) for k, a, b, t in header["chain"]]
-        manifest = Manifest(kind, name, str(header["fingerprint"]), json.loads(bytes(record_raw)),
-                            tokens_from(token_raw), chain, bytes(extra),
-                            float(header["created"]), float(header["updated"]))
-    except BlockError as exc:
-        raise SessionError(str(exc), hint="remove it with `kvchat sessions rm NAME`") from None
-    except (ValueError, KeyError, TypeError):
-        raise SessionError(f"saved conversation '{name}' has an unreadable header",
-                           hint="remove it with `kvchat sessions rm NAME`") from None
-    if not isinstance(manifest.record, dict) or len(manifest.tokens) != header["n_tokens"] \
-            or manifest.covered > len(manifest.tokens) or not chained(chain):
-        raise SessionError(f"saved conversation '{name}' is inconsistent",
-                           hint="remove it with `kvchat sessions rm NAME`")
-    return manifest
+def parse_manifest_v1(data: bytes, kind: str, name: str) -> Manifest:
+    """A manifest of format 1 (one sealed file, written before the log): still read,
+    rewritten as a log by its next save. Raises BlockError when damaged, ValueError,
+    KeyError or TypeError when unreadable."""
+    header_raw, record_raw, token_raw, extra = _unseal(data, MANIFEST_MAGIC, 4, f"'{name}'")
+    header = json.loads(bytes(header_raw))
+    chain = [Link(str(k), int(a), int(b), str(t)) for k, a, b, t in header["chain"]]
+    tokens = tokens_from(token_raw)
+    if len(tokens) != header["n_tokens"]:
+        raise ValueError("token count")
+    return Manifest(kind, name, str(header["fingerprint"]), json.loads(bytes(record_raw)), tokens, chain,
+                    bytes(extra), float(header["created"]), float(header["updated"]))
 
 
 def chained(chain: Sequence[Link]) -> bool:

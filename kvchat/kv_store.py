@@ -9,8 +9,8 @@ the span itself, so a block is stored once however many conversations share it.
 
 A *manifest* is a conversation on disk: its record, all its tokens, the chain of
 blocks that covers positions [0, n) and an opaque extra blob (checkpoints). It is
-small: a turn's save writes the blocks not yet present and a new manifest, never
-the history again.
+a log (kvchat.manifest_log): a turn's save writes the blocks not yet present and
+appends to the manifest what the turn changed, never the history again.
 
 How a save cuts the tokens not yet covered by the previous manifest's chain
 (e .. n): at every multiple of BLOCK_TOKENS. The spans in between are aligned
@@ -18,9 +18,10 @@ blocks, the same for every conversation that holds those tokens; the pieces at
 either end are the turn's own. A span filled over several turns stays in its
 turn pieces: writing it again as one aligned block would cost the bytes this
 store exists to save. So the bytes a turn writes are its new cells plus one
-header per block (at most new / BLOCK_TOKENS + 2 of them) and the manifest,
-which holds every token (4 bytes per token of history: SmolLM2 keeps 22.5 KiB
-of KV per token) so that a damaged block's tokens can still be evaluated again.
+header per block (at most new / BLOCK_TOKENS + 2 of them) and the manifest's new
+frame: the turn's tokens, links and transcript (the manifest holds every token,
+so that a damaged block's tokens can still be evaluated again; it is written
+whole again only when its log has doubled).
 
 Models whose state cannot be cut by position (a sliding window without
 swa_full, recurrent or hybrid memory: `can_save_ranges` false) are saved as one
@@ -52,6 +53,7 @@ Layout under `<data dir>/kv-store/` (file formats: kvchat.kv_files):
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -59,7 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from kvchat import config, kv_evict, kv_files, kv_state, prefix_store
+from kvchat import config, kv_evict, kv_files, kv_state, manifest_log, prefix_store
 from kvchat.atomic_file import flocked
 from kvchat.errors import KvchatError, SessionError
 from kvchat.kv_evict import MAX_DISK_FRACTION, EvictionReport, Usage, effective_budget
@@ -142,7 +144,12 @@ class PendingSave:
     extra: bytes
     previous: Manifest | None
     created: float
+    delta: dict[str, Any]  # the record's, from previous.record ({} without a previous)
+    delta_json: bytes  # encoded when prepared: the record may share lists with a live conversation
+    kept_tokens: int  # of `tokens`, the leading ones previous.tokens holds too
     kept: list[Link] = field(default_factory=list)  # blocks already on disk, built on
+    kept_from: Manifest | None = None  # the manifest whose chain `kept` starts with
+    own: int = 0  # of `kept`, the links from kept_from's chain
     found: int = 0  # of them, blocks that continued the kept chain (shared, not read)
     new: list[tuple[Link, bytes | bytearray]] = field(default_factory=list)  # cells read
 
@@ -222,13 +229,8 @@ class KvStore:
 
     # -- manifests ----------------------------------------------------------------------
 
-    def write_manifest(self, manifest: Manifest) -> int:
-        n = kv_files.write_manifest(self.manifest_path(manifest.kind, manifest.name), manifest)
-        self.bytes_written += n
-        return n
-
     def read_manifest(self, kind: str, name: str) -> Manifest:
-        return kv_files.read_manifest(self.manifest_path(kind, name), kind, name)
+        return manifest_log.read(self.manifest_path(kind, name), kind, name)
 
     def manifest_names(self, kind: str) -> list[str]:
         folder = self.root / "manifests" / kind
@@ -275,7 +277,8 @@ class KvStore:
         """The engine's part of a save (see `save`): read the cells not covered by
         the chain kept, and nothing else. It costs the new cells (a whole state where
         ranges cannot be read); `commit` writes them later, from any thread, while the
-        engine goes on: what it saves is the state as it was here."""
+        engine goes on: what it saves is the state as it was here. The record saved is
+        `pending.record`: `record` as JSON gives it back, taken now."""
         fp_hex = fingerprint.hex()
         tokens = list(tokens)
         n = len(tokens) if n_kv is None else n_kv
@@ -285,13 +288,21 @@ class KvStore:
         if previous is None and path.exists():
             with contextlib.suppress(SessionError):
                 previous = self.read_manifest(kind, name)
-        pending = PendingSave(kind, name, fp_hex, record, tokens, extra, previous,
-                              previous.created if previous else time.time())
+        old = previous.record if previous is not None else {}
+        delta = manifest_log.record_delta(old, record)
+        delta_json = json.dumps(delta, ensure_ascii=False).encode()
+        pending = PendingSave(kind, name, fp_hex, manifest_log.apply_delta(old, json.loads(delta_json)),
+                              tokens, extra, previous, previous.created if previous else time.time(),
+                              delta, delta_json, common_prefix(previous.tokens, tokens) if previous else 0)
         if source is None or n == 0:
             return pending
         if source.can_save_ranges:
             try:
-                own = self._kept_chain(base or previous, fp_hex, tokens[:n])
+                pending.kept_from = base or previous
+                same = pending.kept_tokens if pending.kept_from is previous else \
+                    common_prefix(pending.kept_from.tokens, tokens) if pending.kept_from else 0
+                own = self._kept_chain(pending.kept_from, fp_hex, min(same, n))
+                pending.own = len(own)
                 kept = self._extended(own, fingerprint, tokens, n)
                 pending.found = len(kept) - len(own)
                 spans = cut_spans(kept[-1].end if kept else 0, n, self.block_tokens)
@@ -320,8 +331,9 @@ class KvStore:
         p = pending
         with self._lock(exclusive=False):
             chain: list[Link] = []
-            for link in p.kept:
-                if not self.has_block(link.key):
+            present = min(self._present(p.kept_from), p.own)
+            for i, link in enumerate(p.kept):
+                if i >= present and not self.has_block(link.key):
                     break
                 chain.append(link)
             if len(chain) == len(p.kept):
@@ -334,22 +346,40 @@ class KvStore:
                     chain.append(link)
             manifest = Manifest(p.kind, p.name, p.fingerprint, p.record, p.tokens, chain, p.extra,
                                 p.created, time.time())
-            self.write_manifest(manifest)
+            self.bytes_written += manifest_log.write(self.manifest_path(p.kind, p.name), manifest,
+                                                     p.previous, p.delta_json)
         if p.previous is not None:
             dropped = {x.key for x in p.previous.chain} - {x.key for x in chain}
             self._collect({k for k in dropped if not self._cacheable(p.previous, k)})
         return SaveResult(self.bytes_written - before, written, shared + p.found, manifest)
 
-    def _kept_chain(self, previous: Manifest | None, fp_hex: str, tokens: list[int]) -> list[Link]:
+    def _kept_chain(self, previous: Manifest | None, fp_hex: str, same: int) -> list[Link]:
+        """The links of `previous`'s chain a save keeps: its range blocks within the
+        `same` tokens it has in common with the conversation, as far as they are on disk."""
         if previous is None or previous.fingerprint != fp_hex:
             return []
-        same = common_prefix(previous.tokens, tokens)
         kept = []
         for link in previous.chain:
             if link.kind != RANGE or link.end > same or not self.has_block(link.key):
                 break
             kept.append(link)
         return kept
+
+    def _present(self, manifest: Manifest | None) -> int:
+        """How many leading links of `manifest`'s chain, found on disk by `prepare`, are
+        still there at `commit`, known without a stat each: all of them while its file is
+        still the log it was read or written as (a block a manifest names is deleted only
+        once no manifest names it: kvchat.kv_evict), else none. (A resume that finds one
+        damaged meanwhile deletes it whoever names it: this save's manifest then names a
+        missing block, which costs a resume what the damage cost, no more.)"""
+        log = manifest.log if manifest is not None else None
+        if manifest is None or log is None:
+            return 0
+        try:
+            st = os.stat(self.manifest_path(manifest.kind, manifest.name))
+        except OSError:
+            return 0
+        return len(manifest.chain) if (st.st_ino, st.st_size) == (log.inode, log.seen) else 0
 
     def _extended(self, kept: list[Link], fingerprint: bytes, tokens: list[int], n: int) -> list[Link]:
         """`kept` and then blocks on disk that continue it exactly from its end: the

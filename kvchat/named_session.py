@@ -12,20 +12,20 @@ import contextlib
 import dataclasses
 import errno
 import hashlib
-import json
 import socket
 import time
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from kvchat import saved_sessions, session_store
+from kvchat import manifest_log, saved_sessions, session_store
 from kvchat.conversation import Conversation, StateLoader
 from kvchat.errors import SessionError
 from kvchat.kv_files import Manifest
 from kvchat.kv_store import KvStore, PendingSave, RangeSink, SaveResult
 from kvchat.saved_sessions import Saved
+from kvchat.sequences import common_prefix
 from kvchat.settings import keys_in
 
 
@@ -248,22 +248,33 @@ class NamedSession:
             "rendering": self.rendering,
         }
         record = {**record, "format_version": session_store.FORMAT_VERSION}
+        # Checked as a reader will get it (JSON's copy: the store's `pending.record`), and
+        # incrementally: what the last save carried over was checked then (a save costs
+        # the turn, not the history).
+        known = self.manifest
+        kept_tokens = common_prefix(known.tokens, saved.tokens) if known is not None else 0
         try:
-            array("i", saved.tokens)
+            array("i", saved.tokens[kept_tokens:])
         except (OverflowError, TypeError):
-            problem: str | None = "a token id is not a 32-bit integer"
-        else:
-            problem = session_store.record_problem(json.loads(json.dumps(record)), saved.tokens)
-        if problem:
-            raise SessionError(
-                f"did not save session '{self.name}': its record is invalid ({problem})"
-                + (", the previously saved copy is intact" if self.saved else ""),
-                hint="a kvchat bug or a misbehaving server; rerun with --debug for details")
-        if base is not None and self.manifest is not None and len(self.manifest.chain) >= len(base.chain):
+            self._refuse("a token id is not a 32-bit integer")
+        if base is not None and known is not None and len(known.chain) >= len(base.chain):
             base = None  # its own chain goes at least as far
-        return self.store.prepare(saved_sessions.kind_of(self.name), self.name, record, saved.tokens,
-                                  saved.source, self.fingerprint_of(record), n_kv=saved.n_kv,
-                                  extra=saved.checkpoints, previous=self.manifest, base=base)
+        pending = self.store.prepare(saved_sessions.kind_of(self.name), self.name, record, saved.tokens,
+                                     saved.source, self.fingerprint_of(record), n_kv=saved.n_kv,
+                                     extra=saved.checkpoints, previous=known, base=base)
+        kept = {key: manifest_log.kept_items(pending.delta, known.record, key)
+                for key in session_store.LISTS} if known is not None else {}
+        problem = session_store.record_problem(pending.record, saved.tokens, kept=kept,
+                                               kept_tokens=kept_tokens)
+        if problem:
+            self._refuse(problem)
+        return pending
+
+    def _refuse(self, problem: str) -> NoReturn:
+        raise SessionError(
+            f"did not save session '{self.name}': its record is invalid ({problem})"
+            + (", the previously saved copy is intact" if self.saved else ""),
+            hint="a kvchat bug or a misbehaving server; rerun with --debug for details")
 
     def finish_save(self, pending: PendingSave) -> SaveResult:
         """Write a prepared save: blocks, then the manifest; a .kvs file of this name

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
-S = TypeVar("S", str, Sequence[int])
+S = TypeVar("S", str, Sequence[Any])
 
 
 def common_prefix(a: S, b: S) -> int:
@@ -13,7 +13,8 @@ def common_prefix(a: S, b: S) -> int:
     one slice compare when one starts the other, else a binary search of slice
     compares (a Python loop over a 16k-token history costs milliseconds per turn)."""
     lo, hi = 0, min(len(a), len(b))
-    if a[:hi] == b[:hi]:
+    # The longer one cut to the shorter's length: one copy, not two.
+    if (a if len(a) == hi else a[:hi]) == (b if len(b) == hi else b[:hi]):
         return hi
     # a[:lo] == b[:lo] and a[:hi] != b[:hi]
     while hi - lo > 1:

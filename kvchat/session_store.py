@@ -35,7 +35,7 @@ import stat
 import struct
 import sys
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeGuard
@@ -46,6 +46,8 @@ from kvchat.errors import SessionError, UsageError
 
 MAGIC = b"KVCHATSESSION\n"
 FORMAT_VERSION = 2
+# The record's lists of items record_problem checks one by one.
+LISTS = ("messages", "dropped", "turns")
 READABLE_VERSIONS = (1, 2)
 SUFFIX = ".kvs"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -315,18 +317,22 @@ def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _message_problem(messages: Any, key: str) -> str | None:
+def _message_problem(messages: Any, key: str, kept: int = 0) -> str | None:
     if not isinstance(messages, list):
         return f"'{key}' is not a list"
-    for i, m in enumerate(messages):
+    for i, m in enumerate(messages[kept:], kept):
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
             return f"{key}[{i}] is not a message with a role and a content"
     return None
 
 
-def record_problem(record: Any, tokens: list[int]) -> str | None:
+def record_problem(record: Any, tokens: list[int], *, kept: Mapping[str, int] | None = None,
+                   kept_tokens: int = 0) -> str | None:
     """What is wrong with a session record (None when it can be used): every field
-    kvchat reads, its type, and n_kv against the token list. Unknown fields are kept."""
+    kvchat reads, its type, and n_kv against the token list. Unknown fields are kept.
+    `kept`: for the list fields (LISTS), how many leading items were checked before
+    (a save's record carried them over from the last save's); `kept_tokens` likewise."""
+    kept = kept or {}
     if not isinstance(record, dict):
         return "not a JSON object"
     model = record.get("model")
@@ -340,7 +346,7 @@ def record_problem(record: Any, tokens: list[int]) -> str | None:
             or not all(isinstance(settings.get(k), str) for k in ("type_k", "type_v", "flash_attn")):
         return "'settings' needs n_ctx, type_k, type_v and flash_attn"
     for key in ("messages", "dropped"):
-        problem = _message_problem(record.get(key, []), key)
+        problem = _message_problem(record.get(key, []), key, kept.get(key, 0))
         if problem:
             return problem
     if "messages" not in record:
@@ -354,7 +360,7 @@ def record_problem(record: Any, tokens: list[int]) -> str | None:
         isinstance(t, dict) and {"message", "token", "char"} <= set(t)
         and set(t) <= {"message", "token", "char", "reply_token", "reply_char"}
         and all(_is_int(v) and v >= (-1 if k.startswith("reply_") else 0) for k, v in t.items())
-        for t in turns
+        for t in turns[kept.get("turns", 0):]
     ):
         return "'turns' is not a list of turn marks"
     n_kv = record.get("n_kv")
@@ -365,7 +371,7 @@ def record_problem(record: Any, tokens: list[int]) -> str | None:
         return "'n_ctx_cells' is not a cell count"
     if n_kv > (cells or settings["n_ctx"]):
         return f"n_kv {n_kv} is more than its context ({cells or settings['n_ctx']})"
-    if tokens and min(tokens) < 0:  # min runs in C: a save checks every token
+    if len(tokens) > kept_tokens and min(tokens[kept_tokens:]) < 0:
         return "a token id is negative"
     for key in ("created", "updated"):
         if key in record and not isinstance(record[key], (int, float)):

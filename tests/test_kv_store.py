@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from fake_kv_engine import FakeKvEngine
 
-from kvchat import kv_files, kv_state
+from kvchat import kv_files, kv_state, manifest_log
 from kvchat.kv_store import RECENT, SESSION, KvStore, Manifest, cut_spans, effective_budget
 
 FP = b"\x01" * 32
@@ -91,12 +91,16 @@ def test_bytes_written_per_turn_are_the_new_cells_at_any_history_length(tmp_path
         per_turn[history] = max(costs)
         assert max(costs) <= 1.1 * 50 * cell + 64 * 1024, (history, costs, cell)
     assert per_turn[3000] / per_turn[300] <= 1.1
-    # what the store counts is what reaches the disk: the new blocks and the manifest
+    # what the store counts is what reaches the disk: the new blocks and the manifest's
+    # new frame (the whole manifest when its log was written again)
     before = {p: p.stat().st_size for p in (tmp_path / "blocks").rglob("*.kvb")}
+    manifest = store.manifest_path(SESSION, "chat").stat()
     engine.eval(words(300, seed=20))
     counted = save(store, "chat", engine)
     new = sum(p.stat().st_size for p in (tmp_path / "blocks").rglob("*.kvb") if p not in before)
-    assert counted == new + store.manifest_path(SESSION, "chat").stat().st_size
+    after = store.manifest_path(SESSION, "chat").stat()
+    assert after.st_ino == manifest.st_ino  # appended to
+    assert counted == new + after.st_size - manifest.st_size
 
 
 def test_a_turn_reads_only_its_new_cells_from_the_engine(tmp_path: Path) -> None:
@@ -197,40 +201,60 @@ def test_a_damaged_manifest_is_refused_with_a_hint(tmp_path: Path) -> None:
     assert store.usage().damaged == [(SESSION, "chat")]
 
 
-def _kill_at(root: Path, state: list[int], point: int, after: bool) -> None:
-    """In a child: the second turn's save, SIGKILLed at its `point`-th rename
-    (before or after it)."""
+def _kill_at(root: Path, state: list[int], point: int, how: str, whole: bool) -> None:
+    """In a child: the second turn's save, SIGKILLed at its `point`-th file write (a
+    rename that publishes a file, or the write that appends the manifest's frame):
+    before it, after it, or halfway through the append's write. `whole`: the manifest
+    is written whole (its log is due for it) instead of appended to."""
     calls = 0
-    rename = kv_files._rename
+    rename, pwrite = kv_files._rename, manifest_log._pwrite
 
     def dying(src: str, dst: str | Path) -> None:
         nonlocal calls
         calls += 1
-        if calls == point and not after:
+        if calls == point and how != "after":
             os.kill(os.getpid(), signal.SIGKILL)
         rename(src, dst)
-        if calls == point and after:
+        if calls == point and how == "after":
             os.kill(os.getpid(), signal.SIGKILL)
 
-    kv_files._rename = dying
+    def dying_append(fd: int, data: bytes, offset: int) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == point and how == "before":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if calls == point and how == "half":
+            pwrite(fd, data[: len(data) // 2], offset)
+            os.fsync(fd)
+            os.kill(os.getpid(), signal.SIGKILL)
+        n = pwrite(fd, data, offset)
+        if calls == point and how == "after":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return n
+
+    kv_files._rename, manifest_log._pwrite = dying, dying_append
+    if whole:
+        manifest_log._MAX_FRAMES = 1
     engine = FakeKvEngine()
     engine.cells = state
     save(KvStore(root), "chat", engine)
     os._exit(0)
 
 
-def test_a_save_killed_at_any_point_leaves_a_whole_conversation(tmp_path: Path) -> None:
+@pytest.mark.parametrize("whole", [False, True], ids=["appended", "written-whole"])
+def test_a_save_killed_at_any_point_leaves_a_whole_conversation(tmp_path: Path, whole: bool) -> None:
     first = words(300)
     second = first + words(500, seed=1)  # writes [300, 512), [512, 768), [768, 800), manifest
+    third = second + words(40, seed=2)
     ctx = multiprocessing.get_context("fork")
     seen = set()
     for point in range(1, 5):
-        for after in (False, True):
-            root = tmp_path / f"{point}-{after}"
+        for how in ("before", "half", "after"):
+            root = tmp_path / f"{point}-{how}"
             engine = FakeKvEngine()
             engine.eval(first)
             save(KvStore(root), "chat", engine)
-            child = ctx.Process(target=_kill_at, args=(root, second, point, after))
+            child = ctx.Process(target=_kill_at, args=(root, second, point, how, whole))
             child.start()
             child.join()
             assert child.exitcode == -signal.SIGKILL
@@ -240,7 +264,12 @@ def test_a_save_killed_at_any_point_leaves_a_whole_conversation(tmp_path: Path) 
             again, n = restored(store, "chat")
             assert n == len(manifest.tokens) and again.cells == manifest.tokens
             seen.add(len(manifest.tokens))
-    assert seen == {300, 800}  # killed before the manifest's rename, and after
+            # the next save goes on from what was left (a torn append's tail is cut off)
+            engine.cells = list(third)
+            save(KvStore(root), "chat", engine)
+            again, n = restored(KvStore(root), "chat")
+            assert again.cells == third
+    assert seen == {300, 800}  # killed before the manifest's write finished, and after
 
 
 def test_stale_temp_files_are_removed_by_eviction(tmp_path: Path) -> None:

@@ -94,11 +94,39 @@ def test_each_save_reads_and_writes_only_the_new_cells() -> None:
         conv.turn(40, i)
         written = _save("work", conv)
         assert engine.range_reads - reads == 40  # the engine read the turn's cells only
-        # Its cells, one block header or two, and the manifest (4 bytes a token of history).
-        assert written <= 1.1 * 40 * cell + 4 * len(engine.cells) + 8192
+        # Its cells, one block header or two, and the manifest's frame (the turn's
+        # tokens and message): nothing in proportion to the history.
+        assert written <= 1.1 * 40 * cell + 8192
     resumed, evaluated, notice = _resume("work")
     assert resumed.engine.cells == engine.cells and evaluated == 0 and notice is None
     assert resumed.engine.evaluated == 0
+
+
+def test_a_save_checks_what_the_turn_added_and_keeps_the_saved_copy_when_it_is_bad() -> None:
+    """The record is checked incrementally (what the last save carried over was checked
+    then), so a bad message or token the turn added is still refused."""
+    conv = KvConversation(FakeKvEngine(pad=PAD))
+    for i in range(1, 4):
+        conv.turn(100, i)
+        _save("s", conv)
+    path = KvStore().manifest_path("session", "s")
+    good = path.read_bytes()
+    conv.turn(20, 4)
+    conv.messages.append({"role": "user"})
+    with _open("s") as named, pytest.raises(SessionError, match=r"messages\[4\] is not a message"):
+        named.prepare_save(conv, 4096)
+    conv.messages.pop()
+    conv.engine.cells.append(-5)
+    with _open("s") as named, pytest.raises(SessionError, match="a token id is negative"):
+        named.prepare_save(conv, 4096)
+    conv.engine.cells[-1] = 2**31
+    with _open("s") as named, pytest.raises(SessionError, match="not a 32-bit integer"):
+        named.prepare_save(conv, 4096)
+    assert path.read_bytes() == good
+    conv.engine.cells.pop()
+    _save("s", conv)
+    resumed, evaluated, _ = _resume("s")
+    assert resumed.engine.cells == conv.engine.cells and evaluated == 0
 
 
 def test_a_copy_under_another_name_shares_the_blocks() -> None:
