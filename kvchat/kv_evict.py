@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from kvchat.kv_files import BLOCK_SUFFIX, RECENT, SESSION, Link
+from kvchat.kv_files import BLOCK_SUFFIX, RECENT, SESSION, Link, group_of
 from kvchat.prefix_store import IndexEntry, Store, with_descendants
 
 
@@ -58,7 +58,7 @@ class Usage:
     manifests: int = 0
     unreferenced: int = 0  # blocks nothing names (the evictable cache)
     prefix: int = 0  # blocks the prefix cache's index names (some a conversation's too)
-    by_kind: dict[str, int] = field(default_factory=dict)  # bytes of blocks each kind names
+    by_kind: dict[str, int] = field(default_factory=dict)  # bytes of blocks each kind (group_of) names
     own: dict[tuple[str, str], int] = field(default_factory=dict)  # only this manifest names them
     shared: dict[tuple[str, str], int] = field(default_factory=dict)  # others (or the cache) name them too
     damaged: list[tuple[str, str]] = field(default_factory=list)  # manifests that cannot be read
@@ -141,7 +141,7 @@ def usage(store: KvStore) -> Usage:
                 u.own[owner] += size
             else:
                 u.shared[owner] += size
-        for kind in {k for k, _ in owners - {PREFIX_OWNER}}:
+        for kind in {group_of(*owner) for owner in owners - {PREFIX_OWNER}}:
             u.by_kind[kind] = u.by_kind.get(kind, 0) + size
     return u
 

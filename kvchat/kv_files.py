@@ -36,6 +36,15 @@ FORMAT_VERSION = 1
 RANGE, WHOLE = "range", "whole"
 # Manifest kinds: named sessions (never evicted) and recent chats.
 SESSION, RECENT = "session", "recent"
+# Recent manifests so named are `kvchat serve`'s conversations, not chats: `sessions
+# list` and `--continue` leave them out; usage counts them apart (SERVED).
+SERVED_PREFIX = "serve-"
+SERVED = "served"
+
+
+def group_of(kind: str, name: str) -> str:
+    """What a manifest counts as in the store's usage: its kind, or SERVED."""
+    return SERVED if kind == RECENT and name.startswith(SERVED_PREFIX) else kind
 BLOCK_SUFFIX = ".kvb"
 # Saves hold it shared, collection (deleting blocks) exclusively: kvchat.kv_store.
 STORE_LOCK = "store.lock"

@@ -21,7 +21,7 @@ from typing import Any
 
 from kvchat import kv_state, session_store
 from kvchat.errors import SessionError
-from kvchat.kv_files import WHOLE, BlockError, Manifest
+from kvchat.kv_files import SERVED, WHOLE, BlockError, Manifest, group_of
 from kvchat.kv_store import RECENT, SESSION, KvStore
 from kvchat.session_store import RECENT_PREFIX, SavedSession, is_recent
 
@@ -137,7 +137,8 @@ def _names(store: KvStore) -> dict[str, Path]:
             found[path.stem] = path
     for kind in (SESSION, RECENT):
         for name in store.manifest_names(kind):
-            found[name] = store.manifest_path(kind, name)
+            if group_of(kind, name) == kind:  # not `kvchat serve`'s conversations
+                found[name] = store.manifest_path(kind, name)
     return found
 
 
@@ -315,6 +316,7 @@ def store_figures(configured: int | None) -> dict[str, Any]:
     return {"path": str(store.root), "bytes": usage.total if usage else 0, "budget_bytes": budget,
             "configured_bytes": configured, "named_bytes": named,
             "recent_bytes": usage.by_kind.get(RECENT, 0) if usage else 0,
+            "served_bytes": usage.by_kind.get(SERVED, 0) if usage else 0,
             "unreferenced_bytes": usage.unreferenced if usage else 0,
             "prefix_cache_bytes": usage.prefix if usage else 0,
             "named_over_budget": named > budget}

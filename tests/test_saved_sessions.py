@@ -255,3 +255,27 @@ def test_cli_import_export_list_and_rm(kvchat, tmp_path: Path) -> None:  # noqa:
     assert "KV store:" in kvchat("sessions", "list").stderr
     assert kvchat("sessions", "rm", "talk", "--yes").returncode == 0
     assert [r["name"] for r in json.loads(kvchat("sessions", "list", "--json").stdout)] == ["copy"]
+
+
+def test_kvchat_serves_conversations_are_not_listed_as_sessions() -> None:
+    """`kvchat serve` keeps its conversations in the store as recent manifests named
+    serve-*: they are not chats to resume, so `sessions list`, `--continue` and name
+    completion leave them out (they were listed as damaged, and `--continue` picked
+    one when it was the newest), and the store's usage counts them apart."""
+    from kvchat.cli.sessions import store_line
+    from kvchat.kv_files import RECENT, SERVED_PREFIX
+
+    conv = KvConversation(FakeKvEngine(pad=PAD))
+    conv.turn(300, 1)
+    _save("work", conv)
+    served = FakeKvEngine(pad=PAD)
+    served.eval(list(range(1, 400)))
+    KvStore().save(RECENT, SERVED_PREFIX + "0123456789abcdef", {"messages": [], "kind": "chat"},
+                   served.cells, served, b"\x03" * 32)
+    assert saved_sessions.session_names() == ["work"]
+    assert saved_sessions.latest_session() == "work"
+    assert [i.name for i in saved_sessions.list_sessions()] == ["work"]
+    figures = saved_sessions.store_figures(None)
+    assert figures["served_bytes"] > 399 * PAD and figures["recent_bytes"] == 0
+    assert figures["named_bytes"] > 300 * PAD
+    assert "kvchat serve's conversations" in store_line()

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from kvchat.app.load import Warn, sampling_of
 from kvchat.engine_api import SamplingSettings
 from kvchat.errors import KvchatError, SessionError
+from kvchat.kv_files import SERVED_PREFIX
 from kvchat.sequences import common_prefix
 from kvchat.settings import Settings
 
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
     from kvchat.kv_store import KvStore
     from kvchat.session import Session
 
-HEAD_PREFIX = "serve-"
+HEAD_PREFIX = SERVED_PREFIX  # its conversations' names in the store
 # Conversations kept on disk per model; the oldest is dropped past this (its aligned
 # blocks stay as cache until the store evicts them).
 MAX_HEADS = 16

@@ -69,10 +69,12 @@ def store_line() -> str:
     from kvchat.settings import resolve
 
     f = saved_sessions.store_figures(resolve().store_budget)
+    served = f["served_bytes"]
     line = (f"KV store: {format_bytes(f['bytes'])} of {format_bytes(f['budget_bytes'])} "
             f"(named sessions {format_bytes(f['named_bytes'])}, "
             f"recent chats {format_bytes(f['recent_bytes'])}, "
-            f"cache {format_bytes(f['unreferenced_bytes'] + f['prefix_cache_bytes'])})")
+            + (f"kvchat serve's conversations {format_bytes(served)}, " if served else "")
+            + f"cache {format_bytes(f['unreferenced_bytes'] + f['prefix_cache_bytes'])})")
     return line + (" — named sessions alone exceed the budget (kv_store_size)"
                    if f["named_over_budget"] else "")
 
