@@ -13,7 +13,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -259,6 +259,53 @@ def test_requests_queue_and_a_dropped_stream_stops_with_the_cache_exact(
         server.stop()
         if fresh is not None:
             fresh.stop()
+
+
+def _raw_request(server: Server, body: dict[str, Any]) -> socket.socket:
+    """A chat request sent on a socket of its own, its reply not read (to drop it)."""
+    data = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return sock
+
+
+def _until(server: Server, done: Callable[[dict[str, float]], bool], what: str) -> dict[str, float]:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        metrics = server.metrics()
+        if done(metrics):
+            return metrics
+        time.sleep(0.02)
+    raise AssertionError(f"{what}: {server.metrics()}")
+
+
+def test_a_client_that_gives_up_on_a_whole_reply_or_in_the_queue_frees_the_model(
+        model_path: Path, tmp_path: Path) -> None:
+    """Not only streams: a non-streamed call whose client goes away (a timeout, a
+    cancelled call) stops generating, and one that leaves while queued never runs."""
+    server = Server(model_path, tmp_path / "home", "--no-prefix-cache")
+    try:
+        story = {"model": "SmolLM2-135M-Instruct.Q4_1", "max_tokens": 400, "messages": [
+            {"role": "user", "content": "Write a long story about a cat and a boat."}]}
+        first = _raw_request(server, story)
+        _until(server, lambda m: m["kvchat_generated_tokens_total"] > 0 or m["kvchat_requests_running"] == 1,
+               "the first call did not start")
+        queued = _raw_request(server, {**story, "max_tokens": 300})
+        _until(server, lambda m: m["kvchat_queue_depth"] == 1, "the second call was not queued")
+        queued.close()  # gives up while waiting
+        _until(server, lambda m: m["kvchat_queue_depth"] == 0 and m["kvchat_requests_running"] == 1,
+               "the queued call stayed in the queue")
+        first.close()  # gives up on a reply that is being generated
+        metrics = _until(server, lambda m: m["kvchat_requests_running"] == 0, "the reply went on")
+        assert metrics["kvchat_generated_tokens_total"] < 300  # not the 400 asked, nor the second's
+        assert metrics["kvchat_replies_total"] <= 1
+        reply = ask(server.client(), [{"role": "user", "content": "Hi"}], max_tokens=4)
+        assert reply.choices[0].message.content
+        assert any("went away" in line for line in server.lines)
+        assert server.metrics()['kvchat_requests_total{path="/v1/chat/completions",status="499"}'] == 2
+    finally:
+        server.stop()
 
 
 # -- the KV outlives the server ------------------------------------------------------------------

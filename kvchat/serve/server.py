@@ -2,8 +2,10 @@
 
 Requests are queued on one lock (one model, one context) and run one at a time
 in one thread, the only one that touches llama.cpp; the event loop only speaks
-HTTP. A streamed reply watches its connection: a client that goes away sets the
-request's stop flag, the turn is closed where it is, and the cache stays exact.
+HTTP. Every reply watches its connection, from the moment it is queued: a client
+that goes away (a streamed reply closed, a whole one given up: a timeout, a
+cancelled call) leaves the queue, or sets the request's stop flag and the turn is
+closed where it is; the cache stays exact.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ import hmac
 import json
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -32,7 +34,42 @@ from kvchat.serve.protocol import ApiError, Call
 from kvchat.serve.tool_calls import ToolCallStream, parse_tool_calls
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
+# The status a request whose client went away is counted under (nginx's; never sent).
+CLIENT_GONE = 499
 Log = Callable[[str], None]
+T = TypeVar("T")
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its reply was ready."""
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Returns when the client has closed its connection (the body already read)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_gone(receive: Receive, work: Coroutine[Any, Any, T]) -> T:
+    """`work`'s result, or ClientGone (`work` cancelled) as soon as the client leaves:
+    a request waiting in the queue, or evaluating a long prompt, or generating a reply
+    nobody will read, stops there instead of holding the model for nothing."""
+    task, watcher = asyncio.ensure_future(work), asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(BaseException):
+            await watcher
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        raise ClientGone
+    return task.result()
 
 
 class _Failure:
@@ -98,6 +135,14 @@ class Worker:
         self.executor.shutdown(wait=True)
 
 
+async def _outcome(first: Delta | Outcome, items: AsyncGenerator[Delta | Outcome, None]) -> Outcome:
+    """A reply's Outcome, its pieces read (a whole reply)."""
+    item = first
+    while not isinstance(item, Outcome):
+        item = await items.__anext__()
+    return item
+
+
 def error_response(exc: ApiError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
 
@@ -141,11 +186,7 @@ class EventStream(StreamingResponse):
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-        async def watch() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-
-        pumping, watching = asyncio.ensure_future(pump()), asyncio.ensure_future(watch())
+        pumping, watching = asyncio.ensure_future(pump()), asyncio.ensure_future(_disconnected(receive))
         try:
             await asyncio.wait({pumping, watching}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -207,6 +248,8 @@ class Api:
                                    "'Authorization: Bearer KEY' with the key kvchat serve was given",
                                    code="invalid_api_key")
                 response = await handler(request)
+            except ClientGone:  # nobody to answer
+                response = Response(status_code=CLIENT_GONE)
             except Exception as exc:  # never a crash, never a bare 500 page
                 error = api_error(exc)
                 if error.status >= 500:
@@ -240,33 +283,31 @@ class Api:
             raise ApiError(400, "this model's chat template takes no tools, so they cannot be given to it; "
                            "send the request without 'tools', or serve a model whose template has them",
                            param="tools", code="tools_not_supported")
-        return await self._answer(call, chat=True)
+        return await self._answer(call, request.receive, chat=True)
 
     async def completions(self, request: HttpRequest) -> Response:
         s = self.served
         return await self._answer(protocol.completion_call(await self._body(request), s.model_names,
-                                                           s.default_sampling), chat=False)
+                                                           s.default_sampling), request.receive, chat=False)
 
-    async def _answer(self, call: Call, *, chat: bool) -> Response:
+    async def _answer(self, call: Call, receive: Receive, *, chat: bool) -> Response:
         started = time.perf_counter()
         items = self.worker.run(call.request)
         try:
-            first = await items.__anext__()
+            first = await unless_gone(receive, items.__anext__())
+            if call.stream:  # from here on the stream watches the connection
+                return EventStream(self._stream(call, first, items, chat=chat, started=started), items.aclose)
+            outcome = await unless_gone(receive, _outcome(first, items))
+        except ClientGone:
+            self.log(f"a client went away before its reply was ready ({time.perf_counter() - started:.2f} s)")
+            await items.aclose()
+            raise
         except BaseException:
             await items.aclose()
             raise
-        if call.stream:
-            return EventStream(self._stream(call, first, items, chat=chat, started=started), items.aclose)
-        try:
-            pieces: list[Delta] = []
-            item: Delta | Outcome = first
-            while not isinstance(item, Outcome):
-                pieces.append(item)
-                item = await items.__anext__()
-        finally:
-            await items.aclose()
-        self._log_reply(item, started)
-        return JSONResponse(self._whole(call, item, chat=chat))
+        await items.aclose()
+        self._log_reply(outcome, started)
+        return JSONResponse(self._whole(call, outcome, chat=chat))
 
     def _whole(self, call: Call, outcome: Outcome, *, chat: bool) -> dict[str, Any]:
         model = self.served.model_id
