@@ -28,6 +28,13 @@ class SamplingSettings:
     top_p: float = default_field("top_p")
     min_p: float = default_field("min_p")
     repeat_penalty: float = default_field("repeat_penalty")
+    presence_penalty: float = default_field("presence_penalty")
+    frequency_penalty: float = default_field("frequency_penalty")
+
+    @property
+    def penalised(self) -> bool:
+        """Whether any penalty applies (they need the tokens chosen so far)."""
+        return self.repeat_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
     seed: int | None = default_field("seed")
 
 

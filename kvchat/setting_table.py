@@ -265,6 +265,11 @@ _TABLE: tuple[Setting[Any], ...] = (
             "Min-p; 0 = off (default {default}).", _SAMPLING),
     Setting("repeat_penalty", lambda raw: _float(raw, 0.0, 10.0, open_low=True), 1.0, ("--repeat-penalty",),
             "Penalty for repeating recent tokens; 1 = off (default).", _SAMPLING),
+    # OpenAI's two penalties, as llama.cpp applies them: over the last PENALTY_TOKENS tokens.
+    Setting("presence_penalty", lambda raw: _float(raw, -2.0, 2.0), 0.0, ("--presence-penalty",),
+            "Subtracted once from each token among the last 64 (-2 to 2; 0 = off, default).", _SAMPLING),
+    Setting("frequency_penalty", lambda raw: _float(raw, -2.0, 2.0), 0.0, ("--frequency-penalty",),
+            "Subtracted per time a token occurs in the last 64 (-2 to 2; 0 = off, default).", _SAMPLING),
     Setting("seed", _optional(lambda raw: _int(raw, 0, 2**32 - 1, "a seed (0 to 4294967295)"), "random"),
             None, ("--seed",), "Sampling seed.", _SAMPLING),
     # After the sampler's settings: a resumed session lists what it restored in this order.

@@ -64,6 +64,8 @@ class Settings:
     top_p: float = default_field("top_p")
     min_p: float = default_field("min_p")
     repeat_penalty: float = default_field("repeat_penalty")
+    presence_penalty: float = default_field("presence_penalty")
+    frequency_penalty: float = default_field("frequency_penalty")
     seed: int | None = default_field("seed")
     max_tokens: int | None = default_field("max_tokens")
     system: str | None = default_field("system")

@@ -95,6 +95,19 @@ def test_same_seed_samples_the_same_text(kvchat) -> None:
     assert kvchat(*args).stdout == kvchat(*args).stdout
 
 
+def test_the_penalties_change_a_greedy_reply(kvchat) -> None:
+    """--repeat-penalty crashed (llama.cpp's penalties sampler takes the vocabulary's
+    size first); each of the three penalties turns a greedy reply away from tokens it
+    has already written."""
+    cats = "List the word cat ten times."
+    for penalty, prompt in ((("--repeat-penalty", "1.3"), cats), (("--frequency-penalty", "1.5"), cats),
+                            (("--presence-penalty", "2"), "Tell me about cats.")):
+        args = ("run", "--max-tokens", "40", *GREEDY)
+        plain, penalised = kvchat(*args, prompt), kvchat(*args, *penalty, prompt)
+        assert plain.returncode == penalised.returncode == 0, penalised.stderr
+        assert penalised.stdout.strip() and penalised.stdout != plain.stdout, (penalty, plain.stdout)
+
+
 @pytest.mark.parametrize("name", sorted(CACHE_TYPES))
 def test_every_cache_type_loads_and_answers(kvchat, name: str) -> None:
     result = kvchat(
@@ -208,7 +221,8 @@ def test_quantized_v_without_flash_attention_is_refused(kvchat) -> None:
 
 @pytest.mark.parametrize(
     "args",
-    [("--ctx", "abc"), ("--ctx", "0"), ("--flash-attn", "maybe"), ("--top-p", "2"), ("--bogus",)],
+    [("--ctx", "abc"), ("--ctx", "0"), ("--flash-attn", "maybe"), ("--top-p", "2"), ("--bogus",),
+     ("--presence-penalty", "3"), ("--frequency-penalty", "nan")],
 )
 def test_bad_option_values_are_usage_errors(kvchat, args: tuple[str, ...]) -> None:
     _assert_one_line_error(kvchat("run", *args, "hi"), ExitCode.USAGE)

@@ -56,6 +56,8 @@ def test_a_chat_request_becomes_the_application_request() -> None:
     assert (r.max_tokens, r.stop, call.stream, call.include_usage, r.raw) == (12, ("END",), True, True, False)
     assert chat(max_completion_tokens=5).request.max_tokens == 5
     assert chat().request.sampling == DEFAULT and chat().request.max_tokens is None
+    penalised = chat(presence_penalty=0.5, frequency_penalty=-1).request.sampling
+    assert (penalised.presence_penalty, penalised.frequency_penalty) == (0.5, -1.0)
 
 
 def test_tool_messages_are_given_to_the_template_as_transformers_does() -> None:

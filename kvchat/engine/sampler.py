@@ -9,6 +9,9 @@ import llama_cpp.llama_cpp as llama
 from kvchat.engine_api import SamplingSettings
 from kvchat.errors import UsageError
 
+# The tokens llama.cpp's penalties look back over (its CLI's and llama-server's default).
+PENALTY_TOKENS = 64
+
 
 def schema_grammar(schema: str) -> str:
     """A JSON Schema (JSON text) as a GBNF grammar, by llama.cpp's own converter (as
@@ -34,10 +37,14 @@ def sampler_chain(sampling: SamplingSettings, vocab: Any, grammar: str | None = 
     """
     chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
     seed = llama.LLAMA_DEFAULT_SEED if sampling.seed is None else sampling.seed & 0xFFFFFFFF
-    if sampling.repeat_penalty != 1.0:
-        # llama.cpp's penalties sampler over the last 64 tokens (its CLI default).
-        llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_penalties(64, sampling.repeat_penalty,
-                                                                                0.0, 0.0))
+    if sampling.penalised:
+        # llama.cpp's penalties sampler over the last 64 tokens (its CLI's and llama-server's
+        # default): repeat divides a repeated token's logit, frequency and presence (OpenAI's)
+        # subtract per occurrence and once.
+        # This llama.cpp's signature starts with the vocabulary's size (the binding says so).
+        llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_penalties(
+            llama.llama_vocab_n_tokens(vocab), PENALTY_TOKENS, sampling.repeat_penalty,
+            sampling.frequency_penalty, sampling.presence_penalty))
     if grammar is not None:
         # Before the samplers that choose: only tokens the grammar allows reach them.
         constrain = llama.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
@@ -56,4 +63,4 @@ def sampler_chain(sampling: SamplingSettings, vocab: Any, grammar: str | None = 
             llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_min_p(sampling.min_p, 1))
         llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_temp(sampling.temperature))
         llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_dist(seed))
-    return chain, sampling.temperature <= 0 and sampling.repeat_penalty == 1.0 and grammar is None
+    return chain, sampling.temperature <= 0 and not sampling.penalised and grammar is None

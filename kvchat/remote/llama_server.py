@@ -334,6 +334,8 @@ class LlamaServerEngine:
             "top_p": s.top_p,
             "min_p": s.min_p,
             "repeat_penalty": s.repeat_penalty,
+            "presence_penalty": s.presence_penalty,
+            "frequency_penalty": s.frequency_penalty,
             "seed": -1 if s.seed is None else s.seed,
             "ignore_eos": not stop_at_eog,
             # llama-server turns it into a grammar with the same converter as kvchat.engine.

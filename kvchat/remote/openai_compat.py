@@ -130,6 +130,10 @@ class OpenAIChatEngine:
         }
         if s.repeat_penalty != 1.0:
             body["repetition_penalty"] = body["repeat_penalty"] = s.repeat_penalty
+        if s.presence_penalty:  # OpenAI's own: every compatible server takes them
+            body["presence_penalty"] = s.presence_penalty
+        if s.frequency_penalty:
+            body["frequency_penalty"] = s.frequency_penalty
         if s.seed is not None:
             body["seed"] = s.seed
         if self._json_schema is not None:

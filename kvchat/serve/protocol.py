@@ -134,8 +134,6 @@ def _unsupported(body: dict[str, Any]) -> None:
     fmt = _object(body, "response_format")
     if fmt and fmt.get("type") != "text":
         raise _bad("response_format", "only {'type': 'text'} is served (no JSON mode or schema)")
-    for name in ("presence_penalty", "frequency_penalty"):
-        _number(body, name, -2.0, 2.0)  # checked, not applied (kvchat has repeat_penalty)
 
 
 def _sampling(body: dict[str, Any], default: SamplingSettings) -> SamplingSettings:
@@ -145,6 +143,9 @@ def _sampling(body: dict[str, Any], default: SamplingSettings) -> SamplingSettin
     top_k = _integer(body, "top_k", 0, 1 << 30)
     min_p = _number(body, "min_p", 0.0, 1.0)
     repeat = _number(body, "repeat_penalty", 0.0, 10.0, open_low=True)
+    # OpenAI's, applied as llama.cpp (and llama-server) applies them: over the last 64 tokens.
+    presence = _number(body, "presence_penalty", -2.0, 2.0)
+    frequency = _number(body, "frequency_penalty", -2.0, 2.0)
     seed = _integer(body, "seed", -(1 << 63), (1 << 64) - 1)
     return replace(
         s,
@@ -153,6 +154,8 @@ def _sampling(body: dict[str, Any], default: SamplingSettings) -> SamplingSettin
         top_k=s.top_k if top_k is None else top_k,
         min_p=s.min_p if min_p is None else min_p,
         repeat_penalty=s.repeat_penalty if repeat is None else repeat,
+        presence_penalty=s.presence_penalty if presence is None else presence,
+        frequency_penalty=s.frequency_penalty if frequency is None else frequency,
         # OpenAI seeds are 64-bit; llama.cpp's sampler takes 32 bits.
         seed=s.seed if seed is None else seed % (1 << 32),
     )
