@@ -187,6 +187,10 @@ class VerifyingEngine(ChatEngine, Protocol):
         """Sample at batch index `index` of the last decode (-1: its last output) and
         accept the token into the sampler's state: call it once per token kept."""
         ...
+    def start_reply(self, context: Sequence[int]) -> None:
+        """Before a reply's first `sample`: the sampler's state (a grammar, the
+        penalties' look-back) set for a reply that follows `context`."""
+        ...
     def truncate(self, n_tokens: int) -> None:
         """Keep the first `n_tokens` positions of the sequence, drop the rest; raises
         KvchatError where the cache cannot then go on from `n_tokens`."""

@@ -87,6 +87,7 @@ class SpeculativeEngine:
         start = engine.n_past
         emit = TokenEmitter(engine, max_tokens, engine.n_ctx - start, stop_at_eog=stop_at_eog)
         history = list(context)
+        engine.start_reply(history)
         sampled = [engine.sample(-1)]
         drafted = accepted = 0
         spec.sync(history)  # e.g. a draft model's prefill: not a cost of any one step

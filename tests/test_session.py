@@ -282,3 +282,24 @@ def test_a_reply_cut_inside_a_character_leaves_the_cached_text_true(engine: Engi
     stats = _turn(session, "ok")[2]
     assert session.tokens[: len(before)] == before and stats.reevaluated_tokens == 0
     assert detokenized() == session.kv_text
+
+
+def test_penalties_look_back_over_the_conversation_so_a_resumed_one_replies_the_same(engine: Engine) -> None:
+    """The penalties' look-back is the conversation's last tokens, prompt included, set
+    at each reply's start (as llama-server sets it per request): not what the engine
+    sampled last. So a session resumed from its saved state replies to the next turn
+    exactly as the session that never stopped."""
+    penalised = SamplingSettings(temperature=0, seed=1, frequency_penalty=1.0, presence_penalty=0.5)
+    first, second = "List the word cat ten times.", "Now list the word dog ten times."
+    session = Session(engine, chat_template_for(engine), penalised, max_tokens=32)
+    engine.kv_clear()
+    _turn(session, first)
+    record, tokens, state = session.to_record(), list(session.tokens), engine.state_bytes()
+    record = json.loads(json.dumps(record))
+    _text, went_on, _ = _turn(session, second)
+    engine.kv_clear()
+    resumed = Session(engine, chat_template_for(engine), penalised, max_tokens=32)
+    resumed.restore(record, tokens, state)
+    _text, again, _ = _turn(resumed, second)
+    assert again == went_on
+    engine.set_sampling(GREEDY)

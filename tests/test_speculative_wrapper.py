@@ -64,6 +64,9 @@ class ScriptEngine:
     def eval_batch(self, tokens: Sequence[int]) -> None:
         self._decode(tokens)
 
+    def start_reply(self, context: Sequence[int]) -> None:
+        self.reply_context = list(context)  # what a reply's penalties would look back over
+
     def sample(self, index: int = -1) -> int:
         self.samples += 1
         i = self._n_out - 1 if index < 0 else index

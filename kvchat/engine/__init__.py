@@ -35,7 +35,7 @@ from kvchat.engine.runtime import (
     supports_gpu_offload,
     system_info,
 )
-from kvchat.engine.sampler import sampler_chain, schema_grammar
+from kvchat.engine.sampler import PENALTY_TOKENS, penalties_of, sampler_chain, schema_grammar
 from kvchat.engine_api import Checkpoint, PerfCounters, SamplingSettings, TokenEmitter, TokenEvent
 from kvchat.errors import KvchatError, ModelLoadError, SessionError, UsageError
 from kvchat.gguf import read_model_header_file
@@ -64,6 +64,7 @@ class Engine:
         self._sampler: Any = None
         self._greedy = False  # the chain is plain greedy: sample() takes the argmax itself
         self._constrained = False  # the chain has a grammar (set_json_schema)
+        self._penalties: Any = None  # the chain's penalties sampler (start_reply primes it)
         self._grammar: str | None = None  # set_json_schema's, as GBNF
         self._sampling = SamplingSettings()
         self._batch: Any = None  # eval_batch's, kept: a verify step per few tokens reuses it
@@ -277,7 +278,21 @@ class Engine:
             llama.llama_sampler_free(self._sampler)
             self._sampler = None
         self._sampler, self._greedy = sampler_chain(sampling, self._vocab, self._grammar)
+        self._penalties = penalties_of(self._sampler, sampling)
         self._constrained = self._grammar is not None
+
+    def start_reply(self, context: Sequence[int]) -> None:
+        """Before a reply's first `sample`: a grammar starts over, and the penalties (when
+        any) look back over the last tokens of `context`, the conversation the cache
+        holds (its prompt included), as llama-server's do; not over whatever this engine
+        sampled last (the previous reply, another conversation): the same history gets
+        the same reply, resumed from disk or not."""
+        if self._constrained:  # a grammar follows each reply from its start
+            llama.llama_sampler_reset(self._sampler)
+        if self._penalties is not None:
+            llama.llama_sampler_reset(self._penalties)
+            for token in context[-PENALTY_TOKENS:]:
+                llama.llama_sampler_accept(self._penalties, token)
 
     def sample(self, index: int = -1) -> int:
         """Sample with the native chain at batch index `index` of the last decode (-1:
@@ -296,11 +311,10 @@ class Engine:
         `max_tokens` or the context end) is *not* evaluated into the KV cache yet:
         the caller owns the token history and evaluates it with the next turn.
         `stop_at_eog=False` keeps going past end-of-generation tokens, as
-        llama-bench's tg test does (benchmarks). `context` is not needed here
-        (kvchat.speculative_engine drafts from it).
+        llama-bench's tg test does (benchmarks). `context`: the token history in the
+        cache (start_reply; kvchat.speculative_engine also drafts from it).
         """
-        if self._constrained:  # a grammar follows each reply from its start
-            llama.llama_sampler_reset(self._sampler)
+        self.start_reply(context)
         emit = TokenEmitter(self, max_tokens, self.n_ctx - self.n_past, stop_at_eog=stop_at_eog)
         while True:
             token = self.sample(-1)
@@ -577,7 +591,7 @@ class Engine:
             self._batch = None
         if self._sampler is not None:
             llama.llama_sampler_free(self._sampler)
-            self._sampler = None
+            self._sampler = self._penalties = None
         if self._ctx is not None:
             llama.llama_free(self._ctx)
             self._ctx = None

@@ -13,6 +13,12 @@ from kvchat.errors import UsageError
 PENALTY_TOKENS = 64
 
 
+def penalties_of(chain: Any, sampling: SamplingSettings) -> Any:
+    """The penalties sampler of a chain sampler_chain built (None without penalties):
+    what Engine.start_reply primes with the conversation's last tokens."""
+    return llama.llama_sampler_chain_get(chain, 0) if sampling.penalised else None
+
+
 def schema_grammar(schema: str) -> str:
     """A JSON Schema (JSON text) as a GBNF grammar, by llama.cpp's own converter (as
     llama-server's json_schema); a schema it cannot express is a usage error."""
@@ -38,10 +44,10 @@ def sampler_chain(sampling: SamplingSettings, vocab: Any, grammar: str | None = 
     chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
     seed = llama.LLAMA_DEFAULT_SEED if sampling.seed is None else sampling.seed & 0xFFFFFFFF
     if sampling.penalised:
-        # llama.cpp's penalties sampler over the last 64 tokens (its CLI's and llama-server's
-        # default): repeat divides a repeated token's logit, frequency and presence (OpenAI's)
-        # subtract per occurrence and once.
-        # This llama.cpp's signature starts with the vocabulary's size (the binding says so).
+        # First in the chain (penalties_of finds it there): llama.cpp's penalties sampler
+        # over the last 64 tokens (its CLI's and llama-server's default). Repeat divides a
+        # repeated token's logit; frequency and presence (OpenAI's) subtract per occurrence
+        # and once. This llama.cpp's signature starts with the vocabulary's size.
         llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_penalties(
             llama.llama_vocab_n_tokens(vocab), PENALTY_TOKENS, sampling.repeat_penalty,
             sampling.frequency_penalty, sampling.presence_penalty))
